@@ -1,0 +1,193 @@
+"""The public API: ``eagle2.load(...)`` -> ``Eagle2Generator`` with ``generate`` and ``stream``.
+
+This is what the CLI, the server, the benchmark and outside checks call. It resolves the model
+and head, validates every argument (``ValueError`` with a one-line message), turns prompts
+(token ids, a string or chat messages) into token ids and hands the work to the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import SamplingConfig, TreeConfig
+from .draft import Drafter
+from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
+from .engine import Engine, GenerationResult, RoundEvent
+from .models import builtin_head_dir, cache_dir, load_target
+from .target import Target
+
+log = logging.getLogger("eagle2")
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    """Every id the model treats as end of sequence (generation config, config, tokenizer)."""
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None)
+        if e is None:
+            continue
+        ids.update(e if isinstance(e, (list, tuple)) else [e])
+    return {int(i) for i in ids}
+
+
+def tuned_path(model_key: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
+    return cache_dir() / "tune" / f"{safe}.json"
+
+
+def load_tuned(model_key: str) -> TreeConfig | None:
+    """Tree settings saved by ``eagle2 tune`` for this model on this machine, if any."""
+    p = tuned_path(model_key)
+    if not p.exists():
+        return None
+    try:
+        d = json.loads(p.read_text())
+        return TreeConfig(total_tokens=int(d["total_tokens"]), depth=int(d["depth"]), top_k=int(d["tree_top_k"]))
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable tune file %s: %s", p, e)
+        return None
+
+
+class Eagle2Generator:
+    """A target model + draft head ready to generate. Not thread-safe: one sequence at a time."""
+
+    def __init__(self, model, tokenizer, head: DraftHead, *, model_key: str = "", tree: TreeConfig | None = None,
+                 head_source: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.target = Target(model)
+        check_head_fits(head.config, model.config)
+        self.head = head
+        self.head_source = head_source
+        self.drafter = Drafter(head, self.target)
+        self.eos_ids = eos_ids_of(model, tokenizer)
+        self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
+        self.model_key = model_key
+        self.tree = tree or load_tuned(model_key) or TreeConfig()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.target.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    @property
+    def max_context(self) -> int:
+        return self.target.max_len
+
+    # ---- prompts -------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> list[int]:
+        """Token ids from: a list of ids, a list of chat messages, or a string (chat template
+        applied when the tokenizer has one)."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt is empty")
+            if self.tokenizer.chat_template:
+                return self.encode_prompt([{"role": "user", "content": prompt}])
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+            raise ValueError("prompt is empty")
+        if all(isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError("each chat message needs a string 'role' and 'content'")
+            if not any(m["content"].strip() for m in prompt):
+                raise ValueError("prompt is empty: every message has empty content")
+            if not self.tokenizer.chat_template:
+                raise ValueError("this model's tokenizer has no chat template; pass token ids or a plain string")
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("prompt must be token ids (ints), chat messages (dicts) or a string")
+        bad = [t for t in prompt if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+        return list(prompt)
+
+    def _configs(self, method, temperature, top_p, top_k, seed, total_tokens, depth, tree_top_k):
+        tree = replace(self.tree, method=method,
+                       total_tokens=self.tree.total_tokens if total_tokens is None else total_tokens,
+                       depth=self.tree.depth if depth is None else depth,
+                       top_k=self.tree.top_k if tree_top_k is None else tree_top_k)
+        return tree, SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+
+    def _start(self, prompt, max_new_tokens, method, temperature, top_p, top_k, seed, total_tokens, depth,
+               tree_top_k, stop):
+        tree, sampling = self._configs(method, temperature, top_p, top_k, seed, total_tokens, depth, tree_top_k)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
+        if isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop or ())
+        if not all(isinstance(s, str) for s in stop):
+            raise ValueError("stop must be a string or a list of strings")
+        ids = self.encode_prompt(prompt)
+        if len(ids) >= self.target.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.target.max_len}, "
+                             "leaving no room to generate")
+        result = GenerationResult([], "", None, "length", ids)
+        events = self.engine.decode(ids, tree, sampling, max_new_tokens, stop, result)
+        return events, result
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 256, method: str = "eagle2", temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, total_tokens: int | None = None,
+                 depth: int | None = None, tree_top_k: int | None = None,
+                 stop: str | Sequence[str] | None = None) -> GenerationResult:
+        events, result = self._start(prompt, max_new_tokens, method, temperature, top_p, top_k, seed,
+                                     total_tokens, depth, tree_top_k, stop)
+        for _ in events:
+            pass
+        return result
+
+    def stream_events(self, prompt, max_new_tokens: int = 256, method: str = "eagle2", temperature: float = 0.0,
+                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None, total_tokens: int | None = None,
+                      depth: int | None = None, tree_top_k: int | None = None,
+                      stop: str | Sequence[str] | None = None) -> tuple[Iterator[RoundEvent], GenerationResult]:
+        """(events, result): iterate the events (one per target forward); ``result`` fills as they come."""
+        return self._start(prompt, max_new_tokens, method, temperature, top_p, top_k, seed, total_tokens, depth,
+                           tree_top_k, stop)
+
+    def stream(self, prompt, **kwargs) -> Iterator[str]:
+        """Yield text pieces as rounds complete (same arguments as ``generate``)."""
+        events, _ = self.stream_events(prompt, **kwargs)
+        for ev in events:
+            if ev.text:
+                yield ev.text
+
+
+def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torch.dtype = "auto",
+         device: str = "auto", device_map=None, tree: TreeConfig | None = None) -> Eagle2Generator:
+    """Load a target and its draft head.
+
+    model: a built-in name (``smollm2-135m``), a local Hugging Face model directory, a ``.gguf``
+    file or a hub id. head: a head directory in the released EAGLE layout; None picks the
+    built-in model's shipped head, or a freshly initialised head (with a warning) otherwise."""
+    hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map)
+    if head is not None:
+        draft = DraftHead.load(head)
+        check_head_fits(draft.config, hf.config)
+        source = str(head)
+    elif builtin and builtin_head_dir(builtin) is not None:
+        draft = DraftHead.load(builtin_head_dir(builtin))
+        source = str(builtin_head_dir(builtin))
+    else:
+        warnings.warn(f"no trained draft head for {model!r}: using a freshly initialised head. Output is still "
+                      "exact, but drafts are rarely accepted, so decoding is slower than vanilla. Train one with "
+                      "`eagle2 train`.", stacklevel=2)
+        draft = init_head(HeadConfig.from_target(hf.config))
+        source = "random-init"
+    return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source)

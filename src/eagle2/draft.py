@@ -1,0 +1,177 @@
+"""The drafter: grows one draft tree per round with the draft head.
+
+Owns the head's KV cache. Between rounds the cache holds only *true* pairs — the target's
+feature f_i with the next accepted token t_{i+1}, at position i — so nothing has to be rolled
+back: tree entries live in temporary tensors for the duration of one ``grow``.
+
+Round protocol (the engine calls, in order):
+1. ``commit(features, tokens)``: append the pairs the last verification produced; returns the
+   head's output at the last pair, the predicted feature after the root.
+2. ``grow(root, root_out, config, max_depth)``: expand the tree (EAGLE-2 dynamic, EAGLE-1 static or
+   a chain) and return a ``Tree`` (tree.py). A node at depth d is fed to the head at position
+   (position of the root's pair) + d with the feature its parent produced.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .config import TreeConfig
+from .draft_head import DraftHead
+from .target import Target
+from .tree import Tree, build_tree, expand, rerank, select_frontier, static_tree_parents, static_tree_paths
+
+
+@lru_cache(maxsize=64)
+def _static_layout(method: str, total_tokens: int, depth: int, top_k: int):
+    """(paths, parents, depths, ranks) of a static tree; node 0 is the root."""
+    if method == "chain":
+        paths = [(0,) * d for d in range(1, min(depth, total_tokens - 1) + 1)]
+    else:
+        paths = static_tree_paths(total_tokens, depth, top_k)
+    parents = [-1] + static_tree_parents(paths)
+    depths = [0] + [len(p) for p in paths]
+    ranks = [0] + [p[-1] for p in paths]
+    return tuple(paths), tuple(parents), tuple(depths), tuple(ranks)
+
+
+class Drafter:
+    def __init__(self, head: DraftHead, target: Target):
+        self.target = target
+        self.head = head.to(device=target.device, dtype=target.dtype).eval()
+        self.head.requires_grad_(False)
+        self.k: Tensor | None = None  # [1, Hkv, L, D]
+        self.v: Tensor | None = None
+        self.length = 0
+
+    def reset(self) -> None:
+        self.k = self.v = None
+        self.length = 0
+
+    def _run(self, feats: Tensor, tokens: Tensor, positions: Tensor, past, mask: Tensor | None):
+        # feats [T, H], tokens [T], positions [T], mask [T, S] bool -> out [T, H], (k, v) [1, Hkv, T, D]
+        emb = self.target.embed(tokens[None])
+        m = None if mask is None else mask[None, None]
+        out, kv = self.head(feats[None].to(emb.dtype), emb, positions[None], past, m)
+        return out[0], kv
+
+    @torch.inference_mode()
+    def commit(self, features: Tensor, tokens: Tensor) -> Tensor:
+        """Append true pairs (f_i, t_{i+1}): features [n, H], tokens [n]. Returns out [H] of the last."""
+        n = tokens.shape[0]
+        dev = tokens.device
+        positions = torch.arange(self.length, self.length + n, device=dev)
+        past = None if self.k is None else (self.k, self.v)
+        mask = None
+        if past is not None:
+            causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+            mask = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=dev), causal], dim=1)
+        out, (k, v) = self._run(features, tokens, positions, past, mask)
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        self.length += n
+        return out[-1]
+
+    def _logp(self, out: Tensor) -> Tensor:
+        return torch.log_softmax(self.target.logits(out), dim=-1)  # [.., V] fp32
+
+    @torch.inference_mode()
+    def grow(self, root: Tensor, root_out: Tensor, cfg: TreeConfig, max_depth: int) -> Tree:
+        depth = min(cfg.depth, max_depth)
+        if cfg.method == "eagle2":
+            return self._grow_dynamic(root, root_out, depth, cfg.top_k, cfg.total_tokens)
+        return self._grow_static(root, root_out, *_static_layout(cfg.method, cfg.total_tokens, depth, cfg.top_k)[1:])
+
+    def _grow_dynamic(self, root: Tensor, root_out: Tensor, depth: int, top_k: int, total_tokens: int) -> Tree:
+        """EAGLE-2: expand the top_k frontier by value for ``depth`` levels, then rerank."""
+        dev = root.device
+        pos_root = self.length - 1  # the root's pair (f_{L-1}, root) sits at position L - 1
+        k = min(top_k, self.target.vocab_size)
+        child_tok, child_lp, child_val = expand(torch.zeros(1, device=dev), self._logp(root_out)[None], k)
+        cand_tok, cand_par, cand_val, cand_lp = [child_tok[0]], [torch.full((k,), -1, device=dev)], [child_val[0]], [child_lp[0]]
+        n_cand = k
+        frontier = torch.arange(k, device=dev)  # candidate indices of the nodes to feed next
+        f_tok, f_val, f_feat = child_tok[0], child_val[0], root_out.expand(k, -1)
+        f_parent_fed = torch.full((k,), -1, dtype=torch.long, device=dev)  # parent's index among fed nodes
+        fed_k = fed_v = None
+        fed_anc = torch.zeros(0, 0, dtype=torch.bool, device=dev)  # [F, F] ancestor-or-self among fed nodes
+        for d in range(1, depth):
+            nf, n_fed = frontier.shape[0], fed_anc.shape[0]
+            parent_rows = torch.zeros(nf, n_fed, dtype=torch.bool, device=dev)
+            has_parent = f_parent_fed >= 0
+            if n_fed:
+                parent_rows[has_parent] = fed_anc[f_parent_fed[has_parent]]
+            own = torch.cat([parent_rows, torch.eye(nf, dtype=torch.bool, device=dev)], dim=1)  # [nf, n_fed + nf]
+            mask = torch.cat([torch.ones(nf, self.length, dtype=torch.bool, device=dev), own], dim=1)
+            past_k = self.k if fed_k is None else torch.cat([self.k, fed_k], dim=2)
+            past_v = self.v if fed_v is None else torch.cat([self.v, fed_v], dim=2)
+            positions = torch.full((nf,), pos_root + d, device=dev)
+            out, (k_new, v_new) = self._run(f_feat, f_tok, positions, (past_k, past_v), mask)
+            fed_k = k_new if fed_k is None else torch.cat([fed_k, k_new], dim=2)
+            fed_v = v_new if fed_v is None else torch.cat([fed_v, v_new], dim=2)
+            grown = torch.zeros(n_fed + nf, n_fed + nf, dtype=torch.bool, device=dev)
+            grown[:n_fed, :n_fed] = fed_anc
+            grown[n_fed:] = own
+            fed_anc = grown
+            child_tok, child_lp, child_val = expand(f_val, self._logp(out), k)  # [nf, k] each
+            cand_tok.append(child_tok.flatten())
+            cand_par.append(frontier.repeat_interleave(k))
+            cand_val.append(child_val.flatten())
+            cand_lp.append(child_lp.flatten())
+            sel = select_frontier(child_val, k)  # [k'] flat indices
+            frontier = n_cand + sel
+            n_cand += nf * k
+            f_tok, f_val = child_tok.flatten()[sel], child_val.flatten()[sel]
+            f_feat = out[sel // k]
+            f_parent_fed = n_fed + sel // k
+        return rerank(root, torch.cat(cand_tok), torch.cat(cand_par).long(), torch.cat(cand_val),
+                      torch.cat(cand_lp), total_tokens - 1)
+
+    def _grow_static(self, root: Tensor, root_out: Tensor, parents: tuple, depths: tuple, ranks: tuple) -> Tree:
+        """EAGLE-1 / chain: a fixed shape; node tokens are the parent's rank-r draft choices."""
+        dev = root.device
+        n = len(parents)
+        tokens = [int(root)] + [0] * (n - 1)
+        logp = [0.0] * n
+        par_t = torch.tensor(parents, device=dev)
+        anc = build_tree(torch.zeros(n, dtype=torch.long, device=dev), par_t).mask  # static ancestry
+        has_child = [False] * n
+        for p in parents[1:]:
+            has_child[p] = True
+        out_of: dict[int, Tensor] = {0: root_out}  # node -> head output (its children's feature)
+        fed: list[int] = []
+        fed_k = fed_v = None
+        pos_root = self.length - 1
+        max_d = max(depths)
+        for d in range(1, max_d + 1):
+            level = [i for i in range(n) if depths[i] == d]
+            owners = sorted({parents[i] for i in level})
+            lp = self._logp(torch.stack([out_of[o] for o in owners]))  # [F, V]
+            width = max(ranks[i] for i in level) + 1
+            top = lp.topk(width, dim=-1)
+            row = {o: j for j, o in enumerate(owners)}
+            ti, tv = top.indices.tolist(), top.values.tolist()
+            for i in level:
+                tokens[i] = ti[row[parents[i]]][ranks[i]]
+                logp[i] = tv[row[parents[i]]][ranks[i]]
+            feed = [i for i in level if has_child[i]]
+            if d == max_d or not feed:
+                continue
+            idx = torch.tensor(feed, device=dev)
+            own = anc[idx][:, fed + feed] if fed else torch.eye(len(feed), dtype=torch.bool, device=dev)
+            mask = torch.cat([torch.ones(len(feed), self.length, dtype=torch.bool, device=dev), own], dim=1)
+            past_k = self.k if fed_k is None else torch.cat([self.k, fed_k], dim=2)
+            past_v = self.v if fed_v is None else torch.cat([self.v, fed_v], dim=2)
+            feats = torch.stack([out_of[parents[i]] for i in feed])
+            toks = torch.tensor([tokens[i] for i in feed], device=dev)
+            out, (k_new, v_new) = self._run(feats, toks, torch.full((len(feed),), pos_root + d, device=dev),
+                                            (past_k, past_v), mask)
+            fed_k = k_new if fed_k is None else torch.cat([fed_k, k_new], dim=2)
+            fed_v = v_new if fed_v is None else torch.cat([fed_v, v_new], dim=2)
+            fed += feed
+            for j, i in enumerate(feed):
+                out_of[i] = out[j]
+        return build_tree(torch.tensor(tokens, device=dev), par_t, torch.tensor(logp, device=dev))

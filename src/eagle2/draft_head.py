@@ -1,0 +1,308 @@
+"""The EAGLE-1/2 draft head, and its save/load in the released checkpoint layout.
+
+Architecture (as released): ``fc = Linear(2H -> H)`` over ``cat(embedding(t_{i+1}), f_i)`` —
+embedding first — then one Llama-style decoder layer whose input norm is the identity, with
+no final norm. The output is a predicted next feature; the target's frozen lm_head turns it
+into draft logits. The head owns only ``fc`` and ``layers.0``; the embedding and lm_head are
+the target's and are passed in by the caller.
+
+Checkpoint layout (e.g. yuhuili/EAGLE-LLaMA3-Instruct-8B): ``config.json`` (a Llama config with
+``num_hidden_layers: 1`` plus ``"bias"`` for fc; absent means true) and ``model.safetensors`` or
+``pytorch_model.bin`` with keys ``fc.weight`` (+ ``fc.bias``), ``layers.0.self_attn.{q,k,v,o}_proj.weight``
+(+ q/k/v biases for Qwen2-style targets), ``layers.0.mlp.{gate,up,down}_proj.weight``,
+``layers.0.post_attention_layernorm.weight``. A ``model.`` prefix (vLLM's naming) and an
+``embed_tokens.weight`` are tolerated on load. This module never touches a transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+         "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+
+
+def rope_theta_of(config) -> float:
+    """RoPE base of a transformers config (5.x keeps it in ``rope_parameters``)."""
+    rp = getattr(config, "rope_parameters", None)
+    if isinstance(rp, dict):
+        if "rope_theta" in rp:
+            return float(rp["rope_theta"])
+        for sub in rp.values():  # per-layer-type parameters (Gemma 3): the global layers' base
+            if isinstance(sub, dict) and "rope_theta" in sub:
+                theta = float(sub["rope_theta"])
+                if "full_attention" in rp and isinstance(rp["full_attention"], dict):
+                    theta = float(rp["full_attention"].get("rope_theta", theta))
+                return theta
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False  # q/k/v biases (Qwen2 family)
+    bias: bool = True  # fc bias; the released key name. LLaMA-3 heads use False
+    max_position_embeddings: int = 4096
+    target_model_type: str = "llama"  # family of the target this head was built for
+
+    def __post_init__(self) -> None:
+        if self.hidden_act not in _ACTS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} for the draft head")
+
+    @classmethod
+    def from_target(cls, config, bias: bool = True) -> "HeadConfig":
+        """A head sized for a transformers target config (Llama, Qwen2, Mistral, Gemma 3, ...)."""
+        heads = config.num_attention_heads
+        act = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")
+        return cls(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            vocab_size=config.vocab_size,
+            rope_theta=rope_theta_of(config),
+            rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
+            hidden_act=act,
+            attention_bias=bool(getattr(config, "attention_bias", False)) or config.model_type.startswith("qwen2"),
+            bias=bias,
+            max_position_embeddings=int(getattr(config, "max_position_embeddings", 4096)),
+            target_model_type=config.model_type,
+        )
+
+    def to_json(self) -> dict:
+        """config.json in the released layout: a one-layer Llama config plus ``bias``."""
+        d = asdict(self)
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1,
+                 tie_word_embeddings=False, torch_dtype="bfloat16")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HeadConfig":
+        try:
+            heads = int(d["num_attention_heads"])
+            kw = dict(
+                hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
+                num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads), vocab_size=int(d["vocab_size"]),
+                rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), hidden_act=str(d.get("hidden_act", "silu")),
+                attention_bias=bool(d.get("attention_bias", False)), bias=bool(d.get("bias", True)),
+                max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+                target_model_type=str(d.get("target_model_type", "llama")),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"head config.json is missing or has a bad field: {e}") from None
+        if int(d.get("num_hidden_layers", 1)) != 1:
+            raise ValueError(f"head config.json has num_hidden_layers={d['num_hidden_layers']}; an EAGLE head has 1")
+        return cls(**kw)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None,
+                mask: Tensor | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        # x: [B, T, H]; cos/sin: [B, 1, T, D]; past k/v: [B, Hkv, P, D]; mask: [B|1, 1, T, P + T] bool
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.nh, self.hd).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.k_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.nkv, self.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        new = (k, v)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        if self.nkv != self.nh:
+            rep = self.nh // self.nkv
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, t, self.nh * self.hd)
+        return self.o_proj(out), new
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _ACTS[cfg.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """A Llama decoder layer without the input norm (EAGLE's draft layer)."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, past, mask):
+        h, new = self.self_attn(x, cos, sin, past, mask)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new
+
+
+class DraftHead(nn.Module):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.config = cfg
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
+        self.layers = nn.ModuleList([DecoderLayer(cfg)])
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # positions: [B, T] -> cos, sin: [B, 1, T, D]
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, features: Tensor, token_embeds: Tensor, positions: Tensor,
+                past: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None):
+        """features, token_embeds: [B, T, H] (f_i and embedding of t_{i+1}); positions: [B, T].
+
+        mask: [B|1, 1, T, P + T] bool (True = attend) or None for causal attention over T.
+        Returns (predicted next features [B, T, H], (k, v) of these T entries [B, Hkv, T, D])."""
+        x = self.fc(torch.cat([token_embeds, features], dim=-1))
+        cos, sin = self.rope(positions, x.dtype)
+        return self.layers[0](x, cos, sin, past, mask)
+
+    # ---- released layout -------------------------------------------------------------
+    def save(self, directory: str | Path, extra_config: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.to_json()
+        cfg.update(extra_config or {})
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DraftHead":
+        """Load a head directory (config.json + model.safetensors or pytorch_model.bin)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ValueError(f"head directory not found: {directory}")
+        cfg_path = directory / "config.json"
+        if not cfg_path.exists():
+            raise ValueError(f"head directory {directory} has no config.json")
+        try:
+            cfg = HeadConfig.from_json(json.loads(cfg_path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"head config {cfg_path} is not valid JSON: {e.msg}") from None
+        state = load_head_weights(directory)
+        head = cls(cfg)
+        expected = head.state_dict()
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise ValueError(f"head weights in {directory} lack {', '.join(missing[:4])}"
+                             + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
+        for k, v in expected.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(f"head weight {k} has shape {tuple(state[k].shape)}; config.json implies {tuple(v.shape)}")
+        head.load_state_dict({k: state[k] for k in expected})
+        return head
+
+
+def load_head_weights(directory: Path) -> dict[str, Tensor]:
+    """Read the head's tensors; strip a ``model.`` prefix; drop the embedding / lm_head copies."""
+    st, binf = directory / "model.safetensors", directory / "pytorch_model.bin"
+    try:
+        if st.exists():
+            from safetensors.torch import load_file
+
+            raw = load_file(str(st))
+        elif binf.exists():
+            raw = torch.load(binf, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"head directory {directory} has neither model.safetensors nor pytorch_model.bin")
+    except ValueError:
+        raise
+    except Exception as e:  # truncated / corrupt files
+        raise ValueError(f"could not read head weights in {directory}: {type(e).__name__}: {str(e)[:200]}") from None
+    out = {}
+    for k, v in raw.items():
+        k = k.removeprefix("model.")
+        if k.startswith(("embed_tokens.", "lm_head.")):
+            continue
+        out[k] = v
+    return out
+
+
+def check_head_fits(cfg: HeadConfig, target_config) -> None:
+    """Refuse a head built for a different target, saying what differs."""
+    diffs = []
+    if cfg.hidden_size != target_config.hidden_size:
+        diffs.append(f"hidden size {cfg.hidden_size} vs target {target_config.hidden_size}")
+    if cfg.vocab_size != target_config.vocab_size:
+        diffs.append(f"vocabulary {cfg.vocab_size} vs target {target_config.vocab_size}")
+    if diffs:
+        raise ValueError(f"draft head does not fit the target ({target_config.model_type}): " + "; ".join(diffs))
+
+
+def init_head(cfg: HeadConfig, seed: int = 0) -> DraftHead:
+    """A freshly initialised head (Llama-style init: normal(0, 0.02), norms at 1)."""
+    g = torch.Generator().manual_seed(seed)
+    head = DraftHead(cfg)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return head
+

@@ -1,0 +1,224 @@
+"""The engine: the decode loop — draft -> verify -> accept -> commit — with stop handling and stats.
+
+One call of ``Engine.decode`` generates one sequence (batch size 1) and yields a ``RoundEvent``
+per target forward. A round:
+1. the drafter commits the pairs the last verification produced and grows a tree under the root;
+2. the target verifies root + tree in one forward (tree mask, positions = prefix_len + depth);
+3. acceptance (verify.py) picks the accepted path and the bonus token;
+4. the target cache keeps prefix + accepted path; the accepted features feed the next draft.
+
+The engine knows nothing of transformers (target.py does) or of HTTP / argument parsing.
+``method="vanilla"`` runs the same loop with a root-only tree: plain autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .config import SamplingConfig, TreeConfig
+from .draft import Drafter
+from .target import Target
+from .tree import single_node_tree
+from .verify import greedy_accept, sample_accept, target_probs
+
+
+@dataclass
+class Stats:
+    rounds: int = 0  # target forwards: the prefill plus one verification per round
+    new_tokens: int = 0
+    seconds: float = 0.0  # wall clock of the whole call, prefill included
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0  # drafter commit + tree growth
+    verify_seconds: float = 0.0  # target forward over the tree
+    accept_lengths: list = field(default_factory=list)  # drafted tokens accepted, per round
+    draft_confidence: list = field(default_factory=list)  # (draft prob, accepted?) per depth-1 node
+
+    @property
+    def mean_accept_len(self) -> float:
+        """New tokens per target forward (tau). Vanilla decoding gives exactly 1.0."""
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return dict(rounds=self.rounds, new_tokens=self.new_tokens, seconds=round(self.seconds, 4),
+                    tokens_per_s=round(self.tokens_per_s, 2), mean_accept_len=round(self.mean_accept_len, 3),
+                    prefill_seconds=round(self.prefill_seconds, 4), draft_seconds=round(self.draft_seconds, 4),
+                    verify_seconds=round(self.verify_seconds, 4))
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    token_ids: list  # tokens emitted by this target forward (after stop handling)
+    drafted: int  # the first `drafted` of them were draft tokens the target accepted; the rest: bonus
+    text: str  # new text; may lag the tokens (incomplete characters, a possible stop string)
+    draft_text: str  # the part of `text` that came from accepted drafts
+    stats: Stats
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list  # new tokens only (an EOS that ended generation is included)
+    text: str  # decoded new text, special tokens skipped, stop string excluded
+    stats: Stats
+    finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens / context)
+    prompt_token_ids: list
+
+
+class TextTracker:
+    """Incremental detokenization with stop strings and hold-back of undecided text."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tok = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def _decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def push(self, new: list[int]) -> tuple[list[int], str]:
+        """Add tokens; returns (tokens kept, text released). Sets ``stopped`` on a stop string."""
+        before = len(self.ids)
+        self.ids.extend(new)
+        full = self._decode(self.ids)
+        hit = min((i for i in (full.find(s, max(0, len(self.sent) - len(s) + 1)) for s in self.stop) if i >= 0),
+                  default=-1)
+        if hit >= 0:
+            for n in range(before + 1, len(self.ids) + 1):  # fewest tokens that complete the stop string
+                if any(s in self._decode(self.ids[:n]) for s in self.stop):
+                    break
+            kept = self.ids[before:n]
+            self.ids = self.ids[:n]
+            piece = full[len(self.sent):hit]
+            self.sent += piece
+            self.stopped = True
+            return kept, piece
+        hold = 1 if full.endswith("\ufffd") else 0  # an incomplete multi-byte character
+        for s in self.stop:  # a suffix that may grow into a stop string
+            for j in range(len(s) - 1, 0, -1):
+                if full.endswith(s[:j]):
+                    hold = max(hold, j)
+                    break
+        piece = full[len(self.sent): len(full) - hold]
+        self.sent += piece
+        return list(new), piece
+
+    def flush(self) -> str:
+        full = self._decode(self.ids)
+        piece = full[len(self.sent):] if not self.stopped else ""
+        self.sent += piece
+        return piece
+
+
+class Engine:
+    def __init__(self, target: Target, drafter: Drafter | None, tokenizer, eos_ids: set[int]):
+        self.target = target
+        self.drafter = drafter
+        self.tokenizer = tokenizer
+        self.eos_ids = set(eos_ids)
+
+    def _pick(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
+        if s.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(target_probs(logits, s.temperature, s.top_k, s.top_p), 1, generator=gen))
+
+    def decode(self, prompt_ids: list[int], tree: TreeConfig, sampling: SamplingConfig, max_new_tokens: int,
+               stop: tuple[str, ...] = (), result: GenerationResult | None = None) -> Iterator[RoundEvent]:
+        """Yield one event per target forward; fills ``result`` (if given) as it goes."""
+        tgt = self.target
+        dev = tgt.device
+        n_prompt = len(prompt_ids)
+        budget = min(max_new_tokens, tgt.max_len - n_prompt)
+        stats = Stats()
+        out = result if result is not None else GenerationResult([], "", stats, "length", list(prompt_ids))
+        out.stats, out.prompt_token_ids = stats, list(prompt_ids)
+        tracker = TextTracker(self.tokenizer, stop)
+        gen = torch.Generator(device=dev)
+        if sampling.seed is not None:
+            gen.manual_seed(sampling.seed)
+        else:
+            gen.seed()
+        use_draft = tree.method != "vanilla" and self.drafter is not None
+        t0 = time.perf_counter()
+
+        def emit(tokens: list[int], drafted: int) -> RoundEvent:
+            kept = []
+            for t in tokens[: budget - len(out.token_ids)]:
+                kept.append(t)
+                if t in self.eos_ids:
+                    out.finish_reason = "stop"
+                    break
+            kept_d, draft_text = tracker.push(kept[:drafted])
+            kept_b, bonus_text = ([], "") if tracker.stopped else tracker.push(kept[drafted:])
+            if tracker.stopped:
+                out.finish_reason = "stop"
+            kept = kept_d + kept_b
+            out.token_ids.extend(kept)
+            out.text = tracker.sent
+            stats.new_tokens = len(out.token_ids)
+            stats.seconds = time.perf_counter() - t0
+            return RoundEvent(kept, len(kept_d), draft_text + bonus_text, draft_text, stats)
+
+        def finished() -> bool:
+            return out.finish_reason == "stop" or len(out.token_ids) >= budget
+
+        # Prefill: the whole prompt in one causal forward; its last logits give the first token.
+        cache = tgt.new_cache()
+        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
+        logits, hidden = tgt.forward(cache, prompt, torch.arange(n_prompt, device=dev), None,
+                                     logits_rows=slice(n_prompt - 1, n_prompt))
+        root = self._pick(logits[0], sampling, gen)
+        stats.rounds = 1
+        stats.prefill_seconds = time.perf_counter() - t0
+        yield emit([root], 0)
+        if use_draft:
+            self.drafter.reset()
+            feats = hidden  # [n, H] features not yet paired in the draft cache ...
+            pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # ... with their next tokens
+        length = n_prompt  # tokens in the target cache (everything emitted except the root)
+        while not finished():
+            t_round = time.perf_counter()
+            max_depth = min(tree.depth, budget - len(out.token_ids) - 1)
+            root_t = torch.tensor(root, dtype=torch.long, device=dev)
+            if use_draft and max_depth >= 1:
+                root_out = self.drafter.commit(feats, pair_tokens)
+                draft = self.drafter.grow(root_t, root_out, tree, max_depth)
+            else:
+                draft = single_node_tree(root_t)
+            t_verify = time.perf_counter()
+            allowed = torch.cat([torch.ones(draft.size, length, dtype=torch.bool, device=dev), draft.mask], dim=1)
+            logits, hidden = tgt.forward(cache, draft.tokens, length + draft.depths, allowed)
+            if sampling.greedy:
+                path, bonus = greedy_accept(draft, logits)
+            else:
+                path, bonus = sample_accept(draft, target_probs(logits, sampling.temperature, sampling.top_k,
+                                                                sampling.top_p), gen)
+            tgt.keep(cache, length, path)
+            t_done = time.perf_counter()
+            stats.draft_seconds += t_verify - t_round
+            stats.verify_seconds += t_done - t_verify
+            stats.rounds += 1
+            accepted = draft.tokens[path[1:]].tolist()
+            stats.accept_lengths.append(len(accepted))
+            if draft.size > 1:
+                on_path = set(path.tolist())
+                for i in (draft.depths == 1).nonzero().flatten().tolist():
+                    stats.draft_confidence.append((float(draft.draft_logp[i].exp()), i in on_path))
+            length += path.shape[0]
+            if use_draft:  # (a round with max_depth < 1 is the last one: nothing left to pair)
+                feats, pair_tokens = hidden[path], torch.tensor(accepted + [bonus], device=dev)
+            root = bonus
+            yield emit(accepted + [bonus], len(accepted))
+        tail = tracker.flush()
+        out.text = tracker.sent
+        stats.seconds = time.perf_counter() - t0
+        if tail:
+            yield RoundEvent([], 0, tail, "", stats)

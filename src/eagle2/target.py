@@ -1,0 +1,138 @@
+"""The target adapter: the only module that talks to a transformers model.
+
+It runs the target over a block of tokens at explicit positions with an explicit attention
+pattern (a boolean "may attend" matrix over cached + new tokens), through transformers'
+public API only: a 4D additive attention mask, ``position_ids`` and a ``DynamicCache``.
+It returns logits and the last hidden states (after the final norm, the EAGLE features), and
+compacts the KV cache to the accepted path after a round.
+
+Sliding-window models (Gemma 3, Mistral, Qwen2 with the window on) get a dict of masks, one per
+layer type, with the window applied by position; a single full mask would silently let the
+sliding layers see past their window. Models whose attention cannot take a custom mask
+(flash attention) are switched to sdpa; models with recurrent state are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("eagle2")
+
+_MASKABLE = ("sdpa", "eager")
+_LAYER_TYPES_OK = ("full_attention", "sliding_attention")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+class Target:
+    def __init__(self, model):
+        cfg = model.config
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise UnsupportedModelError(f"{cfg.model_type} is an encoder-decoder model; eagle2 needs a decoder-only causal LM")
+        layer_types = list(getattr(cfg, "layer_types", None) or [])
+        bad = sorted({t for t in layer_types if t not in _LAYER_TYPES_OK})
+        if bad:
+            raise UnsupportedModelError(
+                f"{cfg.model_type} has {', '.join(bad)} layers; their state cannot be rolled back to an accepted "
+                "path, so tree verification is not supported for this model")
+        impl = getattr(cfg, "_attn_implementation", None)
+        if impl not in _MASKABLE:
+            try:
+                model.set_attn_implementation("sdpa")
+                log.warning("switched attention from %s to sdpa: tree verification needs an arbitrary mask", impl)
+            except Exception as e:
+                raise UnsupportedModelError(
+                    f"attention implementation {impl!r} cannot take a tree mask and sdpa is unavailable: {e}") from None
+        self.model = model
+        self.config = cfg
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.embed = model.get_input_embeddings()
+        if self.decoder is None or self.lm_head is None or self.embed is None:
+            raise UnsupportedModelError(f"{type(model).__name__} does not expose decoder / embeddings / lm_head")
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        window = getattr(cfg, "sliding_window", None)
+        if getattr(cfg, "use_sliding_window", True) is False:
+            window = None
+        self.window = int(window) if window else None
+        # Mask per layer type when the model keys its masks by type; else one mask (with the
+        # window applied when every layer slides, as in Mistral).
+        self.layer_types = sorted(set(layer_types)) if layer_types else None
+        if self.layer_types is None and self.window is not None and cfg.model_type not in ("mistral", "mixtral"):
+            self.window = None  # the window is configured but not used by this family's layers
+        self.max_len = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(cfg.vocab_size)
+        self.hidden_size = int(cfg.hidden_size)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        # No config: every layer keeps all of its keys (no sliding-window eviction), so cache
+        # index == position and the accepted path can be kept by index. Windows are applied
+        # through the masks instead.
+        return DynamicCache()
+
+    def _additive(self, allowed: Tensor) -> Tensor:
+        # [T, S] bool -> [1, 1, T, S] additive mask in the model dtype
+        neg = torch.finfo(self.dtype).min
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(~allowed, neg)[None, None]
+
+    def _masks(self, allowed: Tensor, positions: Tensor, past_len: int):
+        if self.window is None and self.layer_types is None:
+            return self._additive(allowed)
+        key_pos = torch.cat([torch.arange(past_len, device=positions.device), positions])  # [S]
+        windowed = allowed & ((positions[:, None] - key_pos[None, :]) < (self.window or self.max_len))
+        if self.layer_types is None:
+            return self._additive(windowed)
+        return {t: self._additive(windowed if t == "sliding_attention" else allowed) for t in self.layer_types}
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[..., H] features -> [..., V] fp32 logits, as the model's own forward computes them."""
+        out = self.lm_head(hidden).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    @torch.inference_mode()
+    def forward(self, cache, tokens: Tensor, positions: Tensor, allowed: Tensor | None,
+                logits_rows: Tensor | slice | None = None) -> tuple[Tensor, Tensor]:
+        """Run the target over new tokens, appending their keys/values to ``cache``.
+
+        tokens, positions: [T] long. allowed: [T, past + T] bool (row i may attend to column j),
+        or None for a plain causal block. logits_rows selects which rows get logits (default
+        all). Returns (logits [R, V] fp32, hidden [T, H] after the final norm)."""
+        past = cache.get_seq_length()
+        t = tokens.shape[0]
+        if allowed is None:
+            causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+            allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), causal], dim=1)
+        mask = self._masks(allowed, positions, past)
+        out = self.decoder(input_ids=tokens[None], attention_mask=mask, position_ids=positions[None],
+                           past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[0]  # [T, H]
+        rows = hidden if logits_rows is None else hidden[logits_rows]
+        return self.logits(rows), hidden
+
+    @staticmethod
+    @torch.inference_mode()
+    def keep(cache, start: int, nodes: Tensor) -> None:
+        """Keep cache entries [0, start) plus entries start + nodes (in order); drop the rest.
+
+        After verification the cache holds prefix + every tree node; this leaves prefix +
+        the accepted path, so cache index == position again."""
+        n = int(nodes.shape[0])
+        src = nodes + start
+        contiguous = bool((src == torch.arange(start, start + n, device=src.device)).all())
+        for layer in cache.layers:
+            if not contiguous:
+                layer.keys[:, :, start:start + n] = layer.keys[:, :, src]
+                layer.values[:, :, start:start + n] = layer.values[:, :, src]
+            layer.keys = layer.keys[:, :, : start + n]
+            layer.values = layer.values[:, :, : start + n]

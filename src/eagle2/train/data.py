@@ -1,0 +1,109 @@
+"""Training prompts: read the prompt files this project trains on into chat messages.
+
+Formats (see ../shared/data/SOURCES.md):
+- ShareGPT json: a list of {id, conversations: [{from: human|gpt|system, value}]}.
+- GSM8K jsonl: {question, answer}.
+- GPTeacher json: a list of {instruction, input, response}.
+- Any user JSONL with one of {"prompt": str}, {"messages": [{role, content}]},
+  {"conversations": [...ShareGPT...]}, {"question": str} or {"instruction": str, "input": str} per line.
+
+Each prompt becomes a ``Prompt(id, messages)``; the conversation is cut after its first user
+turn (the target writes the answer itself). Stops at reading files: no model, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: tuple  # ({"role": ..., "content": ...}, ...) ending with a user turn
+
+
+def _from_record(rec: dict, fallback_id: str) -> Prompt | None:
+    rid = str(rec.get("id", rec.get("question_id", fallback_id)))
+    msgs: list[dict] = []
+    if "conversations" in rec or "messages" in rec:
+        turns = rec.get("conversations") or rec.get("messages") or []
+        for t in turns:
+            role = _ROLES.get(t.get("from", t.get("role", "")))
+            text = t.get("value", t.get("content", ""))
+            if role is None or not isinstance(text, str):
+                continue
+            if role == "assistant" and not any(m["role"] == "user" for m in msgs):
+                continue  # a conversation that opens with the assistant: drop that turn
+            msgs.append({"role": role, "content": text})
+            if role == "user":
+                break
+    elif "prompt" in rec:
+        msgs = [{"role": "user", "content": rec["prompt"]}]
+    elif "question" in rec:
+        msgs = [{"role": "user", "content": rec["question"]}]
+    elif "instruction" in rec:
+        text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        msgs = [{"role": "user", "content": text}]
+    elif "turns" in rec:
+        msgs = [{"role": "user", "content": rec["turns"][0]}]
+    if not msgs or msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
+        return None
+    return Prompt(rid, tuple(msgs))
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read one prompt file (json list or jsonl). Records without a usable user turn are skipped."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text)
+        if isinstance(records, dict):
+            records = [records]
+    except json.JSONDecodeError:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    out, seen = [], set()
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}: record {i} is not a JSON object")
+        p = _from_record(rec, f"{i}")
+        if p is None:
+            continue
+        p = Prompt(f"{path.stem}:{p.id}", p.messages)
+        key = p.messages[-1]["content"]
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(p)
+    return out
+
+
+def default_mix(data_dir: str | Path, limit: int | None = None, seed: int = 0) -> list[Prompt]:
+    """The project's training mix: all ShareGPT prompts plus GSM8K and GPTeacher code, shuffled
+    together so that any prefix of the list (a partial run) is a fair sample of the mix."""
+    d = Path(data_dir) / "train"
+    parts = [read_prompts(d / "sharegpt_en_first_prompts_2978.json"), read_prompts(d / "sharegpt_v3_filtered_1000.json")]
+    rng = random.Random(seed)
+    for name, n in (("gsm8k_train.jsonl", 1500), ("gpteacher_codegen_instruct.json", 1500)):
+        ps = read_prompts(d / name)
+        rng.shuffle(ps)
+        parts.append(ps[:n])
+    seen, mix = set(), []
+    for ps in parts:
+        for p in ps:
+            key = p.messages[-1]["content"]
+            if key not in seen:
+                seen.add(key)
+                mix.append(p)
+    rng.shuffle(mix)
+    return mix[:limit] if limit else mix

@@ -1,0 +1,167 @@
+"""Draft trees as plain tensors: expansion steps, rerank, masks, positions, retrieve indices.
+
+Pure functions over tensors; nothing here imports a model. The drafter (``draft.py``) calls
+them between draft-head forwards, the engine uses the resulting ``Tree`` to verify.
+
+Glossary (used by every module of the package):
+- root: the last accepted token (the previous round's bonus token); node 0 of every tree.
+  The target has not seen it yet, so it is verified together with the drafts.
+- node: a drafted token in the tree; ``parents[i] < i`` (parents precede children).
+- depth: a node's distance from the root (root 0).
+- value: the sum of the draft's log-probs along the path root -> node (EAGLE-2's value; the
+  product of the draft's confidences). A child's value never exceeds its parent's.
+- tree mask: ``mask[i, j]`` is True when node j is node i itself or one of its ancestors;
+  during verification each node attends to the whole prefix plus exactly these nodes.
+- positions: ``prefix_len + depth`` per node (siblings share a position).
+- retrieve indices: one row per leaf listing node indices on the root -> leaf path, -1 padded.
+- accept length: drafted nodes accepted in a round; the round also emits one bonus token,
+  sampled (or argmax-ed) from the target at the last accepted node.
+
+Worked example: tokens [r, a, b, c] with parents [-1, 0, 0, 1] (a, b children of the root,
+c child of a) and a prefix of 7 tokens give depths [0, 1, 1, 2], positions [7, 8, 8, 9],
+retrieve [[0, 1, 3], [0, 2, -1]] and mask rows r:{r}, a:{r,a}, b:{r,b}, c:{r,a,c}.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Tree:
+    tokens: Tensor  # [N] long, node 0 = root
+    parents: Tensor  # [N] long, parent node index, -1 for the root
+    depths: Tensor  # [N] long
+    mask: Tensor  # [N, N] bool, ancestor-or-self
+    retrieve: Tensor  # [P, D + 1] long, root -> leaf node indices, -1 padded
+    draft_logp: Tensor  # [N] float, draft log-prob of each node given its parent (root: 0)
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def ancestor_mask(parents: Tensor) -> Tensor:
+    """[N] parents (-1 = none, parents[i] < i) -> [N, N] bool ancestor-or-self mask.
+
+    Pointer jumping: each pass follows one more parent link for every node at once, so the
+    cost is (max depth) small tensor ops rather than a Python loop over nodes."""
+    n = parents.shape[0]
+    idx = torch.arange(n, device=parents.device)
+    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
+    cur = parents.clone()
+    while True:
+        alive = cur >= 0
+        if not bool(alive.any()):
+            return mask
+        mask[idx[alive], cur[alive]] = True
+        cur = torch.where(alive, parents[cur.clamp(min=0)], cur)
+
+
+def build_tree(tokens: Tensor, parents: Tensor, draft_logp: Tensor | None = None) -> Tree:
+    """Derive depths, mask and retrieve indices from tokens + parents (parents precede children)."""
+    n = tokens.shape[0]
+    if n and bool((parents >= torch.arange(n, device=parents.device)).any()):
+        raise ValueError("every node's parent must precede it (parents[i] < i)")
+    mask = ancestor_mask(parents)
+    depths = mask.sum(1) - 1  # [N]: ancestors excluding self
+    is_parent = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    is_parent[parents[parents >= 0]] = True
+    leaves = (~is_parent).nonzero().flatten()  # [P]
+    # Ancestors in index order are in depth order (parents precede children), so sorting the
+    # column indices of each leaf's mask row yields its root -> leaf path.
+    cols = torch.arange(n, device=tokens.device).expand(leaves.shape[0], n)
+    keyed = torch.where(mask[leaves], cols, n)  # [P, N]
+    paths = keyed.sort(dim=1).values[:, : int(depths.max()) + 1]
+    retrieve = torch.where(paths == n, -1, paths)
+    if draft_logp is None:
+        draft_logp = torch.zeros(n, device=tokens.device)
+    return Tree(tokens, parents, depths, mask, retrieve, draft_logp)
+
+
+def single_node_tree(root: Tensor) -> Tree:
+    """The tree of vanilla decoding: just the root."""
+    dev = root.device
+    return build_tree(root.view(1), torch.full((1,), -1, dtype=torch.long, device=dev))
+
+
+def expand(frontier_values: Tensor, logp: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One EAGLE-2 expansion step.
+
+    frontier_values: [F] values of the nodes just fed to the draft; logp: [F, V] the draft's
+    log-probs of their children. Returns child tokens [F, k], child log-probs [F, k] and
+    child values [F, k] = parent value + log p(child)."""
+    top = logp.topk(top_k, dim=-1)
+    child_logp = top.values.clamp(max=0.0)  # log_softmax can round a hair above 0
+    return top.indices, child_logp, frontier_values[:, None] + child_logp
+
+
+def select_frontier(child_values: Tensor, top_k: int) -> Tensor:
+    """Flat indices [k] of the k best of all [F, k] children: the next frontier."""
+    flat = child_values.flatten()
+    return flat.topk(min(top_k, flat.numel())).indices
+
+
+def rerank(root: Tensor, tokens: Tensor, parents: Tensor, values: Tensor, logp: Tensor, keep: int) -> Tree:
+    """EAGLE-2 rerank: keep the ``keep`` candidates of highest value, plus the root.
+
+    Candidates are listed in generation order (a parent is always listed before its
+    children; parents index candidates, -1 = root). A child's value never exceeds its
+    parent's, and a *stable* descending sort puts a parent before its children on ties, so
+    every kept node's parent is kept: the result is a connected tree. Kept nodes are then put
+    back in generation order, so parents still precede children.
+    """
+    values = torch.nan_to_num(values, nan=float("-inf"))
+    order = values.sort(descending=True, stable=True).indices[:keep]
+    kept = order.sort().values  # [n] candidate indices in generation order
+    new_index = torch.full((tokens.shape[0] + 1,), -1, dtype=torch.long, device=tokens.device)
+    new_index[kept] = torch.arange(1, kept.shape[0] + 1, device=tokens.device)
+    par = parents[kept]
+    new_par = torch.where(par < 0, torch.zeros_like(par), new_index[par.clamp(min=0)])
+    if bool((new_par < 0).any()):  # impossible by the argument above; fail loudly if broken
+        raise AssertionError("rerank dropped the parent of a kept node")
+    all_tokens = torch.cat([root.view(1), tokens[kept]])
+    all_parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=tokens.device), new_par])
+    all_logp = torch.cat([torch.zeros(1, device=logp.device, dtype=logp.dtype), logp[kept]])
+    return build_tree(all_tokens, all_parents, all_logp)
+
+
+# Prior acceptance rate of the draft's r-th ranked child (r = 0, 1, ...), used only to shape
+# the default EAGLE-1 static tree: a rough profile of a trained head's top-k accuracy.
+_RANK_PRIOR = (0.65, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008, 0.006, 0.005)
+
+
+def static_tree_paths(total_tokens: int, depth: int, top_k: int) -> list[tuple[int, ...]]:
+    """A static (EAGLE-1 style) tree: paths of child ranks, e.g. (0,), (1,), (0, 0), ...
+
+    Best-first growth from the root under the rank prior keeps the ``total_tokens - 1`` paths
+    with the highest prior probability, limited to ``depth`` levels and ``top_k`` children per
+    node. Paths are returned sorted by depth, then by ranks, so parents precede children."""
+    heap: list[tuple[float, tuple[int, ...]]] = [(-_RANK_PRIOR[0], (0,))]
+    chosen: list[tuple[int, ...]] = []
+    while heap and len(chosen) < total_tokens - 1:
+        neg, path = heapq.heappop(heap)
+        chosen.append(path)
+        score = -neg
+        r = path[-1]
+        if r + 1 < min(top_k, len(_RANK_PRIOR)):  # next sibling
+            sib = path[:-1] + (r + 1,)
+            heapq.heappush(heap, (-(score / _RANK_PRIOR[r] * _RANK_PRIOR[r + 1]), sib))
+        if len(path) < depth:  # first child
+            heapq.heappush(heap, (-(score * _RANK_PRIOR[0]), path + (0,)))
+    return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def static_tree_parents(paths: list[tuple[int, ...]]) -> list[int]:
+    """Parent node index (root = 0, nodes 1..n in ``paths`` order) for each path."""
+    index = {(): 0}
+    for i, p in enumerate(paths, 1):
+        index[p] = i
+    try:
+        return [index[p[:-1]] for p in paths]
+    except KeyError as e:
+        raise ValueError(f"static tree path {e} has no parent path listed before it") from None

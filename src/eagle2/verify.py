@@ -1,0 +1,96 @@
+"""Acceptance: which drafted nodes the target keeps, and the bonus token. Pure tensor code.
+
+Input is the tree and the target's logits at every node (the distribution of the token that
+follows the node). Output is the accepted path (node indices, root first) and the bonus token.
+
+- Greedy: a child is accepted when its token equals the target's argmax at its parent; the
+  longest accepted root -> leaf prefix wins; bonus = argmax at the last accepted node. The
+  output is then exactly the target's greedy decoding.
+- Sampling: multi-candidate rejection sampling (SpecInfer / EAGLE). The draft proposes each
+  child deterministically, so its proposal distribution is one-hot: child x of the current
+  node is accepted with probability p(x) under the current residual p; on rejection p(x) is
+  set to 0 and p renormalized before trying the next sibling (in draft-rank order). If every
+  child is rejected the bonus is sampled from the residual. Each emitted token is then
+  distributed exactly as the target's p (after temperature / top-k / top-p).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .tree import Tree
+
+
+def target_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """[..., V] logits -> probabilities at ``temperature`` with top-k then top-p applied (fp32).
+
+    top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        mass_before = sorted_p.cumsum(-1) - sorted_p
+        sorted_p = sorted_p.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def greedy_accept(tree: Tree, target_logits: Tensor) -> tuple[Tensor, int]:
+    """Longest path whose drafted tokens equal the target's argmax at their parents.
+
+    target_logits: [N, V]. Returns (path [a + 1] node indices with the root first, bonus)."""
+    argmax = target_logits.argmax(-1)  # [N]
+    ret = tree.retrieve  # [P, D + 1]
+    child = ret[:, 1:]  # [P, D]
+    drafted = tree.tokens[child.clamp(min=0)]  # [P, D]
+    wanted = argmax[ret[:, :-1].clamp(min=0)]  # [P, D] target's choice after each parent
+    ok = (drafted == wanted) & (child >= 0)
+    accepted = ok.long().cumprod(dim=1).sum(dim=1)  # [P] accept length of each path
+    best = int(accepted.argmax())
+    a = int(accepted[best])
+    path = ret[best, : a + 1]
+    return path, int(argmax[path[-1]])
+
+
+def _children(parents: list[int]) -> list[list[int]]:
+    kids: list[list[int]] = [[] for _ in parents]
+    for i, p in enumerate(parents):
+        if p >= 0:
+            kids[p].append(i)  # index order = draft-rank order among siblings
+    return kids
+
+
+def sample_accept(tree: Tree, probs: Tensor, generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """Multi-candidate rejection sampling down the tree.
+
+    probs: [N, V] target distributions (after temperature / top-k / top-p) at each node.
+    Returns (path [a + 1] with the root first, bonus token)."""
+    kids = _children(tree.parents.tolist())
+    tokens = tree.tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        p = probs[node]
+        accepted = None
+        for c in kids[node]:
+            x = tokens[c]
+            u = torch.rand((), generator=generator, device=p.device)
+            if bool(u < p[x]):  # accept with prob min(1, p(x) / q(x)); q is one-hot at x
+                accepted = c
+                break
+            p = p.clone()  # reject: residual norm(max(p - q, 0)) zeroes x
+            p[x] = 0.0
+            total = p.sum()
+            if not bool(total > 0):  # all mass rejected: reachable only through fp rounding
+                p = probs[node]
+                break
+            p = p / total
+        if accepted is None:  # every child rejected (or a leaf): bonus from the residual
+            bonus = int(torch.multinomial(p, 1, generator=generator))
+            return torch.tensor(path, device=tree.tokens.device), bonus
+        node = accepted
+        path.append(node)
