@@ -176,6 +176,8 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     model: a built-in name (``smollm2-135m``), a local Hugging Face model directory, a ``.gguf``
     file or a hub id. head: a head directory in the released EAGLE layout; None picks the
     built-in model's shipped head, or a freshly initialised head (with a warning) otherwise."""
+    if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
+        raise ValueError(f"head directory not found: {head}")
     hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map)
     if head is not None:
         draft = DraftHead.load(head)

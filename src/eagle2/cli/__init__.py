@@ -1,0 +1,68 @@
+"""Command line: ``eagle2 generate | chat | train | bench | tune | serve``.
+
+The only place that parses arguments: one module per subcommand, each with a ``register(sub)``.
+Every user mistake ends in a one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+DESCRIPTION = """Lossless EAGLE-2 speculative decoding for Hugging Face causal LMs.
+
+A small draft head grows a context-aware tree of guesses; the target model checks the whole
+tree in one forward pass; the output is exactly what the target alone would produce."""
+
+SUBCOMMANDS = ("generate", "serve", "train", "bench")  # modules of this package with register()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="eagle2", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (model loading, ...)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(__name__):
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = args.handler
+    try:
+        return int(handler(args) or 0)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Options and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ..config import METHODS, TreeConfig
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m), HF model directory, .gguf file or hub id (default: %(default)s)")
+    p.add_argument("--head", default=None,
+                   help="draft head directory in the released EAGLE layout (default: the model's shipped head)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto = bf16 on CUDA or a CPU with fast bf16, else fp32 (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="eagle2", choices=METHODS,
+                   help="eagle2 = dynamic tree, eagle1 = static tree, chain = one path, vanilla = no drafting")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--total-tokens", type=int, default=None,
+                   help=f"tree nodes verified per round incl. the root (default: tuned, else {TreeConfig.total_tokens})")
+    p.add_argument("--depth", type=int, default=None, help=f"draft depth (default: tuned, else {TreeConfig.depth})")
+    p.add_argument("--tree-top-k", type=int, default=None,
+                   help=f"children per expanded node (default: tuned, else {TreeConfig.top_k})")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _load(args):
+    import eagle2  # noqa: F401 (lazy: keeps --help fast)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gen = eagle2.load(args.model, head=args.head, dtype=args.dtype, device=args.device)
+    for w in caught:
+        if "draft head" in str(w.message):
+            print(f"warning: {w.message}", file=sys.stderr)
+    return gen
+
+
+def _decode_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, method=args.method, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed, total_tokens=args.total_tokens,
+                depth=args.depth, tree_top_k=args.tree_top_k, stop=args.stop)
+
+
+def _check_decode_args(args) -> None:
+    """Validate before the (slow) model load, so a typo fails in milliseconds."""
+    from ..config import SamplingConfig
+
+    TreeConfig(method=args.method, total_tokens=args.total_tokens or 2, depth=args.depth or 1,
+               top_k=args.tree_top_k or 1)
+    if args.total_tokens is not None and args.total_tokens < 2:
+        raise ValueError(f"total_tokens must be an integer >= 2; got {args.total_tokens}")
+    if args.depth is not None and args.depth < 1:
+        raise ValueError(f"depth must be an integer >= 1; got {args.depth}")
+    if args.tree_top_k is not None and args.tree_top_k < 1:
+        raise ValueError(f"tree_top_k must be an integer >= 1; got {args.tree_top_k}")
+    SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {args.max_new_tokens}")
+
+
+def _stats_line(stats) -> str:
+    return (f"[{stats.new_tokens} tokens in {stats.seconds:.2f}s: {stats.tokens_per_s:.1f} tokens/s, "
+            f"mean acceptance length {stats.mean_accept_len:.2f} over {stats.rounds} target forwards]")
+
+

@@ -1,0 +1,68 @@
+"""Bad input: a ValueError with a clear message from the API, a one-line error and exit 2 from the CLI."""
+
+import pytest
+
+from eagle2.cli import main
+
+from conftest import make_generator, make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return make_generator(make_tiny_model("llama", vocab_size=16, max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompt=[]), "empty"),
+    (dict(prompt=""), "empty"),
+    (dict(prompt=[{"role": "user", "content": "  "}]), "empty"),
+    (dict(prompt=[1] * 64), "context"),
+    (dict(prompt=[99]), "outside the vocabulary"),
+    (dict(total_tokens=1), "total_tokens"),
+    (dict(depth=0), "depth"),
+    (dict(tree_top_k=0), "tree_top_k"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(method="medusa"), "method"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(stop=[3]), "stop"),
+])
+def test_api_bad_input(gen, kwargs, match):
+    kw = dict(prompt=[1, 2, 3], max_new_tokens=4)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        gen.generate(kw.pop("prompt"), **kw)
+
+
+def test_unknown_model_name():
+    import eagle2
+
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        eagle2.load("no-such-model")
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "--temperature", "-1", "hi"], "temperature"),
+    (["generate", "--top-p", "2", "hi"], "top_p"),
+    (["generate", "--total-tokens", "1", "hi"], "total_tokens"),
+    (["generate", "--depth", "0", "hi"], "depth"),
+    (["generate", "--tree-top-k", "0", "hi"], "tree_top_k"),
+    (["generate", "   "], "empty"),
+    (["generate", "--model", "no-such-model", "hi"], "unknown model"),
+    (["generate", "--head", "/nonexistent/head", "hi"], "head directory not found"),
+])
+def test_cli_bad_input(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and match in err and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_help_is_complete(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--head", "--method", "--temperature", "--top-p", "--top-k", "--seed",
+                 "--max-new-tokens", "--total-tokens", "--depth", "--tree-top-k", "--dtype", "--json"):
+        assert flag in out

@@ -1,0 +1,154 @@
+"""The contract: greedy eagle2 / eagle1 / chain output equals transformers generate(do_sample=False)
+token for token — tiny random Llama, Qwen2, Mistral and Gemma 3 models, and SmolLM2-135M in fp32.
+
+Trees are exercised with real acceptance (small vocabularies make random drafts hit), and with
+EOS and max_new_tokens falling in the middle of a multi-token round."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import DATA, fit_head, make_generator, make_tiny_model
+
+FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
+TREES = [dict(total_tokens=10, depth=4, tree_top_k=4), dict(total_tokens=4, depth=6, tree_top_k=2),
+         dict(total_tokens=24, depth=3, tree_top_k=8)]
+PROMPTS = [[1, 2, 3, 4, 5], [7] * 3, list(range(16)) * 2 + [3, 1]]  # the last one is longer than the window
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos=None):
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    model = make_tiny_model(request.param, vocab_size=16)
+    return request.param, model, fit_head(model)
+
+
+def test_untrained_head_is_still_exact(family):
+    name, model, _ = family
+    gen = make_generator(model)  # freshly initialised head
+    for prompt in PROMPTS:
+        assert gen.generate(prompt, max_new_tokens=24).token_ids == hf_greedy(model, prompt, 24), name
+
+
+@pytest.mark.parametrize("method", ["eagle2", "eagle1", "chain", "vanilla"])
+def test_greedy_equals_transformers(family, method):
+    name, model, head = family
+    gen = make_generator(model, head=head)
+    taus = []
+    for prompt in PROMPTS:
+        ref = hf_greedy(model, prompt, 40)
+        for tree in TREES:
+            r = gen.generate(prompt, max_new_tokens=40, method=method, **tree)
+            assert r.token_ids == ref, f"{name} {method} {tree} prompt={prompt}"
+            assert r.finish_reason == "length"
+            taus.append(r.stats.mean_accept_len)
+    if method != "vanilla":
+        assert max(taus) > 1.5, "drafts were rarely accepted: the accept path was not exercised"
+    else:
+        assert set(taus) == {1.0}
+
+
+def _mid_round_indices(gen, prompt, **kw):
+    """(indices j of emitted tokens that have more tokens after them in the same round, all tokens)."""
+    events, result = gen.stream_events(prompt, max_new_tokens=40, **kw)
+    emitted, inside = 0, []
+    for ev in events:
+        inside += range(emitted, emitted + len(ev.token_ids) - 1)
+        emitted += len(ev.token_ids)
+    return inside, result.token_ids
+
+
+@pytest.mark.parametrize("method", ["eagle2", "eagle1"])
+def test_eos_and_max_new_tokens_mid_round(family, method):
+    name, model, head = family
+    tree = dict(total_tokens=16, depth=5, tree_top_k=6)
+    gen = make_generator(model, head=head)
+    hit_length = hit_eos = False
+    for prompt in PROMPTS:
+        inside, toks = _mid_round_indices(gen, prompt, method=method, **tree)
+        if inside and not hit_length:  # max_new_tokens ends the output inside a round
+            n = inside[0] + 1
+            r = gen.generate(prompt, max_new_tokens=n, method=method, **tree)
+            assert r.token_ids == hf_greedy(model, prompt, n) and r.finish_reason == "length"
+            hit_length = True
+        fresh = [j for j in inside if toks[j] not in toks[:j]]
+        if fresh and not hit_eos:  # EOS = a token first produced inside a round, more tokens after it
+            eos = toks[fresh[0]]
+            eos_gen = make_generator(model, head=head)
+            eos_gen.engine.eos_ids = {eos}
+            r = eos_gen.generate(prompt, max_new_tokens=40, method=method, **tree)
+            ref = hf_greedy(model, prompt, 40, eos=eos)
+            assert r.token_ids == ref and r.token_ids[-1] == eos and r.finish_reason == "stop"
+            hit_eos = True
+    assert hit_length and hit_eos, f"{name}: no multi-token round to stop inside; the test exercised nothing"
+
+
+def test_context_limit_is_never_exceeded():
+    model = make_tiny_model("llama", vocab_size=16, max_position_embeddings=48)
+    gen = make_generator(model)
+    prompt = list(range(16)) * 2 + [3]  # 33 tokens, 15 left
+    r = gen.generate(prompt, max_new_tokens=100, total_tokens=10, depth=6, tree_top_k=4)
+    assert len(prompt) + len(r.token_ids) == 48 and r.finish_reason == "length"
+    assert r.token_ids == hf_greedy(model, prompt, 15)
+    with pytest.raises(ValueError, match="context"):
+        gen.generate(list(range(16)) * 3, max_new_tokens=4)
+
+
+def test_stop_strings_and_streaming(tiny_chat_generator):
+    gen = tiny_chat_generator
+    full = gen.generate([{"role": "user", "content": "Count to ten."}], max_new_tokens=30, method="vanilla")
+    pieces = list(gen.stream([{"role": "user", "content": "Count to ten."}], max_new_tokens=30))
+    assert "".join(pieces) == full.text
+    words = full.text.split()
+    assert len(words) > 3
+    stop = words[2]
+    cut = full.text.index(stop)
+    r = gen.generate([{"role": "user", "content": "Count to ten."}], max_new_tokens=30, stop=[stop])
+    assert r.text == full.text[:cut] and r.finish_reason == "stop"
+    assert r.token_ids == full.token_ids[: len(r.token_ids)]
+    assert stop in gen.tokenizer.decode(r.token_ids) and stop not in gen.tokenizer.decode(r.token_ids[:-1])
+    streamed = "".join(gen.stream([{"role": "user", "content": "Count to ten."}], max_new_tokens=30, stop=[stop]))
+    assert streamed == r.text
+
+
+def test_stats_are_consistent():
+    model = make_tiny_model("qwen2", vocab_size=16)
+    gen = make_generator(model)
+    r = gen.generate(PROMPTS[0], max_new_tokens=30, total_tokens=10, depth=4, tree_top_k=4)
+    s = r.stats
+    assert s.new_tokens == len(r.token_ids) == 30
+    assert s.rounds == 1 + len(s.accept_lengths)
+    assert sum(s.accept_lengths) + s.rounds == s.new_tokens
+    assert s.mean_accept_len == pytest.approx(s.new_tokens / s.rounds)
+    assert s.tokens_per_s > 0 and s.seconds >= s.draft_seconds + s.verify_seconds
+
+
+# ---- the real model --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smol_fp32():
+    import eagle2
+
+    return eagle2.load("smollm2-135m", dtype="float32")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_transformers(smol_fp32):
+    gen = smol_fp32
+    # Spec-Bench's own questions beyond MT-bench (translation, qa, math) — not the MT-bench set
+    qs = [json.loads(line) for line in (DATA / "eval" / "spec_bench_question.jsonl").read_text().splitlines()]
+    picks = [q for q in qs if q["category"] in ("translation", "qa", "math_reasoning")][::40][:3]
+    settings = [("eagle2", dict()), ("eagle1", dict(total_tokens=12, depth=4, tree_top_k=3)),
+                ("chain", dict(depth=4))]
+    for q, (method, tree) in zip(picks, settings):
+        ids = gen.encode_prompt([{"role": "user", "content": q["turns"][0]}])
+        ref = hf_greedy(gen.model, ids, 48, eos=sorted(gen.eos_ids))
+        r = gen.generate(ids, max_new_tokens=48, method=method, **tree)
+        assert r.token_ids == ref, (method, q["question_id"])

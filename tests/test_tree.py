@@ -1,0 +1,114 @@
+"""Tree functions on hand-drawn trees: masks, depths, positions, retrieve indices, rerank ties."""
+
+import torch
+
+from eagle2.tree import (ancestor_mask, build_tree, expand, rerank, select_frontier, static_tree_parents,
+                         static_tree_paths)
+
+
+def t(x):
+    return torch.tensor(x)
+
+
+def test_worked_example_from_the_docstring():
+    # r -> a, b ; a -> c
+    tree = build_tree(t([10, 11, 12, 13]), t([-1, 0, 0, 1]))
+    assert tree.depths.tolist() == [0, 1, 1, 2]
+    assert (7 + tree.depths).tolist() == [7, 8, 8, 9]
+    assert tree.retrieve.tolist() == [[0, 2, -1], [0, 1, 3]] or tree.retrieve.tolist() == [[0, 1, 3], [0, 2, -1]]
+    assert tree.mask.int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [1, 0, 1, 0],
+        [1, 1, 0, 1],
+    ]
+
+
+def test_deeper_tree_mask_and_paths():
+    #        0
+    #      / | \
+    #     1  2  3
+    #    / \     \
+    #   4   5     6
+    #   |
+    #   7
+    parents = t([-1, 0, 0, 0, 1, 1, 3, 4])
+    tree = build_tree(torch.arange(8) + 100, parents)
+    assert tree.depths.tolist() == [0, 1, 1, 1, 2, 2, 2, 3]
+    paths = sorted(tree.retrieve.tolist())
+    assert paths == [[0, 1, 4, 7], [0, 1, 5, -1], [0, 2, -1, -1], [0, 3, 6, -1]]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for i in range(8):
+        j = i
+        while j >= 0:
+            expected[i, j] = True
+            j = int(parents[j])
+    assert torch.equal(tree.mask, expected)
+    assert torch.equal(ancestor_mask(parents), expected)
+
+
+def test_build_tree_rejects_child_before_parent():
+    import pytest
+
+    with pytest.raises(ValueError):
+        build_tree(t([1, 2, 3]), t([-1, 2, 0]))
+
+
+def test_expand_and_frontier():
+    logp = torch.log_softmax(t([[4.0, 3.0, 1.0, 0.0], [0.0, 0.0, 5.0, 1.0]]), -1)
+    tok, lp, val = expand(t([0.0, -1.0]), logp, 2)
+    assert tok.tolist() == [[0, 1], [2, 3]]
+    assert torch.allclose(val, t([0.0, -1.0])[:, None] + lp)
+    assert (val <= t([0.0, -1.0])[:, None]).all()  # a child's value never exceeds its parent's
+    sel = select_frontier(val, 2)
+    assert sorted(sel.tolist()) == sorted(val.flatten().topk(2).indices.tolist())
+
+
+def test_rerank_keeps_parents_on_ties():
+    # Candidates in generation order; parents index candidates (-1 = root). Every value is 0:
+    # all tie, and a naive top-k could keep a child without its parent.
+    tokens = t([5, 6, 7, 8, 9])
+    parents = t([-1, -1, 0, 2, 1])
+    values = torch.zeros(5)
+    for keep in range(1, 6):
+        tree = rerank(t(1), tokens, parents, values, torch.zeros(5), keep)
+        assert tree.size == keep + 1
+        par = tree.parents.tolist()
+        assert par[0] == -1 and all(0 <= p < i for i, p in enumerate(par) if i)
+
+
+def test_rerank_ties_inside_descending_values():
+    # child 3 ties with its parent 2 exactly (log p = 0); candidate 4 is better than both
+    tokens = t([5, 6, 7, 8, 9])
+    parents = t([-1, -1, 0, 2, 1])
+    values = t([-0.1, -0.5, -0.7, -0.7, -0.6])
+    tree = rerank(t(1), tokens, parents, values, torch.zeros(5), 4)
+    kept_tokens = tree.tokens.tolist()[1:]
+    assert kept_tokens == [5, 6, 7, 9]  # 8 ties with its parent 7 but 7 ranks first; budget ends
+    assert tree.parents.tolist() == [-1, 0, 0, 1, 2]
+
+
+def test_rerank_orders_parents_first_and_selects_best():
+    tokens = t([10, 11, 12, 13, 14, 15])
+    parents = t([-1, -1, 0, 0, 1, 2])
+    values = t([-0.1, -2.0, -0.3, -3.0, -2.5, -0.4])
+    tree = rerank(t(0), tokens, parents, values, values, 3)
+    assert tree.tokens.tolist() == [0, 10, 12, 15]
+    assert tree.parents.tolist() == [-1, 0, 1, 2]
+    assert tree.depths.tolist() == [0, 1, 2, 3]
+
+
+def test_static_tree_paths_are_connected_and_bounded():
+    for total, depth, k in [(16, 5, 4), (8, 3, 2), (60, 6, 10), (2, 1, 1)]:
+        paths = static_tree_paths(total, depth, k)
+        assert len(paths) == total - 1
+        assert all(len(p) <= depth and max(p) < k for p in paths)
+        parents = static_tree_parents(paths)
+        assert all(0 <= p <= i for i, p in enumerate(parents))
+        assert (0,) in paths
+
+
+def test_chain_is_a_single_path():
+    tree = build_tree(t([1, 2, 3, 4]), t([-1, 0, 1, 2]))
+    assert tree.retrieve.tolist() == [[0, 1, 2, 3]]
+    assert torch.equal(tree.mask, torch.ones(4, 4, dtype=torch.bool).tril())

@@ -1,0 +1,149 @@
+"""Acceptance rules: greedy on toy logits; sampling checked statistically against the exact
+target distribution, with a negative control showing the test catches a wrong sampler."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from eagle2 import verify
+from eagle2.tree import build_tree
+from eagle2.verify import greedy_accept, sample_accept, target_probs
+
+from conftest import make_generator, make_tiny_model
+
+
+def onehot_logits(n, v, argmax):
+    logits = torch.zeros(n, v)
+    logits[torch.arange(n), torch.tensor(argmax)] = 5.0
+    return logits
+
+
+def test_greedy_accepts_longest_matching_path():
+    # r -> a(3), b(4); a -> c(5); b -> d(6)
+    tree = build_tree(torch.tensor([1, 3, 4, 5, 6]), torch.tensor([-1, 0, 0, 1, 2]))
+    # target argmax: after r -> 4 (b), after b -> 6 (d), after d -> 7 (bonus)
+    logits = onehot_logits(5, 8, [4, 0, 6, 0, 7])
+    path, bonus = greedy_accept(tree, logits)
+    assert path.tolist() == [0, 2, 4] and bonus == 7
+
+
+def test_greedy_rejects_everything():
+    tree = build_tree(torch.tensor([1, 3, 4]), torch.tensor([-1, 0, 0]))
+    path, bonus = greedy_accept(tree, onehot_logits(3, 8, [2, 0, 0]))
+    assert path.tolist() == [0] and bonus == 2
+
+
+def test_target_probs_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.allclose(target_probs(logits, 1.0), torch.tensor([[0.5, 0.3, 0.15, 0.05]]), atol=1e-6)
+    p = target_probs(logits, 1.0, top_k=2)
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
+    p = target_probs(logits, 1.0, top_p=0.7)  # smallest set with mass >= 0.7: {0.5, 0.3}
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
+    p = target_probs(logits, 1.0, top_p=0.85)
+    assert torch.allclose(p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
+
+
+def test_sample_accept_on_a_fixed_tree_matches_p():
+    # One level, three candidates; the emitted first token must be distributed as p.
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    tree = build_tree(torch.tensor([0, 1, 3, 2]), torch.tensor([-1, 0, 0, 0]))
+    probs = torch.stack([p, p, p, p])  # children's own rows don't matter for the first token
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.zeros(4)
+    for _ in range(n):
+        path, bonus = sample_accept(tree, probs, g)
+        first = int(tree.tokens[path[1]]) if len(path) > 1 else bonus
+        counts[first] += 1
+    assert chisquare(counts.numpy(), (p * n).numpy()).pvalue > 1e-3
+
+
+# ---- end to end through the engine ------------------------------------------------------------
+
+V = 6
+PROMPT = [1, 4, 2, 5]
+
+
+def _exact_joint(model, prompt, n_tokens, temperature, top_k, top_p):
+    """Exact probability of every sequence of the first n_tokens (V ** n cells)."""
+    seqs = torch.tensor([prompt])
+    joint = torch.ones(1)
+    for _ in range(n_tokens):
+        with torch.no_grad():
+            logits = model(seqs).logits[:, -1]
+        p = target_probs(logits, temperature, top_k, top_p)  # [S, V]
+        joint = (joint[:, None] * p).flatten()
+        seqs = torch.cat([seqs.repeat_interleave(V, 0), torch.arange(V).repeat(seqs.shape[0])[:, None]], 1)
+    return joint
+
+
+def _sample_counts(gen, n, temperature, top_k, top_p, n_tokens=3):
+    counts = torch.zeros(V ** n_tokens)
+    for seed in range(n):
+        r = gen.generate(PROMPT, max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, total_tokens=8, depth=3, tree_top_k=3)
+        idx = 0
+        for tkn in r.token_ids:
+            idx = idx * V + tkn
+        counts[idx] += 1
+    return counts
+
+
+def _chi2_pvalue(counts, joint):
+    n = counts.sum()
+    expected = joint * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()
+    return chisquare(obs.numpy(), exp.numpy()).pvalue
+
+
+@pytest.fixture(scope="module")
+def sampling_gen():
+    model = make_tiny_model("llama", vocab_size=V, seed=3)
+    with torch.no_grad():  # soften: a spread-out distribution makes a strong test
+        model.get_output_embeddings().weight.mul_(0.25)
+    return model, make_generator(model)
+
+
+N_SAMPLES = 2500
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 4, 0.9)])
+def test_sampled_joint_distribution_matches_target(sampling_gen, temperature, top_k, top_p):
+    model, gen = sampling_gen
+    joint = _exact_joint(model, PROMPT, 3, temperature, top_k, top_p)
+    counts = _sample_counts(gen, N_SAMPLES, temperature, top_k, top_p)
+    assert _chi2_pvalue(counts, joint) > 1e-3
+
+
+def _wrong_sample_accept(tree, probs, generator):
+    """A classic bug: on rejection, keep the original p instead of the renormalized residual."""
+    kids = verify._children(tree.parents.tolist())
+    tokens = tree.tokens.tolist()
+    node, path = 0, [0]
+    while True:
+        p = probs[node]
+        nxt = None
+        for c in kids[node]:
+            if bool(torch.rand((), generator=generator) < p[tokens[c]]):
+                nxt = c
+                break
+        if nxt is None:
+            return torch.tensor(path), int(torch.multinomial(p, 1, generator=generator))
+        node = nxt
+        path.append(node)
+
+
+def test_negative_control_catches_a_wrong_sampler(sampling_gen, monkeypatch):
+    import eagle2.engine as engine
+
+    model, gen = sampling_gen
+    monkeypatch.setattr(engine, "sample_accept", _wrong_sample_accept)
+    joint = _exact_joint(model, PROMPT, 3, 1.0, 0, 1.0)
+    counts = _sample_counts(gen, N_SAMPLES, 1.0, 0, 1.0)
+    assert _chi2_pvalue(counts, joint) < 1e-3
