@@ -89,6 +89,18 @@ def smol_tokenizer(smol_dir):
 
 
 @pytest.fixture(scope="session")
+def smol_fp32():
+    """SmolLM2-135M-Instruct in fp32 with its default head (the shipped one once it exists)."""
+    import warnings
+
+    import eagle2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return eagle2.load("smollm2-135m", dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_generator(smol_tokenizer):
     """A tiny random Llama with SmolLM2's vocabulary and tokenizer (chat template, EOS = 2)."""
     model = make_tiny_model("llama", vocab_size=len(smol_tokenizer), eos_token_id=2, max_position_embeddings=1024)

@@ -132,13 +132,6 @@ def test_stats_are_consistent():
 
 # ---- the real model --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smol_fp32():
-    import eagle2
-
-    return eagle2.load("smollm2-135m", dtype="float32")
-
-
 @pytest.mark.slow
 def test_smollm2_greedy_equals_transformers(smol_fp32):
     gen = smol_fp32

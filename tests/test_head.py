@@ -72,3 +72,23 @@ def test_missing_and_corrupt_head_files(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="neither model.safetensors nor pytorch_model.bin"):
         DraftHead.load(tmp_path)
+
+
+def test_head_for_another_architecture_is_refused():
+    llama = make_tiny_model("llama", vocab_size=16)
+    qwen = make_tiny_model("qwen2", vocab_size=16)
+    head = init_head(HeadConfig.from_target(qwen.config))
+    with pytest.raises(ValueError, match="built for qwen2, target is llama"):
+        make_generator(llama, head=head)
+
+
+def test_weights_decide_the_biases(tmp_path):
+    # An exported config that omits "bias" (= True by the released convention) but has no fc.bias
+    model = make_tiny_model("llama", vocab_size=16)
+    head = init_head(HeadConfig.from_target(model.config, bias=False))
+    head.save(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["bias"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = DraftHead.load(tmp_path)
+    assert loaded.config.bias is False and loaded.fc.bias is None

@@ -17,12 +17,15 @@ Checkpoint layout (e.g. yuhuili/EAGLE-LLaMA3-Instruct-8B): ``config.json`` (a Ll
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger("eagle2")
 
 _ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
@@ -57,7 +60,7 @@ class HeadConfig:
     attention_bias: bool = False  # q/k/v biases (Qwen2 family)
     bias: bool = True  # fc bias; the released key name. LLaMA-3 heads use False
     max_position_embeddings: int = 4096
-    target_model_type: str = "llama"  # family of the target this head was built for
+    target_model_type: str | None = None  # family of the target this head was built for (ours; official heads omit it)
 
     def __post_init__(self) -> None:
         if self.hidden_act not in _ACTS:
@@ -103,7 +106,7 @@ class HeadConfig:
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), hidden_act=str(d.get("hidden_act", "silu")),
                 attention_bias=bool(d.get("attention_bias", False)), bias=bool(d.get("bias", True)),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
-                target_model_type=str(d.get("target_model_type", "llama")),
+                target_model_type=d.get("target_model_type"),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"head config.json is missing or has a bad field: {e}") from None
@@ -243,6 +246,14 @@ class DraftHead(nn.Module):
         except json.JSONDecodeError as e:
             raise ValueError(f"head config {cfg_path} is not valid JSON: {e.msg}") from None
         state = load_head_weights(directory)
+        # The weights are the truth for the optional biases: configs in the wild disagree (a missing
+        # "bias" means True, yet some heads were exported without fc.bias, and vice versa).
+        has_fc_bias = "fc.bias" in state
+        has_qkv_bias = "layers.0.self_attn.q_proj.bias" in state
+        if (has_fc_bias, has_qkv_bias) != (cfg.bias, cfg.attention_bias):
+            log.warning("head %s: config says fc bias=%s, attention bias=%s but the weights say %s, %s; using the weights",
+                        directory, cfg.bias, cfg.attention_bias, has_fc_bias, has_qkv_bias)
+            cfg = replace(cfg, bias=has_fc_bias, attention_bias=has_qkv_bias)
         head = cls(cfg)
         expected = head.state_dict()
         missing = [k for k in expected if k not in state]
@@ -288,6 +299,8 @@ def check_head_fits(cfg: HeadConfig, target_config) -> None:
         diffs.append(f"hidden size {cfg.hidden_size} vs target {target_config.hidden_size}")
     if cfg.vocab_size != target_config.vocab_size:
         diffs.append(f"vocabulary {cfg.vocab_size} vs target {target_config.vocab_size}")
+    if cfg.target_model_type and cfg.target_model_type != target_config.model_type:
+        diffs.append(f"built for {cfg.target_model_type}, target is {target_config.model_type}")
     if diffs:
         raise ValueError(f"draft head does not fit the target ({target_config.model_type}): " + "; ".join(diffs))
 

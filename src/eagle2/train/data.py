@@ -107,3 +107,36 @@ def default_mix(data_dir: str | Path, limit: int | None = None, seed: int = 0) -
                 mix.append(p)
     rng.shuffle(mix)
     return mix[:limit] if limit else mix
+
+
+def read_fixed(path: str | Path) -> list[tuple[Prompt, str]]:
+    """(prompt, reference answer) pairs of a data set that carries answers: GSM8K ``answer``,
+    GPTeacher ``response``, or a conversation's first assistant turn after its first user turn."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text)
+        records = [records] if isinstance(records, dict) else records
+    except json.JSONDecodeError:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            continue
+        p = _from_record(rec, f"{i}")
+        if p is None:
+            continue
+        answer = rec.get("answer") or rec.get("response")
+        if answer is None:
+            turns = rec.get("conversations") or rec.get("messages") or []
+            seen_user = False
+            for t in turns:
+                role = _ROLES.get(t.get("from", t.get("role", "")))
+                if role == "user":
+                    seen_user = True
+                elif role == "assistant" and seen_user:
+                    answer = t.get("value", t.get("content"))
+                    break
+        if isinstance(answer, str) and answer.strip():
+            out.append((Prompt(f"{path.stem}:{p.id}", p.messages), answer))
+    return out

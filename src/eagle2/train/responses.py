@@ -4,19 +4,31 @@ Self-distillation: the draft head learns from exactly the text the target produc
 what it meets at inference. Output is one JSONL line per prompt,
 ``{"id", "prompt_ids", "response_ids", "response"}`` (token ids exactly as generated, chat
 template applied), appended as batches finish, so an interrupted run resumes where it stopped.
-Batched greedy ``generate`` with left padding; prompts are grouped by length to waste little
-compute on padding. Knows nothing about the draft head.
+
+Throughput on a CPU is dominated by the prefill of padded prompts and by rows that keep the
+batch alive after the others stopped, so: prompts longer than ``max_prompt_tokens`` are skipped
+(not truncated: a cut prompt is not a real conversation), prompts are sorted by length within
+large windows (``sort_window`` prompts: padding is near the global-sort minimum while any
+finished window is still a fair sample of the mix), and a batch is dropped from the loop as
+soon as every row has ended.
+
+``fixed_responses`` writes the same JSONL from a data set's reference answers (GSM8K
+``answer``, GPTeacher ``response``) without running the target. Knows nothing about the head.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .data import Prompt
+
+log = logging.getLogger("eagle2")
 
 
 def _done_ids(out: Path) -> set[str]:
@@ -40,53 +52,144 @@ def _repair_tail(out: Path) -> None:
         out.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+def _lock(out: Path):
+    """An exclusive lock next to ``out``: two writers appending to one JSONL would duplicate work."""
+    import fcntl
+
+    f = open(out.with_name(out.name + ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"another process is writing {out}; wait for it or stop it first") from None
+    return f
+
+
+def encode_chat(tokenizer, messages) -> list[int]:
+    """Chat-template token ids of a conversation ending with a user turn (generation prompt added)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    # no chat template (toy tokenizers, base models): the raw text of the last turn
+    return [int(i) for i in tokenizer(messages[-1]["content"])["input_ids"]]
+
+
+def read_responses(path: str | Path) -> list[dict]:
+    """All complete records of a responses JSONL, first one per id (a cut last line is ignored)."""
+    out, seen = [], set()
+    path = Path(path)
+    if not path.exists():
+        return out
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("id") not in seen:
+                seen.add(rec.get("id"))
+                out.append(rec)
+    return out
+
+
 @torch.inference_mode()
-def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path, *, max_new_tokens: int = 384,
-                       max_prompt_tokens: int = 768, batch_size: int = 16, temperature: float = 0.0,
-                       progress: bool = True) -> Path:
+def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path, *, max_new_tokens: int = 256,
+                       max_prompt_tokens: int = 320, batch_size: int = 16, sort_window: int = 1024,
+                       temperature: float = 0.0, progress: bool = True, max_seconds: float | None = None,
+                       log_every: int = 0) -> dict:
+    """Append the target's answers for every prompt not yet in ``out``.
+
+    Returns {"done", "skipped_long", "new", "new_tokens", "seconds"} for this call."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(out)  # noqa: F841 (held until this function returns)
+    _repair_tail(out)
+    done = _done_ids(out)
+    todo, skipped = [], 0
+    for p in prompts:
+        if p.id in done:
+            continue
+        ids = encode_chat(tokenizer, p.messages)
+        if 0 < len(ids) <= max_prompt_tokens:
+            todo.append((p.id, ids))
+        else:
+            skipped += 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    dev = model.device
+    order = []
+    for w0 in range(0, len(todo), sort_window):  # near-global sort, window by window
+        order.extend(sorted(todo[w0:w0 + sort_window], key=lambda r: len(r[1])))
+    bar = tqdm(total=len(done) + len(order), initial=len(done), desc="responses", unit="prompt",
+               disable=not progress, dynamic_ncols=True)
+    t0, new, new_tokens = time.time(), 0, 0
+    with out.open("a", encoding="utf-8") as f:
+        for b0 in range(0, len(order), batch_size):
+            if max_seconds is not None and time.time() - t0 > max_seconds:
+                break
+            batch = order[b0:b0 + batch_size]
+            width = max(len(ids) for _, ids in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [B, W] left padded
+            attn = torch.zeros((len(batch), width), dtype=torch.long)  # [B, W]
+            for i, (_, ids) in enumerate(batch):
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                attn[i, width - len(ids):] = 1
+            kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+                dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            gen = model.generate(input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)  # [B, W + new]
+            for (rid, ids), row in zip(batch, gen[:, width:].tolist()):
+                resp = []
+                for t in row:
+                    resp.append(t)
+                    if t in eos:
+                        break
+                text = tokenizer.decode(resp, skip_special_tokens=True)
+                f.write(json.dumps({"id": rid, "prompt_ids": ids, "response_ids": resp, "response": text}) + "\n")
+                new_tokens += len(resp)
+            f.flush()
+            new += len(batch)
+            bar.update(len(batch))
+            el = time.time() - t0
+            bar.set_postfix(tok_s=f"{new_tokens / max(el, 1e-9):.0f}")
+            if log_every and (b0 // batch_size) % log_every == 0:
+                left = len(order) - new
+                log.warning("responses: %d/%d done, %.1f new tokens/s, %.3f responses/s, ETA %.1f h",
+                            len(done) + new, len(done) + len(order), new_tokens / el, new / el,
+                            left / max(new / el, 1e-9) / 3600)
+    bar.close()
+    return dict(done=len(done) + new, skipped_long=skipped, new=new, new_tokens=new_tokens,
+                seconds=time.time() - t0)
+
+
+def fixed_responses(tokenizer, records: list[tuple[Prompt, str]], out: str | Path, *,
+                    max_prompt_tokens: int = 320, max_response_tokens: int = 512, eos_id: int | None = None) -> dict:
+    """Write the JSONL from reference answers instead of generated ones (no target run).
+
+    records: (prompt, answer text). The answer is tokenized without special tokens and the
+    end-of-turn token ``eos_id`` is appended when given."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(out)
     done = _done_ids(out)
-    todo = []
-    for p in prompts:
-        if p.id in done:
-            continue
-        ids = tokenizer.apply_chat_template(list(p.messages), add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        if 0 < len(ids) <= max_prompt_tokens:
-            todo.append((p.id, list(ids)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    dev = model.device
-    bar = tqdm(total=len(todo), desc="responses", unit="prompt", disable=not progress)
-    chunk = batch_size * 16  # sort by length inside chunks: little padding, prompt order roughly kept
+    n = 0
     with out.open("a", encoding="utf-8") as f:
-        for c0 in range(0, len(todo), chunk):
-            part = sorted(todo[c0:c0 + chunk], key=lambda r: len(r[1]))
-            for b0 in range(0, len(part), batch_size):
-                batch = part[b0:b0 + batch_size]
-                width = max(len(ids) for _, ids in batch)
-                input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                attn = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, (_, ids) in enumerate(batch):
-                    input_ids[i, width - len(ids):] = torch.tensor(ids)
-                    attn[i, width - len(ids):] = 1
-                gen = model.generate(input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
-                                     max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                     temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                                     pad_token_id=pad)
-                for (rid, ids), row in zip(batch, gen[:, width:].tolist()):
-                    resp = []
-                    for t in row:
-                        resp.append(t)
-                        if t in eos:
-                            break
-                    text = tokenizer.decode(resp, skip_special_tokens=True)
-                    f.write(json.dumps({"id": rid, "prompt_ids": ids, "response_ids": resp, "response": text}) + "\n")
-                f.flush()
-                bar.update(len(batch))
-    bar.close()
-    return out
+        for p, answer in records:
+            if p.id in done or not answer.strip():
+                continue
+            ids = encode_chat(tokenizer, p.messages)
+            if len(ids) > max_prompt_tokens:
+                continue
+            try:
+                resp = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+            except TypeError:  # tokenizers without the keyword
+                resp = list(tokenizer(answer)["input_ids"])
+            resp = [int(t) for t in resp][:max_response_tokens]
+            if eos_id is not None:
+                resp.append(int(eos_id))
+            f.write(json.dumps({"id": p.id, "prompt_ids": ids, "response_ids": resp, "response": answer}) + "\n")
+            n += 1
+    return dict(done=len(done) + n, new=n)

@@ -1,0 +1,147 @@
+"""`eagle2 bench` and `eagle2 tune`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import _load, _model_args
+
+
+def _default_questions() -> str:
+    from ..bench import shared_data_dir
+
+    return str(shared_data_dir() / "eval" / "mt_bench_question.jsonl")
+
+
+def register(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="benchmark tokens/s, speedup and acceptance length on MT-bench style questions",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run FastChat-format questions (turn by turn, chat template applied) through each method on the "
+                    "same model, dtype and token budget, interleaved question by question after a warm-up, and write "
+                    "results.json, results.md, answers.jsonl and PNG plots to --out. The last stdout line is a JSON "
+                    "summary.\n\nmethods: hf = transformers generate, pld = transformers prompt-lookup decoding, "
+                    "vanilla / chain / eagle1 / eagle2 = this engine, llamacpp = llama-cpp-python on the same GGUF "
+                    "(if installed).")
+    _model_args(b)
+    b.add_argument("--questions", default=None,
+                   help="FastChat question file (.jsonl: question_id, category, turns) "
+                        "(default: <repo>/../shared/data/eval/mt_bench_question.jsonl)")
+    b.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")
+    b.add_argument("--categories", default=None, help="comma-separated categories to keep, e.g. coding,math")
+    b.add_argument("--turns", type=int, default=2, choices=[1, 2],
+                   help="turns per question; the 2nd is conditioned on the method's own 1st answer (default: 2)")
+    b.add_argument("--max-new-tokens", type=int, default=256, help="per turn (default: %(default)s)")
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=0, help="base seed for sampling (default: %(default)s)")
+    b.add_argument("--methods", default="hf,pld,vanilla,eagle1,eagle2",
+                   help="comma-separated: hf, pld, vanilla, chain, eagle1, eagle2, llamacpp (default: %(default)s)")
+    b.add_argument("--total-tokens", type=int, default=None, help="tree nodes per round (default: tuned, else 16)")
+    b.add_argument("--depth", type=int, default=None, help="draft depth (default: tuned, else 5)")
+    b.add_argument("--tree-top-k", type=int, default=None, help="children per expanded node (default: tuned, else 4)")
+    b.add_argument("--prompt-lookup", type=int, default=10,
+                   help="pld: prompt_lookup_num_tokens (default: %(default)s)")
+    b.add_argument("--sweep", default="auto",
+                   help="total_tokens values for the tokens/s-vs-tree-size plot, e.g. 8,16,32; 'auto' = tune's "
+                        "curve if present, else 8,16,32; 'none' = skip (default: %(default)s)")
+    b.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(handler=cmd_bench)
+
+    t = sub.add_parser(
+        "tune", help="measure this machine and save the fastest draft-tree size for a model",
+        description="Measure the target's forward time against query length and greedy eagle2 tokens/s on a few dev "
+                    "prompts for each candidate (total_tokens, depth, tree_top_k); save the fastest to "
+                    "$EAGLE2_CACHE/tune/<model>.json, which eagle2.load then uses as its default tree. The last stdout "
+                    "line is a JSON summary.")
+    _model_args(t)
+    t.add_argument("--questions", default=None,
+                   help="FastChat question file whose first turns are the dev prompts (default: built-in dev prompts)")
+    t.add_argument("--limit", type=int, default=3, help="number of dev prompts (default: %(default)s)")
+    t.add_argument("--max-new-tokens", type=int, default=64, help="per dev prompt (default: %(default)s)")
+    t.add_argument("--total-tokens", default="8,12,16,24,32", help="candidate total_tokens (default: %(default)s)")
+    t.add_argument("--depth", default="4,6", help="candidate depths (default: %(default)s)")
+    t.add_argument("--tree-top-k", default="4,8", help="candidate tree top-k values (default: %(default)s)")
+    t.add_argument("--query-lens", default="1,2,4,8,16,32,64",
+                   help="query lengths for the forward-time curve (default: %(default)s)")
+    t.add_argument("--out", default=None, help="directory for the PNG plots (default: next to the tune file)")
+    t.add_argument("--dry-run", action="store_true", help="measure and print, but do not save the tune file")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(handler=cmd_tune)
+
+
+def _check_pos(name, v):
+    if v is not None and v < 1:
+        raise ValueError(f"{name} must be >= 1; got {v}")
+
+
+def cmd_bench(args) -> int:
+    from ..bench import load_questions, parse_methods, run_bench, summary_line
+    from ..config import SamplingConfig, TreeConfig
+
+    methods = parse_methods(args.methods)
+    _check_pos("limit", args.limit)
+    _check_pos("max_new_tokens", args.max_new_tokens)
+    SamplingConfig(temperature=args.temperature)
+    TreeConfig(total_tokens=args.total_tokens or 2, depth=args.depth or 1, top_k=args.tree_top_k or 1)
+    for name in ("total_tokens", "depth", "tree_top_k"):
+        v = getattr(args, name)
+        if v is not None and v < (2 if name == "total_tokens" else 1):
+            raise ValueError(f"{name} must be >= {2 if name == 'total_tokens' else 1}; got {v}")
+    if args.prompt_lookup < 1:
+        raise ValueError(f"prompt-lookup must be >= 1; got {args.prompt_lookup}")
+    sweep = args.sweep.strip().lower()
+    if sweep in ("none", "", "0"):
+        sweep = None
+    elif sweep != "auto":
+        from ..tune import parse_int_list
+
+        sweep = parse_int_list(sweep, "sweep")
+        if min(sweep) < 2:
+            raise ValueError("sweep values are total_tokens: each must be >= 2")
+    qfile = args.questions or _default_questions()
+    questions = load_questions(qfile, limit=args.limit, categories=args.categories)
+    gen = _load(args)
+    r = run_bench(gen, questions, methods, out_dir=args.out, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, turns=args.turns, total_tokens=args.total_tokens, depth=args.depth,
+                  tree_top_k=args.tree_top_k, sweep=sweep, seed=args.seed, prompt_lookup=args.prompt_lookup,
+                  progress=not args.no_progress, questions_file=str(qfile))
+    print(Path(args.out, "results.md").read_text())
+    print(summary_line(r, args.out))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from ..tune import parse_int_list, run_tune, summary_line
+
+    _check_pos("limit", args.limit)
+    _check_pos("max_new_tokens", args.max_new_tokens)
+    grids = dict(total_tokens_grid=parse_int_list(args.total_tokens, "--total-tokens"),
+                 depth_grid=parse_int_list(args.depth, "--depth"),
+                 top_k_grid=parse_int_list(args.tree_top_k, "--tree-top-k"))
+    query_lens = parse_int_list(args.query_lens, "--query-lens")
+    if min(query_lens) < 1:
+        raise ValueError("query lengths must be >= 1")
+    from ..config import TreeConfig
+
+    for tt in grids["total_tokens_grid"]:
+        for d in grids["depth_grid"]:
+            for k in grids["top_k_grid"]:
+                TreeConfig(total_tokens=tt, depth=d, top_k=k)
+    prompts = None
+    if args.questions:
+        from ..bench import load_questions
+
+        prompts = [q["turns"][0] for q in load_questions(args.questions, limit=args.limit)]
+    else:
+        from ..tune import DEV_PROMPTS
+
+        prompts = list(DEV_PROMPTS[: args.limit])
+    gen = _load(args)
+    r = run_tune(gen, prompts, out_dir=args.out, max_new_tokens=args.max_new_tokens, query_lens=query_lens,
+                 save=not args.dry_run, progress=not args.no_progress, **grids)
+    print(summary_line(r))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,119 @@
+"""`eagle2 train`: train a draft head for a target model (responses -> features -> train -> export)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import _model_args
+
+DESCRIPTION = """Train an EAGLE-2 draft head for MODEL. Four stages, each resumable (rerun the same command
+to continue where it stopped), each with a progress bar and ETA, all cached in --run-dir
+(default $EAGLE2_CACHE/runs/<model>, outside git):
+
+  responses  the target writes its own greedy answers to the training prompts (self-distillation),
+             chat template applied -> responses.jsonl. Prompts: --prompts FILE... (ShareGPT json,
+             GSM8K/GPTeacher, or JSONL of {"prompt"} / {"messages"} / {"conversations"}), default the
+             project mix in ../shared/data/train. --fixed-responses uses the files' reference answers
+             (GSM8K answer, GPTeacher response, first assistant turn) instead of generating.
+  features   the target runs over prompt + response; its last hidden states (after the final norm,
+             bf16) and tokens of the assistant part plus --context prompt tokens are stored in
+             safetensors shards (resumable by shard). --stream skips this stage and computes
+             features on the fly during training (for big targets).
+  train      the head learns to predict the next feature: SmoothL1 + 0.1 x soft cross-entropy of the
+             target's next-token distribution, assistant positions only, uniform feature noise,
+             AdamW (0.9, 0.95), warm-up, grad clip 0.5, bf16 autocast. Checkpoints every few minutes
+             (resume is exact); every --eval-every steps it decodes held-out prompts with EAGLE-2 and
+             keeps the head with the best mean acceptance length.
+  export     writes the head in the released EAGLE layout (config.json + model.safetensors) with a
+             model card README.md to --out (default <run-dir>/head); --mtbench N measures acceptance
+             on N MT-bench first turns per category first.
+
+Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-head"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a draft head for a model (self-distillation, resumable)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(p)
+    p.add_argument("--stages", default="responses,features,train,export",
+                   help="comma-separated stages to run, in order (default: %(default)s)")
+    p.add_argument("--run-dir", default=None, help="cache directory of this run (default: $EAGLE2_CACHE/runs/<model>)")
+    p.add_argument("--out", default=None, help="exported head directory (default: <run-dir>/head)")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE", help="prompt files (default: the project mix)")
+    p.add_argument("--data-dir", default=None, help="shared data directory with train/ and eval/ (default: ../shared/data)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N prompts of the (shuffled) list")
+    p.add_argument("--dev-prompts", type=int, default=8, help="prompts held out for acceptance evaluation (default: %(default)s)")
+    p.add_argument("--fixed-responses", action="store_true", help="train on the data set's reference answers")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=320, help="longer prompts are skipped (default: %(default)s)")
+    p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate batch (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=64, help="conversations per feature shard (default: %(default)s)")
+    p.add_argument("--context", type=int, default=32, help="prompt tokens kept before each answer (default: %(default)s)")
+    p.add_argument("--stream", action="store_true", help="compute features on the fly instead of caching them")
+    p.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per step (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=50, help="(default: %(default)s)")
+    p.add_argument("--noise", type=float, default=0.1, help="uniform feature noise amplitude (default: %(default)s)")
+    p.add_argument("--ce-vocab", type=int, default=0,
+                   help="soft-CE over the N most frequent training tokens only (faster on CPU; 0 = full vocabulary)")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between acceptance checks (default: %(default)s)")
+    p.add_argument("--eval-max-new-tokens", type=int, default=64,
+                   help="tokens decoded per held-out prompt in each acceptance check (default: %(default)s)")
+    p.add_argument("--no-fc-bias", action="store_true", help="train fc without a bias (what some vLLM versions load)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps in total (resumable)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop each stage after this long (resumable)")
+    p.add_argument("--mtbench", type=int, default=0, help="MT-bench prompts per category measured at export (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from ..train.pipeline import STAGES, PipelineOptions, default_run_dir, run_pipeline
+    from ..train.trainer import TrainConfig
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ValueError(f"unknown stage {bad[0] if bad else '(none)'}; stages are {', '.join(STAGES)}")
+    for name in ("limit", "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "shard_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {v}")
+    if args.context < 0 or args.dev_prompts < 0 or args.mtbench < 0:
+        raise ValueError("--context, --dev-prompts and --mtbench must be >= 0")
+    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
+                      noise=args.noise, ce_vocab=args.ce_vocab, eval_every=args.eval_every,
+                      eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
+                      max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias)
+    import torch
+
+    from ..models import load_target
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok, builtin = load_target(args.model, dtype=args.dtype, device=args.device)
+    key = builtin or args.model
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(key)
+    opts = PipelineOptions(
+        run_dir=run_dir, stages=stages, prompts=tuple(args.prompts or ()),
+        data_dir=Path(args.data_dir) if args.data_dir else None, limit=args.limit, dev_prompts=args.dev_prompts,
+        fixed=args.fixed_responses, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        gen_batch_size=args.gen_batch_size, shard_size=args.shard_size, context=args.context, stream=args.stream,
+        out=Path(args.out) if args.out else None, mtbench=args.mtbench, max_minutes=args.max_minutes,
+        progress=not args.no_progress, base_model=_base_name(model, key), model_arg=args.model, train_cfg=cfg)
+    summary = run_pipeline(model, tok, opts)
+    for stage, r in summary.items():
+        print(f"{stage}: {r}", file=sys.stderr)
+    if "export" in summary:
+        print(summary["export"]["out"])
+    return 0
+
+
+def _base_name(model, key: str) -> str:
+    names = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0; Q4_1 GGUF dequantized)"}
+    return names.get(key, getattr(model.config, "_name_or_path", "") or key)

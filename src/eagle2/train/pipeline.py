@@ -1,0 +1,224 @@
+"""The training pipeline: responses -> features -> train -> export, each stage resumable.
+
+Run directory layout (default ``$EAGLE2_CACHE/runs/<model-key>``, outside git):
+``responses.jsonl`` (stage 1), ``features/shard-*.safetensors`` (stage 2), ``ckpt.pt``, ``best/``,
+``last/``, ``metrics.jsonl`` (stage 3), ``stats.json`` (wall time per stage, counts), and the
+exported head (stage 4; default ``<run-dir>/head``). This module only sequences the stages and
+chooses prompts; each stage's work lives in its own module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .data import Prompt, default_mix, read_fixed, read_prompts
+
+log = logging.getLogger("eagle2")
+
+STAGES = ("responses", "features", "train", "export")
+
+
+def default_data_dir() -> Path:
+    """``<repo>/../shared/data`` (or $EAGLE2_DATA)."""
+    import os
+
+    env = os.environ.get("EAGLE2_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[4] / "shared" / "data"
+
+
+def default_run_dir(model_key: str) -> Path:
+    from ..models import cache_dir
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key.strip("/").replace("/", "--"))
+    return cache_dir() / "runs" / safe
+
+
+@dataclass
+class PipelineOptions:
+    run_dir: Path
+    stages: tuple = STAGES
+    prompts: tuple = ()  # prompt files; empty: the default mix from data_dir
+    data_dir: Path | None = None
+    limit: int | None = None  # training prompts used (a fair prefix of the shuffled list)
+    dev_prompts: int = 8  # held out from the end of the prompt list for acceptance evaluation
+    fixed: bool = False  # reference answers from the prompt files instead of the target's own
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 320
+    gen_batch_size: int = 16
+    shard_size: int = 64
+    context: int = 32
+    max_len: int = 1024
+    feature_batch_size: int = 4
+    stream: bool = False  # compute features on the fly in the training loop (no feature cache)
+    out: Path | None = None  # exported head directory (default run_dir/head)
+    mtbench: int = 0  # prompts per MT-bench category measured at export (0: skip)
+    mtbench_max_new_tokens: int = 128
+    max_minutes: float | None = None  # per stage: stop (resumable) after this long
+    progress: bool = True
+    base_model: str = ""
+    model_arg: str = ""
+    train_cfg: object = None  # TrainConfig
+    extra: dict = field(default_factory=dict)
+
+
+def _stats(run_dir: Path) -> dict:
+    p = run_dir / "stats.json"
+    return json.loads(p.read_text()) if p.exists() else {"stage_seconds": {}}
+
+
+def _save_stats(run_dir: Path, stats: dict) -> None:
+    (run_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+def _add_time(run_dir: Path, stage: str, seconds: float, **kw) -> None:
+    s = _stats(run_dir)
+    s["stage_seconds"][stage] = s["stage_seconds"].get(stage, 0.0) + seconds
+    s.update(kw)
+    _save_stats(run_dir, s)
+
+
+def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], list[str]]:
+    """(training prompts, dev prompts, data sources). Dev prompts are the last ``dev_prompts`` of the
+    full list and never trained on; ``limit`` takes a prefix of the rest."""
+    sources = []
+    if opts.prompts:
+        allp: list[Prompt] = []
+        for f in opts.prompts:
+            if not Path(f).is_file():
+                raise ValueError(f"prompt file not found: {f}")
+            allp.extend(read_prompts(f))
+            sources.append(_license_line(Path(f).name))
+    else:
+        d = opts.data_dir or default_data_dir()
+        if not (d / "train").is_dir():
+            raise ValueError(f"no training prompts: {d / 'train'} does not exist; pass --prompts FILE or --data-dir")
+        allp = default_mix(d)
+        sources = [_license_line(n) for n in ("sharegpt", "gsm8k", "gpteacher")]
+    if len(allp) < 2:
+        raise ValueError("need at least 2 prompts")
+    n_dev = min(opts.dev_prompts, len(allp) // 4)
+    dev = allp[len(allp) - n_dev:] if n_dev else []
+    train = allp[: len(allp) - n_dev]
+    if opts.limit:
+        train = train[: opts.limit]
+    return train, dev, sources
+
+
+def _license_line(name: str) -> str:
+    from .export import DATA_LICENSES
+
+    low = name.lower()
+    for k, v in DATA_LICENSES.items():
+        if k in low:
+            return v
+    return f"{name} (user-supplied; check its license)"
+
+
+def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
+    """Run the requested stages in order; returns a summary dict (also merged into stats.json)."""
+    from .features import StreamedExamples, build_features, load_shards
+    from .responses import encode_chat, fixed_responses, generate_responses
+    from .trainer import TrainConfig, Trainer
+
+    for s in opts.stages:
+        if s not in STAGES:
+            raise ValueError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
+    run = Path(opts.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg = opts.train_cfg or TrainConfig()
+    train_p, dev_p, sources = choose_prompts(opts)
+    dev_ids = {p.id for p in dev_p}
+    dev_inputs = [ids for ids in (encode_chat(tokenizer, p.messages) for p in dev_p)
+                  if len(ids) <= opts.max_prompt_tokens]
+    responses = run / "responses.jsonl"
+    summary: dict = {}
+    secs = opts.max_minutes * 60 if opts.max_minutes else None
+
+    if "responses" in opts.stages:
+        t0 = time.time()
+        if opts.fixed:
+            files = opts.prompts or [(opts.data_dir or default_data_dir()) / "train" / n
+                                     for n in ("gsm8k_train.jsonl", "gpteacher_codegen_instruct.json")]
+            recs = [r for f in files for r in read_fixed(f)]
+            keep = {p.id for p in train_p} if opts.prompts else None
+            recs = [r for r in recs if r[0].id not in dev_ids and (keep is None or r[0].id in keep)]
+            if opts.limit:
+                recs = recs[: opts.limit]
+            if not recs:
+                raise ValueError("--fixed-responses: none of the prompt files has reference answers")
+            eos = getattr(tokenizer, "eos_token_id", None)
+            r = fixed_responses(tokenizer, [(p, a) for p, a in recs], responses,
+                                max_prompt_tokens=opts.max_prompt_tokens, eos_id=eos)
+        else:
+            r = generate_responses(model, tokenizer, train_p, responses, max_new_tokens=opts.max_new_tokens,
+                                   max_prompt_tokens=opts.max_prompt_tokens, batch_size=opts.gen_batch_size,
+                                   progress=opts.progress, max_seconds=secs)
+        _add_time(run, "responses", time.time() - t0, data=sources, responses=r["done"],
+                  fixed_responses=opts.fixed)
+        summary["responses"] = r
+
+    examples = None
+    if "features" in opts.stages and not opts.stream:
+        t0 = time.time()
+        r = build_features(model, responses, run / "features", shard_size=opts.shard_size, context=opts.context,
+                           max_len=opts.max_len, batch_size=opts.feature_batch_size, exclude=dev_ids,
+                           progress=opts.progress, max_seconds=secs)
+        _add_time(run, "features", time.time() - t0)
+        summary["features"] = r
+
+    if "train" in opts.stages:
+        t0 = time.time()
+        if opts.stream:
+            examples = StreamedExamples(model, responses, context=opts.context, max_len=opts.max_len,
+                                        exclude=dev_ids)
+        else:
+            examples = load_shards(run / "features")
+        if opts.max_minutes and cfg.max_minutes is None:
+            from dataclasses import replace
+
+            cfg = replace(cfg, max_minutes=opts.max_minutes)
+        tr = Trainer(model, tokenizer, examples, run / "train", cfg, dev_prompts=dev_inputs, progress=opts.progress)
+        res = tr.train()
+        _add_time(run, "train", time.time() - t0, examples=len(tr.lengths), tokens_seen=res.tokens_seen,
+                  train_status=res.status, best_tau=res.best_tau, best_step=res.best_step, steps=res.step,
+                  hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()})
+        summary["train"] = dict(status=res.status, step=res.step, tokens_seen=res.tokens_seen,
+                                best_tau=res.best_tau, best_step=res.best_step)
+
+    if "export" in opts.stages:
+        from .export import export_head, mtbench_acceptance
+
+        t0 = time.time()
+        src = run / "train" / "best"
+        if not (src / "config.json").exists():
+            src = run / "train" / "last"
+        if not (src / "config.json").exists():
+            raise ValueError(f"nothing to export: no trained head in {run / 'train'} (run the train stage)")
+        st = _stats(run)
+        mt = None
+        if opts.mtbench:
+            from .export import head_from_dir
+
+            q = (opts.data_dir or default_data_dir()) / "eval" / "mt_bench_question.jsonl"
+            if not q.exists():
+                raise ValueError(f"MT-bench questions not found at {q}")
+            mt = mtbench_acceptance(model, tokenizer, head_from_dir(src), q, opts.mtbench,
+                                    opts.mtbench_max_new_tokens, progress=opts.progress)
+            st["mtbench"] = mt
+        _add_time(run, "export", time.time() - t0, **({"mtbench": mt} if mt else {}))
+        st = _stats(run)
+        out = Path(opts.out) if opts.out else run / "head"
+        info = dict(base_model=opts.base_model, model_arg=opts.model_arg, data=st.get("data", sources),
+                    tokens_seen=st.get("tokens_seen"), examples=st.get("examples"),
+                    hyperparameters=st.get("hyperparameters"), stage_seconds=st.get("stage_seconds"),
+                    mtbench=st.get("mtbench"), mtbench_max_new_tokens=opts.mtbench_max_new_tokens,
+                    dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None)
+        export_head(src, out, info)
+        summary["export"] = dict(out=str(out), mtbench=mt)
+    return summary

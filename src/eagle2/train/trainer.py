@@ -1,0 +1,354 @@
+"""Stage 3 of training: the head learns to predict the target's next feature.
+
+Pairing (as at inference): the head at window position i takes (f_i, embedding of t_{i+1}) and
+predicts f_{i+1}; loss only where f_{i+1} belongs to an assistant token:
+
+    loss = SmoothL1(pred, f_{i+1}) + ce_weight * soft-CE(softmax(lm_head(f_{i+1})), log_softmax(lm_head(pred)))
+
+with uniform noise on the input features, AdamW (betas 0.9/0.95), linear warm-up then linear
+decay, gradient clipping, bf16 autocast (CPU or CUDA), fp32 master weights.
+
+Checkpoints (``ckpt.pt``: head, optimizer, scheduler, noise RNG, data position, history) are
+written every ``ckpt_minutes`` and whenever training stops, so a later call resumes exactly:
+same batches, same noise, bit-identical weights. Every ``eval_every`` steps the head decodes a
+few held-out prompts with EAGLE-2 (greedy) and the mean acceptance length (tau) is recorded;
+the head with the best tau is kept in ``best/`` (released layout). The target stays frozen;
+this module does not read responses or compute features (it gets examples from features.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from ..draft_head import DraftHead, HeadConfig, init_head
+from .features import Example
+
+log = logging.getLogger("eagle2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 3e-4  # peak learning rate (official 3e-5 is for a 7B target and 68k dialogues x 20 epochs)
+    epochs: int = 2
+    batch_tokens: int = 2048  # padded tokens per optimizer step
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # lr decays linearly to lr * this at the last step
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    noise: float = 0.1  # uniform noise amplitude on input features ...
+    noise_len_norm: int = 0  # if > 0: amplitude x noise_len_norm / sequence length (official code: 512)
+    ce_weight: float = 0.1
+    ce_vocab: int = 0  # > 0: soft-CE (and top-1 accuracy) over the ce_vocab most frequent training tokens only
+    #                    (FR-Spec's idea applied to training: the lm_head dominates a small head's cost)
+    seed: int = 0
+    bf16: bool = True  # autocast matmuls to bf16
+    ckpt_minutes: float = 5.0
+    eval_every: int = 200  # steps between acceptance evaluations (0: only at the end)
+    eval_max_new_tokens: int = 64
+    log_every: int = 10
+    max_steps: int | None = None  # stop (with a checkpoint) once this many steps are done in total
+    max_minutes: float | None = None  # stop (with a checkpoint) after this long in this call
+    fc_bias: bool = True  # the released "bias" field; vLLM's EAGLE loader may drop fc.bias
+
+    def __post_init__(self) -> None:
+        checks = [(self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
+                  (self.batch_tokens >= 16, "batch_tokens must be >= 16"),
+                  (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+                  (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+                  (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)"),
+                  (self.grad_clip > 0, "grad_clip must be > 0"), (self.noise >= 0, "noise must be >= 0"),
+                  (self.ce_weight >= 0, "ce_weight must be >= 0"), (self.ce_vocab >= 0, "ce_vocab must be >= 0"), (self.ckpt_minutes > 0, "ckpt_minutes must be > 0"),
+                  (self.eval_every >= 0, "eval_every must be >= 0"),
+                  (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
+                  (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done" (all epochs) or "stopped" (max_steps / max_minutes; resumable)
+    step: int
+    tokens_seen: int
+    best_tau: float
+    best_step: int
+    seconds: float
+    history: list = field(default_factory=list)
+
+
+def _plan(lengths: list[int], epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    """Batches (lists of example indices) of one epoch: deterministic from (seed, epoch).
+
+    Shuffle, sort by length within chunks of 64 (little padding), cut into batches of at most
+    batch_tokens padded tokens, shuffle the batches."""
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    batches: list[list[int]] = []
+    for c0 in range(0, len(perm), 64):
+        chunk = sorted(perm[c0:c0 + 64], key=lambda i: lengths[i])
+        cur: list[int] = []
+        for i in chunk:
+            width = max([lengths[j] for j in cur] + [lengths[i]])
+            if cur and width * (len(cur) + 1) > cfg.batch_tokens:
+                batches.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            batches.append(cur)
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def collate(examples: list[Example]) -> dict[str, Tensor]:
+    """Right-pad a batch. Returns hidden [B, T, H] bf16, tokens [B, T], lens [B], start [B], pos0 [B]."""
+    b, t = len(examples), max(len(e.tokens) for e in examples)
+    h = examples[0].hidden.shape[-1]
+    hidden = torch.zeros(b, t, h, dtype=examples[0].hidden.dtype)
+    tokens = torch.zeros(b, t, dtype=torch.long)
+    for i, e in enumerate(examples):
+        hidden[i, : len(e.tokens)] = e.hidden
+        tokens[i, : len(e.tokens)] = e.tokens
+    return dict(hidden=hidden, tokens=tokens, lens=torch.tensor([len(e.tokens) for e in examples]),
+                start=torch.tensor([e.start for e in examples]), pos0=torch.tensor([e.pos0 for e in examples]))
+
+
+def head_loss(head: DraftHead, embed, lm_head_weight: Tensor, batch: dict[str, Tensor], cfg: TrainConfig,
+              noise_gen: torch.Generator | None, softcap: float | None = None) -> tuple[Tensor, dict]:
+    """Loss of one batch and its metrics (loss, l1, ce, acc = draft top-1 == target top-1, tokens)."""
+    dev = lm_head_weight.device
+    hidden = batch["hidden"].to(dev).float()  # [B, T, H]
+    tokens = batch["tokens"].to(dev)  # [B, T]
+    b, t, _ = hidden.shape
+    f_in, f_next = hidden[:, :-1], hidden[:, 1:]  # [B, T-1, H]: f_i and the target f_{i+1}
+    i = torch.arange(t - 1, device=dev)[None]  # [1, T-1]
+    lens, start = batch["lens"].to(dev)[:, None], batch["start"].to(dev)[:, None]
+    mask = (i + 1 >= start) & (i + 1 < lens)  # [B, T-1]: f_{i+1} is an assistant token's feature
+    if cfg.noise > 0 and noise_gen is not None:
+        u = torch.rand(f_in.shape, generator=noise_gen, device="cpu").to(dev)  # [B, T-1, H]
+        scale = cfg.noise * (cfg.noise_len_norm / lens.float() if cfg.noise_len_norm else torch.ones_like(lens.float()))
+        f_in = f_in + (u * 2 - 1) * scale[:, :, None]
+    positions = batch["pos0"].to(dev)[:, None] + i  # [B, T-1]
+    with torch.no_grad():
+        emb = embed(tokens[:, 1:]).float()  # [B, T-1, H]: embedding of t_{i+1}
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        pred, _ = head(f_in, emb, positions)  # [B, T-1, H]
+        pred_m = pred[mask].float()  # [N, H]
+        tgt_m = f_next[mask]  # [N, H]
+        l1 = F.smooth_l1_loss(pred_m, tgt_m)
+        w = lm_head_weight
+        pred_logits = F.linear(pred_m.to(w.dtype) if not cfg.bf16 else pred_m, w).float()  # [N, V]
+        with torch.no_grad():
+            tgt_logits = F.linear(tgt_m.to(w.dtype) if not cfg.bf16 else tgt_m, w).float()  # [N, V]
+    if softcap:
+        pred_logits = torch.tanh(pred_logits / softcap) * softcap
+        tgt_logits = torch.tanh(tgt_logits / softcap) * softcap
+    p = tgt_logits.softmax(-1)  # [N, V]
+    logq = pred_logits.log_softmax(-1)  # [N, V]
+    ce = -(p * logq).sum(-1).mean()
+    loss = l1 + cfg.ce_weight * ce
+    with torch.no_grad():
+        acc = (pred_logits.argmax(-1) == tgt_logits.argmax(-1)).float().mean()
+    return loss, dict(loss=float(loss.detach()), l1=float(l1.detach()), ce=float(ce.detach()), acc=float(acc), tokens=int(mask.sum()))
+
+
+def acceptance(model, tokenizer, head: DraftHead, prompts: list, max_new_tokens: int = 64, tree=None) -> dict:
+    """Greedy EAGLE-2 decoding of ``prompts`` with a copy of ``head``: tau = new tokens / target forwards."""
+    from ..api import Eagle2Generator
+
+    gen = Eagle2Generator(model, tokenizer, copy.deepcopy(head).float(), tree=tree)
+    new = rounds = 0
+    per = []
+    for pr in prompts:
+        res = gen.generate(pr, max_new_tokens=max_new_tokens, method="eagle2")
+        new += res.stats.new_tokens
+        rounds += res.stats.rounds
+        per.append(res.stats.mean_accept_len)
+    return dict(tau=new / rounds if rounds else 0.0, per_prompt=per, new_tokens=new, rounds=rounds)
+
+
+class Trainer:
+    """Trains one head on a list of examples; owns run_dir/{ckpt.pt, best/, metrics.jsonl}."""
+
+    def __init__(self, model, tokenizer, examples, run_dir: str | Path, cfg: TrainConfig,
+                 dev_prompts: list | None = None, progress: bool = True):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.examples = examples
+        self.lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e.tokens) for e in examples]
+        if not self.lengths:
+            raise ValueError("no training examples (run the responses and features stages first)")
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dev_prompts = list(dev_prompts or [])
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.embed = model.get_input_embeddings()
+        self.lm_w = model.get_output_embeddings().weight.detach()  # [V, H] frozen
+        if cfg.ce_vocab and cfg.ce_vocab < self.lm_w.shape[0]:
+            self.lm_w = self.lm_w[self._frequent_tokens(cfg.ce_vocab).to(self.lm_w.device)]  # [ce_vocab, H]
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.head_cfg = HeadConfig.from_target(model.config, bias=cfg.fc_bias)
+        self.head = init_head(self.head_cfg, seed=cfg.seed).to(self.device)
+        self.head.train()
+        decay = [p for n, p in self.head.named_parameters() if p.ndim >= 2]
+        other = [p for n, p in self.head.named_parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+        self.steps_per_epoch = len(_plan(self.lengths, 0, cfg))
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        warm, total, floor = cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio
+
+        def lr_at(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            frac = (step - warm) / max(1, total - warm)
+            return max(floor, 1.0 - (1.0 - floor) * frac)
+
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_at)
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step = self.epoch = self.batch_in_epoch = self.tokens_seen = 0
+        self.best_tau, self.best_step = -1.0, -1
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        if (self.dir / "ckpt.pt").exists():
+            self._load()
+
+    def _frequent_tokens(self, n: int) -> Tensor:
+        """Ids of the n most frequent tokens in the training windows (ties: lower id first), sorted."""
+        counts = torch.zeros(self.lm_w.shape[0], dtype=torch.long)
+        if hasattr(self.examples, "records"):
+            seqs = [torch.tensor(r["prompt_ids"] + r["response_ids"]) for r in self.examples.records]
+        else:
+            seqs = [e.tokens for e in self.examples]
+        for t in seqs:
+            counts += torch.bincount(t, minlength=counts.shape[0])[: counts.shape[0]]
+        order = torch.argsort(-counts, stable=True)[:n]
+        return order.sort().values
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _save(self) -> None:
+        state = dict(head=self.head.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(),
+                     noise_rng=self.noise_gen.get_state(), step=self.step, epoch=self.epoch,
+                     batch_in_epoch=self.batch_in_epoch, tokens_seen=self.tokens_seen, best_tau=self.best_tau,
+                     best_step=self.best_step, history=self.history, elapsed=self.elapsed,
+                     config=asdict(self.cfg), n_examples=len(self.lengths))
+        tmp = self.dir / "ckpt.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.dir / "ckpt.pt")
+
+    def _load(self) -> None:
+        s = torch.load(self.dir / "ckpt.pt", map_location="cpu", weights_only=True)
+        if s.get("n_examples") != len(self.lengths):
+            raise ValueError(f"checkpoint in {self.dir} was trained on {s.get('n_examples')} examples, now there "
+                             f"are {len(self.lengths)}; use a fresh --run-dir or delete {self.dir / 'ckpt.pt'}")
+        self.head.load_state_dict(s["head"])
+        self.opt.load_state_dict(s["opt"])
+        self.sched.load_state_dict(s["sched"])
+        self.noise_gen.set_state(s["noise_rng"])
+        for k in ("step", "epoch", "batch_in_epoch", "tokens_seen", "best_tau", "best_step", "history", "elapsed"):
+            setattr(self, k, s[k])
+        log.info("resumed training at step %d (epoch %d, batch %d)", self.step, self.epoch, self.batch_in_epoch)
+
+    def _evaluate(self) -> float:
+        if not self.dev_prompts:
+            return float("nan")
+        self.head.eval()
+        r = acceptance(self.model, self.tokenizer, self.head, self.dev_prompts, self.cfg.eval_max_new_tokens)
+        self.head.train()
+        tau = r["tau"]
+        rec = dict(step=self.step, tau=round(tau, 4), eval=True)
+        self.history.append(rec)
+        self._metric(rec)
+        if tau > self.best_tau:
+            self.best_tau, self.best_step = tau, self.step
+            self.save_head(self.dir / "best", extra={"eagle2_train_step": self.step, "eagle2_dev_tau": round(tau, 4)})
+        return tau
+
+    def _metric(self, rec: dict) -> None:
+        with (self.dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def save_head(self, directory: str | Path, extra: dict | None = None) -> Path:
+        return self.head.save(directory, extra_config=extra)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        t_call = time.time()
+        last_ckpt = time.time()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        status = "done"
+        acc_window: list[dict] = []
+        while self.epoch < cfg.epochs:
+            plan = _plan(self.lengths, self.epoch, cfg)
+            while self.batch_in_epoch < len(plan):
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    status = "stopped"
+                    break
+                if cfg.max_minutes is not None and time.time() - t_call > cfg.max_minutes * 60:
+                    status = "stopped"
+                    break
+                t0 = time.time()
+                batch = collate([self.examples[i] for i in plan[self.batch_in_epoch]])
+                loss, m = head_loss(self.head, self.embed, self.lm_w, batch, cfg, self.noise_gen, self.softcap)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
+                self.opt.step()
+                self.sched.step()
+                self.step += 1
+                self.batch_in_epoch += 1
+                self.tokens_seen += m["tokens"]
+                self.elapsed += time.time() - t0
+                acc_window.append(m)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    n = len(acc_window)
+                    rec = dict(step=self.step, epoch=self.epoch, lr=self.sched.get_last_lr()[0],
+                               loss=round(sum(x["loss"] for x in acc_window) / n, 5),
+                               l1=round(sum(x["l1"] for x in acc_window) / n, 5),
+                               ce=round(sum(x["ce"] for x in acc_window) / n, 5),
+                               acc=round(sum(x["acc"] for x in acc_window) / n, 4), grad_norm=round(float(gn), 4),
+                               tokens_seen=self.tokens_seen)
+                    self.history.append(rec)
+                    self._metric(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
+                                    tau=f"{self.best_tau:.2f}" if self.best_tau >= 0 else "-")
+                    log.info("step %d loss %.4f acc %.3f", self.step, rec["loss"], rec["acc"])
+                    acc_window = []
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self._evaluate()
+                if time.time() - last_ckpt > cfg.ckpt_minutes * 60:
+                    self._save()
+                    last_ckpt = time.time()
+            if status == "stopped":
+                break
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        bar.close()
+        if status == "done" and not any(h.get("eval") and h["step"] == self.step for h in self.history):
+            self._evaluate()
+        if not self.dev_prompts and status == "done":
+            self.save_head(self.dir / "best", extra={"eagle2_train_step": self.step})
+        self._save()
+        self.save_head(self.dir / "last", extra={"eagle2_train_step": self.step})
+        return TrainResult(status, self.step, self.tokens_seen, self.best_tau, self.best_step, time.time() - t_call,
+                           self.history)
+
+
+def loss_curve(history: list[dict]) -> list[float]:
+    return [h["loss"] for h in history if "loss" in h and not math.isnan(h["loss"])]

@@ -1,0 +1,208 @@
+"""``eagle2 tune``: measure this machine and pick the draft-tree size that maximises tokens/s.
+
+Two measurements, both on the loaded model, dtype and head:
+
+1. the target's forward time against query length (1, 2, 4, ..., 64 new tokens over ~200 cached
+   ones, logits for every row, as verification computes them): on a CPU a small model's forward
+   is dominated by per-layer overhead, so verifying 16 tokens costs far less than 16 forwards, but
+   the curve bends up at some size that only a measurement finds;
+2. greedy eagle2 decoding of a few dev prompts for each candidate (total_tokens, depth,
+   tree_top_k), candidates interleaved prompt by prompt, plus vanilla decoding as the reference.
+   The candidate with the highest measured tokens/s (wall clock, drafting included) wins.
+
+The choice is saved to ``eagle2.api.tuned_path(model_key)`` as JSON (``total_tokens``, ``depth``,
+``tree_top_k``, plus both curves and the machine); ``eagle2.load`` uses it as the default tree
+from then on (any call can still override it). Plots of both curves go to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import dtype_name, machine_info
+
+QUERY_LENS = (1, 2, 4, 8, 16, 32, 64)
+TOTAL_TOKENS_GRID = (8, 12, 16, 24, 32)
+DEPTH_GRID = (4, 6)
+TOP_K_GRID = (4, 8)
+
+# Short, varied dev prompts (not from the evaluation sets, so tuning does not peek at them).
+DEV_PROMPTS = (
+    "Write a Python function that returns the n-th Fibonacci number, with a short docstring.",
+    "Explain in a few sentences why the sky is blue.",
+    "A train travels 120 km in 1.5 hours. What is its average speed? Show your steps.",
+    "Summarize the plot of Romeo and Juliet in three sentences.",
+    "Give me five tips for staying focused while working from home.",
+    "Translate to French: 'The weather is nice today, let's go for a walk in the park.'",
+)
+
+
+def parse_int_list(text, name: str) -> list[int]:
+    if isinstance(text, (list, tuple)):
+        vals = list(text)
+    else:
+        try:
+            vals = [int(x) for x in str(text).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"{name} must be comma-separated integers; got {text!r}") from None
+    if not vals:
+        raise ValueError(f"{name} is empty")
+    return vals
+
+
+def measure_forward_curve(gen, query_lens=QUERY_LENS, cached: int = 200, repeats: int = 5) -> list[dict]:
+    """Median ms of one target forward over q new tokens with ``cached`` tokens in the cache."""
+    tgt = gen.target
+    dev = tgt.device
+    query_lens = sorted({int(q) for q in query_lens if 0 < int(q)})
+    cached = max(1, min(cached, tgt.max_len - max(query_lens) - 1))
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, tgt.vocab_size, (cached,), generator=g).to(dev)
+    cache = tgt.new_cache()
+    tgt.forward(cache, prefix, torch.arange(cached, device=dev), None, logits_rows=slice(cached - 1, cached))
+    none = torch.zeros(0, dtype=torch.long, device=dev)
+    curve = []
+    for q in query_lens:
+        toks = torch.randint(0, tgt.vocab_size, (q,), generator=g).to(dev)
+        pos = torch.arange(cached, cached + q, device=dev)
+        allowed = torch.cat([torch.ones(q, cached, dtype=torch.bool, device=dev),
+                             torch.ones(q, q, dtype=torch.bool, device=dev).tril()], dim=1)
+        times = []
+        for r in range(repeats + 1):  # the first run is a warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            tgt.forward(cache, toks, pos, allowed)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            tgt.keep(cache, cached, none)
+            if r:
+                times.append(dt)
+        curve.append(dict(query_len=q, ms=round(1000 * statistics.median(times), 3),
+                          ms_min=round(1000 * min(times), 3)))
+    base = curve[0]["ms"]
+    for c in curve:
+        c["relative_to_first"] = round(c["ms"] / base, 3) if base else None
+    return curve
+
+
+def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total_tokens_grid=TOTAL_TOKENS_GRID,
+             depth_grid=DEPTH_GRID, top_k_grid=TOP_K_GRID, query_lens=QUERY_LENS, cached: int = 200,
+             repeats: int = 5, save: bool = True, progress: bool = True, verbose: bool = True) -> dict:
+    """Measure, choose and (with ``save``) write the tune file for ``gen.model_key``.
+
+    prompts: user messages (strings) or token-id lists; default: built-in dev prompts."""
+    from tqdm.auto import tqdm
+
+    from . import plots
+    from .api import tuned_path
+    from .config import TreeConfig
+
+    prompts = list(prompts or DEV_PROMPTS)
+    if not prompts:
+        raise ValueError("no dev prompts")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    grid = []
+    for tt, d, k in itertools.product(parse_int_list(total_tokens_grid, "total_tokens grid"),
+                                      parse_int_list(depth_grid, "depth grid"), parse_int_list(top_k_grid, "top-k grid")):
+        TreeConfig(total_tokens=tt, depth=d, top_k=k)  # validates
+        grid.append((tt, d, k))
+    t_start = time.perf_counter()
+    log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
+
+    log(f"measuring target forward time vs query length ({cached} cached tokens, {repeats} repeats)...")
+    curve = measure_forward_curve(gen, query_lens, cached, repeats)
+    for c in curve:
+        log(f"  q={c['query_len']:>3}: {c['ms']:8.2f} ms  ({c['relative_to_first']:.2f}x q=1)")
+
+    # Candidates and vanilla interleaved prompt by prompt (order rotated), after one warm-up each.
+    runs = [("vanilla", None)] + [("eagle2", g) for g in grid]
+    acc = {r: dict(new=0, sec=0.0, rounds=0, draft=0.0, verify=0.0) for r in runs}
+
+    def one(run, prompt, n):
+        method, g = run
+        kw = {} if g is None else dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2])
+        t0 = time.perf_counter()
+        res = gen.generate(prompt, max_new_tokens=n, method=method, temperature=0.0, **kw)
+        return res.stats, time.perf_counter() - t0
+
+    for run in runs:
+        one(run, prompts[0], min(8, max_new_tokens))
+    bar = tqdm(total=len(runs) * len(prompts), desc="tune", unit="run", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for pi, prompt in enumerate(prompts):
+        k = pi % len(runs)
+        for run in runs[k:] + runs[:k]:
+            st, dt = one(run, prompt, max_new_tokens)
+            a = acc[run]
+            a["new"] += st.new_tokens
+            a["sec"] += dt
+            a["rounds"] += st.rounds
+            a["draft"] += st.draft_seconds
+            a["verify"] += st.verify_seconds
+            bar.update(1)
+    bar.close()
+
+    def summary(a):
+        verify_rounds = max(1, a["rounds"] - len(prompts))  # minus the prefills
+        return dict(tokens_per_s=round(a["new"] / a["sec"], 3) if a["sec"] else 0.0,
+                    mean_accept_len=round(a["new"] / a["rounds"], 3) if a["rounds"] else 0.0,
+                    draft_ms_per_round=round(1000 * a["draft"] / verify_rounds, 3),
+                    verify_ms_per_round=round(1000 * a["verify"] / verify_rounds, 3),
+                    new_tokens=a["new"], seconds=round(a["sec"], 3))
+
+    vanilla = summary(acc[("vanilla", None)])
+    candidates = [dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2], **summary(acc[("eagle2", g)])) for g in grid]
+    best = max(candidates, key=lambda c: c["tokens_per_s"])
+    speedup = round(best["tokens_per_s"] / vanilla["tokens_per_s"], 3) if vanilla["tokens_per_s"] else None
+    log("candidates (eagle2, greedy):")
+    log(f"  {'total':>5} {'depth':>5} {'top-k':>5} {'tok/s':>8} {'tau':>6} {'draft ms':>9} {'verify ms':>9}")
+    for c in sorted(candidates, key=lambda c: -c["tokens_per_s"]):
+        mark = "  <- chosen" if c is best else ""
+        log(f"  {c['total_tokens']:>5} {c['depth']:>5} {c['tree_top_k']:>5} {c['tokens_per_s']:>8.2f} "
+            f"{c['mean_accept_len']:>6.2f} {c['draft_ms_per_round']:>9.2f} {c['verify_ms_per_round']:>9.2f}{mark}")
+    log(f"  vanilla: {vanilla['tokens_per_s']:.2f} tokens/s; chosen speedup {speedup}x")
+    if speedup is not None and speedup < 1:
+        log("  note: no tree beat vanilla decoding here (an untrained head, or a draft too slow for this machine)")
+
+    result = dict(total_tokens=best["total_tokens"], depth=best["depth"], tree_top_k=best["tree_top_k"],
+                  model=gen.model_key, head=gen.head_source, dtype=dtype_name(gen.dtype), device=str(gen.device),
+                  chosen=best, speedup_vs_vanilla=speedup, vanilla=vanilla, candidates=candidates,
+                  forward_curve=dict(cached=cached, repeats=repeats, points=curve),
+                  max_new_tokens=max_new_tokens, n_prompts=len(prompts), machine=machine_info(),
+                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_seconds=None, plots={}, path=None)
+    path = tuned_path(gen.model_key)
+    out = Path(out_dir) if out_dir is not None else path.parent
+    stem = path.stem
+    written = {"forward_curve": plots.forward_curve(curve, out / f"{stem}.forward_curve.png"),
+               "tokens_per_s": plots.tokens_per_s_vs_total_tokens(
+                   candidates, out / f"{stem}.tokens_per_s.png",
+                   title=f"eagle2 tokens/s per tree (chosen {best['total_tokens']}/{best['depth']}/{best['tree_top_k']})",
+                   baseline=vanilla["tokens_per_s"])}
+    result["plots"] = {k: str(v) for k, v in written.items() if v}
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    if save:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+        result["path"] = str(path)
+        log(f"saved {path}: total_tokens={best['total_tokens']} depth={best['depth']} tree_top_k={best['tree_top_k']}")
+    return result
+
+
+def summary_line(r: dict) -> str:
+    return json.dumps({"path": r["path"], "model": r["model"], "dtype": r["dtype"], "total_tokens": r["total_tokens"],
+                       "depth": r["depth"], "tree_top_k": r["tree_top_k"],
+                       "tokens_per_s": r["chosen"]["tokens_per_s"], "vanilla_tokens_per_s": r["vanilla"]["tokens_per_s"],
+                       "speedup_vs_vanilla": r["speedup_vs_vanilla"], "mean_accept_len": r["chosen"]["mean_accept_len"],
+                       "wall_seconds": r["wall_seconds"], "plots": r["plots"]})

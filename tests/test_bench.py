@@ -1,0 +1,116 @@
+"""`eagle2 bench` and `eagle2 tune` on a tiny random model (real SmolLM2 tokenizer + chat template)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DATA, make_generator, make_tiny_model
+
+METHODS = ["hf", "pld", "vanilla", "eagle1", "eagle2"]
+
+
+@pytest.fixture()
+def questions(tmp_path):
+    """Two questions (one two-turn), in FastChat format."""
+    path = tmp_path / "q.jsonl"
+    qs = [{"question_id": 1, "category": "writing", "turns": ["Write a haiku about the sea.", "Now make it rhyme."]},
+          {"question_id": 2, "category": "math", "turns": ["What is 12 * 7?"]}]
+    path.write_text("".join(json.dumps(q) + "\n" for q in qs))
+    return path
+
+
+def test_bench_tiny_all_methods(tiny_chat_generator, questions, tmp_path, monkeypatch):
+    from eagle2.bench import FIELDS, load_questions, run_bench
+
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path / "cache"))  # no tune file: the sweep runs
+    qs = load_questions(questions)
+    out = tmp_path / "out"
+    r = run_bench(tiny_chat_generator, qs, METHODS, out_dir=out, max_new_tokens=12, temperature=0.0, turns=2,
+                  sweep=[4, 8], progress=False)
+    for f in ("results.json", "results.md", "answers.jsonl", "speedup_per_category.png", "accept_length_hist.png",
+              "draft_calibration.png", "tokens_per_s_vs_total_tokens.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"].keys() == set(METHODS)
+    for m in METHODS:
+        s = saved["methods"][m]
+        assert set(FIELDS) <= s.keys()
+        assert s["new_tokens"] > 0 and s["seconds"] > 0 and s["tokens_per_s"] > 0
+        assert s["speedup_vs_hf"] is not None and s["speedup_vs_vanilla"] is not None
+        assert s["prompts"] == 3  # 2 turns + 1 turn
+    assert saved["methods"]["hf"]["speedup_vs_hf"] == 1.0
+    assert saved["methods"]["vanilla"]["mean_accept_len"] == 1.0
+    assert saved["methods"]["eagle2"]["mean_accept_len"] >= 1.0
+    assert set(saved["per_category"]) == {"writing", "math"}
+    for cat in saved["per_category"].values():
+        assert set(cat) == set(METHODS) and all(set(FIELDS) <= v.keys() for v in cat.values())
+    # exact at T = 0 (fp32): every method reproduces transformers' greedy output token for token
+    assert saved["greedy_reference"] == "hf"
+    assert saved["greedy_identical"] == {m: 1.0 for m in METHODS if m != "hf"}
+    assert {"cpu", "torch", "transformers", "torch_threads"} <= saved["machine"].keys()
+    assert saved["dtype"] == "float32"
+    assert set(saved["tree"]) == {"total_tokens", "depth", "tree_top_k"}
+    assert [p["total_tokens"] for p in saved["total_tokens_curve"]["points"]] == [4, 8]
+    assert saved["total_tokens_curve"]["vanilla_tokens_per_s"] > 0
+    assert r["methods"]["eagle2"]["tokens_per_s"] == saved["methods"]["eagle2"]["tokens_per_s"]
+    assert "| eagle2 |" in (out / "results.md").read_text()
+
+
+def test_bench_cli_user_errors(tmp_path, questions, capsys):
+    from eagle2.cli import main
+
+    assert main(["bench", "--questions", str(questions), "--methods", "hf,magic"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench", "--questions", str(tmp_path / "missing.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["bench", "--questions", str(questions), "--categories", "poetry"]) == 2
+    assert "unknown category" in capsys.readouterr().err
+    assert main(["tune", "--total-tokens", "8,x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_load_questions_real_files():
+    from eagle2.bench import load_questions
+
+    path = DATA / "eval" / "mt_bench_question.jsonl"
+    if not path.exists():
+        pytest.skip("shared eval data not present")
+    qs = load_questions(path, limit=3, categories="coding,math")
+    assert len(qs) == 3 and {q["category"] for q in qs} <= {"coding", "math"}
+    assert all(len(q["turns"]) == 2 for q in qs)
+
+
+def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch):
+    from eagle2.api import Eagle2Generator, load_tuned, tuned_path
+    from eagle2.tune import run_tune
+
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer), eos_token_id=2, max_position_embeddings=1024)
+    gen = make_generator(model, smol_tokenizer, model_key="tiny-tune-test")
+    r = run_tune(gen, ["Say hello.", "Count to five."], out_dir=tmp_path / "plots", max_new_tokens=8,
+                 total_tokens_grid=[4, 8], depth_grid=[2, 3], top_k_grid=[2], query_lens=[1, 4, 16], cached=32,
+                 repeats=1, progress=False, verbose=False)
+    path = tuned_path("tiny-tune-test")
+    assert path.is_file() and r["path"] == str(path)
+    saved = json.loads(path.read_text())
+    best = max(saved["candidates"], key=lambda c: c["tokens_per_s"])
+    assert (saved["total_tokens"], saved["depth"], saved["tree_top_k"]) == \
+        (best["total_tokens"], best["depth"], best["tree_top_k"])
+    assert len(saved["candidates"]) == 4
+    assert [p["query_len"] for p in saved["forward_curve"]["points"]] == [1, 4, 16]
+    assert all(p["ms"] > 0 for p in saved["forward_curve"]["points"])
+    assert {"cpu", "torch"} <= saved["machine"].keys()
+    assert (tmp_path / "plots" / "tiny-tune-test.forward_curve.png").is_file()
+    assert (tmp_path / "plots" / "tiny-tune-test.tokens_per_s.png").is_file()
+    # a new generator for the same model key picks the tuned tree up; an explicit tree still wins
+    tree = load_tuned("tiny-tune-test")
+    assert (tree.total_tokens, tree.depth, tree.top_k) == (saved["total_tokens"], saved["depth"], saved["tree_top_k"])
+    gen2 = make_generator(model, smol_tokenizer, model_key="tiny-tune-test")
+    assert (gen2.tree.total_tokens, gen2.tree.depth, gen2.tree.top_k) == (tree.total_tokens, tree.depth, tree.top_k)
+    assert 1 <= gen2.generate("Say hello.", max_new_tokens=4).stats.new_tokens <= 4
+    from eagle2.config import TreeConfig
+
+    gen3 = Eagle2Generator(model, smol_tokenizer, gen.head, model_key="tiny-tune-test", tree=TreeConfig(total_tokens=5))
+    assert gen3.tree.total_tokens == 5

@@ -1,0 +1,389 @@
+"""The OpenAI-compatible server: every endpoint, streaming, validation, API key, queue, disconnects,
+and the official ``openai`` client against a real uvicorn on a loopback port.
+
+Uses the tiny random Llama with SmolLM2's tokenizer (gibberish text, real tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from eagle2.server import create_app, serve_in_thread
+
+MSG = [{"role": "user", "content": "Tell me a story."}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_chat_generator):
+    with TestClient(create_app(tiny_chat_generator)) as c:
+        yield c
+
+
+def sse(text: str) -> list:
+    """Parsed `data:` payloads of an SSE body; the final [DONE] is kept as the string."""
+    out = []
+    for block in text.split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data: "):
+                d = line[6:]
+                out.append(d if d == "[DONE]" else json.loads(d))
+    return out
+
+
+def assert_error(r, status=400, param=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+    return body["error"]
+
+
+class Gated:
+    """Wraps a generator: each generation waits for ``gate`` before its first round; counts rounds."""
+
+    def __init__(self, real):
+        self.real = real
+        self.gate = threading.Event()
+        self.gate.set()
+        self.rounds = []  # rounds decoded, per generation
+        self.started = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def stream_events(self, prompt, **kw):
+        events, result = self.real.stream_events(prompt, **kw)
+        self.rounds.append(0)
+        idx = len(self.rounds) - 1
+
+        def wrapped():
+            self.started.set()
+            self.gate.wait(30)
+            try:
+                for ev in events:
+                    self.rounds[idx] += 1
+                    yield ev
+            finally:
+                events.close()
+
+        return wrapped(), result
+
+
+# ---- plain endpoints ---------------------------------------------------------------------------
+def test_health_models_and_page(client, tiny_chat_generator):
+    h = client.get("/health").json()
+    assert h["status"] == "ok" and h["max_context"] == tiny_chat_generator.max_context
+    assert h["queue"]["running"] == 0 and h["queue"]["max_queue"] == 16
+    m = client.get("/v1/models").json()
+    assert m["object"] == "list" and m["data"][0]["object"] == "model" and m["data"][0]["id"]
+    assert "text/html" in client.get("/").headers["content-type"]
+    e = assert_error(client.get("/v1/nope"), 404)
+    assert e["code"] == "not_found"
+    assert_error(client.get("/v1/chat/completions"), 405)
+
+
+# ---- chat completions --------------------------------------------------------------------------
+def test_chat_completion_matches_engine(client, tiny_chat_generator):
+    r = client.post("/v1/chat/completions", json={"model": "whatever", "messages": MSG, "max_tokens": 24})
+    assert r.status_code == 200, r.text
+    b = r.json()
+    assert b["object"] == "chat.completion" and b["id"].startswith("chatcmpl-")
+    ch = b["choices"][0]
+    assert ch["message"]["role"] == "assistant" and ch["finish_reason"] == "length" and ch["index"] == 0
+    ref = tiny_chat_generator.generate(MSG, max_new_tokens=24)
+    assert ch["message"]["content"] == ref.text
+    assert b["usage"] == {"prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": 24,
+                          "total_tokens": len(ref.prompt_token_ids) + 24}
+    st = b["eagle2"]
+    assert st["method"] == "eagle2" and st["new_tokens"] == 24 and st["rounds"] >= 1
+    assert st["mean_accept_len"] >= 1.0 and st["tokens_per_s"] > 0
+
+
+def test_vanilla_method_is_lossless(client):
+    a = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 20}).json()
+    v = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 20, "method": "vanilla"}).json()
+    assert v["eagle2"]["method"] == "vanilla" and v["eagle2"]["mean_accept_len"] == 1.0
+    assert v["eagle2"]["rounds"] == 20
+    assert a["choices"][0]["message"]["content"] == v["choices"][0]["message"]["content"]
+
+
+def test_chat_stream(client):
+    ref = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 20}).json()
+    r = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 20, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    ev = sse(r.text)
+    assert ev[-1] == "[DONE]"
+    chunks = ev[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = ""
+    for c in chunks:
+        if c["choices"] and "content" in c["choices"][0]["delta"]:
+            piece = c["choices"][0]["delta"]["content"]
+            text += piece
+            if piece:  # a round: its draft_text is a prefix of the piece
+                x = c["eagle2"]
+                assert piece.startswith(x["draft_text"]) and 0 <= x["drafted"] < x["tokens"] + 1
+                assert x["rounds"] >= 1 and x["tokens_per_s"] >= 0
+    assert text == ref["choices"][0]["message"]["content"]
+    fin = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(fin) == 1 and fin[0]["choices"][0]["finish_reason"] == "length"
+    assert fin[0]["eagle2"]["new_tokens"] == 20
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
+
+
+def test_stop_and_seed(client):
+    base = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 30}).json()
+    text = base["choices"][0]["message"]["content"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    r = client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 30, "stop": [stop]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][0]["message"]["content"] == text[: text.find(stop)]
+    body = {"messages": MSG, "max_tokens": 15, "temperature": 1.3, "top_p": 0.9, "seed": 1234}
+    s1 = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    s2 = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert s1 == s2
+
+
+def test_content_parts_and_roles(client):
+    msgs = [{"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "More", "name": "bob"}]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 3, "user": "u1",
+                                                  "presence_penalty": 0, "n": 1, "logprobs": False})
+    assert r.status_code == 200, r.text
+
+
+# ---- completions -------------------------------------------------------------------------------
+def test_completions(client, tiny_chat_generator):
+    r = client.post("/v1/completions", json={"model": "x", "prompt": "Once upon a time", "max_tokens": 8})
+    b = r.json()
+    assert r.status_code == 200 and b["object"] == "text_completion"
+    ids = tiny_chat_generator.tokenizer("Once upon a time")["input_ids"]
+    assert b["choices"][0]["text"] == tiny_chat_generator.generate(ids, max_new_tokens=8).text
+    assert b["usage"]["prompt_tokens"] == len(ids) and b["usage"]["completion_tokens"] == 8
+    by_ids = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 8}).json()
+    assert by_ids["choices"][0]["text"] == b["choices"][0]["text"]
+    assert client.post("/v1/completions", json={"prompt": ["Once upon a time"], "max_tokens": 8}).json()[
+        "choices"][0]["text"] == b["choices"][0]["text"]
+    default = client.post("/v1/completions", json={"prompt": "Once upon a time"}).json()
+    assert default["usage"]["completion_tokens"] == 16  # OpenAI's default
+    s = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 8, "stream": True,
+                                             "method": "vanilla"})
+    ev = sse(s.text)
+    assert ev[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["text"] for c in ev[:-1]) == b["choices"][0]["text"]
+    assert ev[-2]["choices"][0]["finish_reason"] == "length" and ev[-2]["eagle2"]["method"] == "vanilla"
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+LONG = {"role": "user", "content": "word " * 1100}
+BAD_CHAT = [
+    ("{not json", None),
+    ("", None),
+    ("[1, 2]", None),
+    ('"text"', None),
+    (json.dumps({}), "messages"),
+    (json.dumps({"messages": []}), "messages"),
+    (json.dumps({"messages": "hi"}), "messages"),
+    (json.dumps({"messages": [{"role": "user"}]}), "messages"),  # content None everywhere -> empty prompt
+    (json.dumps({"messages": [{"role": "user", "content": ""}]}), "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": "   "}]}), "messages"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": 5}]}), "messages"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}), "messages"),
+    (json.dumps({"messages": MSG, "max_tokens": 0}), "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": -5}), "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": "10"}), "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": 2.5}), "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": True}), "max_tokens"),
+    (json.dumps({"messages": MSG, "max_tokens": 10**6}), "max_tokens"),
+    (json.dumps({"messages": MSG, "max_completion_tokens": 0}), "max_completion_tokens"),
+    (json.dumps({"messages": [LONG]}), "messages"),
+    (json.dumps({"messages": MSG, "temperature": -0.1}), "temperature"),
+    (json.dumps({"messages": MSG, "temperature": 2.01}), "temperature"),
+    (json.dumps({"messages": MSG, "temperature": "hot"}), "temperature"),
+    (json.dumps({"messages": MSG, "top_p": 0}), "top_p"),
+    (json.dumps({"messages": MSG, "top_p": 1.5}), "top_p"),
+    (json.dumps({"messages": MSG, "top_p": -1}), "top_p"),
+    (json.dumps({"messages": MSG, "top_k": -1}), "top_k"),
+    (json.dumps({"messages": MSG, "n": 2}), "n"),
+    (json.dumps({"messages": MSG, "stream": "yes"}), "stream"),
+    (json.dumps({"messages": MSG, "stop": 5}), "stop"),
+    (json.dumps({"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}), "stop"),
+    (json.dumps({"messages": MSG, "seed": "abc"}), "seed"),
+    (json.dumps({"messages": MSG, "method": "turbo"}), "method"),
+    (json.dumps({"messages": MSG, "logprobs": True}), "logprobs"),
+    (json.dumps({"messages": MSG, "frequency_penalty": 0.5}), "frequency_penalty"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHAT)
+def test_bad_chat_requests(client, body, param):
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    e = assert_error(r, 400, param)
+    assert e["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"prompt": ""}, {"prompt": []}, {"prompt": [1, "a"]}, {"prompt": [-1]}, {"prompt": [10**9]},
+    {"prompt": ["a", "b"]}, {"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "temperature": 5},
+    {"prompt": "hi", "echo": True}, {"prompt": "hi", "best_of": 3}, {"prompt": "hi", "max_tokens": 5000},
+])
+def test_bad_completion_requests(client, body):
+    assert_error(client.post("/v1/completions", json=body), 400)
+
+
+def test_no_500_on_wrong_content_type(client):
+    r = client.post("/v1/chat/completions", content=b"messages=hi", headers={"content-type": "text/plain"})
+    assert 400 <= r.status_code < 500
+    assert "error" in r.json()
+
+
+# ---- API key -----------------------------------------------------------------------------------
+def test_api_key(tiny_chat_generator):
+    c = TestClient(create_app(tiny_chat_generator, api_key="k-123"))
+    assert c.get("/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k-123"}, {"Authorization": "Basic k-123"}):
+        e = assert_error(c.get("/v1/models", headers=headers), 401)
+        assert e["code"] == "invalid_api_key"
+        assert_error(c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}, headers=headers), 401)
+    ok = {"Authorization": "Bearer k-123"}
+    assert c.get("/v1/models", headers=ok).status_code == 200
+    assert c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}, headers=ok).status_code == 200
+
+
+def test_cli_serve_options(monkeypatch):
+    from eagle2.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 16)
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--api-key", "x",
+                                      "--max-queue", "3", "--model", "m"])
+    assert (args.host, args.port, args.api_key, args.max_queue, args.model) == ("0.0.0.0", 9, "x", 3, "m")
+    assert main(["serve", "--port", "70000"]) == 2
+    assert main(["serve", "--max-queue", "-1"]) == 2
+    import socket
+
+    with socket.socket() as s:  # a busy port fails fast, before loading the model
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        assert main(["serve", "--port", str(s.getsockname()[1]), "--model", "/nonexistent"]) == 2
+
+
+# ---- queue, disconnects, the openai client (real uvicorn) ---------------------------------------
+def wait_for(cond, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_queue_overflow_is_503_and_fifo(tiny_chat_generator):
+    gated = Gated(tiny_chat_generator)
+    gated.gate.clear()
+    app = create_app(gated, max_queue=2)
+    results = {}
+
+    def post(i):
+        with httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 3 + i})
+            results[i] = (r.status_code, time.perf_counter(), r.json())
+
+    with serve_in_thread(app) as url:
+        threads = [threading.Thread(target=post, args=(0,))]
+        threads[0].start()
+        assert gated.started.wait(10)  # request 0 is running (blocked on the gate)
+        for i in (1, 2):  # two wait in the queue
+            threads.append(threading.Thread(target=post, args=(i,)))
+            threads[-1].start()
+            assert wait_for(lambda: httpx.get(url + "/health").json()["queue"]["waiting"] == i)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 3}, timeout=10)
+        e = assert_error(r, 503)
+        assert e["code"] == "queue_full" and int(r.headers["Retry-After"]) >= 1
+        rs = httpx.post(url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 3, "stream": True})
+        assert_error(rs, 503)
+        gated.gate.set()
+        for t in threads:
+            t.join(30)
+        h = httpx.get(url + "/health").json()["queue"]
+    assert all(results[i][0] == 200 for i in range(3))
+    assert [results[i][2]["usage"]["completion_tokens"] for i in range(3)] == [3, 4, 5]
+    assert results[0][1] <= results[1][1] <= results[2][1]  # first in, first out
+    assert h["rejected"] == 2 and h["completed"] == 3 and h["waiting"] == 0 and h["running"] == 0
+
+
+def test_disconnect_mid_stream_frees_the_slot(tiny_chat_generator):
+    gated = Gated(tiny_chat_generator)
+    app = create_app(gated, max_queue=0)  # one at a time, no waiting room
+    with serve_in_thread(app) as url:
+        body = {"messages": MSG, "max_tokens": 900, "stream": True, "method": "vanilla"}
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                n = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and '"content"' in line:
+                        n += 1
+                        if n >= 3:
+                            break
+        # the client is gone: decoding stops within a round or so, the slot is free again
+        assert wait_for(lambda: httpx.get(url + "/health").json()["queue"]["running"] == 0, 5)
+        q = httpx.get(url + "/health").json()["queue"]
+        assert q["cancelled"] == 1 and q["completed"] == 0
+        stopped_at = gated.rounds[0]
+        assert stopped_at < 900
+        time.sleep(0.3)
+        assert gated.rounds[0] == stopped_at  # really stopped
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200  # max_queue=0 would be 503 if the slot were still taken
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4, "stream": True},
+                       timeout=30)
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+        q = httpx.get(url + "/health").json()["queue"]
+        assert q["cancelled"] == 1 and q["completed"] == 2  # a stream read to the end is not a cancel
+
+
+def test_openai_client(tiny_chat_generator):
+    openai = pytest.importorskip("openai")
+    with serve_in_thread(create_app(tiny_chat_generator, api_key="sk-test")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0, timeout=30)
+        models = client.models.list()
+        name = models.data[0].id
+        r = client.chat.completions.create(model=name, messages=MSG, max_tokens=12, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+        text = r.choices[0].message.content
+        assert r.model_extra["eagle2"]["method"] == "eagle2"
+        stream = client.chat.completions.create(model=name, messages=MSG, max_tokens=12, stream=True,
+                                                stream_options={"include_usage": True})
+        pieces, usage, finish = [], None, None
+        for chunk in stream:
+            if chunk.usage:
+                usage = chunk.usage
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        assert "".join(pieces) == text and finish == "length" and usage.completion_tokens == 12
+        v = client.chat.completions.create(model=name, messages=MSG, max_tokens=12, extra_body={"method": "vanilla"})
+        assert v.choices[0].message.content == text and v.model_extra["eagle2"]["method"] == "vanilla"
+        c = client.completions.create(model=name, prompt="Once upon a time", max_tokens=5)
+        assert c.choices[0].text and c.usage.completion_tokens == 5
+        cs = list(client.completions.create(model=name, prompt="Once upon a time", max_tokens=5, stream=True))
+        assert "".join(x.choices[0].text for x in cs if x.choices) == c.choices[0].text
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model=name, messages=MSG, temperature=3)
+        assert ei.value.body["param"] == "temperature" if isinstance(ei.value.body, dict) else True
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()

@@ -1,0 +1,248 @@
+"""`eagle2 train` on a tiny random model: every stage, resumes, loss, export round trip, released format."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import ToyTokenizer, make_tiny_model
+
+from eagle2.api import Eagle2Generator
+from eagle2.draft_head import DraftHead, HeadConfig, init_head, rope_theta_of
+from eagle2.train.export import check_released_format, expected_keys, export_head
+from eagle2.train.features import build_features, load_shards
+from eagle2.train.pipeline import PipelineOptions, run_pipeline
+from eagle2.train.responses import read_responses
+from eagle2.train.trainer import TrainConfig, Trainer
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from threads, and OpenMP waits on a busy shared CPU cost seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_model("llama", vocab_size=VOCAB, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    with path.open("w") as f:
+        for i in range(16):
+            ids = [rng.randrange(VOCAB) for _ in range(rng.randrange(4, 16))]
+            f.write(json.dumps({"id": i, "prompt": " ".join(map(str, ids))}) + "\n")
+    return path
+
+
+def _cfg(**kw):
+    base = dict(lr=3e-3, epochs=3, batch_tokens=160, warmup_steps=2, eval_every=0, log_every=1, ckpt_minutes=60,
+                eval_max_new_tokens=16, bf16=False)  # bf16 on tiny CPU shapes is slow (oneDNN setup)
+    return TrainConfig(**{**base, **kw})
+
+
+def _opts(run_dir, prompt_file, **kw):
+    base = dict(run_dir=run_dir, prompts=(str(prompt_file),), dev_prompts=2, max_new_tokens=16, gen_batch_size=8,
+                shard_size=8, context=4, progress=False, base_model="tiny-llama", train_cfg=_cfg())
+    return PipelineOptions(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tiny, prompt_file, tmp_path_factory):
+    """responses + features once for the module (checks their resume on the way)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    tok = ToyTokenizer()
+    run_pipeline(tiny, tok, _opts(run_dir, prompt_file, stages=("responses", "features")))
+    resp = run_dir / "responses.jsonl"
+    full = {r["id"]: r for r in read_responses(resp)}
+    assert len(full) == 14  # 16 prompts - 2 held out for acceptance evaluation
+    # interrupted responses stage: 5 complete lines and half a line -> resumes, same answers
+    lines = resp.read_text().splitlines(keepends=True)
+    resp.write_text("".join(lines[:5]) + lines[5][:17])
+    shard = run_dir / "features" / "shard-00001.safetensors"
+    from safetensors.torch import load_file
+
+    before = load_file(str(shard))
+    shard.unlink()  # an interrupted features stage
+    run_pipeline(tiny, tok, _opts(run_dir, prompt_file, stages=("responses", "features")))
+    again = {r["id"]: r for r in read_responses(resp)}
+    assert again.keys() == full.keys()
+    assert all(again[k]["response_ids"] == full[k]["response_ids"] for k in full)
+    assert len(resp.read_text().splitlines()) == 14
+    after = load_file(str(shard))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    return run_dir
+
+
+def test_responses_are_the_targets_greedy_answers(tiny, run):
+    rec = read_responses(run / "responses.jsonl")[0]
+    ids = torch.tensor([rec["prompt_ids"]])
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                        pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert rec["response_ids"] == ref
+
+
+def test_features_are_target_hidden_states(tiny, run):
+    exs = load_shards(run / "features")
+    assert len(exs) == 14
+    rec = read_responses(run / "responses.jsonl")[0]
+    full = rec["prompt_ids"] + rec["response_ids"]
+    with torch.no_grad():
+        h = tiny.model(torch.tensor([full])).last_hidden_state[0]  # [T, H] after the final norm
+    e = exs[0]
+    assert e.tokens.tolist() == full[e.pos0:]
+    assert e.start == len(rec["prompt_ids"]) - e.pos0 and e.pos0 == max(0, len(rec["prompt_ids"]) - 4)
+    torch.testing.assert_close(e.hidden.float(), h[e.pos0:].to(torch.bfloat16).float())
+
+
+def test_train_resumes_exactly_and_loss_goes_down(tiny, run, tmp_path):
+    exs = load_shards(run / "features")
+    tok = ToyTokenizer()
+    straight = Trainer(tiny, tok, exs, tmp_path / "a", _cfg(max_steps=6), progress=False)
+    straight.train()
+    first = Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=3), progress=False)
+    assert first.train().status == "stopped"
+    second = Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=6), progress=False)
+    assert second.step == 3
+    second.train()
+    for k, v in straight.head.state_dict().items():
+        assert torch.equal(v, second.head.state_dict()[k]), k
+    # a fresh run of 6 epochs: the loss falls
+    res = Trainer(tiny, tok, exs, tmp_path / "c", _cfg(epochs=12, lr=1e-2, noise=0.0), progress=False).train()
+    assert res.status == "done"
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5, losses
+    assert all(0.0 <= h["acc"] <= 1.0 for h in res.history if "acc" in h)
+
+
+def test_train_export_load_generate_round_trip(tiny, run, prompt_file, tmp_path):
+    tok = ToyTokenizer()
+    out = tmp_path / "head"
+    opts = _opts(run, prompt_file, stages=("train", "export"), out=out, train_cfg=_cfg(epochs=2, eval_every=4))
+    with pytest.warns(UserWarning, match="fc.bias"):
+        summary = run_pipeline(tiny, tok, opts)
+    assert summary["train"]["best_tau"] >= 1.0  # acceptance was measured on the held-out prompts
+    stats = json.loads((run / "stats.json").read_text())
+    assert set(stats["stage_seconds"]) == {"responses", "features", "train", "export"}
+    card = (out / "README.md").read_text()
+    assert "tiny-llama" in card and "Hyperparameters" in card and "vLLM" in card and "tokens seen" in card
+    assert check_released_format(out) == []
+    head = DraftHead.load(out)
+    gen = Eagle2Generator(tiny, tok, head)
+    prompt = [5, 17, 99, 3, 42, 7]
+    res = gen.generate(prompt, max_new_tokens=20, method="eagle2")
+    ids = torch.tensor([prompt])
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    assert res.token_ids == ref
+    assert res.stats.mean_accept_len >= 1.0
+
+
+def test_ce_vocab_subset_trains(tiny, run, tmp_path):
+    exs = load_shards(run / "features")
+    tr = Trainer(tiny, ToyTokenizer(), exs, tmp_path / "v", _cfg(ce_vocab=48, max_steps=3), progress=False)
+    assert tr.lm_w.shape == (48, tiny.config.hidden_size)
+    res = tr.train()
+    assert res.step == 3 and all(h["ce"] < 5 for h in res.history if "ce" in h)
+
+
+def test_fixed_responses_stage(tiny, tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i} 2 3", "answer": f"4 5 {i}"}) + "\n" for i in range(10)))
+    run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "r", data, stages=("responses",), fixed=True))
+    recs = read_responses(tmp_path / "r" / "responses.jsonl")
+    assert len(recs) == 8 and recs[0]["response_ids"] == [4, 5, 0] and recs[0]["prompt_ids"] == [0, 2, 3]
+
+
+def test_streamed_features_match_cached(tiny, run):
+    from eagle2.train.features import StreamedExamples
+
+    cached = load_shards(run / "features")
+    streamed = StreamedExamples(tiny, run / "responses.jsonl", context=4)
+    assert len(streamed) == len(cached) and streamed.lengths()[3] == len(cached[3].tokens)
+    assert torch.equal(streamed[3].hidden, cached[3].hidden) and torch.equal(streamed[3].tokens, cached[3].tokens)
+
+
+@pytest.mark.parametrize("family,bias", [("llama", True), ("llama", False), ("qwen2", True)])
+def test_exported_layout_matches_eagle_vllm_sglang(family, bias, tmp_path):
+    """Keys, shapes and config fields that the official EAGLE loader, vLLM's EagleLlamaForCausalLM
+    (keys prefixed with ``model.``; q/k/v and gate/up stacked from these names) and SGLang read."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_model(family, vocab_size=VOCAB)
+    head = init_head(HeadConfig.from_target(model.config, bias=bias))
+    src = head.save(tmp_path / "src")
+    ctx = pytest.warns(UserWarning, match="fc.bias") if bias else _no_warning()
+    with ctx:
+        out = export_head(src, tmp_path / "out", {"base_model": family})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["model_type"] == "llama"
+    assert cfg["num_hidden_layers"] == 1 and cfg["bias"] is bias and cfg["torch_dtype"] == "bfloat16"
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "rms_norm_eps", "max_position_embeddings", "hidden_act"):
+        assert cfg[k] == getattr(model.config, k), k
+    assert cfg["rope_theta"] == rope_theta_of(model.config)
+    state = load_file(str(out / "model.safetensors"))
+    want = expected_keys(cfg)
+    assert {k: tuple(v.shape) for k, v in state.items()} == want
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    assert not any(k.startswith("model.") or "input_layernorm" in k or k == "norm.weight" for k in state)
+    assert ("fc.bias" in state) is bias
+    if family == "qwen2":
+        assert "layers.0.self_attn.q_proj.bias" in state
+    # vLLM's naming: model.-prefixed, plus an embedding copy; our loader reads it back unchanged
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "config.json").write_text((out / "config.json").read_text())
+    prefixed = {f"model.{k}": v for k, v in state.items()}
+    prefixed["model.embed_tokens.weight"] = torch.zeros(VOCAB, cfg["hidden_size"], dtype=torch.bfloat16)
+    save_file(prefixed, str(tmp_path / "vllm" / "model.safetensors"))
+    back = DraftHead.load(tmp_path / "vllm").state_dict()
+    for k, v in DraftHead.load(out).state_dict().items():
+        assert torch.equal(back[k], v)
+    assert check_released_format(tmp_path / "vllm") != []  # the released layout has no model. prefix
+
+
+def test_cli_train_help_and_errors(capsys):
+    from eagle2.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses"):
+        assert stage in text
+    assert main(["train", "--stages", "responses,bogus"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+    assert main(["train", "--lr", "-1"]) == 2
+
+
+def test_train_config_is_validated():
+    with pytest.raises(ValueError):
+        TrainConfig(grad_clip=0)
+    with pytest.raises(Exception):
+        replace(TrainConfig(), lr=-1.0)
+    cfg = TrainConfig()
+    with pytest.raises(Exception):
+        cfg.lr = 1.0  # frozen
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *a):
+        return self._w.__exit__(*a)
