@@ -20,6 +20,7 @@ from .config import SamplingConfig, TreeConfig
 from .draft import Drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .engine import Engine, GenerationResult, RoundEvent
+from .fast import FastTarget, supports
 from .models import builtin_head_dir, cache_dir, load_target
 from .target import Target
 
@@ -55,18 +56,41 @@ def load_tuned(model_key: str) -> TreeConfig | None:
         return None
 
 
+BACKENDS = ("auto", "fast", "transformers")
+
+
+def make_target(model, backend: str = "auto") -> Target:
+    """The target adapter: our lean forward (fast.py) where it supports the model, else transformers'.
+
+    backend: "auto" (lean when supported and the model sits on one device), "fast" (lean or a
+    ValueError saying why not), "transformers" (always the general path)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "transformers":
+        return Target(model)
+    ok, why = supports(model)
+    if ok and len({p.device for p in model.parameters()}) > 1:
+        ok, why = False, "the model is spread over several devices"
+    if not ok:
+        if backend == "fast":
+            raise ValueError(f"backend 'fast' is unavailable: {why}")
+        return Target(model)
+    return FastTarget(model)
+
+
 class Eagle2Generator:
     """A target model + draft head ready to generate. Not thread-safe: one sequence at a time."""
 
     def __init__(self, model, tokenizer, head: DraftHead, *, model_key: str = "", tree: TreeConfig | None = None,
-                 head_source: str = ""):
+                 head_source: str = "", backend: str = "auto", draft_vocab: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.target = Target(model)
+        self.target = make_target(model, backend)
+        self.backend = "fast" if isinstance(self.target, FastTarget) else "transformers"
         check_head_fits(head.config, model.config)
         self.head = head
         self.head_source = head_source
-        self.drafter = Drafter(head, self.target)
+        self.drafter = Drafter(head, self.target, draft_vocab)
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self.model_key = model_key
@@ -170,12 +194,20 @@ class Eagle2Generator:
 
 
 def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torch.dtype = "auto",
-         device: str = "auto", device_map=None, tree: TreeConfig | None = None) -> Eagle2Generator:
+         device: str = "auto", device_map=None, tree: TreeConfig | None = None,
+         backend: str = "auto", draft_vocab: int | None = None) -> Eagle2Generator:
     """Load a target and its draft head.
 
     model: a built-in name (``smollm2-135m``), a local Hugging Face model directory, a ``.gguf``
     file or a hub id. head: a head directory in the released EAGLE layout; None picks the
-    built-in model's shipped head, or a freshly initialised head (with a warning) otherwise."""
+    built-in model's shipped head, or a freshly initialised head (with a warning) otherwise.
+    backend: "auto" runs Llama / Qwen2 / Mistral-style targets on the lean forward (fast.py,
+    logits equal to transformers'), everything else through transformers; "transformers" forces
+    the general path; "fast" demands the lean one.
+    draft_vocab: how many of the head's draft-vocabulary tokens the drafter may propose (FR-Spec;
+    None: the head's whole list, 0: the full vocabulary). Output is exact either way."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
         raise ValueError(f"head directory not found: {head}")
     hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map)
@@ -192,4 +224,5 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
                       "`eagle2 train`.", stacklevel=2)
         draft = init_head(HeadConfig.from_target(hf.config))
         source = "random-init"
-    return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source)
+    return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source,
+                           backend=backend, draft_vocab=draft_vocab)

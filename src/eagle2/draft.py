@@ -39,13 +39,32 @@ def _static_layout(method: str, total_tokens: int, depth: int, top_k: int):
 
 
 class Drafter:
-    def __init__(self, head: DraftHead, target: Target):
+    def __init__(self, head: DraftHead, target: Target, draft_vocab: int | None = None):
+        """draft_vocab: propose only the first N tokens of the head's draft vocabulary (None:
+        all of it; 0: the full vocabulary). Heads without one draft over the full vocabulary."""
         self.target = target
         self.head = head.to(device=target.device, dtype=target.dtype).eval()
         self.head.requires_grad_(False)
+        self.vocab_ids: Tensor | None = None  # [N] token id of each draft logit column
+        self.set_draft_vocab(draft_vocab)
         self.k: Tensor | None = None  # [1, Hkv, L, D]
         self.v: Tensor | None = None
         self.length = 0
+
+    def set_draft_vocab(self, n: int | None) -> None:
+        ids = self.head.draft_vocab
+        if ids is None or n == 0:
+            self.vocab_ids = self._lm_w = self._lm_b = None
+            return
+        if n is not None:
+            if n < 1:
+                raise ValueError(f"draft_vocab must be >= 1 (or 0 for the full vocabulary); got {n}")
+            ids = ids[:n]
+        w = self.target.lm_head.weight
+        self.vocab_ids = ids.to(w.device)
+        self._lm_w = w[self.vocab_ids].contiguous()  # [N, H]: the draft's own small lm_head
+        b = getattr(self.target.lm_head, "bias", None)
+        self._lm_b = None if b is None else b[self.vocab_ids].contiguous()
 
     def reset(self) -> None:
         self.k = self.v = None
@@ -76,7 +95,17 @@ class Drafter:
         return out[-1]
 
     def _logp(self, out: Tensor) -> Tensor:
-        return torch.log_softmax(self.target.logits(out), dim=-1)  # [.., V] fp32
+        """[.., H] head outputs -> [.., N] fp32 log-probs over the draft vocabulary (column j is
+        token ``self._token(j)``)."""
+        if self.vocab_ids is None:
+            return torch.log_softmax(self.target.logits(out), dim=-1)  # [.., V]
+        logits = torch.nn.functional.linear(out, self._lm_w, self._lm_b).float()
+        if self.target.softcap:
+            logits = torch.tanh(logits / self.target.softcap) * self.target.softcap
+        return torch.log_softmax(logits, dim=-1)
+
+    def _token(self, cols: Tensor) -> Tensor:
+        return cols if self.vocab_ids is None else self.vocab_ids[cols]
 
     @torch.inference_mode()
     def grow(self, root: Tensor, root_out: Tensor, cfg: TreeConfig, max_depth: int) -> Tree:
@@ -90,7 +119,9 @@ class Drafter:
         dev = root.device
         pos_root = self.length - 1  # the root's pair (f_{L-1}, root) sits at position L - 1
         k = min(top_k, self.target.vocab_size)
+        k = min(k, self.vocab_ids.shape[0]) if self.vocab_ids is not None else k
         child_tok, child_lp, child_val = expand(torch.zeros(1, device=dev), self._logp(root_out)[None], k)
+        child_tok = self._token(child_tok)
         cand_tok, cand_par, cand_val, cand_lp = [child_tok[0]], [torch.full((k,), -1, device=dev)], [child_val[0]], [child_lp[0]]
         n_cand = k
         frontier = torch.arange(k, device=dev)  # candidate indices of the nodes to feed next
@@ -117,6 +148,7 @@ class Drafter:
             grown[n_fed:] = own
             fed_anc = grown
             child_tok, child_lp, child_val = expand(f_val, self._logp(out), k)  # [nf, k] each
+            child_tok = self._token(child_tok)
             cand_tok.append(child_tok.flatten())
             cand_par.append(frontier.repeat_interleave(k))
             cand_val.append(child_val.flatten())
@@ -153,7 +185,7 @@ class Drafter:
             width = max(ranks[i] for i in level) + 1
             top = lp.topk(width, dim=-1)
             row = {o: j for j, o in enumerate(owners)}
-            ti, tv = top.indices.tolist(), top.values.tolist()
+            ti, tv = self._token(top.indices).tolist(), top.values.tolist()
             for i in level:
                 tokens[i] = ti[row[parents[i]]][ranks[i]]
                 logp[i] = tv[row[parents[i]]][ranks[i]]

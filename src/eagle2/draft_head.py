@@ -194,10 +194,18 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), new
 
 
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: {"token_ids": [N] int64}, most frequent first
+
+
 class DraftHead(nn.Module):
+    """EAGLE's draft head. ``draft_vocab`` (optional, FR-Spec): the token ids the drafter may
+    propose, most frequent first; it restricts only the draft's logits (the target verifies
+    every token, so output is unchanged) and is saved beside the weights."""
+
     def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.config = cfg
+        self.draft_vocab: Tensor | None = None
         self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg)])
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
@@ -230,6 +238,8 @@ class DraftHead(nn.Module):
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        if self.draft_vocab is not None:
+            save_file({"token_ids": self.draft_vocab.cpu().long().contiguous()}, str(directory / DRAFT_VOCAB_FILE))
         return directory
 
     @classmethod
@@ -264,7 +274,25 @@ class DraftHead(nn.Module):
             if tuple(state[k].shape) != tuple(v.shape):
                 raise ValueError(f"head weight {k} has shape {tuple(state[k].shape)}; config.json implies {tuple(v.shape)}")
         head.load_state_dict({k: state[k] for k in expected})
+        head.draft_vocab = load_draft_vocab(directory, cfg.vocab_size)
         return head
+
+
+def load_draft_vocab(directory: Path, vocab_size: int) -> Tensor | None:
+    """The head's draft vocabulary (FR-Spec), most frequent first, or None when it has none."""
+    path = directory / DRAFT_VOCAB_FILE
+    if not path.exists():
+        return None
+    try:
+        from safetensors.torch import load_file
+
+        ids = load_file(str(path))["token_ids"].long()
+    except Exception as e:
+        raise ValueError(f"could not read the draft vocabulary {path}: {type(e).__name__}: {str(e)[:200]}") from None
+    if ids.ndim != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size \
+            or ids.unique().numel() != ids.numel():
+        raise ValueError(f"draft vocabulary {path} must be distinct token ids in [0, {vocab_size})")
+    return ids
 
 
 def load_head_weights(directory: Path) -> dict[str, Tensor]:

@@ -171,7 +171,7 @@ class Engine:
             return out.finish_reason == "stop" or len(out.token_ids) >= budget
 
         # Prefill: the whole prompt in one causal forward; its last logits give the first token.
-        cache = tgt.new_cache()
+        cache = tgt.new_cache(capacity=n_prompt + budget + tree.total_tokens + 1)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         logits, hidden = tgt.forward(cache, prompt, torch.arange(n_prompt, device=dev), None,
                                      logits_rows=slice(n_prompt - 1, n_prompt))

@@ -71,7 +71,8 @@ class Target:
         self.vocab_size = int(cfg.vocab_size)
         self.hidden_size = int(cfg.hidden_size)
 
-    def new_cache(self):
+    def new_cache(self, capacity: int | None = None):
+        """An empty cache (``capacity``, a hint for preallocating caches, is not needed here)."""
         from transformers import DynamicCache
 
         # No config: every layer keeps all of its keys (no sliding-window eviction), so cache

@@ -17,6 +17,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bf16 on CUDA or a CPU with fast bf16, else fp32 (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
+    p.add_argument("--backend", default="auto", choices=["auto", "fast", "transformers"],
+                   help="target forward: auto = our lean forward for Llama/Qwen2/Mistral-style models (logits equal "
+                        "to transformers'), transformers' otherwise; transformers = always the general path "
+                        "(default: %(default)s)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="FR-Spec: draft only over the first N tokens of the head's frequency list (default: the "
+                        "head's whole list; 0 = the full vocabulary). Output is exact either way")
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +47,8 @@ def _load(args):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gen = eagle2.load(args.model, head=args.head, dtype=args.dtype, device=args.device)
+        gen = eagle2.load(args.model, head=args.head, dtype=args.dtype, device=args.device,
+                          backend=getattr(args, "backend", "auto"), draft_vocab=getattr(args, "draft_vocab", None))
     for w in caught:
         if "draft head" in str(w.message):
             print(f"warning: {w.message}", file=sys.stderr)

@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--fixed-responses", action="store_true", help="train on the data set's reference answers")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=320, help="longer prompts are skipped (default: %(default)s)")
-    p.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate batch (default: %(default)s)")
+    p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generate batch (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=64, help="conversations per feature shard (default: %(default)s)")
     p.add_argument("--context", type=int, default=32, help="prompt tokens kept before each answer (default: %(default)s)")
     p.add_argument("--stream", action="store_true", help="compute features on the fly instead of caching them")
@@ -67,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps in total (resumable)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop each stage after this long (resumable)")
     p.add_argument("--mtbench", type=int, default=0, help="MT-bench prompts per category measured at export (default: 0)")
+    p.add_argument("--draft-vocab", type=int, default=8192,
+                   help="FR-Spec: ship the N most frequent response tokens with the head; the drafter proposes "
+                        "only those (output stays exact; 0: none, draft over the full vocabulary) (default: 8192)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_train)
@@ -84,8 +87,8 @@ def cmd_train(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {v}")
-    if args.context < 0 or args.dev_prompts < 0 or args.mtbench < 0:
-        raise ValueError("--context, --dev-prompts and --mtbench must be >= 0")
+    if args.context < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
+        raise ValueError("--context, --dev-prompts, --mtbench and --draft-vocab must be >= 0")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
                       noise=args.noise, ce_vocab=args.ce_vocab, eval_every=args.eval_every,
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
@@ -104,7 +107,8 @@ def cmd_train(args) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None, limit=args.limit, dev_prompts=args.dev_prompts,
         fixed=args.fixed_responses, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
         gen_batch_size=args.gen_batch_size, shard_size=args.shard_size, context=args.context, stream=args.stream,
-        out=Path(args.out) if args.out else None, mtbench=args.mtbench, max_minutes=args.max_minutes,
+        out=Path(args.out) if args.out else None, mtbench=args.mtbench, draft_vocab=args.draft_vocab,
+        max_minutes=args.max_minutes,
         progress=not args.no_progress, base_model=_base_name(model, key), model_arg=args.model, train_cfg=cfg)
     summary = run_pipeline(model, tok, opts)
     for stage, r in summary.items():

@@ -153,9 +153,24 @@ def model_card(info: dict) -> str:
     return "\n".join(lines)
 
 
-def export_head(src: str | Path, out: str | Path, info: dict) -> Path:
-    """Copy a trained head (released layout) to ``out`` with a model card; check the format."""
+def draft_vocabulary(records: list[dict], vocab_size: int, n: int) -> torch.Tensor:
+    """FR-Spec: the ``n`` most frequent tokens of the responses, most frequent first (ties: lower id).
+
+    The drafter proposes only these; the target still verifies every token, so output is exact."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for r in records:
+        ids = torch.tensor(r["response_ids"], dtype=torch.long)
+        counts += torch.bincount(ids[ids < vocab_size], minlength=vocab_size)
+    return torch.argsort(-counts, stable=True)[: min(n, vocab_size)]
+
+
+def export_head(src: str | Path, out: str | Path, info: dict, draft_vocab: torch.Tensor | None = None) -> Path:
+    """Copy a trained head (released layout) to ``out`` with a model card; check the format.
+
+    draft_vocab: token ids for FR-Spec drafting, saved as draft_vocab.safetensors beside the head."""
     head = DraftHead.load(src)
+    if draft_vocab is not None:
+        head.draft_vocab = draft_vocab.long()
     out = Path(out)
     extra = {k: v for k, v in json.loads((Path(src) / "config.json").read_text()).items() if k.startswith("eagle2_")}
     extra["eagle2_base_model"] = info.get("base_model")

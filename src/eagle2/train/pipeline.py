@@ -50,14 +50,15 @@ class PipelineOptions:
     fixed: bool = False  # reference answers from the prompt files instead of the target's own
     max_new_tokens: int = 256
     max_prompt_tokens: int = 320
-    gen_batch_size: int = 16
+    gen_batch_size: int = 64
     shard_size: int = 64
     context: int = 32
     max_len: int = 1024
-    feature_batch_size: int = 4
+    feature_batch_size: int = 8
     stream: bool = False  # compute features on the fly in the training loop (no feature cache)
     out: Path | None = None  # exported head directory (default run_dir/head)
     mtbench: int = 0  # prompts per MT-bench category measured at export (0: skip)
+    draft_vocab: int = 8192  # FR-Spec draft vocabulary shipped with the head (0: none)
     mtbench_max_new_tokens: int = 128
     max_minutes: float | None = None  # per stage: stop (resumable) after this long
     progress: bool = True
@@ -123,7 +124,7 @@ def _license_line(name: str) -> str:
 def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     """Run the requested stages in order; returns a summary dict (also merged into stats.json)."""
     from .features import StreamedExamples, build_features, load_shards
-    from .responses import encode_chat, fixed_responses, generate_responses
+    from .responses import encode_chat, fixed_responses, generate_responses, read_responses
     from .trainer import TrainConfig, Trainer
 
     for s in opts.stages:
@@ -219,6 +220,13 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
                     hyperparameters=st.get("hyperparameters"), stage_seconds=st.get("stage_seconds"),
                     mtbench=st.get("mtbench"), mtbench_max_new_tokens=opts.mtbench_max_new_tokens,
                     dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None)
-        export_head(src, out, info)
+        vocab = None
+        if opts.draft_vocab:
+            from .export import draft_vocabulary
+
+            recs = [r for r in read_responses(responses) if r["id"] not in dev_ids]
+            vocab = draft_vocabulary(recs, int(model.config.vocab_size), opts.draft_vocab)
+            info["draft_vocab"] = int(vocab.numel())
+        export_head(src, out, info, draft_vocab=vocab)
         summary["export"] = dict(out=str(out), mtbench=mt)
     return summary

@@ -98,8 +98,11 @@ def read_responses(path: str | Path) -> list[dict]:
 def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path, *, max_new_tokens: int = 256,
                        max_prompt_tokens: int = 320, batch_size: int = 16, sort_window: int = 1024,
                        temperature: float = 0.0, progress: bool = True, max_seconds: float | None = None,
-                       log_every: int = 0) -> dict:
+                       log_every: int = 0, use_fast: bool = True) -> dict:
     """Append the target's answers for every prompt not yet in ``out``.
+
+    Llama-style targets decode through the lean forward (fast.py) with a static cache,
+    about twice transformers' ``generate`` throughput here; other models use ``generate``.
 
     Returns {"done", "skipped_long", "new", "new_tokens", "seconds"} for this call."""
     out = Path(out)
@@ -120,6 +123,12 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     dev = model.device
+    fast = None
+    if use_fast:
+        from ..fast import FastTarget, supports
+
+        if supports(model)[0]:
+            fast = FastTarget(model)
     order = []
     for w0 in range(0, len(todo), sort_window):  # near-global sort, window by window
         order.extend(sorted(todo[w0:w0 + sort_window], key=lambda r: len(r[1])))
@@ -137,11 +146,15 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
             for i, (_, ids) in enumerate(batch):
                 input_ids[i, width - len(ids):] = torch.tensor(ids)
                 attn[i, width - len(ids):] = 1
-            kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
-                dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            gen = model.generate(input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)  # [B, W + new]
-            for (rid, ids), row in zip(batch, gen[:, width:].tolist()):
+            if fast is not None:
+                rows = fast_generate(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature)
+            else:
+                kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+                    dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+                gen = model.generate(input_ids=input_ids.to(dev), attention_mask=attn.to(dev),
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)  # [B, W + new]
+                rows = gen[:, width:].tolist()
+            for (rid, ids), row in zip(batch, rows):
                 resp = []
                 for t in row:
                     resp.append(t)
@@ -163,6 +176,53 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
     bar.close()
     return dict(done=len(done) + new, skipped_long=skipped, new=new, new_tokens=new_tokens,
                 seconds=time.time() - t0)
+
+
+@torch.inference_mode()
+def fast_generate(target, prompts: list[list[int]], max_new_tokens: int, eos: set[int],
+                  temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Batched decoding of left-padded prompts on a ``FastTarget``; rows leave the batch as they end.
+
+    Greedy at temperature 0 (the token-for-token reference), else plain sampling at
+    ``temperature``. Returns each prompt's new tokens, cut after its first EOS."""
+    dev = target.device
+    b, width = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.zeros(b, width, dtype=torch.long, device=dev)  # [B, W] left padded
+    valid = torch.zeros(b, width, dtype=torch.bool, device=dev)  # [B, W] real (not pad) positions
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = torch.tensor(p, device=dev)
+        valid[i, width - len(p):] = True
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, W]
+    cache = target.new_cache(batch=b, capacity=width + max_new_tokens)
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    hidden = target.batch_forward(cache, tokens, positions, causal[None] & valid[:, None, :])
+    logits = target.logits(hidden[:, -1])  # [B, V]
+    out: list[list[int]] = [[] for _ in prompts]
+    alive = torch.arange(b, device=dev)  # original prompt index of each batch row
+    ended = torch.zeros(b, dtype=torch.bool, device=dev)  # [B] rows whose answer is complete
+    key_ok = valid  # [B, S] which cache entries are real
+    pos = positions[:, -1]  # [B]
+    for step in range(max_new_tokens):
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+        else:
+            nxt = logits.argmax(-1)  # [B]
+        for j, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist())):
+            if not ended[j]:
+                out[r].append(t)
+                ended[j] = t in eos or len(out[r]) >= max_new_tokens
+        n_ended = int(ended.sum())
+        if n_ended == len(alive) or step == max_new_tokens - 1:
+            break
+        if 4 * n_ended >= len(alive):  # compact the batch now and then: a copy of the whole cache
+            keep = (~ended).nonzero().flatten()
+            alive, nxt, pos, key_ok, ended = alive[keep], nxt[keep], pos[keep], key_ok[keep], ended[keep]
+            cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
+        pos = pos + 1
+        key_ok = torch.cat([key_ok, torch.ones(len(alive), 1, dtype=torch.bool, device=dev)], dim=1)
+        hidden = target.batch_forward(cache, nxt[:, None], pos[:, None], key_ok[:, None, :])
+        logits = target.logits(hidden[:, -1])
+    return out
 
 
 def fixed_responses(tokenizer, records: list[tuple[Prompt, str]], out: str | Path, *,

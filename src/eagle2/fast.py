@@ -1,0 +1,218 @@
+"""The lean target: our own forward for Llama-style decoders, with a static KV cache.
+
+transformers' general forward costs about a millisecond of Python per layer on a CPU, which
+dominates a one-token (or sixteen-token) forward of a small model. This module runs the same
+weights in the way gpt-fast writes a model: fused q/k/v and gate/up projections, a rotary table,
+grouped-query attention straight over a preallocated cache, no per-step allocation of the
+cache. It covers the families whose layers are exactly
+
+    x = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))));  x = x + down(act(gate(n2(x))) * up(n2(x)))
+
+with RMSNorm — Llama, Qwen2 (q/k/v biases), Mistral without a sliding window. Everything else
+(Gemma 3, sliding windows, dynamic RoPE, ...) stays on ``target.Target``, the general path.
+``supports(model)`` says which, with the reason.
+
+``FastTarget`` has the same interface as ``Target`` (forward / keep / new_cache / logits), so
+the engine does not know which one it drives; ``batch_forward`` serves batched generation in
+the training pipeline. The weights are shared with (or, for the fused matrices, copied once
+from) the transformers model; a test checks the logits against transformers'.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .target import Target
+
+_FAMILIES = ("llama", "qwen2", "mistral")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def supports(model) -> tuple[bool, str]:
+    """(True, "") when the lean forward reproduces this model, else (False, why not)."""
+    cfg = model.config
+    if cfg.model_type not in _FAMILIES:
+        return False, f"no lean forward for model_type {cfg.model_type!r}"
+    if cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False):
+        if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+            return False, "sliding-window attention"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in _STATIC_ROPE:
+        return False, f"RoPE type {rope_type!r}"
+    if getattr(cfg, "hidden_act", "silu") not in _ACTS:
+        return False, f"activation {cfg.hidden_act!r}"
+    if getattr(cfg, "mlp_bias", False):
+        return False, "MLP biases"
+    layers = model.get_decoder().layers
+    if any(type(layer).__name__ != type(layers[0]).__name__ for layer in layers):
+        return False, "mixed layer types"
+    return True, ""
+
+
+class StaticCache:
+    """Preallocated keys/values for every layer: k, v [layers, batch, kv_heads, capacity, head_dim].
+
+    ``length`` entries are valid; cache index == position for every row of the batch."""
+
+    def __init__(self, n_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        self.k = torch.zeros(n_layers, batch, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more entries (doubling: reallocation is rare)."""
+        need = self.length + n
+        if need <= self.capacity:
+            return
+        cap = max(need, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:3], cap, old.shape[4])
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+
+
+class FastTarget(Target):
+    """``Target`` with the lean forward. Construct only when ``supports(model)`` holds."""
+
+    def __init__(self, model, capacity: int = 1024):
+        super().__init__(model)
+        ok, why = supports(model)
+        if not ok:
+            raise ValueError(f"the lean forward does not support this model: {why}")
+        cfg = model.config
+        self.n_heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.act = _ACTS[getattr(cfg, "hidden_act", "silu")]
+        self.capacity = capacity
+        self.norm = self.decoder.norm
+        self.layers = []
+        for layer in self.decoder.layers:
+            a, m = layer.self_attn, layer.mlp
+            qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # [(Hq + 2 Hkv) D, H]
+            qkv_b = None
+            if a.q_proj.bias is not None:
+                qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            self.layers.append(dict(
+                n1=layer.input_layernorm, n2=layer.post_attention_layernorm,
+                qkv_w=qkv_w, qkv_b=qkv_b, o_w=a.o_proj.weight, o_b=a.o_proj.bias,
+                gu_w=torch.cat([m.gate_proj.weight, m.up_proj.weight]),  # [2 I, H]
+                down_w=m.down_proj.weight))
+        self.inter = self.layers[0]["gu_w"].shape[0] // 2
+        self.scale = self.head_dim ** -0.5
+        self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _rope_tables(self, upto: int) -> None:
+        if self._cos is not None and self._cos.shape[0] >= upto:
+            return
+        n = max(upto, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
+        n = min(max(n, upto), max(self.max_len, upto))
+        pos = torch.arange(n, device=self.device)[None]
+        x = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.decoder.rotary_emb(x, pos)  # [1, n, D] each, as transformers computes them
+        self._cos, self._sin = cos[0], sin[0]
+
+    @staticmethod
+    def _rms(norm, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rot * sin
+
+    def _small_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Attention for few queries: q [B, Hq, T, D], k/v [B, Hkv, S, D], bias [B, 1, T, S].
+
+        The query heads sharing a key head are folded into the row dimension, so keys are read
+        once and never repeated; softmax in fp32 as SDPA does."""
+        b, hq, t, d = q.shape
+        hk = k.shape[1]
+        g = hq // hk
+        scores = torch.matmul(q.reshape(b, hk, g * t, d), k.transpose(-1, -2)) * self.scale  # [B, Hkv, G T, S]
+        scores = scores.view(b, hk, g, t, -1) + bias[:, :, None]  # [B, Hkv, G, T, S]
+        p = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, hk, g * t, -1)
+        return torch.matmul(p, v).view(b, hq, t, d)
+
+    def new_cache(self, capacity: int | None = None, batch: int = 1) -> StaticCache:
+        return StaticCache(len(self.layers), batch, self.kv_heads, self.head_dim, capacity or self.capacity,
+                           self.dtype, self.device)
+
+    # -- the forward --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def batch_forward(self, cache: StaticCache, tokens: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """tokens, positions: [B, T]; mask: [B, T, S] bool with S = cache.length + T (row may attend
+        column). Appends the T new keys/values at cache index cache.length.. and returns the
+        hidden states after the final norm, [B, T, H]."""
+        b, t = tokens.shape
+        past = cache.length
+        cache.reserve(t)
+        s = past + t
+        self._rope_tables(int(positions.max()) + 1)
+        cos = self._cos[positions][:, None]  # [B, 1, T, D]
+        sin = self._sin[positions][:, None]
+        hq, hk, d = self.n_heads, self.kv_heads, self.head_dim
+        g = hq // hk
+        neg = torch.finfo(self.dtype).min
+        bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, neg)
+        bias = bias[:, None]  # [B, 1, T, S]
+        x = self.embed(tokens)  # [B, T, H]
+        for i, L in enumerate(self.layers):
+            h = self._rms(L["n1"], x)
+            qkv = F.linear(h, L["qkv_w"], L["qkv_b"])  # [B, T, (Hq + 2 Hkv) D]
+            q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+            q = self._rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
+            k = self._rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+            cache.k[i, :, :, past:s] = k
+            cache.v[i, :, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
+            keys, vals = cache.k[i, :, :, :s], cache.v[i, :, :, :s]  # [B, Hkv, S, D]
+            if t <= 4:  # decode steps: CPU SDPA is up to 10x slower than two batched matmuls here
+                o = self._small_attention(q, keys, vals, bias)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=self.scale,
+                                                   enable_gqa=g > 1)  # [B, Hq, T, D]
+            x = x + F.linear(o.transpose(1, 2).reshape(b, t, hq * d), L["o_w"], L["o_b"])
+            h = self._rms(L["n2"], x)
+            gate, up = F.linear(h, L["gu_w"]).split(self.inter, dim=-1)
+            x = x + F.linear(self.act(gate) * up, L["down_w"])
+        cache.length = s
+        return self._rms(self.norm, x)
+
+    def forward(self, cache: StaticCache, tokens: Tensor, positions: Tensor, allowed: Tensor | None,
+                logits_rows: Tensor | slice | None = None) -> tuple[Tensor, Tensor]:
+        """Same contract as ``Target.forward`` (batch of one)."""
+        past = cache.length
+        t = tokens.shape[0]
+        if allowed is None:
+            causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+            allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), causal], dim=1)
+        hidden = self.batch_forward(cache, tokens[None], positions[None], allowed[None])[0]  # [T, H]
+        rows = hidden if logits_rows is None else hidden[logits_rows]
+        return self.logits(rows), hidden
+
+    @staticmethod
+    @torch.inference_mode()
+    def keep(cache: StaticCache, start: int, nodes: Tensor) -> None:
+        """Compact in place: entries start + nodes move to start.. ; length = start + len(nodes)."""
+        n = int(nodes.shape[0])
+        src = nodes + start
+        if not bool((src == torch.arange(start, start + n, device=src.device)).all()):
+            cache.k[:, :, :, start:start + n] = cache.k[:, :, :, src]
+            cache.v[:, :, :, start:start + n] = cache.v[:, :, :, src]
+        cache.length = start + n
