@@ -56,6 +56,12 @@ def test_bench_tiny_all_methods(tiny_chat_generator, questions, tmp_path, monkey
     assert saved["total_tokens_curve"]["vanilla_tokens_per_s"] > 0
     assert r["methods"]["eagle2"]["tokens_per_s"] == saved["methods"]["eagle2"]["tokens_per_s"]
     assert "| eagle2 |" in (out / "results.md").read_text()
+    prof = saved["methods"]["eagle2"]["round_profile_ms"]
+    assert prof["rounds"] > 0 and prof["verify"] > 0 and prof["draft"] > 0
+    assert abs(prof["draft"] + prof["verify"] + prof["other"] - prof["total"]) < 0.05
+    rates = saved["methods"]["eagle2"]["accept_rate_per_depth"]
+    assert rates and all(0 <= x <= 1 for x in rates)
+    assert "round_profile_ms" not in saved["methods"]["hf"]
 
 
 def test_bench_cli_user_errors(tmp_path, questions, capsys):
@@ -69,6 +75,16 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
     assert "unknown category" in capsys.readouterr().err
     assert main(["tune", "--total-tokens", "8,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_accept_rate_per_depth_and_round_profile():
+    from eagle2.bench import Answer, accept_rate_per_depth, round_profile
+
+    assert accept_rate_per_depth([0, 1, 1, 3]) == [0.75, 0.3333, 1.0, 0.0]
+    a = Answer([1] * 10, "", 1.0, forwards=5, phases=dict(prefill=0.2, draft=0.3, verify=0.4))
+    p = round_profile([a])
+    assert p["rounds"] == 4 and p["draft"] == 75.0 and p["verify"] == 100.0 and p["other"] == 25.0
+    assert p["total"] == 200.0 and p["prefill_per_prompt"] == 200.0
 
 
 def test_load_questions_real_files():

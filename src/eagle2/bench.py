@@ -138,6 +138,7 @@ class Answer:
     forwards: int | None = None  # target forwards (prefill included), when known
     accept_lengths: list = field(default_factory=list)
     draft_confidence: list = field(default_factory=list)
+    phases: dict = field(default_factory=dict)  # engine methods: prefill / draft / verify seconds
 
 
 class _EngineRunner:
@@ -149,8 +150,9 @@ class _EngineRunner:
         r = self.gen.generate(messages, max_new_tokens=max_new_tokens, method=self.method, temperature=temperature,
                               seed=seed, **self.tree_kw)
         dt = time.perf_counter() - t0
-        return Answer(list(r.token_ids), r.text, dt, r.stats.rounds, list(r.stats.accept_lengths),
-                      list(r.stats.draft_confidence))
+        st = r.stats
+        return Answer(list(r.token_ids), r.text, dt, st.rounds, list(st.accept_lengths), list(st.draft_confidence),
+                      dict(prefill=st.prefill_seconds, draft=st.draft_seconds, verify=st.verify_seconds))
 
 
 class _HFRunner:
@@ -273,6 +275,30 @@ def _aggregate(records: list[dict], methods: list[str]) -> dict:
             for m in out:
                 out[m][f"speedup_vs_{base}"] = round(out[m]["tokens_per_s"] / b, 3)
     return out
+
+
+def accept_rate_per_depth(accept_lengths: list[int]) -> list[float]:
+    """P(the depth-d draft token is accepted | depth d-1 was), d = 1.. : where drafts stop paying."""
+    rates = []
+    for d in range(1, (max(accept_lengths) if accept_lengths else 0) + 2):
+        reached = sum(1 for a in accept_lengths if a >= d - 1)
+        if not reached:
+            break
+        rates.append(round(sum(1 for a in accept_lengths if a >= d) / reached, 4))
+    return rates
+
+
+def round_profile(answers: list) -> dict:
+    """Where an engine round's time goes, in ms per round (prefill: ms per prompt)."""
+    rounds = sum((a.forwards or 1) - 1 for a in answers)  # verification forwards (the prefill excluded)
+    tot = {k: sum(a.phases.get(k, 0.0) for a in answers) for k in ("prefill", "draft", "verify")}
+    wall = sum(a.seconds for a in answers)
+    other = wall - sum(tot.values())
+    if not rounds:
+        return {}
+    return dict(rounds=rounds, draft=round(1e3 * tot["draft"] / rounds, 2), verify=round(1e3 * tot["verify"] / rounds, 2),
+                other=round(1e3 * other / rounds, 2), total=round(1e3 * (wall - tot["prefill"]) / rounds, 2),
+                prefill_per_prompt=round(1e3 * tot["prefill"] / max(len(answers), 1), 2))
 
 
 def calibration_bins(pairs: list, n_bins: int = 10) -> list[dict]:
@@ -430,6 +456,11 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     for m, v in accept_lengths.items():
         if m in overall:
             overall[m]["accept_length_hist"] = {str(k): v.count(k) for k in sorted(set(v))}
+            overall[m]["accept_rate_per_depth"] = accept_rate_per_depth(v)
+    for m in active:
+        if m in ENGINE_METHODS and m in overall:
+            overall[m]["round_profile_ms"] = round_profile([a for (_, mm), al in answers.items() if mm == m
+                                                            for a in al])
 
     # tokens/s against total_tokens: tune's measured curve when present, else a small sweep.
     curve, curve_source, curve_vanilla = None, None, None
@@ -496,6 +527,19 @@ def render_markdown(r: dict) -> str:
                      f"| {_f(s['mean_accept_len'])} | {s['new_tokens']} | {s['seconds']:.2f} | {_f(gi)} |")
     if r["greedy_reference"]:
         lines += ["", f"Greedy identical: fraction of prompts whose new token ids equal `{r['greedy_reference']}`'s."]
+    prof = {n: s["round_profile_ms"] for n, s in m.items() if s.get("round_profile_ms")}
+    if prof:
+        lines += ["", "## One round, ms (draft = head commit + tree growth; verify = target forward + acceptance "
+                  "+ cache compaction; other = detokenization, stop checks, Python)", "",
+                  "| method | draft | verify | other | total per round | prefill per prompt |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for n, p in prof.items():
+            lines.append(f"| {n} | {p['draft']} | {p['verify']} | {p['other']} | {p['total']} | {p['prefill_per_prompt']} |")
+    rates = {n: s["accept_rate_per_depth"] for n, s in m.items() if s.get("accept_rate_per_depth")}
+    if rates:
+        lines += ["", "## Acceptance rate per draft depth (P(depth d accepted | depth d-1 accepted))", ""]
+        for n, v in rates.items():
+            lines.append(f"- {n}: " + ", ".join(f"d{d + 1} {x:.2f}" for d, x in enumerate(v)))
     for note in r.get("skipped", {}).items():
         lines.append(f"- {note[0]}: {note[1]}")
     lines += ["", "## Per category", "", "tokens/s (speedup vs hf, tau)", ""]

@@ -9,7 +9,8 @@ import warnings
 from ..config import METHODS, TreeConfig
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, draft_vocab: bool = True) -> None:
+    """--model/--head/--dtype/--device/--backend, and --draft-vocab unless the command defines its own."""
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m), HF model directory, .gguf file or hub id (default: %(default)s)")
     p.add_argument("--head", default=None,
@@ -21,6 +22,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="target forward: auto = our lean forward for Llama/Qwen2/Mistral-style models (logits equal "
                         "to transformers'), transformers' otherwise; transformers = always the general path "
                         "(default: %(default)s)")
+    if not draft_vocab:
+        return
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="FR-Spec: draft only over the first N tokens of the head's frequency list (default: the "
                         "head's whole list; 0 = the full vocabulary). Output is exact either way")

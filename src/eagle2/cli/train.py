@@ -36,7 +36,7 @@ Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-he
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a draft head for a model (self-distillation, resumable)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_args(p)
+    _model_args(p, draft_vocab=False)
     p.add_argument("--stages", default="responses,features,train,export",
                    help="comma-separated stages to run, in order (default: %(default)s)")
     p.add_argument("--run-dir", default=None, help="cache directory of this run (default: $EAGLE2_CACHE/runs/<model>)")
