@@ -1,0 +1,85 @@
+"""Where one EAGLE-2 round spends its time, lever by lever (issue 6's before/after profile).
+
+Configurations, run interleaved over the same MT-bench first turns (greedy, same dtype):
+
+    before      transformers backend (general path), draft over the full vocabulary
+    +lean       our lean forward (static KV cache, fused projections, small-query attention)
+    +frspec     lean forward + the head's FR-Spec draft vocabulary (the shipped default)
+
+plus plain `vanilla` decoding on each backend. Per configuration it prints the median over
+prompts of tokens/s and, summed over all rounds, milliseconds per round in draft (commit of the
+accepted pairs + tree growth + rerank), verify (target forward over the tree, acceptance, KV
+compaction) and other (stop/EOS checks, detokenizing, Python around the loop).
+
+Usage: python tools/profile_round.py [--limit 8] [--max-new-tokens 128] [--dtype bfloat16] [--json out.json]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import eagle2
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--head", default=None)
+    ap.add_argument("--limit", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    gens = {b: eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=b) for b in ("transformers", "fast")}
+    configs = {  # name -> (backend, method, draft_vocab: None = head's list, 0 = full vocabulary)
+        "vanilla (transformers)": ("transformers", "vanilla", 0),
+        "vanilla (lean)": ("fast", "vanilla", 0),
+        "eagle2 before (transformers, full vocab)": ("transformers", "eagle2", 0),
+        "eagle2 +lean forward": ("fast", "eagle2", 0),
+        "eagle2 +lean +FR-Spec (default)": ("fast", "eagle2", None),
+    }
+    qs = [json.loads(l) for l in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
+    qs = qs[:: max(1, len(qs) // args.limit)][: args.limit]
+    for g in gens.values():
+        g.generate("warm up", max_new_tokens=16)
+    rows = {name: dict(tps=[], rounds=0, forwards=0, new=0, draft=0.0, verify=0.0, other=0.0, decode=0.0) for name in configs}
+    for qi, q in enumerate(qs):
+        msgs = [{"role": "user", "content": q["turns"][0]}]
+        for name, (backend, method, dv) in configs.items():
+            g = gens[backend]
+            g.drafter.set_draft_vocab(dv)
+            s = g.generate(msgs, max_new_tokens=args.max_new_tokens, method=method).stats
+            r = rows[name]
+            r["tps"].append(s.tokens_per_s)
+            r["rounds"] += s.rounds - 1  # decode rounds (the prefill forward is not one)
+            r["forwards"] += s.rounds
+            r["new"] += s.new_tokens
+            r["draft"] += s.draft_seconds
+            r["verify"] += s.verify_seconds
+            r["decode"] += s.seconds - s.prefill_seconds
+            r["other"] += s.seconds - s.prefill_seconds - s.draft_seconds - s.verify_seconds
+        print(f"prompt {qi + 1}/{len(qs)} done", file=sys.stderr)
+    table = []
+    print(f"{'configuration':44s} {'tok/s':>7s} {'tau':>5s} {'ms/round':>8s} {'draft':>6s} {'verify':>6s} {'other':>6s}")
+    for name, r in rows.items():
+        n = max(1, r["rounds"])
+        row = dict(config=name, tokens_per_s=statistics.median(r["tps"]), tau=r["new"] / max(1, r["forwards"]),  # mean accept length as the engine defines it
+                  
+                   ms_per_round=1e3 * r["decode"] / n, draft_ms=1e3 * r["draft"] / n,
+                   verify_ms=1e3 * r["verify"] / n, other_ms=1e3 * r["other"] / n)
+        table.append(row)
+        print(f"{name:44s} {row['tokens_per_s']:7.1f} {row['tau']:5.2f} {row['ms_per_round']:8.1f} "
+              f"{row['draft_ms']:6.1f} {row['verify_ms']:6.1f} {row['other_ms']:6.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), rows=table), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
