@@ -96,6 +96,8 @@ def test_load_questions_real_files():
     qs = load_questions(path, limit=3, categories="coding,math")
     assert len(qs) == 3 and {q["category"] for q in qs} <= {"coding", "math"}
     assert all(len(q["turns"]) == 2 for q in qs)
+    spread = load_questions(path, limit=8)  # a small limit is spread over the categories, not a prefix
+    assert len({q["category"] for q in spread}) == 8
 
 
 def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch):

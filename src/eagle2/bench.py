@@ -37,6 +37,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -71,7 +72,8 @@ def parse_methods(text: str | list | tuple) -> list[str]:
 
 
 def load_questions(path, limit: int | None = None, categories=None) -> list[dict]:
-    """Read a FastChat question file; keep the given categories (in file order), then the first ``limit``."""
+    """Read a FastChat question file; keep the given categories, then ``limit`` questions taken
+    round-robin over the categories (file order within each), so a small limit still covers them all."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"questions file not found: {path}")
@@ -102,7 +104,12 @@ def load_questions(path, limit: int | None = None, categories=None) -> list[dict
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1; got {limit}")
-        questions = questions[:limit]
+        by_cat: dict[str, list[dict]] = {}
+        for q in questions:
+            by_cat.setdefault(q["category"], []).append(q)
+        picked = [q for rank in zip_longest(*by_cat.values()) for q in rank if q is not None][:limit]
+        order = {id(q): i for i, q in enumerate(questions)}
+        questions = sorted(picked, key=lambda q: order[id(q)])
     return questions
 
 
@@ -456,7 +463,7 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     for m, v in accept_lengths.items():
         if m in overall:
             overall[m]["accept_length_hist"] = {str(k): v.count(k) for k in sorted(set(v))}
-            overall[m]["accept_rate_per_depth"] = accept_rate_per_depth(v)
+            overall[m]["accept_rate_per_depth"] = accept_rate_per_depth(v)[: tree["depth"]]  # no deeper drafts
     for m in active:
         if m in ENGINE_METHODS and m in overall:
             overall[m]["round_profile_ms"] = round_profile([a for (_, mm), al in answers.items() if mm == m

@@ -29,7 +29,7 @@ def register(sub) -> None:
     b.add_argument("--questions", default=None,
                    help="FastChat question file (.jsonl: question_id, category, turns) "
                         "(default: <repo>/../shared/data/eval/mt_bench_question.jsonl)")
-    b.add_argument("--limit", type=int, default=None, help="first N questions (after --categories)")
+    b.add_argument("--limit", type=int, default=None, help="N questions (after --categories), taken round-robin over the categories")
     b.add_argument("--categories", default=None, help="comma-separated categories to keep, e.g. coding,math")
     b.add_argument("--turns", type=int, default=2, choices=[1, 2],
                    help="turns per question; the 2nd is conditioned on the method's own 1st answer (default: 2)")
