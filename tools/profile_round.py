@@ -2,9 +2,10 @@
 
 Configurations, run interleaved over the same MT-bench first turns (greedy, same dtype):
 
-    before      transformers backend (general path), draft over the full vocabulary
+    before      transformers backend (general path), draft over the full vocabulary, plain F.linear
     +lean       our lean forward (static KV cache, fused projections, small-query attention)
-    +frspec     lean forward + the head's FR-Spec draft vocabulary (the shipped default)
+    +frspec     lean forward + the head's FR-Spec draft vocabulary
+    +packed     + bf16 weights prepacked for oneDNN in target and draft (kernels.py; the default)
 
 plus plain `vanilla` decoding on each backend. Per configuration it prints the median over
 prompts of tokens/s and, summed over all rounds, milliseconds per round in draft (commit of the
@@ -22,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import eagle2
+from eagle2 import kernels
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -36,13 +38,19 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    gens = {b: eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=b) for b in ("transformers", "fast")}
-    configs = {  # name -> (backend, method, draft_vocab: None = head's list, 0 = full vocabulary)
+    gens = {}
+    for name, backend, packed in (("transformers", "transformers", False), ("fast", "fast", False),
+                                  ("fast+packed", "fast", True)):
+        kernels.ENABLED = packed  # read when a generator is built
+        gens[name] = eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=backend)
+    configs = {  # name -> (generator, method, draft_vocab: None = head's list, 0 = full vocabulary)
         "vanilla (transformers)": ("transformers", "vanilla", 0),
         "vanilla (lean)": ("fast", "vanilla", 0),
+        "vanilla (lean + packed linears)": ("fast+packed", "vanilla", 0),
         "eagle2 before (transformers, full vocab)": ("transformers", "eagle2", 0),
         "eagle2 +lean forward": ("fast", "eagle2", 0),
-        "eagle2 +lean +FR-Spec (default)": ("fast", "eagle2", None),
+        "eagle2 +lean +FR-Spec": ("fast", "eagle2", None),
+        "eagle2 +lean +FR-Spec +packed (default)": ("fast+packed", "eagle2", None),
     }
     qs = [json.loads(l) for l in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
     qs = qs[:: max(1, len(qs) // args.limit)][: args.limit]

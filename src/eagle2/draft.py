@@ -14,6 +14,7 @@ Round protocol (the engine calls, in order):
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from .config import TreeConfig
 from .draft_head import DraftHead
+from .kernels import linear, pack_linears
 from .target import Target
 from .tree import Tree, build_tree, expand, rerank, select_frontier, static_tree_parents, static_tree_paths
 
@@ -43,8 +45,10 @@ class Drafter:
         """draft_vocab: propose only the first N tokens of the head's draft vocabulary (None:
         all of it; 0: the full vocabulary). Heads without one draft over the full vocabulary."""
         self.target = target
-        self.head = head.to(device=target.device, dtype=target.dtype).eval()
-        self.head.requires_grad_(False)
+        # An inference copy in the target's dtype with prepacked linears (kernels.py); the
+        # caller's head object is left as it was.
+        inference = copy.deepcopy(head).to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
+        self.head = pack_linears(inference)
         self.vocab_ids: Tensor | None = None  # [N] token id of each draft logit column
         self.set_draft_vocab(draft_vocab)
         self.k: Tensor | None = None  # [1, Hkv, L, D]
@@ -54,7 +58,7 @@ class Drafter:
     def set_draft_vocab(self, n: int | None) -> None:
         ids = self.head.draft_vocab
         if ids is None or n == 0:
-            self.vocab_ids = self._lm_w = self._lm_b = None
+            self.vocab_ids = self._lm = None
             return
         if n is not None:
             if n < 1:
@@ -62,9 +66,8 @@ class Drafter:
             ids = ids[:n]
         w = self.target.lm_head.weight
         self.vocab_ids = ids.to(w.device)
-        self._lm_w = w[self.vocab_ids].contiguous()  # [N, H]: the draft's own small lm_head
         b = getattr(self.target.lm_head, "bias", None)
-        self._lm_b = None if b is None else b[self.vocab_ids].contiguous()
+        self._lm = linear(w[self.vocab_ids], None if b is None else b[self.vocab_ids])  # the draft's own [N, H] lm_head
 
     def reset(self) -> None:
         self.k = self.v = None
@@ -99,7 +102,7 @@ class Drafter:
         token ``self._token(j)``)."""
         if self.vocab_ids is None:
             return torch.log_softmax(self.target.logits(out), dim=-1)  # [.., V]
-        logits = torch.nn.functional.linear(out, self._lm_w, self._lm_b).float()
+        logits = self._lm(out).float()
         if self.target.softcap:
             logits = torch.tanh(logits / self.target.softcap) * self.target.softcap
         return torch.log_softmax(logits, dim=-1)

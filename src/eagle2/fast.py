@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import linear
 from .target import Target
 
 _FAMILIES = ("llama", "qwen2", "mistral")
@@ -105,12 +106,13 @@ class FastTarget(Target):
             qkv_b = None
             if a.q_proj.bias is not None:
                 qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            self.layers.append(dict(
+            gu_w = torch.cat([m.gate_proj.weight, m.up_proj.weight])  # [2 I, H]
+            self.layers.append(dict(  # projections: x -> x @ W.T + b (prepacked where exact, kernels.py)
                 n1=layer.input_layernorm, n2=layer.post_attention_layernorm,
-                qkv_w=qkv_w, qkv_b=qkv_b, o_w=a.o_proj.weight, o_b=a.o_proj.bias,
-                gu_w=torch.cat([m.gate_proj.weight, m.up_proj.weight]),  # [2 I, H]
-                down_w=m.down_proj.weight))
-        self.inter = self.layers[0]["gu_w"].shape[0] // 2
+                qkv=linear(qkv_w, qkv_b), o=linear(a.o_proj.weight, a.o_proj.bias),
+                gu=linear(gu_w), down=linear(m.down_proj.weight)))
+        self.inter = int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0])
+        self._lm = linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))
         self.scale = self.head_dim ** -0.5
         self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
 
@@ -150,6 +152,13 @@ class FastTarget(Target):
         p = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, hk, g * t, -1)
         return torch.matmul(p, v).view(b, hq, t, d)
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[..., H] features -> [..., V] fp32 logits (the lm_head prepacked where exact)."""
+        out = self._lm(hidden).float()
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> StaticCache:
         return StaticCache(len(self.layers), batch, self.kv_heads, self.head_dim, capacity or self.capacity,
                            self.dtype, self.device)
@@ -175,7 +184,7 @@ class FastTarget(Target):
         x = self.embed(tokens)  # [B, T, H]
         for i, L in enumerate(self.layers):
             h = self._rms(L["n1"], x)
-            qkv = F.linear(h, L["qkv_w"], L["qkv_b"])  # [B, T, (Hq + 2 Hkv) D]
+            qkv = L["qkv"](h)  # [B, T, (Hq + 2 Hkv) D]
             q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
             q = self._rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
             k = self._rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
@@ -187,10 +196,10 @@ class FastTarget(Target):
             else:
                 o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=self.scale,
                                                    enable_gqa=g > 1)  # [B, Hq, T, D]
-            x = x + F.linear(o.transpose(1, 2).reshape(b, t, hq * d), L["o_w"], L["o_b"])
+            x = x + L["o"](o.transpose(1, 2).reshape(b, t, hq * d))
             h = self._rms(L["n2"], x)
-            gate, up = F.linear(h, L["gu_w"]).split(self.inter, dim=-1)
-            x = x + F.linear(self.act(gate) * up, L["down_w"])
+            gate, up = L["gu"](h).split(self.inter, dim=-1)
+            x = x + L["down"](self.act(gate) * up)
         cache.length = s
         return self._rms(self.norm, x)
 
