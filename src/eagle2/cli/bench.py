@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .common import _load, _model_args
+from ..config import TreeConfig
 
 
 def _default_questions() -> str:
@@ -38,9 +39,9 @@ def register(sub) -> None:
     b.add_argument("--seed", type=int, default=0, help="base seed for sampling (default: %(default)s)")
     b.add_argument("--methods", default="hf,pld,vanilla,eagle1,eagle2",
                    help="comma-separated: hf, pld, vanilla, chain, eagle1, eagle2, llamacpp (default: %(default)s)")
-    b.add_argument("--total-tokens", type=int, default=None, help="tree nodes per round (default: tuned, else 16)")
-    b.add_argument("--depth", type=int, default=None, help="draft depth (default: tuned, else 5)")
-    b.add_argument("--tree-top-k", type=int, default=None, help="children per expanded node (default: tuned, else 4)")
+    b.add_argument("--total-tokens", type=int, default=None, help=f"tree nodes per round (default: tuned, else {TreeConfig.total_tokens})")
+    b.add_argument("--depth", type=int, default=None, help=f"draft depth (default: tuned, else {TreeConfig.depth})")
+    b.add_argument("--tree-top-k", type=int, default=None, help=f"children per expanded node (default: tuned, else {TreeConfig.top_k})")
     b.add_argument("--prompt-lookup", type=int, default=10,
                    help="pld: prompt_lookup_num_tokens (default: %(default)s)")
     b.add_argument("--sweep", default="auto",
