@@ -4,7 +4,8 @@ transformers' general forward costs about a millisecond of Python per layer on a
 dominates a one-token (or sixteen-token) forward of a small model. This module runs the same
 weights in the way gpt-fast writes a model: fused q/k/v and gate/up projections, a rotary table,
 grouped-query attention straight over a preallocated cache, no per-step allocation of the
-cache. It covers the families whose layers are exactly
+cache. Every projection and the lm_head go through ``kernels.linear`` (bf16 weights prepacked
+for oneDNN on a CPU, bit-identical to ``F.linear``). It covers the families whose layers are exactly
 
     x = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))));  x = x + down(act(gate(n2(x))) * up(n2(x)))
 
@@ -112,7 +113,7 @@ class FastTarget(Target):
                 qkv=linear(qkv_w, qkv_b), o=linear(a.o_proj.weight, a.o_proj.bias),
                 gu=linear(gu_w), down=linear(m.down_proj.weight)))
         self.inter = int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0])
-        self._lm = linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))
+        self._lm = linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))  # used by Target.logits
         self.scale = self.head_dim ** -0.5
         self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
 
@@ -151,13 +152,6 @@ class FastTarget(Target):
         scores = scores.view(b, hk, g, t, -1) + bias[:, :, None]  # [B, Hkv, G, T, S]
         p = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, hk, g * t, -1)
         return torch.matmul(p, v).view(b, hq, t, d)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """[..., H] features -> [..., V] fp32 logits (the lm_head prepacked where exact)."""
-        out = self._lm(hidden).float()
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> StaticCache:
         return StaticCache(len(self.layers), batch, self.kv_heads, self.head_dim, capacity or self.capacity,

@@ -55,6 +55,7 @@ class Target:
         self.embed = model.get_input_embeddings()
         if self.decoder is None or self.lm_head is None or self.embed is None:
             raise UnsupportedModelError(f"{type(model).__name__} does not expose decoder / embeddings / lm_head")
+        self._lm = self.lm_head  # hidden -> logits in the model dtype (FastTarget swaps in a prepacked one)
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         window = getattr(cfg, "sliding_window", None)
         if getattr(cfg, "use_sliding_window", True) is False:
@@ -96,7 +97,7 @@ class Target:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[..., H] features -> [..., V] fp32 logits, as the model's own forward computes them."""
-        out = self.lm_head(hidden).float()
+        out = self._lm(hidden).float()
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
