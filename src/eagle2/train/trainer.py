@@ -18,7 +18,6 @@ this module does not read responses or compute features (it gets examples from f
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -166,10 +165,12 @@ def head_loss(head: DraftHead, embed, lm_head_weight: Tensor, batch: dict[str, T
 
 
 def acceptance(model, tokenizer, head: DraftHead, prompts: list, max_new_tokens: int = 64, tree=None) -> dict:
-    """Greedy EAGLE-2 decoding of ``prompts`` with a copy of ``head``: tau = new tokens / target forwards."""
+    """Greedy EAGLE-2 decoding of ``prompts`` with ``head``: tau = new tokens / target forwards.
+
+    The drafter decodes with its own inference copy, so the training head is left untouched."""
     from ..api import Eagle2Generator
 
-    gen = Eagle2Generator(model, tokenizer, copy.deepcopy(head).float(), tree=tree)
+    gen = Eagle2Generator(model, tokenizer, head, tree=tree)
     new = rounds = 0
     per = []
     for pr in prompts:
