@@ -17,13 +17,16 @@ to continue where it stopped), each with a progress bar and ETA, all cached in -
              GSM8K/GPTeacher, or JSONL of {"prompt"} / {"messages"} / {"conversations"}), default the
              project mix in ../shared/data/train. --fixed-responses uses the files' reference answers
              (GSM8K answer, GPTeacher response, first assistant turn) instead of generating.
-  features   the target runs over prompt + response; its last hidden states (after the final norm,
+  features   (captured by the responses stage on Llama-style targets, so usually nothing is left)
+             the target runs over prompt + response; its last hidden states (after the final norm,
              bf16) and tokens of the assistant part plus --context prompt tokens are stored in
              safetensors shards (resumable by shard). --stream skips this stage and computes
              features on the fly during training (for big targets).
   train      the head learns to predict the next feature: SmoothL1 + 0.1 x soft cross-entropy of the
              target's next-token distribution, assistant positions only, uniform feature noise,
-             AdamW (0.9, 0.95), warm-up, grad clip 0.5, bf16 autocast. Checkpoints every few minutes
+             AdamW (0.9, 0.95), warm-up, grad clip 0.5, bf16 autocast. With --ttt-steps K the head
+             is also unrolled K-1 steps on its own predictions (training-time test), so deeper
+             draft levels are trained on the inputs they really get. --init-head fine-tunes. Checkpoints every few minutes
              (resume is exact); every --eval-every steps it decodes held-out prompts with EAGLE-2 and
              keeps the head with the best mean acceptance length.
   export     writes the head in the released EAGLE layout (config.json + model.safetensors) with a
@@ -62,6 +65,13 @@ def register(sub) -> None:
     p.add_argument("--eval-every", type=int, default=200, help="steps between acceptance checks (default: %(default)s)")
     p.add_argument("--eval-max-new-tokens", type=int, default=64,
                    help="tokens decoded per held-out prompt in each acceptance check (default: %(default)s)")
+    p.add_argument("--ttt-steps", type=int, default=3,
+                   help="training-time test: unroll the head this many steps on its own predicted features, as "
+                        "the drafter does at depths 2, 3, ... (1: plain EAGLE training; default: %(default)s)")
+    p.add_argument("--ttt-decay", type=float, default=0.8,
+                   help="loss weight of unrolled step k is DECAY**k (default: %(default)s)")
+    p.add_argument("--init-head", default=None, metavar="DIR",
+                   help="start from this trained head (released layout) instead of random weights: fine-tuning")
     p.add_argument("--no-fc-bias", action="store_true", help="train fc without a bias (what some vLLM versions load)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps in total (resumable)")
@@ -92,7 +102,8 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
                       noise=args.noise, ce_vocab=args.ce_vocab, eval_every=args.eval_every,
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
-                      max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias)
+                      max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias, ttt_steps=args.ttt_steps,
+                      ttt_decay=args.ttt_decay, init_head=args.init_head)
     import torch
 
     from ..models import load_target

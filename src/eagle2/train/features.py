@@ -4,10 +4,13 @@ The frozen target runs over each conversation (prompt ids + response ids from st
 its last hidden states (after the final norm: the EAGLE features, bf16) and the tokens for the
 assistant part plus ``context`` prompt tokens before it. The head is trained on that window.
 
-On disk: ``features/shard-NNNNN.safetensors``, shard k holding responses records
-[k * shard_size, (k + 1) * shard_size) in file order, written atomically (temp file + rename),
-so an interrupted run resumes by shard. A trailing partial shard is redone when more responses
-have arrived since. Tensors per shard (N = total stored tokens, n = examples):
+When the target runs on the lean forward, the responses stage captures these features while it
+generates (the forward that produces token t_{i+1} already computes f_i), writes them as shards
+and this stage only fills in the records that have none: no second pass over the data.
+
+On disk: ``features/shard-NNNNN.safetensors``, each covering the responses records named in its
+``ids`` metadata, written atomically (temp file + rename), so an interrupted run resumes by
+shard. Tensors per shard (N = total stored tokens, n = examples):
 ``hidden`` [N, H] bf16, ``tokens`` [N] int64, ``offsets`` [n + 1] int64 (example i is rows
 offsets[i]:offsets[i+1]), ``start`` [n] int64 (index in the window of the first assistant
 token), ``pos0`` [n] int64 (absolute position of the window's first token).
@@ -18,6 +21,7 @@ This module runs the target but knows nothing about the head or the loss.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,74 +114,122 @@ def _shard_path(d: Path, k: int) -> Path:
     return d / f"shard-{k:05d}.safetensors"
 
 
-def _shard_count(path: Path) -> int | None:
-    """Number of responses records a finished shard covers (None if absent / unreadable)."""
-    if not path.exists():
-        return None
+def _shard_ids(path: Path) -> list[str] | None:
+    """Responses ids a finished shard covers, in row order (None if absent / unreadable / old format)."""
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            return int(f.metadata()["records"])
+            ids = f.metadata().get("ids")
+        return json.loads(ids) if ids is not None else None
     except Exception:
         return None
+
+
+def covered_ids(out_dir: str | Path) -> set[str]:
+    """Ids of every responses record that some shard in ``out_dir`` already holds."""
+    done: set[str] = set()
+    for path in Path(out_dir).glob("shard-*.safetensors"):
+        done.update(_shard_ids(path) or [])
+    return done
+
+
+def write_shard(out_dir: str | Path, ids: list[str], examples: list[tuple[str, Example]], hidden_size: int,
+                context: int) -> Path:
+    """Write one shard (atomically) under the next free index. ``ids``: the responses records it
+    covers (a record without assistant tokens gives no example but is covered all the same);
+    ``examples``: (record id, example) pairs."""
+    example_ids = [i for i, _ in examples]
+    examples = [e for _, e in examples]
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[6:11]) for p in out_dir.glob("shard-*.safetensors") if p.name[6:11].isdigit()]
+    path = _shard_path(out_dir, max(taken, default=-1) + 1)
+    lens = torch.tensor([0] + [len(e.tokens) for e in examples], dtype=torch.long)
+    tensors = {
+        "hidden": (torch.cat([e.hidden for e in examples]) if examples
+                   else torch.zeros(0, hidden_size, dtype=torch.bfloat16)).contiguous(),  # [N, H] bf16
+        "tokens": torch.cat([e.tokens for e in examples]) if examples else torch.zeros(0, dtype=torch.long),  # [N]
+        "offsets": lens.cumsum(0),  # [n + 1]
+        "start": torch.tensor([e.start for e in examples], dtype=torch.long),  # [n]
+        "pos0": torch.tensor([e.pos0 for e in examples], dtype=torch.long),  # [n]
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"records": str(len(ids)), "ids": json.dumps(list(ids)),
+                                           "example_ids": json.dumps(example_ids), "context": str(context)})
+    os.replace(tmp, path)
+    return path
+
+
+def example_from_generation(prompt_ids: list[int], response_ids: list[int], hidden: Tensor,
+                            context: int) -> Example | None:
+    """The training window of a conversation whose features were captured while generating it.
+
+    hidden: [P + n, H], the features of the prompt and of the first n response tokens (the
+    last generated token is never fed back, so n may be len(response) - 1)."""
+    p = len(prompt_ids)
+    ids = list(prompt_ids) + list(response_ids)[: hidden.shape[0] - p]
+    if p >= len(ids) - 1:
+        return None
+    s = max(0, p - context)
+    return Example(hidden=hidden[s:len(ids)].to(torch.bfloat16).clone(), tokens=torch.tensor(ids[s:], dtype=torch.long),
+                   start=p - s, pos0=s)
 
 
 def build_features(model, responses: str | Path, out_dir: str | Path, *, shard_size: int = 64, context: int = 32,
                    max_len: int = 1024, batch_size: int = 4, exclude: set[str] | None = None,
                    progress: bool = True, max_seconds: float | None = None) -> dict:
-    """Compute every missing shard. Returns {"shards", "examples", "tokens", "new_shards"}."""
+    """Compute the features of every responses record that no shard holds yet (records whose
+    features were captured by the responses stage are skipped). Returns {"shards", "new_shards",
+    "complete"}."""
     import time
-
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = [r for r in read_responses(responses) if not exclude or r["id"] not in exclude]
-    n_shards = (len(records) + shard_size - 1) // shard_size
-    todo = []
-    for k in range(n_shards):
-        want = min(shard_size, len(records) - k * shard_size)
-        if _shard_count(_shard_path(out_dir, k)) != want:
-            todo.append(k)
+    for tmp in out_dir.glob("*.tmp"):
+        tmp.unlink()
+    done = covered_ids(out_dir)
+    records = [r for r in read_responses(responses)
+               if (not exclude or r["id"] not in exclude) and r["id"] not in done]
+    chunks = [records[k:k + shard_size] for k in range(0, len(records), shard_size)]
     t0, new = time.time(), 0
-    bar = tqdm(total=n_shards, initial=n_shards - len(todo), desc="features", unit="shard", disable=not progress,
-               dynamic_ncols=True)
-    for k in todo:
+    bar = tqdm(total=len(chunks), desc="features", unit="shard", disable=not progress, dynamic_ncols=True)
+    for recs in chunks:
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
-        recs = records[k * shard_size:(k + 1) * shard_size]
-        exs = [e for e in _examples_for(model, recs, context, max_len, batch_size) if e is not None]
-        hidden = torch.cat([e.hidden for e in exs]) if exs else torch.zeros(0, model.config.hidden_size,
-                                                                             dtype=torch.bfloat16)
-        lens = torch.tensor([0] + [len(e.tokens) for e in exs], dtype=torch.long)
-        tensors = {
-            "hidden": hidden.contiguous(),  # [N, H] bf16
-            "tokens": torch.cat([e.tokens for e in exs]) if exs else torch.zeros(0, dtype=torch.long),  # [N]
-            "offsets": lens.cumsum(0),  # [n + 1]
-            "start": torch.tensor([e.start for e in exs], dtype=torch.long),  # [n]
-            "pos0": torch.tensor([e.pos0 for e in exs], dtype=torch.long),  # [n]
-        }
-        path = _shard_path(out_dir, k)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"records": str(len(recs)), "context": str(context)})
-        os.replace(tmp, path)
+        exs = _examples_for(model, recs, context, max_len, batch_size)
+        write_shard(out_dir, [r["id"] for r in recs], [(r["id"], e) for r, e in zip(recs, exs) if e is not None],
+                    model.config.hidden_size, context)
         new += 1
         bar.update(1)
     bar.close()
     shards = sorted(out_dir.glob("shard-*.safetensors"))
-    return dict(shards=len(shards), new_shards=new, complete=new == len(todo))
+    return dict(shards=len(shards), new_shards=new, complete=new == len(chunks))
 
 
-def load_shards(feature_dir: str | Path) -> list[Example]:
-    """Every example of every shard, in shard order (features stay bf16)."""
+def load_shards(feature_dir: str | Path, exclude: set[str] | None = None) -> list[Example]:
+    """Every example of every shard, in shard order, each record once, none of ``exclude`` (held-out
+    prompts: a record captured before ``--dev-prompts`` grew is not trained on). Features stay bf16."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    out = []
+    out, seen = [], set()
     for path in sorted(Path(feature_dir).glob("shard-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
         t = load_file(str(path))
         off = t["offsets"].tolist()
-        for i in range(len(off) - 1):
+        names = [None] * (len(off) - 1)
+        if "example_ids" in meta:
+            names = json.loads(meta["example_ids"])
+        elif "ids" in meta and len(json.loads(meta["ids"])) == len(names):  # older shards: one example per record
+            names = json.loads(meta["ids"])
+        for i, name in zip(range(len(off) - 1), names):
+            if name is not None and (name in seen or (exclude and name in exclude)):  # regenerated / held out
+                continue
+            seen.add(name)
             out.append(Example(hidden=t["hidden"][off[i]:off[i + 1]], tokens=t["tokens"][off[i]:off[i + 1]],
                                start=int(t["start"][i]), pos0=int(t["pos0"][i])))
     return out

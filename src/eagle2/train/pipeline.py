@@ -159,7 +159,8 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         else:
             r = generate_responses(model, tokenizer, train_p, responses, max_new_tokens=opts.max_new_tokens,
                                    max_prompt_tokens=opts.max_prompt_tokens, batch_size=opts.gen_batch_size,
-                                   progress=opts.progress, max_seconds=secs)
+                                   progress=opts.progress, max_seconds=secs,
+                                   features_dir=None if opts.stream else run / "features", context=opts.context)
         _add_time(run, "responses", time.time() - t0, data=sources, responses=r["done"],
                   fixed_responses=opts.fixed)
         summary["responses"] = r
@@ -179,7 +180,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
             examples = StreamedExamples(model, responses, context=opts.context, max_len=opts.max_len,
                                         exclude=dev_ids)
         else:
-            examples = load_shards(run / "features")
+            examples = load_shards(run / "features", exclude=dev_ids)
         if opts.max_minutes and cfg.max_minutes is None:
             from dataclasses import replace
 

@@ -98,11 +98,15 @@ def read_responses(path: str | Path) -> list[dict]:
 def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path, *, max_new_tokens: int = 256,
                        max_prompt_tokens: int = 320, batch_size: int = 16, sort_window: int = 1024,
                        temperature: float = 0.0, progress: bool = True, max_seconds: float | None = None,
-                       log_every: int = 0, use_fast: bool = True) -> dict:
+                       log_every: int = 0, use_fast: bool = True, features_dir: str | Path | None = None,
+                       context: int = 32) -> dict:
     """Append the target's answers for every prompt not yet in ``out``.
 
     Llama-style targets decode through the lean forward (fast.py) with a static cache,
     about twice transformers' ``generate`` throughput here; other models use ``generate``.
+    With ``features_dir`` (lean forward only) the features computed while generating are saved
+    there as one shard per batch (features.py's format), so the features stage has nothing left
+    to do for these records.
 
     Returns {"done", "skipped_long", "new", "new_tokens", "seconds"} for this call."""
     out = Path(out)
@@ -146,7 +150,11 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
             for i, (_, ids) in enumerate(batch):
                 input_ids[i, width - len(ids):] = torch.tensor(ids)
                 attn[i, width - len(ids):] = 1
-            if fast is not None:
+            feats = None
+            if fast is not None and features_dir is not None:
+                rows, feats = fast_generate(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature,
+                                            return_hidden=True)
+            elif fast is not None:
                 rows = fast_generate(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature)
             else:
                 kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
@@ -164,6 +172,14 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
                 f.write(json.dumps({"id": rid, "prompt_ids": ids, "response_ids": resp, "response": text}) + "\n")
                 new_tokens += len(resp)
             f.flush()
+            if feats is not None:  # after the JSONL: a record never has features without its line
+                from .features import example_from_generation, write_shard
+
+                exs = []
+                for (rid, ids), row, hid in zip(batch, rows, feats):  # rows end at their first EOS
+                    exs.append((rid, example_from_generation(ids, row, hid, context)))
+                write_shard(features_dir, [rid for rid, _ in batch], [(r, e) for r, e in exs if e is not None],
+                            int(model.config.hidden_size), context)
             new += len(batch)
             bar.update(len(batch))
             el = time.time() - t0
@@ -180,11 +196,15 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
 
 @torch.inference_mode()
 def fast_generate(target, prompts: list[list[int]], max_new_tokens: int, eos: set[int],
-                  temperature: float = 0.0, generator: torch.Generator | None = None) -> list[list[int]]:
+                  temperature: float = 0.0, generator: torch.Generator | None = None,
+                  return_hidden: bool = False):
     """Batched decoding of left-padded prompts on a ``FastTarget``; rows leave the batch as they end.
 
     Greedy at temperature 0 (the token-for-token reference), else plain sampling at
-    ``temperature``. Returns each prompt's new tokens, cut after its first EOS."""
+    ``temperature``. Returns each prompt's new tokens, cut after its first EOS. With
+    ``return_hidden`` also each prompt's features (last hidden states after the final norm, bf16,
+    on the CPU) for the prompt and every new token that was fed back: [P_i + n_i, H] with
+    n_i = len(new tokens) or one less (the last token of a row is never fed)."""
     dev = target.device
     b, width = len(prompts), max(len(p) for p in prompts)
     tokens = torch.zeros(b, width, dtype=torch.long, device=dev)  # [B, W] left padded
@@ -195,7 +215,11 @@ def fast_generate(target, prompts: list[list[int]], max_new_tokens: int, eos: se
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, W]
     cache = target.new_cache(batch=b, capacity=width + max_new_tokens)
     causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-    hidden = target.batch_forward(cache, tokens, positions, causal[None] & valid[:, None, :])
+    hidden = target.batch_forward(cache, tokens, positions, causal[None] & valid[:, None, :])  # [B, W, H]
+    feats: list[list[torch.Tensor]] = []
+    if return_hidden:
+        h = hidden.to(torch.bfloat16).cpu()
+        feats = [[h[i, width - len(p):]] for i, p in enumerate(prompts)]
     logits = target.logits(hidden[:, -1])  # [B, V]
     out: list[list[int]] = [[] for _ in prompts]
     alive = torch.arange(b, device=dev)  # original prompt index of each batch row
@@ -207,21 +231,31 @@ def fast_generate(target, prompts: list[list[int]], max_new_tokens: int, eos: se
             nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
         else:
             nxt = logits.argmax(-1)  # [B]
+        fed = []  # (batch row, prompt index) of the tokens appended this step
         for j, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist())):
             if not ended[j]:
                 out[r].append(t)
+                fed.append((j, r))
                 ended[j] = t in eos or len(out[r]) >= max_new_tokens
         n_ended = int(ended.sum())
         if n_ended == len(alive) or step == max_new_tokens - 1:
             break
         if 4 * n_ended >= len(alive):  # compact the batch now and then: a copy of the whole cache
             keep = (~ended).nonzero().flatten()
+            row_of = {int(j): k for k, j in enumerate(keep.tolist())}
+            fed = [(row_of[j], r) for j, r in fed if j in row_of]
             alive, nxt, pos, key_ok, ended = alive[keep], nxt[keep], pos[keep], key_ok[keep], ended[keep]
             cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
         pos = pos + 1
         key_ok = torch.cat([key_ok, torch.ones(len(alive), 1, dtype=torch.bool, device=dev)], dim=1)
-        hidden = target.batch_forward(cache, nxt[:, None], pos[:, None], key_ok[:, None, :])
+        hidden = target.batch_forward(cache, nxt[:, None], pos[:, None], key_ok[:, None, :])  # [B', 1, H]
+        if return_hidden:
+            h = hidden[:, 0].to(torch.bfloat16).cpu()  # [B', H]
+            for j, r in fed:
+                feats[r].append(h[j:j + 1])
         logits = target.logits(hidden[:, -1])
+    if return_hidden:
+        return out, [torch.cat(f) for f in feats]
     return out
 
 

@@ -5,8 +5,13 @@ predicts f_{i+1}; loss only where f_{i+1} belongs to an assistant token:
 
     loss = SmoothL1(pred, f_{i+1}) + ce_weight * soft-CE(softmax(lm_head(f_{i+1})), log_softmax(lm_head(pred)))
 
-with uniform noise on the input features, AdamW (betas 0.9/0.95), linear warm-up then linear
-decay, gradient clipping, bf16 autocast (CPU or CUDA), fp32 master weights.
+With ``ttt_steps`` K > 1 (training-time test, ``unrolled_forward``) the head is also run K-1
+more steps on its own predicted features, with the attention pattern a draft node at depth k+1
+has, and the loss is the decayed mean over the steps: at inference every draft level below the
+first is fed the head's own (imperfect) predictions, never the target's features, and plain
+EAGLE training never shows it those. Also: uniform noise on the input features, AdamW (betas
+0.9/0.95), linear warm-up then linear decay, gradient clipping, bf16 autocast (CPU or CUDA),
+fp32 master weights; ``init_head`` fine-tunes a trained head instead of starting from random.
 
 Checkpoints (``ckpt.pt``: head, optimizer, scheduler, noise RNG, data position, history) are
 written every ``ckpt_minutes`` and whenever training stops, so a later call resumes exactly:
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from ..draft_head import DraftHead, HeadConfig, init_head
+from ..draft_head import DraftHead, HeadConfig, init_head, rotate_half
 from .features import Example
 
 log = logging.getLogger("eagle2")
@@ -61,6 +66,10 @@ class TrainConfig:
     max_steps: int | None = None  # stop (with a checkpoint) once this many steps are done in total
     max_minutes: float | None = None  # stop (with a checkpoint) after this long in this call
     fc_bias: bool = True  # the released "bias" field; vLLM's EAGLE loader may drop fc.bias
+    ttt_steps: int = 3  # training-time test: steps the head is unrolled on its own predicted features
+    #                     (1 = plain EAGLE training on the target's features only)
+    ttt_decay: float = 0.8  # weight of unrolled step k is ttt_decay ** k (normalized)
+    init_head: str | None = None  # start from this head directory (released layout) instead of random weights
 
     def __post_init__(self) -> None:
         checks = [(self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
@@ -72,7 +81,8 @@ class TrainConfig:
                   (self.ce_weight >= 0, "ce_weight must be >= 0"), (self.ce_vocab >= 0, "ce_vocab must be >= 0"), (self.ckpt_minutes > 0, "ckpt_minutes must be > 0"),
                   (self.eval_every >= 0, "eval_every must be >= 0"),
                   (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
-                  (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0")]
+                  (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
+                  (self.ttt_steps >= 1, "ttt_steps must be >= 1"), (0 < self.ttt_decay <= 1, "ttt_decay must be in (0, 1]")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -125,9 +135,70 @@ def collate(examples: list[Example]) -> dict[str, Tensor]:
                 start=torch.tensor([e.start for e in examples]), pos0=torch.tensor([e.pos0 for e in examples]))
 
 
+def unrolled_forward(head: DraftHead, features: Tensor, token_embeds: Tensor, positions: Tensor,
+                     steps: int) -> list[Tensor]:
+    """The head run as it runs at inference, ``steps`` levels deep, on every position at once
+    (training-time test).
+
+    Step 0 is the plain forward: at position i the head sees (f_i, t_{i+1}) and the true
+    features before it, and predicts f_{i+1}. At step k the input feature at position i is the
+    head's own step k-1 prediction from position i-1, and the query attends to the true keys at
+    positions <= i-k plus one key from each step j = 1..k at position i-k+j: exactly the keys a
+    depth-(k+1) draft node sees (committed context, then its own ancestors). So step k trains
+    the head for draft depth k+1 on the inputs it will really get there.
+
+    features, token_embeds: [B, T, H]; positions: [B, T]. Returns one [B, T, H] prediction per
+    step; step k's rows i < k have no such chain and are meaningless (callers mask them)."""
+    layer = head.layers[0]
+    a = layer.self_attn
+    b, t, _ = features.shape
+    nh, nkv, hd = a.nh, a.nkv, a.hd
+    rep = nh // nkv
+    scale = hd ** -0.5
+    dev = features.device
+    keys: list[Tensor] = []  # per step: [B, Hq, T, D] (already repeated for grouped-query heads)
+    vals: list[Tensor] = []
+    preds: list[Tensor] = []
+    cos = sin = None
+    feat = features
+    for k in range(steps):
+        if k:  # position i now takes the previous step's prediction made at i - 1
+            feat = torch.cat([features[:, :1], preds[-1][:, :-1]], dim=1)  # row 0 is a placeholder
+        x = head.fc(torch.cat([token_embeds, feat], dim=-1))  # [B, T, H]
+        if cos is None:
+            cos, sin = head.rope(positions, x.dtype)  # [B, 1, T, D]
+        q = a.q_proj(x).view(b, t, nh, hd).transpose(1, 2)  # [B, Hq, T, D]
+        kk = a.k_proj(x).view(b, t, nkv, hd).transpose(1, 2)  # [B, Hkv, T, D]
+        vv = a.v_proj(x).view(b, t, nkv, hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        kk = kk * cos + rotate_half(kk) * sin
+        keys.append(kk.repeat_interleave(rep, dim=1))
+        vals.append(vv.repeat_interleave(rep, dim=1))
+        allowed = torch.ones(t, t, dtype=torch.bool, device=dev).tril(-k)  # true keys at <= i - k
+        s0 = torch.matmul(q, keys[0].transpose(-1, -2)) * scale  # [B, Hq, T, T]
+        scores = [s0.masked_fill(~allowed, float("-inf"))]
+        shifted_v = []
+        for j in range(1, k + 1):  # step j's key at position i - (k - j), lined up with query i
+            sh = k - j
+            kj = F.pad(keys[j], (0, 0, sh, 0))[:, :, :t]  # [B, Hq, T, D]
+            shifted_v.append(F.pad(vals[j], (0, 0, sh, 0))[:, :, :t])
+            scores.append((q * kj).sum(-1, keepdim=True) * scale)  # [B, Hq, T, 1]
+        p = torch.softmax(torch.cat(scores, dim=-1).float(), dim=-1).to(q.dtype)  # [B, Hq, T, T + k]
+        out = torch.matmul(p[..., :t], vals[0])  # [B, Hq, T, D]
+        for j, vj in enumerate(shifted_v):
+            out = out + p[..., t + j:t + j + 1] * vj
+        h = x + a.o_proj(out.transpose(1, 2).reshape(b, t, nh * hd))
+        preds.append(h + layer.mlp(layer.post_attention_layernorm(h)))
+    return preds
+
+
 def head_loss(head: DraftHead, embed, lm_head_weight: Tensor, batch: dict[str, Tensor], cfg: TrainConfig,
               noise_gen: torch.Generator | None, softcap: float | None = None) -> tuple[Tensor, dict]:
-    """Loss of one batch and its metrics (loss, l1, ce, acc = draft top-1 == target top-1, tokens)."""
+    """Loss of one batch and its metrics (loss; l1, ce, acc = draft top-1 == target top-1 at
+    step 0; acc_k at unrolled step k; tokens).
+
+    loss = sum_k w_k (SmoothL1 + ce_weight * soft-CE) / sum_k w_k over the ``ttt_steps`` unrolled
+    steps, w_k = ttt_decay ** k."""
     dev = lm_head_weight.device
     hidden = batch["hidden"].to(dev).float()  # [B, T, H]
     tokens = batch["tokens"].to(dev)  # [B, T]
@@ -143,25 +214,47 @@ def head_loss(head: DraftHead, embed, lm_head_weight: Tensor, batch: dict[str, T
     positions = batch["pos0"].to(dev)[:, None] + i  # [B, T-1]
     with torch.no_grad():
         emb = embed(tokens[:, 1:]).float()  # [B, T-1, H]: embedding of t_{i+1}
+    w = lm_head_weight
+    metrics: dict = dict(l1=float("nan"), ce=float("nan"), acc=float("nan"))
+    total = torch.zeros((), device=dev)
+    weights = 0.0
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        pred, _ = head(f_in, emb, positions)  # [B, T-1, H]
-        pred_m = pred[mask].float()  # [N, H]
+        if cfg.ttt_steps == 1:
+            preds = [head(f_in, emb, positions)[0]]  # [B, T-1, H]
+        else:
+            preds = unrolled_forward(head, f_in, emb, positions, cfg.ttt_steps)
         tgt_m = f_next[mask]  # [N, H]
-        l1 = F.smooth_l1_loss(pred_m, tgt_m)
-        w = lm_head_weight
-        pred_logits = F.linear(pred_m.to(w.dtype) if not cfg.bf16 else pred_m, w).float()  # [N, V]
         with torch.no_grad():
             tgt_logits = F.linear(tgt_m.to(w.dtype) if not cfg.bf16 else tgt_m, w).float()  # [N, V]
-    if softcap:
-        pred_logits = torch.tanh(pred_logits / softcap) * softcap
-        tgt_logits = torch.tanh(tgt_logits / softcap) * softcap
-    p = tgt_logits.softmax(-1)  # [N, V]
-    logq = pred_logits.log_softmax(-1)  # [N, V]
-    ce = -(p * logq).sum(-1).mean()
-    loss = l1 + cfg.ce_weight * ce
-    with torch.no_grad():
-        acc = (pred_logits.argmax(-1) == tgt_logits.argmax(-1)).float().mean()
-    return loss, dict(loss=float(loss.detach()), l1=float(l1.detach()), ce=float(ce.detach()), acc=float(acc), tokens=int(mask.sum()))
+            if softcap:
+                tgt_logits = torch.tanh(tgt_logits / softcap) * softcap
+            p = tgt_logits.softmax(-1)  # [N, V]
+            tgt_top = tgt_logits.argmax(-1)  # [N]
+        rows = i.expand(b, -1)[mask]  # [N] window index of each masked row
+        for k, pred in enumerate(preds):
+            sel = rows >= k  # [N] rows with a k-step chain behind them
+            if not bool(sel.any()):
+                continue
+            pred_m = pred[mask][sel].float()  # [N_k, H]
+            l1 = F.smooth_l1_loss(pred_m, tgt_m[sel])
+            pred_logits = F.linear(pred_m.to(w.dtype) if not cfg.bf16 else pred_m, w).float()  # [N_k, V]
+            if softcap:
+                pred_logits = torch.tanh(pred_logits / softcap) * softcap
+            ce = -(p[sel] * pred_logits.log_softmax(-1)).sum(-1).mean()
+            wk = cfg.ttt_decay ** k
+            total = total + wk * (l1 + cfg.ce_weight * ce)
+            weights += wk
+            with torch.no_grad():
+                acc = float((pred_logits.argmax(-1) == tgt_top[sel]).float().mean())
+            if k == 0:
+                metrics.update(l1=float(l1.detach()), ce=float(ce.detach()), acc=acc)
+            else:
+                metrics[f"acc_{k}"] = acc
+    if not weights:  # no assistant token in the batch: a zero loss that still has a graph
+        total = sum(q.sum() * 0.0 for q in head.parameters())
+    loss = total / max(weights, 1e-12)
+    metrics.update(loss=float(loss.detach()), tokens=int(mask.sum()))
+    return loss, metrics
 
 
 def acceptance(model, tokenizer, head: DraftHead, prompts: list, max_new_tokens: int = 64, tree=None) -> dict:
@@ -203,6 +296,8 @@ class Trainer:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.head_cfg = HeadConfig.from_target(model.config, bias=cfg.fc_bias)
         self.head = init_head(self.head_cfg, seed=cfg.seed).to(self.device)
+        if cfg.init_head:
+            self._warm_start(cfg.init_head)
         self.head.train()
         decay = [p for n, p in self.head.named_parameters() if p.ndim >= 2]
         other = [p for n, p in self.head.named_parameters() if p.ndim < 2]
@@ -226,6 +321,19 @@ class Trainer:
         self.elapsed = 0.0
         if (self.dir / "ckpt.pt").exists():
             self._load()
+
+    def _warm_start(self, directory: str) -> None:
+        """Start from a trained head (fine-tuning) instead of random weights."""
+        from ..draft_head import check_head_fits
+
+        src = DraftHead.load(directory)
+        check_head_fits(src.config, self.model.config)
+        if (src.config.bias, src.config.attention_bias) != (self.head_cfg.bias, self.head_cfg.attention_bias):
+            raise ValueError(f"--init-head {directory}: its fc/attention biases ({src.config.bias}, "
+                             f"{src.config.attention_bias}) differ from this run's ({self.head_cfg.bias}, "
+                             f"{self.head_cfg.attention_bias}); use --no-fc-bias to match or another head")
+        self.head.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+        log.info("starting from the head in %s", directory)
 
     def _frequent_tokens(self, n: int) -> Tensor:
         """Ids of the n most frequent tokens in the training windows (ties: lower id first), sorted."""
@@ -325,6 +433,10 @@ class Trainer:
                                ce=round(sum(x["ce"] for x in acc_window) / n, 5),
                                acc=round(sum(x["acc"] for x in acc_window) / n, 4), grad_norm=round(float(gn), 4),
                                tokens_seen=self.tokens_seen)
+                    for k in range(1, cfg.ttt_steps):  # top-1 agreement at each unrolled step
+                        got = [x[f"acc_{k}"] for x in acc_window if f"acc_{k}" in x]
+                        if got:
+                            rec[f"acc_{k}"] = round(sum(got) / len(got), 4)
                     self.history.append(rec)
                     self._metric(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
