@@ -287,11 +287,14 @@ def test_cli_train_help_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses"):
+    for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses",
+                  "--ttt-steps", "--init-head"):
         assert stage in text
     assert main(["train", "--stages", "responses,bogus"]) == 2
     assert "unknown stage" in capsys.readouterr().err
     assert main(["train", "--lr", "-1"]) == 2
+    assert main(["train", "--ttt-steps", "0"]) == 2
+    assert "ttt_steps" in capsys.readouterr().err
 
 
 def test_train_config_is_validated():
