@@ -105,9 +105,14 @@ def _examples_for(model, records: list[dict], context: int, max_len: int, batch_
             continue
         feats = target_features(model, [wins[i][0] for i in idx])
         for i, f in zip(idx, feats):
-            ids, s, p = wins[i]
-            out[i] = Example(hidden=f[s:].clone(), tokens=torch.tensor(ids[s:], dtype=torch.long), start=p - s, pos0=s)
+            out[i] = _example(*wins[i], f)
     return out
+
+
+def _example(ids: list[int], s: int, p: int, hidden: Tensor) -> Example:
+    """The window [s:] of one conversation (assistant from p) and its features ([>= len(ids), H])."""
+    return Example(hidden=hidden[s:len(ids)].to(torch.bfloat16).clone(), tokens=torch.tensor(ids[s:], dtype=torch.long),
+                   start=p - s, pos0=s)
 
 
 def _shard_path(d: Path, k: int) -> Path:
@@ -115,7 +120,7 @@ def _shard_path(d: Path, k: int) -> Path:
 
 
 def _shard_ids(path: Path) -> list[str] | None:
-    """Responses ids a finished shard covers, in row order (None if absent / unreadable / old format)."""
+    """Responses ids a finished shard covers (None if absent, unreadable or written before shards named them)."""
     try:
         from safetensors import safe_open
 
@@ -139,10 +144,10 @@ def write_shard(out_dir: str | Path, ids: list[str], examples: list[tuple[str, E
     """Write one shard (atomically) under the next free index. ``ids``: the responses records it
     covers (a record without assistant tokens gives no example but is covered all the same);
     ``examples``: (record id, example) pairs."""
-    example_ids = [i for i, _ in examples]
-    examples = [e for _, e in examples]
     from safetensors.torch import save_file
 
+    example_ids = [i for i, _ in examples]
+    examples = [e for _, e in examples]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken = [int(p.name[6:11]) for p in out_dir.glob("shard-*.safetensors") if p.name[6:11].isdigit()]
@@ -157,7 +162,7 @@ def write_shard(out_dir: str | Path, ids: list[str], examples: list[tuple[str, E
         "pos0": torch.tensor([e.pos0 for e in examples], dtype=torch.long),  # [n]
     }
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"records": str(len(ids)), "ids": json.dumps(list(ids)),
+    save_file(tensors, str(tmp), metadata={"ids": json.dumps(list(ids)),
                                            "example_ids": json.dumps(example_ids), "context": str(context)})
     os.replace(tmp, path)
     return path
@@ -169,13 +174,9 @@ def example_from_generation(prompt_ids: list[int], response_ids: list[int], hidd
 
     hidden: [P + n, H], the features of the prompt and of the first n response tokens (the
     last generated token is never fed back, so n may be len(response) - 1)."""
-    p = len(prompt_ids)
-    ids = list(prompt_ids) + list(response_ids)[: hidden.shape[0] - p]
-    if p >= len(ids) - 1:
-        return None
-    s = max(0, p - context)
-    return Example(hidden=hidden[s:len(ids)].to(torch.bfloat16).clone(), tokens=torch.tensor(ids[s:], dtype=torch.long),
-                   start=p - s, pos0=s)
+    rec = dict(prompt_ids=prompt_ids, response_ids=list(response_ids)[: hidden.shape[0] - len(prompt_ids)])
+    ids, s, p = _windows([rec], context, hidden.shape[0])[0]
+    return _example(ids, s, p, hidden) if p >= 0 else None
 
 
 def build_features(model, responses: str | Path, out_dir: str | Path, *, shard_size: int = 64, context: int = 32,
@@ -221,11 +222,9 @@ def load_shards(feature_dir: str | Path, exclude: set[str] | None = None) -> lis
             meta = f.metadata() or {}
         t = load_file(str(path))
         off = t["offsets"].tolist()
-        names = [None] * (len(off) - 1)
-        if "example_ids" in meta:
-            names = json.loads(meta["example_ids"])
-        elif "ids" in meta and len(json.loads(meta["ids"])) == len(names):  # older shards: one example per record
-            names = json.loads(meta["ids"])
+        names = json.loads(meta.get("example_ids") or meta.get("ids") or "[]")  # older shards: "ids" only
+        if len(names) != len(off) - 1:  # (unnamed rows are loaded as they are)
+            names = [None] * (len(off) - 1)
         for i, name in zip(range(len(off) - 1), names):
             if name is not None and (name in seen or (exclude and name in exclude)):  # regenerated / held out
                 continue

@@ -151,11 +151,11 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
                 input_ids[i, width - len(ids):] = torch.tensor(ids)
                 attn[i, width - len(ids):] = 1
             feats = None
-            if fast is not None and features_dir is not None:
-                rows, feats = fast_generate(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature,
-                                            return_hidden=True)
-            elif fast is not None:
-                rows = fast_generate(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature)
+            if fast is not None:
+                rows = fast_generate(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature,
+                                     return_hidden=features_dir is not None)
+                if features_dir is not None:
+                    rows, feats = rows
             else:
                 kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
                     dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -175,9 +175,8 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], out: str | Path,
             if feats is not None:  # after the JSONL: a record never has features without its line
                 from .features import example_from_generation, write_shard
 
-                exs = []
-                for (rid, ids), row, hid in zip(batch, rows, feats):  # rows end at their first EOS
-                    exs.append((rid, example_from_generation(ids, row, hid, context)))
+                exs = [(rid, example_from_generation(ids, row, hid, context))  # rows end at their first EOS
+                       for (rid, ids), row, hid in zip(batch, rows, feats)]
                 write_shard(features_dir, [rid for rid, _ in batch], [(r, e) for r, e in exs if e is not None],
                             int(model.config.hidden_size), context)
             new += len(batch)
