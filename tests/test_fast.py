@@ -130,3 +130,73 @@ def test_corrupt_draft_vocabulary_is_refused(tmp_path):
     (tmp_path / "h" / "draft_vocab.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="could not read the draft vocabulary"):
         DraftHead.load(tmp_path / "h")
+
+
+def _native_or_skip():
+    import shutil
+
+    from eagle2 import native
+
+    if native.load() is None:
+        # Where a compiler and ninja exist (this project's machines, CI) the build must work.
+        assert not (shutil.which("c++") and shutil.which("ninja") and native.ENABLED), "native forward failed to build"
+        pytest.skip("no C++ toolchain: the native forward is unavailable here")
+
+
+@pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
+                                          ("qwen2", torch.float32), ("qwen2", torch.bfloat16)])
+def test_native_stack_is_bit_identical_to_the_python_loop(family, dtype):
+    """The C++ stack makes the same ATen calls as the Python loop: equal bits, cache included,
+    through a batched prefill with padding, a tree step and a one-token step."""
+    from eagle2.fast import additive_mask
+
+    _native_or_skip()
+    model = make_tiny_model(family, vocab_size=32, seed=5).to(dtype)
+    tgt = FastTarget(model)
+    assert tgt.stack.is_native
+    caches = [tgt.new_cache(capacity=40, batch=2) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    steps = [(12, torch.ones(2, 12, 12, dtype=torch.bool).tril()), (5, None), (1, None)]
+    steps[0][1][1, :, :3] = False  # row 1 is left-padded by 3
+    for t, mask in steps:
+        past = caches[0].length
+        if mask is None:
+            mask = torch.ones(2, t, past + t, dtype=torch.bool).tril(past)
+            mask[1, :, :3] = False
+        x = torch.randn(2, t, 32, generator=g).to(dtype)
+        tgt._rope_tables(past + t)
+        pos = torch.arange(past, past + t).expand(2, t)
+        cos, sin = tgt._cos[pos][:, None], tgt._sin[pos][:, None]
+        outs = []
+        for cache, python in zip(caches, (True, False)):
+            outs.append(tgt.stack(x, cos, sin, additive_mask(mask, dtype), cache, past, python=python))
+            cache.length = past + t
+        assert torch.equal(outs[0], outs[1])
+        assert torch.equal(caches[0].k[:, :, :, :past + t], caches[1].k[:, :, :, :past + t])
+        assert torch.equal(caches[0].v[:, :, :, :past + t], caches[1].v[:, :, :, :past + t])
+
+
+def test_drafter_runs_the_head_as_its_module_does():
+    """The drafter's lean head layer (fast.Stack, static cache, tree entries after the true pairs)
+    gives the DraftHead module's outputs: a commit, a second commit, then a tree level."""
+    from eagle2.draft import Drafter
+
+    model = make_tiny_model("llama", vocab_size=32, seed=6)
+    head = fit_head(model, steps=5).eval()
+    drafter = Drafter(head, FastTarget(model))
+    g = torch.Generator().manual_seed(1)
+    feats, toks = torch.randn(9, 32, generator=g), torch.randint(0, 32, (9,), generator=g)
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        ref, (k, v) = head(feats[None, :6], emb(toks[None, :6]), torch.arange(6)[None])
+        torch.testing.assert_close(drafter.commit(feats[:6], toks[:6]), ref[0, -1], atol=1e-5, rtol=1e-5)
+        ref2, (k2, v2) = head(feats[None, 6:], emb(toks[None, 6:]), torch.arange(6, 9)[None], past=(k, v),
+                              mask=torch.ones(1, 1, 3, 9, dtype=torch.bool).tril(6))
+        torch.testing.assert_close(drafter.commit(feats[6:], toks[6:]), ref2[0, -1], atol=1e-5, rtol=1e-5)
+        # two sibling tree nodes at position 9: each sees the 9 true pairs and itself only
+        nodes, ntok = torch.randn(2, 32, generator=g), torch.tensor([4, 11])
+        past = (torch.cat([k, k2], 2), torch.cat([v, v2], 2))
+        mask = torch.cat([torch.ones(2, 9, dtype=torch.bool), torch.eye(2, dtype=torch.bool)], 1)
+        ref3, _ = head(nodes[None], emb(ntok[None]), torch.full((1, 2), 9), past=past, mask=mask[None, None])
+        got = drafter._run(nodes, ntok, torch.full((2,), 9), drafter.length, mask)
+        torch.testing.assert_close(got, ref3[0], atol=1e-5, rtol=1e-5)

@@ -14,7 +14,6 @@ Round protocol (the engine calls, in order):
 
 from __future__ import annotations
 
-import copy
 from functools import lru_cache
 
 import torch
@@ -22,7 +21,8 @@ from torch import Tensor
 
 from .config import TreeConfig
 from .draft_head import DraftHead
-from .kernels import linear, pack_linears
+from .fast import Dims, Layer, Stack, StaticCache, additive_mask
+from .kernels import Linear, linear
 from .target import Target
 from .tree import Tree, build_tree, expand, rerank, select_frontier, static_tree_parents, static_tree_paths
 
@@ -41,19 +41,18 @@ def _static_layout(method: str, total_tokens: int, depth: int, top_k: int):
 
 
 class Drafter:
-    def __init__(self, head: DraftHead, target: Target, draft_vocab: int | None = None):
+    def __init__(self, head: DraftHead, target: Target, draft_vocab: int | None = None, capacity: int = 1024):
         """draft_vocab: propose only the first N tokens of the head's draft vocabulary (None:
         all of it; 0: the full vocabulary). Heads without one draft over the full vocabulary."""
         self.target = target
-        # An inference copy in the target's dtype with prepacked linears (kernels.py); the
-        # caller's head object is left as it was.
-        inference = copy.deepcopy(head).to(device=target.device, dtype=target.dtype).eval().requires_grad_(False)
-        self.head = pack_linears(inference)
+        self.head = head
+        self.stack, self.fc = _lean_head(head, target)  # the head's layer on fast.Stack, in the target's dtype
+        self.cache = StaticCache(1, 1, head.config.num_key_value_heads, head.config.head_dim, capacity,
+                                 target.dtype, target.device)
+        self._cos = self._sin = None  # [P, D] the head's rotary tables (its own theta, no scaling)
         self.vocab_ids: Tensor | None = None  # [N] token id of each draft logit column
         self.set_draft_vocab(draft_vocab)
-        self.k: Tensor | None = None  # [1, Hkv, L, D]
-        self.v: Tensor | None = None
-        self.length = 0
+        self.length = 0  # committed true pairs; tree entries sit after them for one ``grow``
 
     def set_draft_vocab(self, n: int | None) -> None:
         ids = self.head.draft_vocab
@@ -70,15 +69,28 @@ class Drafter:
         self._lm = linear(w[self.vocab_ids], None if b is None else b[self.vocab_ids])  # the draft's own [N, H] lm_head
 
     def reset(self) -> None:
-        self.k = self.v = None
         self.length = 0
 
-    def _run(self, feats: Tensor, tokens: Tensor, positions: Tensor, past, mask: Tensor | None):
-        # feats [T, H], tokens [T], positions [T], mask [T, S] bool -> out [T, H], (k, v) [1, Hkv, T, D]
-        emb = self.target.embed(tokens[None])
-        m = None if mask is None else mask[None, None]
-        out, kv = self.head(feats[None].to(emb.dtype), emb, positions[None], past, m)
-        return out[0], kv
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [T] -> cos, sin [1, 1, T, D], rows of a table computed as ``DraftHead.rope`` does."""
+        top = int(positions.max()) + 1
+        if self._cos is None or self._cos.shape[0] < top:
+            n = max(top, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
+            cos, sin = self.head.rope(torch.arange(n, device=self.head.inv_freq.device)[None], self.target.dtype)
+            self._cos, self._sin = cos[0, 0].to(positions.device), sin[0, 0].to(positions.device)
+        return self._cos[positions][None, None], self._sin[positions][None, None]
+
+    def _run(self, feats: Tensor, tokens: Tensor, positions: Tensor, at: int, mask: Tensor) -> Tensor:
+        """Feed T (feature, token) pairs, their keys/values written at cache index ``at``.. :
+        feats [T, H], tokens [T], positions [T], mask [T, at + T] bool -> head outputs [T, H]."""
+        cache = self.cache
+        cache.length = at
+        cache.reserve(tokens.shape[0])
+        emb = self.target.embed(tokens[None])  # [1, T, H]
+        x = self.fc(torch.cat([emb, feats[None].to(emb.dtype)], dim=-1))  # embedding first, as released
+        cos, sin = self._rope(positions)
+        out = self.stack(x, cos, sin, additive_mask(mask[None], x.dtype), cache, at)
+        return out[0]
 
     @torch.inference_mode()
     def commit(self, features: Tensor, tokens: Tensor) -> Tensor:
@@ -86,14 +98,8 @@ class Drafter:
         n = tokens.shape[0]
         dev = tokens.device
         positions = torch.arange(self.length, self.length + n, device=dev)
-        past = None if self.k is None else (self.k, self.v)
-        mask = None
-        if past is not None:
-            causal = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
-            mask = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=dev), causal], dim=1)
-        out, (k, v) = self._run(features, tokens, positions, past, mask)
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        mask = torch.ones(n, self.length + n, dtype=torch.bool, device=dev).tril(self.length)  # causal
+        out = self._run(features, tokens, positions, self.length, mask)
         self.length += n
         return out[-1]
 
@@ -130,7 +136,6 @@ class Drafter:
         frontier = torch.arange(k, device=dev)  # candidate indices of the nodes to feed next
         f_tok, f_val, f_feat = child_tok[0], child_val[0], root_out.expand(k, -1)
         f_parent_fed = torch.full((k,), -1, dtype=torch.long, device=dev)  # parent's index among fed nodes
-        fed_k = fed_v = None
         fed_anc = torch.zeros(0, 0, dtype=torch.bool, device=dev)  # [F, F] ancestor-or-self among fed nodes
         for d in range(1, depth):
             nf, n_fed = frontier.shape[0], fed_anc.shape[0]
@@ -140,12 +145,8 @@ class Drafter:
                 parent_rows[has_parent] = fed_anc[f_parent_fed[has_parent]]
             own = torch.cat([parent_rows, torch.eye(nf, dtype=torch.bool, device=dev)], dim=1)  # [nf, n_fed + nf]
             mask = torch.cat([torch.ones(nf, self.length, dtype=torch.bool, device=dev), own], dim=1)
-            past_k = self.k if fed_k is None else torch.cat([self.k, fed_k], dim=2)
-            past_v = self.v if fed_v is None else torch.cat([self.v, fed_v], dim=2)
             positions = torch.full((nf,), pos_root + d, device=dev)
-            out, (k_new, v_new) = self._run(f_feat, f_tok, positions, (past_k, past_v), mask)
-            fed_k = k_new if fed_k is None else torch.cat([fed_k, k_new], dim=2)
-            fed_v = v_new if fed_v is None else torch.cat([fed_v, v_new], dim=2)
+            out = self._run(f_feat, f_tok, positions, self.length + n_fed, mask)  # tree entries after the true pairs
             grown = torch.zeros(n_fed + nf, n_fed + nf, dtype=torch.bool, device=dev)
             grown[:n_fed, :n_fed] = fed_anc
             grown[n_fed:] = own
@@ -178,7 +179,6 @@ class Drafter:
             has_child[p] = True
         out_of: dict[int, Tensor] = {0: root_out}  # node -> head output (its children's feature)
         fed: list[int] = []
-        fed_k = fed_v = None
         pos_root = self.length - 1
         max_d = max(depths)
         for d in range(1, max_d + 1):
@@ -198,15 +198,28 @@ class Drafter:
             idx = torch.tensor(feed, device=dev)
             own = anc[idx][:, fed + feed] if fed else torch.eye(len(feed), dtype=torch.bool, device=dev)
             mask = torch.cat([torch.ones(len(feed), self.length, dtype=torch.bool, device=dev), own], dim=1)
-            past_k = self.k if fed_k is None else torch.cat([self.k, fed_k], dim=2)
-            past_v = self.v if fed_v is None else torch.cat([self.v, fed_v], dim=2)
             feats = torch.stack([out_of[parents[i]] for i in feed])
             toks = torch.tensor([tokens[i] for i in feed], device=dev)
-            out, (k_new, v_new) = self._run(feats, toks, torch.full((len(feed),), pos_root + d, device=dev),
-                                            (past_k, past_v), mask)
-            fed_k = k_new if fed_k is None else torch.cat([fed_k, k_new], dim=2)
-            fed_v = v_new if fed_v is None else torch.cat([fed_v, v_new], dim=2)
+            out = self._run(feats, toks, torch.full((len(feed),), pos_root + d, device=dev), self.length + len(fed), mask)
             fed += feed
             for j, i in enumerate(feed):
                 out_of[i] = out[j]
         return build_tree(torch.tensor(tokens, device=dev), par_t, torch.tensor(logp, device=dev))
+
+
+def _lean_head(head: DraftHead, target: Target) -> tuple[Stack, Linear]:
+    """The head's decoder layer as a one-layer ``fast.Stack`` (no input norm, no final norm) and
+    its fc, in the target's dtype and device with prepacked linears where exact (kernels.py).
+    The caller's head object is left as it was; the lean layer equals its forward (tested)."""
+    cfg = head.config
+    sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()}
+    a, m = "layers.0.self_attn.", "layers.0.mlp."
+    qkv_b = None
+    if cfg.attention_bias:
+        qkv_b = torch.cat([sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]])
+    layer = Layer(n1=None, qkv=linear(torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]]), qkv_b),
+                  o=linear(sd[a + "o_proj.weight"]), n2=sd["layers.0.post_attention_layernorm.weight"],
+                  gu=linear(torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]])), down=linear(sd[m + "down_proj.weight"]))
+    dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
+                float(cfg.rms_norm_eps), cfg.hidden_act)
+    return Stack([layer], None, dims), linear(sd["fc.weight"], sd.get("fc.bias"))

@@ -3,9 +3,9 @@
 transformers' general forward costs about a millisecond of Python per layer on a CPU, which
 dominates a one-token (or sixteen-token) forward of a small model. This module runs the same
 weights in the way gpt-fast writes a model: fused q/k/v and gate/up projections, a rotary table,
-grouped-query attention straight over a preallocated cache, no per-step allocation of the
-cache. Every projection and the lm_head go through ``kernels.linear`` (bf16 weights prepacked
-for oneDNN on a CPU, bit-identical to ``F.linear``). It covers the families whose layers are exactly
+grouped-query SDPA straight over a preallocated cache, no per-step allocation of the cache.
+Every projection and the lm_head go through ``kernels.linear`` (bf16 weights prepacked for
+oneDNN on a CPU, bit-identical to ``F.linear``). It covers the families whose layers are exactly
 
     x = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))));  x = x + down(act(gate(n2(x))) * up(n2(x)))
 
@@ -13,24 +13,32 @@ with RMSNorm — Llama, Qwen2 (q/k/v biases), Mistral without a sliding window. 
 (Gemma 3, sliding windows, dynamic RoPE, ...) stays on ``target.Target``, the general path.
 ``supports(model)`` says which, with the reason.
 
-``FastTarget`` has the same interface as ``Target`` (forward / keep / new_cache / logits), so
-the engine does not know which one it drives; ``batch_forward`` serves batched generation in
-the training pipeline. The weights are shared with (or, for the fused matrices, copied once
-from) the transformers model; a test checks the logits against transformers'.
+``Stack`` is the core: a list of such layers over a ``StaticCache``, run as a Python loop or —
+on a CPU, when native.py could build it — as one C++ call making the same ATen calls
+(bit-identical, tested). The target (all layers + final norm, ``FastTarget``) and the drafter
+(the head's one layer without input norm, draft.py) both run on it. ``FastTarget`` has the same
+interface as ``Target`` (forward / keep / new_cache / logits), so the engine does not know which
+one it drives; ``batch_forward`` serves batched generation in the training pipeline. The weights
+are shared with (or, for the fused matrices, copied once from) the transformers model; a test
+checks the logits against transformers'.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import linear
+from . import native
+from .kernels import Linear, linear
 from .target import Target
 
 _FAMILIES = ("llama", "qwen2", "mistral")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+         "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 def supports(model) -> tuple[bool, str]:
@@ -53,6 +61,104 @@ def supports(model) -> tuple[bool, str]:
     if any(type(layer).__name__ != type(layers[0]).__name__ for layer in layers):
         return False, "mixed layer types"
     return True, ""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes and constants of a stack of decoder layers."""
+
+    n_heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int  # MLP width
+    eps: float  # RMSNorm epsilon
+    act: str  # MLP activation (a key of _ACTS)
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim ** -0.5
+
+
+def _rms(weight: Tensor, x: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back, scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+@dataclass
+class Layer:
+    """One decoder layer's weights. ``n1`` None: no input norm (EAGLE's draft layer)."""
+
+    n1: Tensor | None
+    qkv: Linear  # [(Hq + 2 Hkv) D, H] fused projection
+    o: Linear
+    n2: Tensor
+    gu: Linear  # [2 I, H] fused gate / up
+    down: Linear
+
+
+class Stack:
+    """A stack of Llama-style decoder layers over a static KV cache: the lean forward's core,
+    shared by the target (all its layers + final norm) and the drafter (the head's one layer).
+
+    Runs natively (native.py: the same ATen calls from C++, bit-identical) on a CPU when the
+    extension is available, else as the Python loop below."""
+
+    def __init__(self, layers: list[Layer], final_norm: Tensor | None, dims: Dims):
+        self.layers, self.final_norm, self.dims = layers, final_norm, dims
+        linears = [lin for L in layers for lin in (L.qkv, L.o, L.gu, L.down)]
+        self.packed = linears[0].packed if linears else False
+        self._flat = [w for L in layers for w in (L.n1, L.qkv.weight, L.qkv.bias, L.o.weight, L.o.bias, L.n2,
+                                                  L.gu.weight, L.down.weight)]
+        same = all(lin.packed == self.packed for lin in linears) and all(L.gu.bias is None and L.down.bias is None
+                                                                         for L in layers)
+        self.device = layers[0].n2.device
+        self._native = native.load() if same and native.usable(self.device, dims.act) else None
+
+    @property
+    def is_native(self) -> bool:
+        return self._native is not None
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: "StaticCache", past: int,
+                 python: bool = False) -> Tensor:
+        """x [B, T, H] layer input; cos, sin [B, 1, T, D]; bias [B, 1, T, S] additive mask with
+        S = past + T. Writes the T new keys/values at cache index past.. and returns the last
+        layer's output (after the final norm, if any), [B, T, H]. ``python``: force the loop."""
+        dm = self.dims
+        if self._native is not None and not python:
+            return self._native.decoder_forward(x, cos, sin, bias, self._flat, self.final_norm, cache.k, cache.v, past,
+                                                dm.n_heads, dm.kv_heads, dm.head_dim, dm.inter, dm.eps, dm.scale,
+                                                self.packed, native.ACTS[dm.act])
+        b, t, _ = x.shape
+        s = past + t
+        hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
+        act = _ACTS[dm.act]
+        for i, L in enumerate(self.layers):
+            h = x if L.n1 is None else _rms(L.n1, x, dm.eps)
+            q, k, v = L.qkv(h).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
+            q = _rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
+            k = _rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+            cache.k[i, :, :, past:s] = k
+            cache.v[i, :, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
+            keys, vals = cache.k[i, :, :, :s], cache.v[i, :, :, :s]  # [B, Hkv, S, D]
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
+            x = x + L.o(o.transpose(1, 2).reshape(b, t, hq * d))
+            gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
+            x = x + L.down(act(gate) * up)
+        return x if self.final_norm is None else _rms(self.final_norm, x, dm.eps)
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, T, S] bool (True = attend) -> [B, 1, T, S] bias: 0 where allowed, dtype's min elsewhere."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return bias[:, None]
 
 
 class StaticCache:
@@ -97,10 +203,9 @@ class FastTarget(Target):
         self.n_heads = int(cfg.num_attention_heads)
         self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
-        self.act = _ACTS[getattr(cfg, "hidden_act", "silu")]
         self.capacity = capacity
         self.norm = self.decoder.norm
-        self.layers = []
+        layers = []
         for layer in self.decoder.layers:
             a, m = layer.self_attn, layer.mlp
             qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # [(Hq + 2 Hkv) D, H]
@@ -108,16 +213,15 @@ class FastTarget(Target):
             if a.q_proj.bias is not None:
                 qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
             gu_w = torch.cat([m.gate_proj.weight, m.up_proj.weight])  # [2 I, H]
-            self.layers.append(dict(  # projections: x -> x @ W.T + b (prepacked where exact, kernels.py)
-                n1=layer.input_layernorm, n2=layer.post_attention_layernorm,
-                qkv=linear(qkv_w, qkv_b), o=linear(a.o_proj.weight, a.o_proj.bias),
-                gu=linear(gu_w), down=linear(m.down_proj.weight)))
-        self.inter = int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0])
+            layers.append(Layer(  # projections: x -> x @ W.T + b (prepacked where exact, kernels.py)
+                n1=layer.input_layernorm.weight, qkv=linear(qkv_w, qkv_b), o=linear(a.o_proj.weight, a.o_proj.bias),
+                n2=layer.post_attention_layernorm.weight, gu=linear(gu_w), down=linear(m.down_proj.weight)))
+        dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
+                    float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
+        self.stack = Stack(layers, self.norm.weight, dims)
         self._lm = linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))  # used by Target.logits
-        self.scale = self.head_dim ** -0.5
         self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
 
-    # -- pieces -------------------------------------------------------------------------------
     def _rope_tables(self, upto: int) -> None:
         if self._cos is not None and self._cos.shape[0] >= upto:
             return
@@ -128,33 +232,8 @@ class FastTarget(Target):
         cos, sin = self.decoder.rotary_emb(x, pos)  # [1, n, D] each, as transformers computes them
         self._cos, self._sin = cos[0], sin[0]
 
-    @staticmethod
-    def _rms(norm, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        return norm.weight * h.to(x.dtype)
-
-    @staticmethod
-    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
-
-    def _small_attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-        """Attention for few queries: q [B, Hq, T, D], k/v [B, Hkv, S, D], bias [B, 1, T, S].
-
-        The query heads sharing a key head are folded into the row dimension, so keys are read
-        once and never repeated; softmax in fp32 as SDPA does."""
-        b, hq, t, d = q.shape
-        hk = k.shape[1]
-        g = hq // hk
-        scores = torch.matmul(q.reshape(b, hk, g * t, d), k.transpose(-1, -2)) * self.scale  # [B, Hkv, G T, S]
-        scores = scores.view(b, hk, g, t, -1) + bias[:, :, None]  # [B, Hkv, G, T, S]
-        p = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, hk, g * t, -1)
-        return torch.matmul(p, v).view(b, hq, t, d)
-
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> StaticCache:
-        return StaticCache(len(self.layers), batch, self.kv_heads, self.head_dim, capacity or self.capacity,
+        return StaticCache(len(self.stack.layers), batch, self.kv_heads, self.head_dim, capacity or self.capacity,
                            self.dtype, self.device)
 
     # -- the forward --------------------------------------------------------------------------
@@ -163,39 +242,14 @@ class FastTarget(Target):
         """tokens, positions: [B, T]; mask: [B, T, S] bool with S = cache.length + T (row may attend
         column). Appends the T new keys/values at cache index cache.length.. and returns the
         hidden states after the final norm, [B, T, H]."""
-        b, t = tokens.shape
         past = cache.length
-        cache.reserve(t)
-        s = past + t
+        cache.reserve(tokens.shape[1])
         self._rope_tables(int(positions.max()) + 1)
         cos = self._cos[positions][:, None]  # [B, 1, T, D]
         sin = self._sin[positions][:, None]
-        hq, hk, d = self.n_heads, self.kv_heads, self.head_dim
-        g = hq // hk
-        neg = torch.finfo(self.dtype).min
-        bias = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(~mask, neg)
-        bias = bias[:, None]  # [B, 1, T, S]
-        x = self.embed(tokens)  # [B, T, H]
-        for i, L in enumerate(self.layers):
-            h = self._rms(L["n1"], x)
-            qkv = L["qkv"](h)  # [B, T, (Hq + 2 Hkv) D]
-            q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
-            q = self._rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
-            k = self._rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-            cache.k[i, :, :, past:s] = k
-            cache.v[i, :, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
-            keys, vals = cache.k[i, :, :, :s], cache.v[i, :, :, :s]  # [B, Hkv, S, D]
-            if t <= 4:  # decode steps: CPU SDPA is up to 10x slower than two batched matmuls here
-                o = self._small_attention(q, keys, vals, bias)
-            else:
-                o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=self.scale,
-                                                   enable_gqa=g > 1)  # [B, Hq, T, D]
-            x = x + L["o"](o.transpose(1, 2).reshape(b, t, hq * d))
-            h = self._rms(L["n2"], x)
-            gate, up = L["gu"](h).split(self.inter, dim=-1)
-            x = x + L["down"](self.act(gate) * up)
-        cache.length = s
-        return self._rms(self.norm, x)
+        hidden = self.stack(self.embed(tokens), cos, sin, additive_mask(mask, self.dtype), cache, past)
+        cache.length = past + tokens.shape[1]
+        return hidden
 
     def forward(self, cache: StaticCache, tokens: Tensor, positions: Tensor, allowed: Tensor | None,
                 logits_rows: Tensor | slice | None = None) -> tuple[Tensor, Tensor]:

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-LinearFn = Callable[[Tensor], Tensor]
+from torch import Tensor
 
 # Set EAGLE2_PACKED_LINEAR=0 (or assign False here before loading) to use plain F.linear everywhere,
 # e.g. to measure what packing buys (tools/profile_round.py does).
 ENABLED = os.environ.get("EAGLE2_PACKED_LINEAR", "1") != "0"
+_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # None on builds without oneDNN
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,38 +48,25 @@ def packing_works(dtype: torch.dtype) -> bool:
         return False
 
 
-def linear(weight: Tensor, bias: Tensor | None = None) -> LinearFn:
+class Linear:
+    """``x [..., K] -> x @ weight.T + bias [..., N]``. ``packed``: ``weight`` is oneDNN's prepacked
+    copy (call it only through this object or the native forward); else it is the plain [N, K] weight."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, packed: bool):
+        self.weight, self.bias, self.packed = weight, bias, packed
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.packed:
+            return _POINTWISE(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear(weight: Tensor, bias: Tensor | None = None) -> Linear:
     """``x [..., K] -> [..., N]`` for ``weight [N, K]``: prepacked where that is exact, else ``F.linear``."""
     weight = weight.detach()
     bias = None if bias is None else bias.detach()
     if ENABLED and weight.device.type == "cpu" and packing_works(weight.dtype):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
-        op = torch.ops.mkldnn._linear_pointwise
-
-        def packed_linear(x: Tensor) -> Tensor:
-            return op(x, packed, bias, "none", [], "")
-
-        return packed_linear
-    return functools.partial(F.linear, weight=weight, bias=bias)
-
-
-class PackedLinear(nn.Module):
-    """Inference-only stand-in for an ``nn.Linear`` (same output, prepacked weight where exact)."""
-
-    def __init__(self, layer: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.fn = linear(layer.weight, layer.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
-
-
-def pack_linears(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` inside ``module`` (in place) by a ``PackedLinear``; returns it."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, PackedLinear(child))
-        else:
-            pack_linears(child)
-    return module
+        return Linear(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None), bias, True)
+    return Linear(weight, bias, False)
