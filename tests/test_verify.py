@@ -33,6 +33,37 @@ def test_greedy_rejects_everything():
     assert path.tolist() == [0] and bonus == 2
 
 
+def test_greedy_walk_equals_longest_matching_prefix():
+    """On random trees (distinct sibling tokens, as drafting makes them) the walk finds the
+    longest root -> leaf prefix whose tokens are the target's argmax at their parents."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n, v = int(torch.randint(2, 14, (1,), generator=g)), 6
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+        tokens, used = [0], {}
+        for i in range(1, n):  # children of one parent take distinct tokens
+            free = [t for t in range(v) if t not in used.setdefault(parents[i], set())]
+            if not free:
+                parents, tokens = parents[:i], tokens[:i]
+                break
+            tokens.append(free[int(torch.randint(0, len(free), (1,), generator=g))])
+            used[parents[i]].add(tokens[-1])
+        tree = build_tree(torch.tensor(tokens), torch.tensor(parents))
+        logits = torch.randn(len(tokens), v, generator=g)
+        logits[:, :3] += 2.0  # make matches common
+        argmax = logits.argmax(-1)
+        best = [0]
+        for leaf in range(len(tokens)):  # brute force over every node's root path
+            chain = [leaf]
+            while parents[chain[-1]] >= 0:
+                chain.append(parents[chain[-1]])
+            chain.reverse()
+            if all(tokens[c] == int(argmax[p]) for p, c in zip(chain, chain[1:])) and len(chain) > len(best):
+                best = chain
+        path, bonus = greedy_accept(tree, logits)
+        assert path.tolist() == best and bonus == int(argmax[best[-1]])
+
+
 def test_target_probs_top_k_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.allclose(target_probs(logits, 1.0), torch.tensor([[0.5, 0.3, 0.15, 0.05]]), atol=1e-6)
