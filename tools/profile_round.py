@@ -5,7 +5,8 @@ Configurations, run interleaved over the same MT-bench first turns (greedy, same
     before      transformers backend (general path), draft over the full vocabulary, plain F.linear
     +lean       our lean forward (static KV cache, fused projections, small-query attention)
     +frspec     lean forward + the head's FR-Spec draft vocabulary
-    +packed     + bf16 weights prepacked for oneDNN in target and draft (kernels.py; the default)
+    +packed     + bf16 weights prepacked for oneDNN in target and draft (kernels.py)
+    +native     + the decoder stacks of target and draft run from C++ (native.py; the default)
 
 plus plain `vanilla` decoding on each backend. Per configuration it prints the median over
 prompts of tokens/s and, summed over all rounds, milliseconds per round in draft (commit of the
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import eagle2
-from eagle2 import kernels
+from eagle2 import kernels, native
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,18 +40,21 @@ def main() -> int:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     gens = {}
-    for name, backend, packed in (("transformers", "transformers", False), ("fast", "fast", False),
-                                  ("fast+packed", "fast", True)):
-        kernels.ENABLED = packed  # read when a generator is built
+    for name, backend, packed, use_native in (("transformers", "transformers", False, False),
+                                              ("fast", "fast", False, False), ("fast+packed", "fast", True, False),
+                                              ("fast+packed+native", "fast", True, True)):
+        kernels.ENABLED, native.ENABLED = packed, use_native  # read when a generator is built
         gens[name] = eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=backend)
     configs = {  # name -> (generator, method, draft_vocab: None = head's list, 0 = full vocabulary)
         "vanilla (transformers)": ("transformers", "vanilla", 0),
         "vanilla (lean)": ("fast", "vanilla", 0),
         "vanilla (lean + packed linears)": ("fast+packed", "vanilla", 0),
+        "vanilla (lean + packed + native)": ("fast+packed+native", "vanilla", 0),
         "eagle2 before (transformers, full vocab)": ("transformers", "eagle2", 0),
         "eagle2 +lean forward": ("fast", "eagle2", 0),
         "eagle2 +lean +FR-Spec": ("fast", "eagle2", None),
-        "eagle2 +lean +FR-Spec +packed (default)": ("fast+packed", "eagle2", None),
+        "eagle2 +lean +FR-Spec +packed": ("fast+packed", "eagle2", None),
+        "eagle2 +lean +FR-Spec +packed +native (default)": ("fast+packed+native", "eagle2", None),
     }
     qs = [json.loads(l) for l in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
     qs = qs[:: max(1, len(qs) // args.limit)][: args.limit]
@@ -74,15 +78,14 @@ def main() -> int:
             r["other"] += s.seconds - s.prefill_seconds - s.draft_seconds - s.verify_seconds
         print(f"prompt {qi + 1}/{len(qs)} done", file=sys.stderr)
     table = []
-    print(f"{'configuration':44s} {'tok/s':>7s} {'tau':>5s} {'ms/round':>8s} {'draft':>6s} {'verify':>6s} {'other':>6s}")
+    print(f"{'configuration':50s} {'tok/s':>7s} {'tau':>5s} {'ms/round':>8s} {'draft':>6s} {'verify':>6s} {'other':>6s}")
     for name, r in rows.items():
         n = max(1, r["rounds"])
         row = dict(config=name, tokens_per_s=statistics.median(r["tps"]), tau=r["new"] / max(1, r["forwards"]),  # mean accept length as the engine defines it
-                  
                    ms_per_round=1e3 * r["decode"] / n, draft_ms=1e3 * r["draft"] / n,
                    verify_ms=1e3 * r["verify"] / n, other_ms=1e3 * r["other"] / n)
         table.append(row)
-        print(f"{name:44s} {row['tokens_per_s']:7.1f} {row['tau']:5.2f} {row['ms_per_round']:8.1f} "
+        print(f"{name:50s} {row['tokens_per_s']:7.1f} {row['tau']:5.2f} {row['ms_per_round']:8.1f} "
               f"{row['draft_ms']:6.1f} {row['verify_ms']:6.1f} {row['other_ms']:6.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), rows=table), indent=1))
