@@ -1,10 +1,11 @@
 """The native decoder stack: ``csrc/lean_forward.cpp``, compiled once per machine and cached.
 
 ``fast.Stack`` runs a stack of Llama-style decoder layers either as a Python loop over ATen ops
-or, when this module can provide it, as one call into C++ that makes the *same* ATen calls in
-the same order — bit-identical output (tested), minus the Python interpreter between ~2000
-small ops per forward (measured: ~7 ms of a ~27 ms one-token forward of SmolLM2-135M on the
-project's 2-core CPU). It is used on CPU tensors only; elsewhere the Python loop runs.
+or, when this module can provide it, as one call into C++ that makes the same ATen calls —
+minus the Python interpreter between ~2000 small ops per forward — except that RoPE + cache
+writes and the elementwise tail of RMSNorm are single fused loops that round every
+intermediate exactly as the ATen ops do. Output is bit-identical to the Python loop (tested,
+fp32 and bf16). It is used on CPU tensors only; elsewhere the Python loop runs.
 
 The first ``load()`` on a machine compiles the extension with the C++ compiler torch was set up
 for (~30 s on 2 cores; needs a compiler and ninja) into ``$EAGLE2_CACHE/native`` (default ``~/.cache/eagle2/native``); later
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import sys
 import threading
 from pathlib import Path
@@ -49,7 +51,8 @@ def load():
         try:
             from torch.utils import cpp_extension
 
-            digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+            flags = ["-O3", "-ffp-contract=off"] + _vector_flags()  # no fused multiply-adds: round as ATen does
+            digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
             name = f"eagle2_lean_{digest}"
             where = cache_dir() / "native" / name
             where.mkdir(parents=True, exist_ok=True)
@@ -57,12 +60,25 @@ def load():
             if fresh:
                 print("eagle2: compiling the native forward (once per machine, ~30 s) ...", file=sys.stderr, flush=True)
             _module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(where),
-                                         extra_cflags=["-O2"], verbose=False)
+                                         extra_cflags=flags, verbose=False)
         except Exception as e:  # no compiler, no ninja, a failed build: the Python loop is exact too
             log.warning("native forward unavailable (%s: %s); using the Python loop", type(e).__name__,
                         str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")
             _module = None
         return _module
+
+
+def _vector_flags() -> list[str]:
+    """Vector ISA flags for the fused loops, from the capability torch itself detected at run time
+    (never -march=native: on some VMs it enables instructions the hypervisor traps)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap == "AVX512":
+        return ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+    if cap == "AVX2":
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
 
 
 def usable(device: torch.device, act: str) -> bool:

@@ -9,8 +9,11 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -35,17 +38,83 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   return packed ? packed_linear(x, w, b) : at::linear(x, w, b);
 }
 
-// transformers' LlamaRMSNorm: normalise in fp32, cast back, scale.
+// transformers' LlamaRMSNorm: normalise in fp32, cast back, scale. The mean of squares is ATen's
+// (its summation order is its own); the rest — add eps, rsqrt, multiply, cast back, scale — is one
+// pass rounding exactly as the ATen ops round (float math, round to nearest even), so the result
+// is bit-identical to fast.py's _rms (tested).
 at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
-  at::Tensor h = x.to(at::kFloat);
-  h = h * at::rsqrt(h.pow(2).mean({-1}, true) + eps);
-  return w * h.to(x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  TORCH_CHECK(w.scalar_type() == xc.scalar_type() && w.is_contiguous() && w.numel() == xc.size(-1),
+              "rms: the norm weight must be a contiguous [H] tensor of the input's dtype");
+  const at::Tensor var = xc.to(at::kFloat).pow(2).mean({-1}, false);  // [rows] fp32
+  at::Tensor out = at::empty_like(xc);
+  const int64_t n = xc.size(-1), rows = xc.numel() / n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "rms", [&] {
+    const scalar_t* xp = xc.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const float* vp = var.const_data_ptr<float>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const float e = static_cast<float>(eps);
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float inv = 1.0f / std::sqrt(vp[r] + e);
+        const scalar_t* xr = xp + r * n;
+        scalar_t* orow = op + r * n;
+        for (int64_t j = 0; j < n; ++j) {
+          const scalar_t h = static_cast<scalar_t>(static_cast<float>(xr[j]) * inv);
+          orow[j] = static_cast<scalar_t>(static_cast<float>(wp[j]) * static_cast<float>(h));
+        }
+      }
+    });
+  });
+  return out;
 }
 
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor rot = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-  return x * cos + rot * sin;
+// x * cos + rotate_half(x) * sin for q and k, with k and v written straight into the cache: one
+// pass instead of ~16 ATen calls. Each product and the sum are rounded to the tensor's dtype as
+// ATen's elementwise ops round them (compute in float, round to nearest even), so the result is
+// bit-identical to the Python loop's rotate + cache copies (tested).
+// qkv: [B, T, (Hq + 2 Hkv) D] contiguous; cos, sin: [B, 1, T, D] contiguous; kc, vc: [B, Hkv, C, D].
+// Returns q rotated, [B, Hq, T, D] (a view of [B, T, Hq, D] memory); writes kc, vc at cache index past .. past + T - 1.
+at::Tensor rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kc,
+                    const at::Tensor& vc, int64_t past, int64_t hq, int64_t hk, int64_t d) {
+  const int64_t b = qkv.size(0), t = qkv.size(1), heads = hq + 2 * hk, half = d / 2;
+  TORCH_CHECK(qkv.is_contiguous() && cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == qkv.scalar_type()
+              && sin.scalar_type() == qkv.scalar_type() && kc.scalar_type() == qkv.scalar_type()
+              && vc.scalar_type() == qkv.scalar_type() && cos.numel() == b * t * d,
+              "rope_qkv: qkv, cos, sin and the cache must be contiguous tensors of one dtype");
+  at::Tensor q = at::empty({b, t, hq, d}, qkv.options());  // the layout ATen's ops give the Python loop's q
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_qkv", [&] {
+    const scalar_t* src = qkv.const_data_ptr<scalar_t>();
+    const scalar_t* cp = cos.const_data_ptr<scalar_t>();
+    const scalar_t* sp = sin.const_data_ptr<scalar_t>();
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* kp = kc.data_ptr<scalar_t>();
+    scalar_t* vp = vc.data_ptr<scalar_t>();
+    const int64_t kb = kc.stride(0), kh = kc.stride(1), kt = kc.stride(2);
+    const int64_t vb = vc.stride(0), vh = vc.stride(1), vt = vc.stride(2);
+    auto mul = [](scalar_t x, scalar_t y) { return static_cast<scalar_t>(static_cast<float>(x) * static_cast<float>(y)); };
+    auto add = [](scalar_t x, scalar_t y) { return static_cast<scalar_t>(static_cast<float>(x) + static_cast<float>(y)); };
+    at::parallel_for(0, b * t * heads, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bt = r / heads, h = r % heads, bi = bt / t, ti = bt % t;
+        const scalar_t* x = src + r * d;
+        if (h >= hq + hk) {  // v: a plain copy into the cache
+          scalar_t* out = vp + bi * vb + (h - hq - hk) * vh + (past + ti) * vt;
+          for (int64_t j = 0; j < d; ++j) out[j] = x[j];
+          continue;
+        }
+        scalar_t* out = h < hq ? qp + (bt * hq + h) * d : kp + bi * kb + (h - hq) * kh + (past + ti) * kt;
+        const scalar_t* c = cp + bt * d;
+        const scalar_t* s = sp + bt * d;
+        for (int64_t j = 0; j < half; ++j) {
+          out[j] = add(mul(x[j], c[j]), mul(static_cast<scalar_t>(-x[j + half]), s[j]));
+          out[j + half] = add(mul(x[j + half], c[j + half]), mul(x[j], s[j + half]));
+        }
+      }
+    });
+  });
+  return q.transpose(1, 2);
 }
 
 at::Tensor activation(const at::Tensor& x, int64_t act) {
@@ -65,18 +134,15 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
                            at::Tensor k_cache, at::Tensor v_cache, int64_t past, int64_t hq, int64_t hk, int64_t d,
                            int64_t inter, double eps, double scale, bool packed, int64_t act) {
   c10::InferenceMode guard;
+  const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const int64_t b = x.size(0), t = x.size(1), s = past + t, g = hq / hk;
   const int64_t n_layers = static_cast<int64_t>(weights.size() / 8);
   for (int64_t i = 0; i < n_layers; ++i) {
     const auto* w = &weights[8 * i];
     at::Tensor h = w[0].has_value() ? rms(x, *w[0], eps) : x;  // EAGLE's draft layer has no input norm
     at::Tensor qkv = linear(h, *w[1], w[2], packed);  // [B, T, (Hq + 2 Hkv) D]
-    auto parts = qkv.split_with_sizes({hq * d, hk * d, hk * d}, -1);
-    at::Tensor q = rotate(parts[0].view({b, t, hq, d}).transpose(1, 2), cos, sin);  // [B, Hq, T, D]
-    at::Tensor k = rotate(parts[1].view({b, t, hk, d}).transpose(1, 2), cos, sin);  // [B, Hkv, T, D]
     at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);  // [B, Hkv, C, D]
-    kc.slice(2, past, s).copy_(k);
-    vc.slice(2, past, s).copy_(parts[2].view({b, t, hk, d}).transpose(1, 2));
+    at::Tensor q = rope_qkv(qkv.contiguous(), cos_c, sin_c, kc, vc, past, hq, hk, d);  // [B, Hq, T, D]; k, v cached
     at::Tensor keys = kc.slice(2, 0, s), vals = vc.slice(2, 0, s);  // [B, Hkv, S, D]
     at::Tensor o = at::scaled_dot_product_attention(q, keys, vals, bias, 0.0, false, scale, g > 1);  // [B, Hq, T, D]
     x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[3], w[4], packed);
