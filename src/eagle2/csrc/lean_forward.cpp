@@ -2,9 +2,10 @@
 // the Python interpreter between them.
 //
 // A small model's forward on a CPU is ~2000 tiny tensor ops; in Python each costs a few
-// microseconds of interpreter and binding overhead on top of its kernel. This file runs the very
-// same ops, in the same order and with the same arguments, from C++ — so its output is
-// bit-identical to FastTarget's Python forward (a test checks it), only cheaper to launch.
+// microseconds of interpreter and binding overhead on top of its kernel. This file runs the same
+// ops from C++, except two fused loops (RoPE + cache writes, the elementwise tail of RMSNorm)
+// that round every intermediate exactly as ATen's elementwise ops do (compute in float, round
+// to nearest even), so the output is bit-identical to fast.py's Python loop (a test checks it).
 // It knows nothing of models: Python hands it the weights, the caches and the rotary rows.
 
 #include <torch/extension.h>
@@ -14,9 +15,36 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+// float <-> element type, rounding as ATen does; written on raw bits so the compiler vectorizes
+// the loops that use them (c10's scalar conversions branch per element).
+template <typename T>
+struct Num {
+  static inline float f(T x) { return static_cast<float>(x); }
+  static inline T r(float v) { return static_cast<T>(v); }
+};
+
+template <>
+struct Num<c10::BFloat16> {
+  static inline float f(c10::BFloat16 x) {
+    const uint32_t u = static_cast<uint32_t>(x.x) << 16;
+    float v;
+    std::memcpy(&v, &u, 4);
+    return v;
+  }
+  static inline c10::BFloat16 r(float v) {  // round to nearest even; NaN -> 0x7FC0 (c10's rule)
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
+    return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+  }
+};
 
 // x @ W.T + b through oneDNN's prepacked weight (kernels.py packs it), called boxed so that the
 // op's exact C++ signature does not matter.
@@ -36,6 +64,20 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool packed) {
   return packed ? packed_linear(x, w, b) : at::linear(x, w, b);
+}
+
+// The ATen sequences the fused loops below replace (fast.py's _rms and _rotate + cache copies);
+// used for many rows (prefill), where ATen's vectorized kernels are faster than the fused loops.
+at::Tensor rms_aten(const at::Tensor& x, const at::Tensor& w, double eps) {
+  at::Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean({-1}, true) + eps);
+  return w * h.to(x.scalar_type());
+}
+
+at::Tensor rotate_aten(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor rot = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+  return x * cos + rot * sin;
 }
 
 // transformers' LlamaRMSNorm: normalise in fp32, cast back, scale. The mean of squares is ATen's
@@ -58,11 +100,11 @@ at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
     at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const float inv = 1.0f / std::sqrt(vp[r] + e);
-        const scalar_t* xr = xp + r * n;
-        scalar_t* orow = op + r * n;
+        const scalar_t* __restrict__ xr = xp + r * n;
+        scalar_t* __restrict__ orow = op + r * n;
+        using N = Num<scalar_t>;
         for (int64_t j = 0; j < n; ++j) {
-          const scalar_t h = static_cast<scalar_t>(static_cast<float>(xr[j]) * inv);
-          orow[j] = static_cast<scalar_t>(static_cast<float>(wp[j]) * static_cast<float>(h));
+          orow[j] = N::r(N::f(wp[j]) * N::f(N::r(N::f(xr[j]) * inv)));
         }
       }
     });
@@ -93,22 +135,23 @@ at::Tensor rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tens
     scalar_t* vp = vc.data_ptr<scalar_t>();
     const int64_t kb = kc.stride(0), kh = kc.stride(1), kt = kc.stride(2);
     const int64_t vb = vc.stride(0), vh = vc.stride(1), vt = vc.stride(2);
-    auto mul = [](scalar_t x, scalar_t y) { return static_cast<scalar_t>(static_cast<float>(x) * static_cast<float>(y)); };
-    auto add = [](scalar_t x, scalar_t y) { return static_cast<scalar_t>(static_cast<float>(x) + static_cast<float>(y)); };
+    using N = Num<scalar_t>;
+    auto mul = [](scalar_t x, scalar_t y) { return N::r(N::f(x) * N::f(y)); };
+    auto add = [](scalar_t x, scalar_t y) { return N::r(N::f(x) + N::f(y)); };
     at::parallel_for(0, b * t * heads, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t bt = r / heads, h = r % heads, bi = bt / t, ti = bt % t;
-        const scalar_t* x = src + r * d;
+        const scalar_t* __restrict__ x = src + r * d;
         if (h >= hq + hk) {  // v: a plain copy into the cache
           scalar_t* out = vp + bi * vb + (h - hq - hk) * vh + (past + ti) * vt;
-          for (int64_t j = 0; j < d; ++j) out[j] = x[j];
+          std::memcpy(out, x, d * sizeof(scalar_t));
           continue;
         }
-        scalar_t* out = h < hq ? qp + (bt * hq + h) * d : kp + bi * kb + (h - hq) * kh + (past + ti) * kt;
-        const scalar_t* c = cp + bt * d;
-        const scalar_t* s = sp + bt * d;
+        scalar_t* __restrict__ out = h < hq ? qp + (bt * hq + h) * d : kp + bi * kb + (h - hq) * kh + (past + ti) * kt;
+        const scalar_t* __restrict__ c = cp + bt * d;
+        const scalar_t* __restrict__ s = sp + bt * d;
         for (int64_t j = 0; j < half; ++j) {
-          out[j] = add(mul(x[j], c[j]), mul(static_cast<scalar_t>(-x[j + half]), s[j]));
+          out[j] = add(mul(x[j], c[j]), N::r(-N::f(mul(x[j + half], s[j]))));  // (-x2) * s == -(x2 * s), exactly
           out[j + half] = add(mul(x[j + half], c[j + half]), mul(x[j], s[j + half]));
         }
       }
@@ -137,22 +180,34 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const int64_t b = x.size(0), t = x.size(1), s = past + t, g = hq / hk;
   const int64_t n_layers = static_cast<int64_t>(weights.size() / 8);
+  const bool fused = b * t <= 64;  // decode, verify and draft steps; a prefill takes ATen's kernels
+  auto norm = [&](const at::Tensor& v, const at::Tensor& weight) { return fused ? rms(v, weight, eps) : rms_aten(v, weight, eps); };
   for (int64_t i = 0; i < n_layers; ++i) {
     const auto* w = &weights[8 * i];
-    at::Tensor h = w[0].has_value() ? rms(x, *w[0], eps) : x;  // EAGLE's draft layer has no input norm
+    at::Tensor h = w[0].has_value() ? norm(x, *w[0]) : x;  // EAGLE's draft layer has no input norm
     at::Tensor qkv = linear(h, *w[1], w[2], packed);  // [B, T, (Hq + 2 Hkv) D]
     at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);  // [B, Hkv, C, D]
-    at::Tensor q = rope_qkv(qkv.contiguous(), cos_c, sin_c, kc, vc, past, hq, hk, d);  // [B, Hq, T, D]; k, v cached
+    at::Tensor q;  // [B, Hq, T, D], with k and v written to the cache at past ..
+    if (fused) {
+      q = rope_qkv(qkv.contiguous(), cos_c, sin_c, kc, vc, past, hq, hk, d);
+    } else {
+      auto parts = qkv.split_with_sizes({hq * d, hk * d, hk * d}, -1);
+      q = rotate_aten(parts[0].view({b, t, hq, d}).transpose(1, 2), cos, sin);
+      kc.slice(2, past, s).copy_(rotate_aten(parts[1].view({b, t, hk, d}).transpose(1, 2), cos, sin));
+      vc.slice(2, past, s).copy_(parts[2].view({b, t, hk, d}).transpose(1, 2));
+    }
     at::Tensor keys = kc.slice(2, 0, s), vals = vc.slice(2, 0, s);  // [B, Hkv, S, D]
     at::Tensor o = at::scaled_dot_product_attention(q, keys, vals, bias, 0.0, false, scale, g > 1);  // [B, Hq, T, D]
     x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[3], w[4], packed);
-    h = rms(x, *w[5], eps);
+    h = norm(x, *w[5]);
     at::Tensor gu = linear(h, *w[6], c10::nullopt, packed);
     x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[7], c10::nullopt, packed);
   }
-  return final_norm.has_value() ? rms(x, *final_norm, eps) : x;
+  return final_norm.has_value() ? norm(x, *final_norm) : x;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder_forward", &decoder_forward, "the lean decoder stack (see fast.py)");
+  m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)");
+  m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops");
 }
