@@ -17,7 +17,7 @@ class TreeConfig:
     """Shape of the draft tree verified in one target forward.
 
     Defaults are what ``eagle2 tune`` chose for SmolLM2-135M on a 2-core CPU, where verifying
-    16 tokens costs ~1.05 one-token forwards and 32 tokens ~1.26; the paper's GPU defaults are
+    16 tokens costs ~1.2 one-token forwards and 32 tokens ~1.6 (native stack); the paper's GPU defaults are
     60 / 6 / 10. ``eagle2 tune`` measures the best values for a
     machine and saves them; ``eagle2.load`` then uses those instead.
     """
