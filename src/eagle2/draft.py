@@ -1,8 +1,10 @@
 """The drafter: grows one draft tree per round with the draft head.
 
-Owns the head's KV cache. Between rounds the cache holds only *true* pairs — the target's
-feature f_i with the next accepted token t_{i+1}, at position i — so nothing has to be rolled
-back: tree entries live in temporary tensors for the duration of one ``grow``.
+Owns the head's static KV cache (fast.StaticCache, one layer) and runs the head's layer on
+fast.Stack — natively on a CPU — in the target's dtype. Its committed length counts only *true*
+pairs — the target's feature f_i with the next accepted token t_{i+1}, at position i — so
+nothing has to be rolled back: a ``grow`` writes tree entries after them, and the next
+``commit`` overwrites those.
 
 Round protocol (the engine calls, in order):
 1. ``commit(features, tokens)``: append the pairs the last verification produced; returns the
