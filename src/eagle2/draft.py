@@ -216,12 +216,10 @@ def _lean_head(head: DraftHead, target: Target) -> tuple[Stack, Linear]:
     cfg = head.config
     sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()}
     a, m = "layers.0.self_attn.", "layers.0.mlp."
-    qkv_b = None
-    if cfg.attention_bias:
-        qkv_b = torch.cat([sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]])
-    layer = Layer(n1=None, qkv=linear(torch.cat([sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]]), qkv_b),
-                  o=linear(sd[a + "o_proj.weight"]), n2=sd["layers.0.post_attention_layernorm.weight"],
-                  gu=linear(torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]])), down=linear(sd[m + "down_proj.weight"]))
+    qkv_b = tuple(sd[a + f"{n}_proj.bias"] for n in "qkv") if cfg.attention_bias else None
+    layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], sd[a + "o_proj.weight"],
+                       sd["layers.0.post_attention_layernorm.weight"], sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"],
+                       sd[m + "down_proj.weight"], qkv_b)
     dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                 float(cfg.rms_norm_eps), cfg.hidden_act)
     return Stack([layer], None, dims), linear(sd["fc.weight"], sd.get("fc.bias"))

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 log = logging.getLogger("eagle2")
 
-_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-         "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
+# hidden_act -> function, for the head and for fast.py's lean layers
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 def rope_theta_of(config) -> float:
@@ -63,7 +64,7 @@ class HeadConfig:
     target_model_type: str | None = None  # family of the target this head was built for (ours; official heads omit it)
 
     def __post_init__(self) -> None:
-        if self.hidden_act not in _ACTS:
+        if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} for the draft head")
 
     @classmethod
@@ -173,7 +174,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = _ACTS[cfg.hidden_act]
+        self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

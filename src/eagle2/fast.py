@@ -32,13 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
+from .draft_head import ACTIVATIONS
 from .kernels import Linear, linear
 from .target import Target
 
 _FAMILIES = ("llama", "qwen2", "mistral")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-_ACTS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-         "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
 def supports(model) -> tuple[bool, str]:
@@ -53,7 +52,7 @@ def supports(model) -> tuple[bool, str]:
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in _STATIC_ROPE:
         return False, f"RoPE type {rope_type!r}"
-    if getattr(cfg, "hidden_act", "silu") not in _ACTS:
+    if getattr(cfg, "hidden_act", "silu") not in ACTIVATIONS:
         return False, f"activation {cfg.hidden_act!r}"
     if getattr(cfg, "mlp_bias", False):
         return False, "MLP biases"
@@ -72,7 +71,7 @@ class Dims:
     head_dim: int
     inter: int  # MLP width
     eps: float  # RMSNorm epsilon
-    act: str  # MLP activation (a key of _ACTS)
+    act: str  # MLP activation (a key of ACTIVATIONS)
 
     @property
     def scale(self) -> float:
@@ -102,6 +101,15 @@ class Layer:
     n2: Tensor
     gu: Linear  # [2 I, H] fused gate / up
     down: Linear
+
+    @classmethod
+    def fuse(cls, n1: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, n2: Tensor, gate: Tensor, up: Tensor,
+             down: Tensor, qkv_bias: tuple[Tensor, Tensor, Tensor] | None = None, o_bias: Tensor | None = None) -> "Layer":
+        """A layer from separate [out, in] projection weights: q/k/v and gate/up are concatenated
+        once, every projection goes through ``kernels.linear`` (prepacked where exact)."""
+        qkv_b = None if qkv_bias is None else torch.cat(qkv_bias)
+        return cls(n1=n1, qkv=linear(torch.cat([q, k, v]), qkv_b), o=linear(o, o_bias), n2=n2,
+                   gu=linear(torch.cat([gate, up])), down=linear(down))
 
 
 class Stack:
@@ -139,7 +147,7 @@ class Stack:
         b, t, _ = x.shape
         s = past + t
         hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
-        act = _ACTS[dm.act]
+        act = ACTIVATIONS[dm.act]
         for i, L in enumerate(self.layers):
             h = x if L.n1 is None else _rms(L.n1, x, dm.eps)
             q, k, v = L.qkv(h).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
@@ -208,14 +216,10 @@ class FastTarget(Target):
         layers = []
         for layer in self.decoder.layers:
             a, m = layer.self_attn, layer.mlp
-            qkv_w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # [(Hq + 2 Hkv) D, H]
-            qkv_b = None
-            if a.q_proj.bias is not None:
-                qkv_b = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            gu_w = torch.cat([m.gate_proj.weight, m.up_proj.weight])  # [2 I, H]
-            layers.append(Layer(  # projections: x -> x @ W.T + b (prepacked where exact, kernels.py)
-                n1=layer.input_layernorm.weight, qkv=linear(qkv_w, qkv_b), o=linear(a.o_proj.weight, a.o_proj.bias),
-                n2=layer.post_attention_layernorm.weight, gu=linear(gu_w), down=linear(m.down_proj.weight)))
+            qkv_b = None if a.q_proj.bias is None else (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
+            layers.append(Layer.fuse(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                                     a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight,
+                                     m.up_proj.weight, m.down_proj.weight, qkv_b, a.o_proj.bias))
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
         self.stack = Stack(layers, self.norm.weight, dims)
