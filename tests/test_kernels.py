@@ -47,3 +47,95 @@ def test_fast_target_packed_logits_equal_unpacked(monkeypatch):
         cache = tgt.new_cache(capacity=32)
         outs.append(tgt.forward(cache, tokens, torch.arange(12), None)[0])
     assert torch.equal(outs[0], outs[1])
+
+
+# -- 4-bit block weights ------------------------------------------------------------------------
+
+def _q4_blocks(n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """fp32 [n, k] weights made as a Q4_1 GGUF dequantizes: d * q + m per block of 32, fp16 d, m."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # each block spans the full code range, as the quantizer makes it
+    d = ((torch.rand(n, k // 32, 1, generator=g) * 0.01 + 1e-4) * scale).half().float()
+    m = (-torch.rand(n, k // 32, 1, generator=g) * 0.08 * scale).half().float()
+    return (d * q + m).reshape(n, k)
+
+
+def test_find_q4_rebuilds_the_bf16_weight_or_refuses():
+    src = _q4_blocks(48, 96)
+    w = src.to(torch.bfloat16)
+    q, d, m = kernels.find_q4(w, src)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    rebuilt = (d[..., None] * q.view(48, 3, 32).float() + m[..., None]).reshape(48, 96).to(torch.bfloat16)
+    assert torch.equal(rebuilt, w)
+    noisy = src.clone()
+    noisy[5, 7] += 1e-3  # one weight off the grid: not a 4-bit block any more
+    assert kernels.find_q4(noisy.to(torch.bfloat16), noisy) is None
+    assert kernels.find_q4(torch.randn(48, 96).to(torch.bfloat16), torch.randn(48, 96)) is None
+
+
+needs_q4 = pytest.mark.skipif(not kernels.q4_usable(torch.zeros(16, 32, dtype=torch.bfloat16)),
+                              reason="the 4-bit kernel needs AMX-BF16 and the native extension")
+
+
+@needs_q4
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_q4_linear_matches_the_bf16_linear(with_bias):
+    """Same bf16 weights, fp32 accumulation on the tile unit: the products equal oneDNN's bf16
+    kernel here; a different summation order may change the last bit of a few outputs, never more."""
+    n, k = 80, 192
+    src = _q4_blocks(n, k, seed=1)
+    w = src.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if with_bias else None
+    fn = kernels.linear(w, b, source=src)
+    assert fn.q4 is not None and fn.q4.shape == (n // 16, k // 32, kernels.Q4_RECORD)
+    for shape in ((1, k), (5, k), (16, k), (17, k), (2, 16, k), (33, k), (70, k)):  # 33 and 70 rows: bf16 path
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
+        got, ref = fn(x), F.linear(x, w, b)
+        assert got.shape == ref.shape
+        exact = x.float() @ w.float().T + (0 if b is None else b.float())
+        ulp = (ref.float().abs() * 2.0 ** -7).clamp_min(1e-30)
+        assert ((got.float() - ref.float()).abs() <= ulp).all(), shape  # at most one bf16 step apart
+        assert (got != ref).float().mean() < 0.01, shape
+        assert (got.float() - exact).abs().max() <= (ref.float() - exact).abs().max() * 1.5 + 1e-3
+
+
+@needs_q4
+def test_q4_only_with_an_exact_source():
+    w = torch.randn(32, 64).to(torch.bfloat16)
+    assert kernels.linear(w, None, source=w.float()).q4 is None  # not 4-bit blocks
+    assert kernels.linear(w).q4 is None  # no source
+    src = _q4_blocks(32, 64)
+    assert kernels.linear(src.to(torch.bfloat16), None, source=src).q4 is not None
+    assert kernels.linear(src, None, source=src).q4 is None  # fp32 never takes it
+
+
+@needs_q4
+def test_fast_target_with_4bit_weights_gives_the_same_logits(tmp_path, monkeypatch):
+    """A model stored in fp32 with 4-bit block weights (a dequantized GGUF), loaded in bf16:
+    the lean forward's logits with the 4-bit kernel equal those without it."""
+    from conftest import make_tiny_model
+    from transformers import AutoModelForCausalLM
+    from eagle2.fast import FastTarget
+
+    model = make_tiny_model("llama", vocab_size=64, hidden_size=64, intermediate_size=128, head_dim=16)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
+                p.copy_(_q4_blocks(*p.shape, seed=i, scale=p.abs().max().item() / 0.08))
+    model.save_pretrained(tmp_path)
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for enabled in (False, True):
+        monkeypatch.setattr(kernels, "Q4_ENABLED", enabled)
+        tgt = FastTarget(bf16)
+        assert all((L.qkv.q4 is not None) == enabled for L in tgt.stack.layers)
+        cache = tgt.new_cache(capacity=64)
+        first = tgt.forward(cache, tokens[:12], torch.arange(12), None)[0]  # 12 rows: 4-bit kernel
+        tree = tgt.forward(cache, tokens[12:], torch.arange(12, 20), None)[0]
+        outs.append(torch.cat([first, tree]))
+    ulp = (outs[0].abs() * 2.0 ** -6).clamp_min(1e-3)
+    assert ((outs[0] - outs[1]).abs() <= ulp).all()
+    assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))

@@ -6,7 +6,8 @@ Configurations, run interleaved over the same MT-bench first turns (greedy, same
     +lean       our lean forward (static KV cache, fused projections, small-query attention)
     +frspec     lean forward + the head's FR-Spec draft vocabulary
     +packed     + bf16 weights prepacked for oneDNN in target and draft (kernels.py)
-    +native     + the decoder stacks of target and draft run from C++ (native.py; the default)
+    +native     + the decoder stacks of target and draft run from C++ (native.py)
+    +q4         + the target's 4-bit block weights on the AMX kernel (kernels.py; the default)
 
 plus plain `vanilla` decoding on each backend. Per configuration it prints the median over
 prompts of tokens/s and, summed over all rounds, milliseconds per round in draft (commit of the
@@ -14,6 +15,7 @@ accepted pairs + tree growth + rerank), verify (target forward over the tree, ac
 compaction) and other (stop/EOS checks, detokenizing, Python around the loop).
 
 Usage: python tools/profile_round.py [--limit 8] [--max-new-tokens 128] [--dtype bfloat16] [--json out.json]
+                                     [--only native]  (configurations whose name contains any of these words)
 """
 
 import argparse
@@ -37,14 +39,9 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    ap.add_argument("--only", default="", help="comma-separated words: run only configurations whose name has one")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
-    gens = {}
-    for name, backend, packed, use_native in (("transformers", "transformers", False, False),
-                                              ("fast", "fast", False, False), ("fast+packed", "fast", True, False),
-                                              ("fast+packed+native", "fast", True, True)):
-        kernels.ENABLED, native.ENABLED = packed, use_native  # read when a generator is built
-        gens[name] = eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=backend)
     configs = {  # name -> (generator, method, draft_vocab: None = head's list, 0 = full vocabulary)
         "vanilla (transformers)": ("transformers", "vanilla", 0),
         "vanilla (lean)": ("fast", "vanilla", 0),
@@ -54,8 +51,22 @@ def main() -> int:
         "eagle2 +lean forward": ("fast", "eagle2", 0),
         "eagle2 +lean +FR-Spec": ("fast", "eagle2", None),
         "eagle2 +lean +FR-Spec +packed": ("fast+packed", "eagle2", None),
-        "eagle2 +lean +FR-Spec +packed +native (default)": ("fast+packed+native", "eagle2", None),
+        "vanilla (lean + packed + native + q4)": ("fast+packed+native+q4", "vanilla", 0),
+        "eagle2 +lean +FR-Spec +packed +native": ("fast+packed+native", "eagle2", None),
+        "eagle2 +lean +FR-Spec +packed +native +q4 (default)": ("fast+packed+native+q4", "eagle2", None),
     }
+    words = [w for w in args.only.split(",") if w]
+    if words:
+        configs = {k: v for k, v in configs.items() if any(w in k for w in words)}
+    gens = {}
+    for name, backend, packed, use_native, q4 in (("transformers", "transformers", False, False, False),
+                                                  ("fast", "fast", False, False, False),
+                                                  ("fast+packed", "fast", True, False, False),
+                                                  ("fast+packed+native", "fast", True, True, False),
+                                                  ("fast+packed+native+q4", "fast", True, True, True)):
+        if any(v[0] == name for v in configs.values()):
+            kernels.ENABLED, native.ENABLED, kernels.Q4_ENABLED = packed, use_native, q4  # read when a generator is built
+            gens[name] = eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=backend)
     qs = [json.loads(l) for l in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
     qs = qs[:: max(1, len(qs) // args.limit)][: args.limit]
     for g in gens.values():

@@ -26,6 +26,7 @@ checks the logits against transformers'.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ from torch import Tensor
 
 from . import native
 from .draft_head import ACTIVATIONS
-from .kernels import Linear, linear
+from .kernels import Linear, linear, q4_usable
+from .models import float_weights
 from .target import Target
 
 _FAMILIES = ("llama", "qwen2", "mistral")
@@ -104,12 +106,19 @@ class Layer:
 
     @classmethod
     def fuse(cls, n1: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, n2: Tensor, gate: Tensor, up: Tensor,
-             down: Tensor, qkv_bias: tuple[Tensor, Tensor, Tensor] | None = None, o_bias: Tensor | None = None) -> "Layer":
+             down: Tensor, qkv_bias: tuple[Tensor, Tensor, Tensor] | None = None, o_bias: Tensor | None = None,
+             source: "Callable[[Tensor], Tensor | None] | None" = None) -> "Layer":
         """A layer from separate [out, in] projection weights: q/k/v and gate/up are concatenated
-        once, every projection goes through ``kernels.linear`` (prepacked where exact)."""
+        once, every projection goes through ``kernels.linear`` (prepacked where exact).
+        ``source``: weight -> the fp32 tensor it was rounded from, or None (4-bit blocks, kernels.py)."""
+
+        def src(*ws: Tensor) -> Tensor | None:
+            parts = [None if source is None else source(w) for w in ws]
+            return None if any(p is None for p in parts) else torch.cat(parts)
+
         qkv_b = None if qkv_bias is None else torch.cat(qkv_bias)
-        return cls(n1=n1, qkv=linear(torch.cat([q, k, v]), qkv_b), o=linear(o, o_bias), n2=n2,
-                   gu=linear(torch.cat([gate, up])), down=linear(down))
+        return cls(n1=n1, qkv=linear(torch.cat([q, k, v]), qkv_b, src(q, k, v)), o=linear(o, o_bias, src(o)), n2=n2,
+                   gu=linear(torch.cat([gate, up]), None, src(gate, up)), down=linear(down, None, src(down)))
 
 
 class Stack:
@@ -124,7 +133,7 @@ class Stack:
         linears = [lin for L in layers for lin in (L.qkv, L.o, L.gu, L.down)]
         self.packed = linears[0].packed if linears else False
         self._flat = [w for L in layers for w in (L.n1, L.qkv.weight, L.qkv.bias, L.o.weight, L.o.bias, L.n2,
-                                                  L.gu.weight, L.down.weight)]
+                                                  L.gu.weight, L.down.weight, L.qkv.q4, L.o.q4, L.gu.q4, L.down.q4)]
         same = all(lin.packed == self.packed for lin in linears) and all(L.gu.bias is None and L.down.bias is None
                                                                          for L in layers)
         self.device = layers[0].n2.device
@@ -213,13 +222,18 @@ class FastTarget(Target):
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.capacity = capacity
         self.norm = self.decoder.norm
+        source = None  # the fp32 weights a bf16 model was rounded from, for exact 4-bit blocks (kernels.py)
+        if q4_usable(self.decoder.layers[0].mlp.down_proj.weight):
+            names = {id(p): n for n, p in model.named_parameters()}
+            floats = float_weights(model)
+            source = lambda w: floats(names.get(id(w), ""))  # noqa: E731
         layers = []
         for layer in self.decoder.layers:
             a, m = layer.self_attn, layer.mlp
             qkv_b = None if a.q_proj.bias is None else (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
             layers.append(Layer.fuse(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
                                      a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight,
-                                     m.up_proj.weight, m.down_proj.weight, qkv_b, a.o_proj.bias))
+                                     m.up_proj.weight, m.down_proj.weight, qkv_b, a.o_proj.bias, source))
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
         self.stack = Stack(layers, self.norm.weight, dims)

@@ -17,8 +17,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import Tensor
 
 log = logging.getLogger("eagle2")
 
@@ -166,6 +168,31 @@ def local_model_dir(model: str) -> tuple[Path | str, str | None]:
         return model, None  # a hub id; from_pretrained reports if the hub is unreachable
     known = ", ".join(BUILTIN_MODELS)
     raise ValueError(f"unknown model {model!r}: not a built-in name ({known}), a directory, a .gguf file or a hub id")
+
+
+def float_weights(model) -> Callable[[str], Tensor | None]:
+    """Parameter name -> that tensor as stored in fp32 in the model's own directory (the values a
+    bf16 load rounded), or None (not stored, not fp32, no local directory). The 4-bit kernel
+    (kernels.py) reads the exact block scales of a dequantized GGUF from them."""
+    from safetensors import safe_open
+
+    where = Path(str(getattr(model, "name_or_path", "") or ""))
+    owner = {}
+    try:
+        for f in sorted(where.glob("*.safetensors")) if where.is_dir() else []:
+            handle = safe_open(str(f), "pt")
+            owner.update(dict.fromkeys(handle.keys(), handle))
+    except Exception as e:  # unreadable files: no sources, the bf16 path runs
+        log.warning("could not read %s for exact 4-bit weights (%s); using bf16 weights", where, e)
+        owner = {}
+
+    def get(name: str) -> Tensor | None:
+        handle = owner.get(name)
+        if handle is None or handle.get_slice(name).get_dtype() != "F32":
+            return None
+        return handle.get_tensor(name)
+
+    return get
 
 
 def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "auto", device_map=None):

@@ -5,7 +5,9 @@ or, when this module can provide it, as one call into C++ that makes the same AT
 minus the Python interpreter between ~2000 small ops per forward — except that RoPE + cache
 writes and the elementwise tail of RMSNorm are single fused loops that round every
 intermediate exactly as the ATen ops do. Output is bit-identical to the Python loop (tested,
-fp32 and bf16). It is used on CPU tensors only; elsewhere the Python loop runs.
+fp32 and bf16). It is used on CPU tensors only; elsewhere the Python loop runs. The same
+extension holds the 4-bit block-weight kernel on AMX (``q4_linear``; kernels.py packs for it),
+which both the native stack and the Python loop call.
 
 The first ``load()`` on a machine compiles the extension with the C++ compiler torch was set up
 for (~30 s on 2 cores; needs a compiler and ninja) into ``$EAGLE2_CACHE/native`` (default ``~/.cache/eagle2/native``); later
@@ -52,6 +54,10 @@ def load():
             from torch.utils import cpp_extension
 
             flags = ["-O3", "-ffp-contract=off"] + _vector_flags()  # no fused multiply-adds: round as ATen does
+            ldflags = []
+            if sys.platform.startswith("linux"):  # at::parallel_for is OpenMP in torch's Linux builds: without the flag it runs serially
+                flags.append("-fopenmp")
+                ldflags.append("-fopenmp")
             digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
             name = f"eagle2_lean_{digest}"
             where = cache_dir() / "native" / name
@@ -60,7 +66,7 @@ def load():
             if fresh:
                 print("eagle2: compiling the native forward (once per machine, ~30 s) ...", file=sys.stderr, flush=True)
             _module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(where),
-                                         extra_cflags=flags, verbose=False)
+                                         extra_cflags=flags, extra_ldflags=ldflags, verbose=False)
         except Exception as e:  # no compiler, no ninja, a failed build: the Python loop is exact too
             log.warning("native forward unavailable (%s: %s); using the Python loop", type(e).__name__,
                         str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")

@@ -19,6 +19,14 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
+#define EAGLE2_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace {
 
 // float <-> element type, rounding as ATen does; written on raw bits so the compiler vectorizes
@@ -62,7 +70,183 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
   return stack.back().toTensor();
 }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool packed) {
+
+// ---- 4-bit block weights on AMX ----------------------------------------------------------------
+// A weight whose every block of 32 inputs is bf16(d * q + m) with q in 0..15 and fp16 d, m (a
+// Q4_1 GGUF dequantized, for one) is stored as 4-bit codes plus the two scales per block: 0.625
+// bytes per weight instead of 2. The kernel rebuilds exactly the bf16 weight (d * q is exact in
+// fp32, so one fused multiply-add rounds once, as fp32 d * q + m does; then round to nearest even
+// to bf16) into an AMX B tile and multiplies on the tile unit with fp32 accumulation, like
+// oneDNN's bf16 kernel. kernels.py packs the records and checks the rebuilt weight bit for bit.
+//
+// Record per (16 outputs n0.., 32 inputs k0..), Q4_RECORD bytes: 16 rows of 16 code bytes, then
+// 16 fp16 d and 16 fp16 m (one per output). Row r, element e (0..31) is W[n0 + e / 2][k0 + 2 r + e % 2]
+// (the VNNI layout of a B tile); byte j of a row holds element j (low nibble) and j + 16 (high).
+constexpr int64_t Q4_RECORD = 16 * 16 + 32 + 32;
+
+#ifdef EAGLE2_AMX
+#define EAGLE2_AMX_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,amx-tile,amx-bf16")))
+
+bool amx_ready() {  // AMX-BF16 + AVX512-BF16 on this CPU, and the kernel let this process use the tiles
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return false;  // AVX512-BF16
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0, 1 accumulators (rows 0..15, 16..31 of x, 16 outputs, fp32); 2, 3 x rows (32 inputs,
+// bf16); 4, 5 weights (double-buffered B tiles).
+EAGLE2_AMX_FN void q4_configure(int64_t rows) {
+  TileConfig cfg;
+  const int64_t r0 = std::min<int64_t>(rows, 16), r1 = rows - r0;
+  cfg.rows[0] = cfg.rows[2] = static_cast<uint8_t>(r0);
+  cfg.colsb[0] = cfg.colsb[2] = 64;
+  if (r1 > 0) {
+    cfg.rows[1] = cfg.rows[3] = static_cast<uint8_t>(r1);
+    cfg.colsb[1] = cfg.colsb[3] = 64;
+  }
+  cfg.rows[4] = cfg.rows[5] = 16;
+  cfg.colsb[4] = cfg.colsb[5] = 64;
+  // the intrinsic does not tell the compiler that it reads cfg (GCC drops the stores): inline asm
+  asm volatile("ldtilecfg %0" : : "m"(cfg) : "memory");
+}
+
+EAGLE2_AMX_FN void q4_release() { _tile_release(); }
+
+// One record -> the 16 x 32 bf16 B tile in `out` (1 KB, 64-byte rows).
+EAGLE2_AMX_FN inline void q4_unpack(const uint8_t* rec, uint16_t* out) {
+  const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 256)));
+  const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 288)));
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // element e -> output e / 2
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, dv), d_hi = _mm512_permutexvar_ps(hi_idx, dv);
+  const __m512 m_lo = _mm512_permutexvar_ps(lo_idx, mv), m_hi = _mm512_permutexvar_ps(hi_idx, mv);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  for (int r = 0; r < 16; ++r) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * r));
+    const __m128i lo = _mm_and_si128(raw, nibble);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+    const __m512 w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d_lo, m_lo);
+    const __m512 w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d_hi, m_hi);
+    _mm512_store_si512(out + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w_hi, w_lo)));
+  }
+}
+
+// y[0:rows, 0:16] = x[0:rows, :] @ W[n0:n0+16, :].T (+ bias) for one group of 16 outputs; rows <= 32,
+// tiles configured for `rows`. x rows are ldx elements apart, y rows ldy.
+EAGLE2_AMX_FN void q4_group(const uint16_t* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
+                            const uint16_t* bias, uint16_t* y, int64_t ldy) {
+  alignas(64) uint16_t wbuf[2][16 * 32];
+  alignas(64) float acc[32 * 16];
+  const bool two = rows > 16;
+  const uint16_t* x1 = x + 16 * ldx;
+  const int64_t stride = ldx * 2;
+  _tile_zero(0);
+  if (two) _tile_zero(1);
+  // Two weight buffers: unpacking block kb + 1 need not wait for the tile load of block kb.
+  // The empty asm statements are compiler barriers: the tile intrinsics do not declare their memory use.
+  int64_t kb = 0;
+  for (; kb + 1 < kblocks; kb += 2) {
+    q4_unpack(recs + kb * Q4_RECORD, wbuf[0]);
+    asm volatile("" : : : "memory");
+    _tile_loadd(4, wbuf[0], 64);
+    _tile_loadd(2, x + kb * 32, stride);
+    _tile_dpbf16ps(0, 2, 4);
+    if (two) {
+      _tile_loadd(3, x1 + kb * 32, stride);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+    q4_unpack(recs + (kb + 1) * Q4_RECORD, wbuf[1]);
+    asm volatile("" : : : "memory");
+    _tile_loadd(5, wbuf[1], 64);
+    _tile_loadd(2, x + (kb + 1) * 32, stride);
+    _tile_dpbf16ps(0, 2, 5);
+    if (two) {
+      _tile_loadd(3, x1 + (kb + 1) * 32, stride);
+      _tile_dpbf16ps(1, 3, 5);
+    }
+  }
+  if (kb < kblocks) {
+    q4_unpack(recs + kb * Q4_RECORD, wbuf[0]);
+    asm volatile("" : : : "memory");
+    _tile_loadd(4, wbuf[0], 64);
+    _tile_loadd(2, x + kb * 32, stride);
+    _tile_dpbf16ps(0, 2, 4);
+    if (two) {
+      _tile_loadd(3, x1 + kb * 32, stride);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+  }
+  _tile_stored(0, acc, 64);
+  if (two) _tile_stored(1, acc + 256, 64);
+  asm volatile("" : : : "memory");
+  const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias))), 16));
+  for (int64_t m = 0; m < rows; ++m) {
+    __m512 v = _mm512_load_ps(acc + 16 * m);
+    if (bias != nullptr) v = _mm512_add_ps(v, b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+}
+#else
+bool amx_ready() { return false; }
+#endif
+
+// x [..., K] bf16 @ W.T (+ bias [N] bf16) -> [..., N] bf16 from W's records [N / 16, K / 32, Q4_RECORD].
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& recs, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_ready(), "q4_linear needs AMX-BF16 (kernels.py only packs 4-bit weights where it is usable)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && recs.scalar_type() == at::kByte && recs.dim() == 3 &&
+              recs.size(2) == Q4_RECORD && recs.is_contiguous() && x.size(-1) == recs.size(1) * 32,
+              "q4_linear: bf16 x [..., K] and records [N / 16, K / 32, ", Q4_RECORD, "] expected");
+#ifdef EAGLE2_AMX
+  const int64_t K = x.size(-1), groups = recs.size(0), kblocks = recs.size(1), N = groups * 16;
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == at::kBFloat16 && b.numel() == N, "q4_linear: bias must be bf16 [N]");
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
+  const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
+  const uint8_t* rp = recs.const_data_ptr<uint8_t>();
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {  // tile configuration is per thread
+      const int64_t rows = std::min<int64_t>(32, M - m0);
+      q4_configure(rows);
+      for (int64_t g = g0; g < g1; ++g) {
+        q4_group(xp + m0 * K, K, rows, rp + g * kblocks * Q4_RECORD, kblocks, bp == nullptr ? nullptr : bp + 16 * g,
+                 yp + m0 * N + 16 * g, N);
+      }
+    }
+    q4_release();
+  });
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  return y.view(sizes);
+#else
+  return at::Tensor();
+#endif
+}
+
+// x @ W.T + b: the 4-bit kernel for up to 32 rows when the layer has records (rows beyond that — a
+// prefill — are compute-bound and oneDNN's bf16 kernel is faster), else oneDNN's prepacked weight
+// or plain ATen.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool packed,
+                  const c10::optional<at::Tensor>& recs) {
+  if (recs.has_value() && x.numel() <= 32 * x.size(-1)) return q4_linear(x, *recs, b);
   return packed ? packed_linear(x, w, b) : at::linear(x, w, b);
 }
 
@@ -168,8 +352,8 @@ at::Tensor activation(const at::Tensor& x, int64_t act) {
 }  // namespace
 
 // x: [B, T, H] layer input; cos, sin: [B, 1, T, D]; bias: [B, 1, T, S] additive mask (S = past + T);
-// weights: 8 per layer (input norm|None, qkv, qkv bias|None, o, o bias|None, post-attention norm,
-// gate_up, down); k_cache, v_cache: [L, B, Hkv, C, D], written at past..S-1; act: 0 silu, 1 gelu,
+// weights: 12 per layer (input norm|None, qkv, qkv bias|None, o, o bias|None, post-attention norm,
+// gate_up, down, then the 4-bit records of qkv, o, gate_up, down, each |None); k_cache, v_cache: [L, B, Hkv, C, D], written at past..S-1; act: 0 silu, 1 gelu,
 // 2 gelu (tanh). Returns the last layer's output, after final_norm unless it is None, [B, T, H].
 at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
                            const std::vector<c10::optional<at::Tensor>>& weights,
@@ -179,13 +363,13 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
   c10::InferenceMode guard;
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const int64_t b = x.size(0), t = x.size(1), s = past + t, g = hq / hk;
-  const int64_t n_layers = static_cast<int64_t>(weights.size() / 8);
+  const int64_t n_layers = static_cast<int64_t>(weights.size() / 12);
   const bool fused = b * t <= 64;  // decode, verify and draft steps; a prefill takes ATen's kernels
   auto norm = [&](const at::Tensor& v, const at::Tensor& weight) { return fused ? rms(v, weight, eps) : rms_aten(v, weight, eps); };
   for (int64_t i = 0; i < n_layers; ++i) {
-    const auto* w = &weights[8 * i];
+    const auto* w = &weights[12 * i];
     at::Tensor h = w[0].has_value() ? norm(x, *w[0]) : x;  // EAGLE's draft layer has no input norm
-    at::Tensor qkv = linear(h, *w[1], w[2], packed);  // [B, T, (Hq + 2 Hkv) D]
+    at::Tensor qkv = linear(h, *w[1], w[2], packed, w[8]);  // [B, T, (Hq + 2 Hkv) D]
     at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);  // [B, Hkv, C, D]
     at::Tensor q;  // [B, Hq, T, D], with k and v written to the cache at past ..
     if (fused) {
@@ -198,10 +382,10 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
     }
     at::Tensor keys = kc.slice(2, 0, s), vals = vc.slice(2, 0, s);  // [B, Hkv, S, D]
     at::Tensor o = at::scaled_dot_product_attention(q, keys, vals, bias, 0.0, false, scale, g > 1);  // [B, Hq, T, D]
-    x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[3], w[4], packed);
+    x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[3], w[4], packed, w[9]);
     h = norm(x, *w[5]);
-    at::Tensor gu = linear(h, *w[6], c10::nullopt, packed);
-    x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[7], c10::nullopt, packed);
+    at::Tensor gu = linear(h, *w[6], c10::nullopt, packed, w[10]);
+    x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[7], c10::nullopt, packed, w[11]);
   }
   return final_norm.has_value() ? norm(x, *final_norm) : x;
 }
@@ -210,4 +394,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder_forward", &decoder_forward, "the lean decoder stack (see fast.py)");
   m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)");
   m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops");
+  m.def("q4_linear", &q4_linear, "x @ W.T (+ b) from 4-bit block records (AMX)");
+  m.def("amx_ready", &amx_ready, "whether q4_linear can run here");
 }
