@@ -49,7 +49,7 @@ def test_fast_target_packed_logits_equal_unpacked(monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
-# -- 4-bit block weights ------------------------------------------------------------------------
+# -- low-bit block weights ----------------------------------------------------------------------
 
 def _q4_blocks(n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     """fp32 [n, k] weights made as a Q4_1 GGUF dequantizes: d * q + m per block of 32, fp16 d, m."""
@@ -61,35 +61,55 @@ def _q4_blocks(n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tenso
     return (d * q + m).reshape(n, k)
 
 
-def test_find_q4_rebuilds_the_bf16_weight_or_refuses():
+def _q8_blocks(n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """fp32 [n, k] weights made as a Q8_0 GGUF dequantizes: d * q per block of 32, fp16 d, |q| <= 127."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+    q[..., 0] = 127  # the block's largest magnitude maps to 127, as the quantizer makes it
+    d = ((torch.rand(n, k // 32, 1, generator=g) * 0.001 + 1e-5) * scale).half().float()
+    return (d * q).reshape(n, k)
+
+
+BLOCKS = {"q4": (_q4_blocks, kernels.Q4_RECORD), "q8": (_q8_blocks, kernels.Q8_RECORD)}
+
+
+def test_find_blocks_rebuild_the_bf16_weight_or_refuse():
     src = _q4_blocks(48, 96)
     w = src.to(torch.bfloat16)
     q, d, m = kernels.find_q4(w, src)
     assert q.dtype == torch.uint8 and int(q.max()) <= 15
     rebuilt = (d[..., None] * q.view(48, 3, 32).float() + m[..., None]).reshape(48, 96).to(torch.bfloat16)
     assert torch.equal(rebuilt, w)
-    noisy = src.clone()
-    noisy[5, 7] += 1e-3  # one weight off the grid: not a 4-bit block any more
-    assert kernels.find_q4(noisy.to(torch.bfloat16), noisy) is None
+    src8 = _q8_blocks(48, 96)
+    q8, d8 = kernels.find_q8(src8.to(torch.bfloat16), src8)
+    assert torch.equal((d8[..., None] * q8.view(48, 3, 32).float()).reshape(48, 96).to(torch.bfloat16),
+                       src8.to(torch.bfloat16))
+    for good in (src, src8):
+        noisy = good.clone()
+        noisy[5, 7] += 1e-3  # one weight off the grid: not a block format any more
+        assert kernels.find_q4(noisy.to(torch.bfloat16), noisy) is None
+        assert kernels.find_q8(noisy.to(torch.bfloat16), noisy) is None
     assert kernels.find_q4(torch.randn(48, 96).to(torch.bfloat16), torch.randn(48, 96)) is None
 
 
-needs_q4 = pytest.mark.skipif(not kernels.q4_usable(torch.zeros(16, 32, dtype=torch.bfloat16)),
-                              reason="the 4-bit kernel needs AMX-BF16 and the native extension")
+needs_lowbit = pytest.mark.skipif(not kernels.lowbit_usable(torch.zeros(16, 32, dtype=torch.bfloat16)),
+                                  reason="the block-weight kernel needs AMX-BF16 and the native extension")
 
 
-@needs_q4
+@needs_lowbit
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_q4_linear_matches_the_bf16_linear(with_bias):
+def test_lowbit_linear_matches_the_bf16_linear(fmt, with_bias):
     """Same bf16 weights, fp32 accumulation on the tile unit: the products equal oneDNN's bf16
     kernel here; a different summation order may change the last bit of a few outputs, never more."""
+    make, record = BLOCKS[fmt]
     n, k = 80, 192
-    src = _q4_blocks(n, k, seed=1)
+    src = make(n, k, seed=1)
     w = src.to(torch.bfloat16)
     g = torch.Generator().manual_seed(2)
     b = torch.randn(n, generator=g).to(torch.bfloat16) if with_bias else None
     fn = kernels.linear(w, b, source=src)
-    assert fn.q4 is not None and fn.q4.shape == (n // 16, k // 32, kernels.Q4_RECORD)
+    assert fn.lowbit is not None and fn.lowbit.shape == (n // 16, k // 32, record)
     for shape in ((1, k), (5, k), (16, k), (17, k), (2, 16, k), (33, k), (70, k)):  # 33 and 70 rows: bf16 path
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         got, ref = fn(x), F.linear(x, w, b)
@@ -101,20 +121,22 @@ def test_q4_linear_matches_the_bf16_linear(with_bias):
         assert (got.float() - exact).abs().max() <= (ref.float() - exact).abs().max() * 1.5 + 1e-3
 
 
-@needs_q4
-def test_q4_only_with_an_exact_source():
+@needs_lowbit
+def test_lowbit_only_with_an_exact_source():
     w = torch.randn(32, 64).to(torch.bfloat16)
-    assert kernels.linear(w, None, source=w.float()).q4 is None  # not 4-bit blocks
-    assert kernels.linear(w).q4 is None  # no source
+    assert kernels.linear(w, None, source=w.float()).lowbit is None  # not block weights
+    assert kernels.linear(w).lowbit is None  # no source
     src = _q4_blocks(32, 64)
-    assert kernels.linear(src.to(torch.bfloat16), None, source=src).q4 is not None
-    assert kernels.linear(src, None, source=src).q4 is None  # fp32 never takes it
+    assert kernels.linear(src.to(torch.bfloat16), None, source=src).lowbit.shape[-1] == kernels.Q4_RECORD
+    src8 = _q8_blocks(32, 64)
+    assert kernels.linear(src8.to(torch.bfloat16), None, source=src8).lowbit.shape[-1] == kernels.Q8_RECORD
+    assert kernels.linear(src, None, source=src).lowbit is None  # fp32 never takes it
 
 
-@needs_q4
-def test_fast_target_with_4bit_weights_gives_the_same_logits(tmp_path, monkeypatch):
-    """A model stored in fp32 with 4-bit block weights (a dequantized GGUF), loaded in bf16:
-    the lean forward's logits with the 4-bit kernel equal those without it."""
+@needs_lowbit
+def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path, monkeypatch):
+    """A model stored in fp32 with 4-bit layers and an 8-bit lm_head (a dequantized GGUF), loaded
+    in bf16: the lean forward's logits with the block kernel equal those without it."""
     from conftest import make_tiny_model
     from transformers import AutoModelForCausalLM
     from eagle2.fast import FastTarget
@@ -122,18 +144,20 @@ def test_fast_target_with_4bit_weights_gives_the_same_logits(tmp_path, monkeypat
     model = make_tiny_model("llama", vocab_size=64, hidden_size=64, intermediate_size=128, head_dim=16)
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
-            if p.dim() == 2 and "embed" not in name and "lm_head" not in name:
-                p.copy_(_q4_blocks(*p.shape, seed=i, scale=p.abs().max().item() / 0.08))
+            if p.dim() == 2 and "embed" not in name:
+                make = _q8_blocks if "lm_head" in name else _q4_blocks
+                p.copy_(make(*p.shape, seed=i, scale=p.abs().max().item() / (0.127 if "lm_head" in name else 0.08)))
     model.save_pretrained(tmp_path)
     bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(3))
     outs = []
     for enabled in (False, True):
-        monkeypatch.setattr(kernels, "Q4_ENABLED", enabled)
+        monkeypatch.setattr(kernels, "LOWBIT_ENABLED", enabled)
         tgt = FastTarget(bf16)
-        assert all((L.qkv.q4 is not None) == enabled for L in tgt.stack.layers)
+        assert all((L.qkv.lowbit is not None) == enabled for L in tgt.stack.layers)
+        assert (tgt._lm.lowbit is not None) == enabled
         cache = tgt.new_cache(capacity=64)
-        first = tgt.forward(cache, tokens[:12], torch.arange(12), None)[0]  # 12 rows: 4-bit kernel
+        first = tgt.forward(cache, tokens[:12], torch.arange(12), None)[0]  # 12 rows: the block kernel
         tree = tgt.forward(cache, tokens[12:], torch.arange(12, 20), None)[0]
         outs.append(torch.cat([first, tree]))
     ulp = (outs[0].abs() * 2.0 ** -6).clamp_min(1e-3)

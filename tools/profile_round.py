@@ -7,7 +7,7 @@ Configurations, run interleaved over the same MT-bench first turns (greedy, same
     +frspec     lean forward + the head's FR-Spec draft vocabulary
     +packed     + bf16 weights prepacked for oneDNN in target and draft (kernels.py)
     +native     + the decoder stacks of target and draft run from C++ (native.py)
-    +q4         + the target's 4-bit block weights on the AMX kernel (kernels.py; the default)
+    +q4         + the target's low-bit block weights (4-bit layers, 8-bit lm_head) on AMX (kernels.py; the default)
 
 plus plain `vanilla` decoding on each backend. Per configuration it prints the median over
 prompts of tokens/s and, summed over all rounds, milliseconds per round in draft (commit of the
@@ -65,7 +65,7 @@ def main() -> int:
                                                   ("fast+packed+native", "fast", True, True, False),
                                                   ("fast+packed+native+q4", "fast", True, True, True)):
         if any(v[0] == name for v in configs.values()):
-            kernels.ENABLED, native.ENABLED, kernels.Q4_ENABLED = packed, use_native, q4  # read when a generator is built
+            kernels.ENABLED, native.ENABLED, kernels.LOWBIT_ENABLED = packed, use_native, q4  # read when a generator is built
             gens[name] = eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=backend)
     qs = [json.loads(l) for l in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
     qs = qs[:: max(1, len(qs) // args.limit)][: args.limit]

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import native
 from .draft_head import ACTIVATIONS
-from .kernels import Linear, linear, q4_usable
+from .kernels import Linear, linear, lowbit_usable
 from .models import float_weights
 from .target import Target
 
@@ -110,7 +110,7 @@ class Layer:
              source: "Callable[[Tensor], Tensor | None] | None" = None) -> "Layer":
         """A layer from separate [out, in] projection weights: q/k/v and gate/up are concatenated
         once, every projection goes through ``kernels.linear`` (prepacked where exact).
-        ``source``: weight -> the fp32 tensor it was rounded from, or None (4-bit blocks, kernels.py)."""
+        ``source``: weight -> the fp32 tensor it was rounded from, or None (low-bit blocks, kernels.py)."""
 
         def src(*ws: Tensor) -> Tensor | None:
             parts = [None if source is None else source(w) for w in ws]
@@ -133,7 +133,8 @@ class Stack:
         linears = [lin for L in layers for lin in (L.qkv, L.o, L.gu, L.down)]
         self.packed = linears[0].packed if linears else False
         self._flat = [w for L in layers for w in (L.n1, L.qkv.weight, L.qkv.bias, L.o.weight, L.o.bias, L.n2,
-                                                  L.gu.weight, L.down.weight, L.qkv.q4, L.o.q4, L.gu.q4, L.down.q4)]
+                                                  L.gu.weight, L.down.weight, L.qkv.lowbit, L.o.lowbit, L.gu.lowbit,
+                                                  L.down.lowbit)]
         same = all(lin.packed == self.packed for lin in linears) and all(L.gu.bias is None and L.down.bias is None
                                                                          for L in layers)
         self.device = layers[0].n2.device
@@ -222,8 +223,8 @@ class FastTarget(Target):
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.capacity = capacity
         self.norm = self.decoder.norm
-        source = None  # the fp32 weights a bf16 model was rounded from, for exact 4-bit blocks (kernels.py)
-        if q4_usable(self.decoder.layers[0].mlp.down_proj.weight):
+        source = None  # the fp32 weights a bf16 model was rounded from, for exact low-bit blocks (kernels.py)
+        if lowbit_usable(self.decoder.layers[0].mlp.down_proj.weight):
             names = {id(p): n for n, p in model.named_parameters()}
             floats = float_weights(model)
             source = lambda w: floats(names.get(id(w), ""))  # noqa: E731
@@ -237,7 +238,8 @@ class FastTarget(Target):
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
         self.stack = Stack(layers, self.norm.weight, dims)
-        self._lm = linear(self.lm_head.weight, getattr(self.lm_head, "bias", None))  # used by Target.logits
+        lm = self.lm_head.weight
+        self._lm = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm))  # used by Target.logits
         self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
 
     def _rope_tables(self, upto: int) -> None:

@@ -6,8 +6,8 @@ minus the Python interpreter between ~2000 small ops per forward — except that
 writes and the elementwise tail of RMSNorm are single fused loops that round every
 intermediate exactly as the ATen ops do. Output is bit-identical to the Python loop (tested,
 fp32 and bf16). It is used on CPU tensors only; elsewhere the Python loop runs. The same
-extension holds the 4-bit block-weight kernel on AMX (``q4_linear``; kernels.py packs for it),
-which both the native stack and the Python loop call.
+extension holds the low-bit block-weight kernel on AMX (``block_linear``; kernels.py packs for
+it), which both the native stack and the Python loop call.
 
 The first ``load()`` on a machine compiles the extension with the C++ compiler torch was set up
 for (~30 s on 2 cores; needs a compiler and ninja) into ``$EAGLE2_CACHE/native`` (default ``~/.cache/eagle2/native``); later

@@ -71,18 +71,22 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& w, const c10::op
 }
 
 
-// ---- 4-bit block weights on AMX ----------------------------------------------------------------
-// A weight whose every block of 32 inputs is bf16(d * q + m) with q in 0..15 and fp16 d, m (a
-// Q4_1 GGUF dequantized, for one) is stored as 4-bit codes plus the two scales per block: 0.625
-// bytes per weight instead of 2. The kernel rebuilds exactly the bf16 weight (d * q is exact in
-// fp32, so one fused multiply-add rounds once, as fp32 d * q + m does; then round to nearest even
-// to bf16) into an AMX B tile and multiplies on the tile unit with fp32 accumulation, like
-// oneDNN's bf16 kernel. kernels.py packs the records and checks the rebuilt weight bit for bit.
+// ---- low-bit block weights on AMX ---------------------------------------------------------------
+// A weight whose every block of 32 inputs is bf16(d * q + m) with fp16 d, m and a 4-bit q in 0..15
+// (a Q4_1 GGUF dequantized), or bf16(d * q) with an 8-bit q in -127..127 (Q8_0), is stored as its
+// codes plus scales: 0.625 or 1.0625 bytes per weight instead of 2. The kernel rebuilds exactly the
+// bf16 weight (d * q is exact in fp32, so one fused multiply-add rounds once, as fp32 d * q + m
+// does; then round to nearest even to bf16) into an AMX B tile and multiplies on the tile unit
+// with fp32 accumulation, like oneDNN's bf16 kernel. kernels.py packs the records and checks the
+// rebuilt weight bit for bit.
 //
-// Record per (16 outputs n0.., 32 inputs k0..), Q4_RECORD bytes: 16 rows of 16 code bytes, then
-// 16 fp16 d and 16 fp16 m (one per output). Row r, element e (0..31) is W[n0 + e / 2][k0 + 2 r + e % 2]
-// (the VNNI layout of a B tile); byte j of a row holds element j (low nibble) and j + 16 (high).
+// Record per (16 outputs n0.., 32 inputs k0..): 16 rows of codes, then 16 fp16 d (and for 4 bits
+// 16 fp16 m), one per output. Row r, element e (0..31) is W[n0 + e / 2][k0 + 2 r + e % 2] (the VNNI
+// layout of a B tile). 4 bits: 16 bytes per row, byte j holds element j (low nibble) and j + 16
+// (high nibble). 8 bits: 32 signed bytes per row.
 constexpr int64_t Q4_RECORD = 16 * 16 + 32 + 32;
+constexpr int64_t Q8_RECORD = 16 * 32 + 32;
+template <int BITS> constexpr int64_t RECORD = BITS == 4 ? Q4_RECORD : Q8_RECORD;
 
 #ifdef EAGLE2_AMX
 #define EAGLE2_AMX_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,amx-tile,amx-bf16")))
@@ -106,7 +110,7 @@ struct TileConfig {
 
 // Tiles: 0, 1 accumulators (rows 0..15, 16..31 of x, 16 outputs, fp32); 2, 3 x rows (32 inputs,
 // bf16); 4, 5 weights (double-buffered B tiles).
-EAGLE2_AMX_FN void q4_configure(int64_t rows) {
+EAGLE2_AMX_FN void tiles_configure(int64_t rows) {
   TileConfig cfg;
   const int64_t r0 = std::min<int64_t>(rows, 16), r1 = rows - r0;
   cfg.rows[0] = cfg.rows[2] = static_cast<uint8_t>(r0);
@@ -121,10 +125,29 @@ EAGLE2_AMX_FN void q4_configure(int64_t rows) {
   asm volatile("ldtilecfg %0" : : "m"(cfg) : "memory");
 }
 
-EAGLE2_AMX_FN void q4_release() { _tile_release(); }
+EAGLE2_AMX_FN void tiles_release() { _tile_release(); }
 
 // One record -> the 16 x 32 bf16 B tile in `out` (1 KB, 64-byte rows).
-EAGLE2_AMX_FN inline void q4_unpack(const uint8_t* rec, uint16_t* out) {
+template <int BITS>
+EAGLE2_AMX_FN inline void unpack(const uint8_t* rec, uint16_t* out);
+
+template <>
+EAGLE2_AMX_FN inline void unpack<8>(const uint8_t* rec, uint16_t* out) {
+  const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 512)));
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // element e -> output e / 2
+  const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, dv);
+  const __m512 d_hi = _mm512_permutexvar_ps(_mm512_add_epi32(lo_idx, _mm512_set1_epi32(8)), dv);
+  for (int r = 0; r < 16; ++r) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r + 16));
+    const __m512 w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d_lo);  // exact: 11 x 8 bits
+    const __m512 w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d_hi);
+    _mm512_store_si512(out + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w_hi, w_lo)));
+  }
+}
+
+template <>
+EAGLE2_AMX_FN inline void unpack<4>(const uint8_t* rec, uint16_t* out) {
   const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 256)));
   const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 288)));
   const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // element e -> output e / 2
@@ -144,7 +167,8 @@ EAGLE2_AMX_FN inline void q4_unpack(const uint8_t* rec, uint16_t* out) {
 
 // y[0:rows, 0:16] = x[0:rows, :] @ W[n0:n0+16, :].T (+ bias) for one group of 16 outputs; rows <= 32,
 // tiles configured for `rows`. x rows are ldx elements apart, y rows ldy.
-EAGLE2_AMX_FN void q4_group(const uint16_t* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
+template <int BITS>
+EAGLE2_AMX_FN void block_group(const uint16_t* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
                             const uint16_t* bias, uint16_t* y, int64_t ldy) {
   alignas(64) uint16_t wbuf[2][16 * 32];
   alignas(64) float acc[32 * 16];
@@ -153,40 +177,26 @@ EAGLE2_AMX_FN void q4_group(const uint16_t* x, int64_t ldx, int64_t rows, const 
   const int64_t stride = ldx * 2;
   _tile_zero(0);
   if (two) _tile_zero(1);
-  // Two weight buffers: unpacking block kb + 1 need not wait for the tile load of block kb.
-  // The empty asm statements are compiler barriers: the tile intrinsics do not declare their memory use.
-  int64_t kb = 0;
-  for (; kb + 1 < kblocks; kb += 2) {
-    q4_unpack(recs + kb * Q4_RECORD, wbuf[0]);
-    asm volatile("" : : : "memory");
-    _tile_loadd(4, wbuf[0], 64);
-    _tile_loadd(2, x + kb * 32, stride);
-    _tile_dpbf16ps(0, 2, 4);
-    if (two) {
-      _tile_loadd(3, x1 + kb * 32, stride);
-      _tile_dpbf16ps(1, 3, 4);
-    }
-    q4_unpack(recs + (kb + 1) * Q4_RECORD, wbuf[1]);
-    asm volatile("" : : : "memory");
-    _tile_loadd(5, wbuf[1], 64);
-    _tile_loadd(2, x + (kb + 1) * 32, stride);
-    _tile_dpbf16ps(0, 2, 5);
-    if (two) {
-      _tile_loadd(3, x1 + (kb + 1) * 32, stride);
-      _tile_dpbf16ps(1, 3, 5);
+  // Two weight buffers and B tiles: unpacking block kb + 1 need not wait for the tile load of block kb.
+  // The empty asm statement is a compiler barrier: the tile intrinsics do not declare their memory use.
+  // (A macro, not a function: the intrinsics take tile numbers as literal tokens.)
+#define EAGLE2_Q4_STEP(TILE, BUF, KB)                     \
+  unpack<BITS>(recs + (KB) * RECORD<BITS>, BUF);          \
+  asm volatile("" : : : "memory");                        \
+  _tile_loadd(TILE, BUF, 64);                             \
+  _tile_loadd(2, x + (KB) * 32, stride);                  \
+  _tile_dpbf16ps(0, 2, TILE);                             \
+  if (two) {                                              \
+    _tile_loadd(3, x1 + (KB) * 32, stride);               \
+    _tile_dpbf16ps(1, 3, TILE);                           \
+  }
+  for (int64_t kb = 0; kb < kblocks; kb += 2) {
+    EAGLE2_Q4_STEP(4, wbuf[0], kb)
+    if (kb + 1 < kblocks) {
+      EAGLE2_Q4_STEP(5, wbuf[1], kb + 1)
     }
   }
-  if (kb < kblocks) {
-    q4_unpack(recs + kb * Q4_RECORD, wbuf[0]);
-    asm volatile("" : : : "memory");
-    _tile_loadd(4, wbuf[0], 64);
-    _tile_loadd(2, x + kb * 32, stride);
-    _tile_dpbf16ps(0, 2, 4);
-    if (two) {
-      _tile_loadd(3, x1 + kb * 32, stride);
-      _tile_dpbf16ps(1, 3, 4);
-    }
-  }
+#undef EAGLE2_Q4_STEP
   _tile_stored(0, acc, 64);
   if (two) _tile_stored(1, acc + 256, 64);
   asm volatile("" : : : "memory");
@@ -202,36 +212,39 @@ EAGLE2_AMX_FN void q4_group(const uint16_t* x, int64_t ldx, int64_t rows, const 
 bool amx_ready() { return false; }
 #endif
 
-// x [..., K] bf16 @ W.T (+ bias [N] bf16) -> [..., N] bf16 from W's records [N / 16, K / 32, Q4_RECORD].
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& recs, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_ready(), "q4_linear needs AMX-BF16 (kernels.py only packs 4-bit weights where it is usable)");
+// x [..., K] bf16 @ W.T (+ bias [N] bf16) -> [..., N] bf16 from W's records [N / 16, K / 32, R];
+// R (Q4_RECORD or Q8_RECORD) says the format.
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_ready(), "block_linear needs AMX-BF16 (kernels.py only packs block weights where it is usable)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && recs.scalar_type() == at::kByte && recs.dim() == 3 &&
-              recs.size(2) == Q4_RECORD && recs.is_contiguous() && x.size(-1) == recs.size(1) * 32,
-              "q4_linear: bf16 x [..., K] and records [N / 16, K / 32, ", Q4_RECORD, "] expected");
+              (recs.size(2) == Q4_RECORD || recs.size(2) == Q8_RECORD) && recs.is_contiguous() &&
+              x.size(-1) == recs.size(1) * 32,
+              "block_linear: bf16 x [..., K] and records [N / 16, K / 32, ", Q4_RECORD, " or ", Q8_RECORD, "] expected");
 #ifdef EAGLE2_AMX
-  const int64_t K = x.size(-1), groups = recs.size(0), kblocks = recs.size(1), N = groups * 16;
+  const int64_t K = x.size(-1), groups = recs.size(0), kblocks = recs.size(1), N = groups * 16, rec = recs.size(2);
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == at::kBFloat16 && b.numel() == N, "q4_linear: bias must be bf16 [N]");
+    TORCH_CHECK(b.scalar_type() == at::kBFloat16 && b.numel() == N, "block_linear: bias must be bf16 [N]");
   }
   at::Tensor y = at::empty({M, N}, x.options());
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x2.const_data_ptr());
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
   const uint8_t* rp = recs.const_data_ptr<uint8_t>();
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  auto group = rec == Q4_RECORD ? &block_group<4> : &block_group<8>;
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
     for (int64_t m0 = 0; m0 < M; m0 += 32) {  // tile configuration is per thread
       const int64_t rows = std::min<int64_t>(32, M - m0);
-      q4_configure(rows);
+      tiles_configure(rows);
       for (int64_t g = g0; g < g1; ++g) {
-        q4_group(xp + m0 * K, K, rows, rp + g * kblocks * Q4_RECORD, kblocks, bp == nullptr ? nullptr : bp + 16 * g,
-                 yp + m0 * N + 16 * g, N);
+        group(xp + m0 * K, K, rows, rp + g * kblocks * rec, kblocks, bp == nullptr ? nullptr : bp + 16 * g,
+              yp + m0 * N + 16 * g, N);
       }
     }
-    q4_release();
+    tiles_release();
   });
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
@@ -241,12 +254,12 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& recs, const c10::opt
 #endif
 }
 
-// x @ W.T + b: the 4-bit kernel for up to 32 rows when the layer has records (rows beyond that — a
-// prefill — are compute-bound and oneDNN's bf16 kernel is faster), else oneDNN's prepacked weight
-// or plain ATen.
+// x @ W.T + b: the block-weight kernel for up to 32 rows when the layer has records (rows beyond
+// that — a prefill — are compute-bound and oneDNN's bf16 kernel is faster), else oneDNN's
+// prepacked weight or plain ATen.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool packed,
                   const c10::optional<at::Tensor>& recs) {
-  if (recs.has_value() && x.numel() <= 32 * x.size(-1)) return q4_linear(x, *recs, b);
+  if (recs.has_value() && x.numel() <= 32 * x.size(-1)) return block_linear(x, *recs, b);
   return packed ? packed_linear(x, w, b) : at::linear(x, w, b);
 }
 
@@ -353,7 +366,7 @@ at::Tensor activation(const at::Tensor& x, int64_t act) {
 
 // x: [B, T, H] layer input; cos, sin: [B, 1, T, D]; bias: [B, 1, T, S] additive mask (S = past + T);
 // weights: 12 per layer (input norm|None, qkv, qkv bias|None, o, o bias|None, post-attention norm,
-// gate_up, down, then the 4-bit records of qkv, o, gate_up, down, each |None); k_cache, v_cache: [L, B, Hkv, C, D], written at past..S-1; act: 0 silu, 1 gelu,
+// gate_up, down, then the block records of qkv, o, gate_up, down, each |None); k_cache, v_cache: [L, B, Hkv, C, D], written at past..S-1; act: 0 silu, 1 gelu,
 // 2 gelu (tanh). Returns the last layer's output, after final_norm unless it is None, [B, T, H].
 at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
                            const std::vector<c10::optional<at::Tensor>>& weights,
@@ -394,6 +407,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder_forward", &decoder_forward, "the lean decoder stack (see fast.py)");
   m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)");
   m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops");
-  m.def("q4_linear", &q4_linear, "x @ W.T (+ b) from 4-bit block records (AMX)");
-  m.def("amx_ready", &amx_ready, "whether q4_linear can run here");
+  m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX)");
+  m.def("amx_ready", &amx_ready, "whether block_linear can run here");
 }
