@@ -110,7 +110,7 @@ def test_lowbit_linear_matches_the_bf16_linear(fmt, with_bias):
     b = torch.randn(n, generator=g).to(torch.bfloat16) if with_bias else None
     fn = kernels.linear(w, b, source=src)
     assert fn.lowbit is not None and fn.lowbit.shape == (n // 16, k // 32, record)
-    for shape in ((1, k), (5, k), (16, k), (17, k), (2, 16, k), (33, k), (70, k)):  # 33 and 70 rows: bf16 path
+    for shape in ((1, k), (5, k), (16, k), (17, k), (2, 16, k), (33, k), (64, k), (70, k)):  # 70 rows: bf16 path
         x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         got, ref = fn(x), F.linear(x, w, b)
         assert got.shape == ref.shape
@@ -156,6 +156,7 @@ def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path, monkeypa
         tgt = FastTarget(bf16)
         assert all((L.qkv.lowbit is not None) == enabled for L in tgt.stack.layers)
         assert (tgt._lm.lowbit is not None) == enabled
+        assert (tgt.float_weight(bf16.lm_head.weight) is not None) == enabled  # rows for the drafter's FR-Spec lm_head
         cache = tgt.new_cache(capacity=64)
         first = tgt.forward(cache, tokens[:12], torch.arange(12), None)[0]  # 12 rows: the block kernel
         tree = tgt.forward(cache, tokens[12:], torch.arange(12, 20), None)[0]

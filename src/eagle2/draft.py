@@ -68,7 +68,9 @@ class Drafter:
         w = self.target.lm_head.weight
         self.vocab_ids = ids.to(w.device)
         b = getattr(self.target.lm_head, "bias", None)
-        self._lm = linear(w[self.vocab_ids], None if b is None else b[self.vocab_ids])  # the draft's own [N, H] lm_head
+        src = self.target.float_weight(w)  # fp32 rows for the low-bit kernel where the lm_head has them
+        self._lm = linear(w[self.vocab_ids], None if b is None else b[self.vocab_ids],
+                          None if src is None else src[self.vocab_ids.cpu()])  # the draft's own [N, H] lm_head
 
     def reset(self) -> None:
         self.length = 0

@@ -56,6 +56,7 @@ class Target:
         if self.decoder is None or self.lm_head is None or self.embed is None:
             raise UnsupportedModelError(f"{type(model).__name__} does not expose decoder / embeddings / lm_head")
         self._lm = self.lm_head  # hidden -> logits in the model dtype (FastTarget swaps in a prepacked one)
+        self.float_weight = lambda weight: None  # weight -> the fp32 tensor it was rounded from (FastTarget: kernels.py)
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         window = getattr(cfg, "sliding_window", None)
         if getattr(cfg, "use_sliding_window", True) is False:

@@ -254,12 +254,12 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
 #endif
 }
 
-// x @ W.T + b: the block-weight kernel for up to 32 rows when the layer has records (rows beyond
-// that — a prefill — are compute-bound and oneDNN's bf16 kernel is faster), else oneDNN's
-// prepacked weight or plain ATen.
+// x @ W.T + b: the block-weight kernel for up to 64 rows when the layer has records (it unpacks the
+// weights once per 32 rows; for longer inputs, prefills, oneDNN's bf16 kernel is faster), else
+// oneDNN's prepacked weight or plain ATen.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool packed,
                   const c10::optional<at::Tensor>& recs) {
-  if (recs.has_value() && x.numel() <= 32 * x.size(-1)) return block_linear(x, *recs, b);
+  if (recs.has_value() && x.numel() <= 64 * x.size(-1)) return block_linear(x, *recs, b);
   return packed ? packed_linear(x, w, b) : at::linear(x, w, b);
 }
 
