@@ -14,7 +14,7 @@ tied to the lm_head). Given the fp32 weights such a model was converted from (``
 bit, and stores them as records for the native AMX kernel (csrc/lean_forward.cpp): 0.625 or
 1.06 bytes per weight instead of 2, the same bf16 weights, fp32 accumulation. Decode and
 tree-verify steps are bound by how fast weights stream in, so they run faster; inputs of more
-than 64 rows (prefills) keep oneDNN's kernel. A weight not exactly of that form, a CPU without AMX-BF16,
+than 32 rows (prefills) keep oneDNN's kernel. A weight not exactly of that form, a CPU without AMX-BF16,
 or ``EAGLE2_LOWBIT=0`` keeps the bf16 path.
 
 Exactness: the packed product is used only where a probe shows it bit-identical to ``F.linear``
@@ -42,7 +42,7 @@ ENABLED = os.environ.get("EAGLE2_PACKED_LINEAR", "1") != "0"
 LOWBIT_ENABLED = os.environ.get("EAGLE2_LOWBIT", "1") != "0"  # EAGLE2_LOWBIT=0: never use the block-weight kernel
 Q4_RECORD = 16 * 16 + 32 + 32  # bytes per (16 outputs, 32 inputs): 4-bit codes, fp16 d, fp16 m (lean_forward.cpp)
 Q8_RECORD = 16 * 32 + 32  # 8-bit codes, fp16 d
-LOWBIT_MAX_ROWS = 64  # inputs with more rows than this use the bf16 weight (see lean_forward.cpp)
+LOWBIT_MAX_ROWS = 32  # inputs with more rows than this use the bf16 weight (see lean_forward.cpp)
 _POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # None on builds without oneDNN
 
 
