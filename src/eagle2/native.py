@@ -50,28 +50,35 @@ def load():
         if _tried:
             return _module
         _tried = True
-        try:
-            from torch.utils import cpp_extension
-
-            flags = ["-O3", "-ffp-contract=off"] + _vector_flags()  # no fused multiply-adds: round as ATen does
-            ldflags = []
-            if sys.platform.startswith("linux"):  # at::parallel_for is OpenMP in torch's Linux builds: without the flag it runs serially
-                flags.append("-fopenmp")
-                ldflags.append("-fopenmp")
-            digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
-            name = f"eagle2_lean_{digest}"
-            where = cache_dir() / "native" / name
-            where.mkdir(parents=True, exist_ok=True)
-            fresh = not any(where.glob(f"{name}*.so"))
-            if fresh:
-                print("eagle2: compiling the native forward (once per machine, ~30 s) ...", file=sys.stderr, flush=True)
-            _module = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(where),
-                                         extra_cflags=flags, extra_ldflags=ldflags, verbose=False)
-        except Exception as e:  # no compiler, no ninja, a failed build: the Python loop is exact too
-            log.warning("native forward unavailable (%s: %s); using the Python loop", type(e).__name__,
-                        str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")
-            _module = None
+        base = ["-O3", "-ffp-contract=off"] + _vector_flags()  # no fused multiply-adds: round as ATen does
+        # at::parallel_for is OpenMP in torch's Linux builds: without -fopenmp the extension's loops run on one
+        # thread. A toolchain that cannot link it (clang without libomp, say) still gets the serial build.
+        attempts = [(base + ["-fopenmp"], ["-fopenmp"]), (base, [])] if sys.platform.startswith("linux") else [(base, [])]
+        for i, (flags, ldflags) in enumerate(attempts):
+            try:
+                _module = _build(flags, ldflags)
+                break
+            except Exception as e:  # no compiler, no ninja, a failed build: the Python loop is exact too
+                if i + 1 < len(attempts):
+                    continue
+                log.warning("native forward unavailable (%s: %s); using the Python loop", type(e).__name__,
+                            str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")
+                _module = None
         return _module
+
+
+def _build(flags: list[str], ldflags: list[str]):
+    """Compile (or load the cached build of) the extension with these flags."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"eagle2_lean_{digest}"
+    where = cache_dir() / "native" / name
+    where.mkdir(parents=True, exist_ok=True)
+    if not any(where.glob(f"{name}*.so")):
+        print("eagle2: compiling the native forward (once per machine, ~30 s) ...", file=sys.stderr, flush=True)
+    return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(where), extra_cflags=flags,
+                              extra_ldflags=ldflags, verbose=False)
 
 
 def _vector_flags() -> list[str]:
