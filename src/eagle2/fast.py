@@ -228,7 +228,7 @@ class FastTarget(Target):
             names = {id(p): n for n, p in model.named_parameters()}
             floats = float_weights(model)
             source = lambda w: floats(names.get(id(w), ""))  # noqa: E731
-            self.float_weight = source  # the drafter's FR-Spec lm_head takes rows of the lm_head's
+            self.float_weight = source  # the drafter reads it too, for its FR-Spec lm_head rows
         layers = []
         for layer in self.decoder.layers:
             a, m = layer.self_attn, layer.mlp

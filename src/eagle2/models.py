@@ -172,8 +172,8 @@ def local_model_dir(model: str) -> tuple[Path | str, str | None]:
 
 def float_weights(model) -> Callable[[str], Tensor | None]:
     """Parameter name -> that tensor as stored in fp32 in the model's own directory (the values a
-    bf16 load rounded), or None (not stored, not fp32, no local directory). The 4-bit kernel
-    (kernels.py) reads the exact block scales of a dequantized GGUF from them."""
+    bf16 load rounded), or None (not stored, not fp32, no local directory). The low-bit block
+    kernel (kernels.py) reads the exact block scales of a dequantized GGUF from them."""
     from safetensors import safe_open
 
     where = Path(str(getattr(model, "name_or_path", "") or ""))
@@ -183,7 +183,7 @@ def float_weights(model) -> Callable[[str], Tensor | None]:
             handle = safe_open(str(f), "pt")
             owner.update(dict.fromkeys(handle.keys(), handle))
     except Exception as e:  # unreadable files: no sources, the bf16 path runs
-        log.warning("could not read %s for exact 4-bit weights (%s); using bf16 weights", where, e)
+        log.warning("could not read %s for exact low-bit weights (%s); using bf16 weights", where, e)
         owner = {}
 
     def get(name: str) -> Tensor | None:
