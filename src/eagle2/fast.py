@@ -5,7 +5,8 @@ dominates a one-token (or sixteen-token) forward of a small model. This module r
 weights in the way gpt-fast writes a model: fused q/k/v and gate/up projections, a rotary table,
 grouped-query SDPA straight over a preallocated cache, no per-step allocation of the cache.
 Every projection and the lm_head go through ``kernels.linear`` (bf16 weights prepacked for
-oneDNN on a CPU, bit-identical to ``F.linear``). It covers the families whose layers are exactly
+oneDNN on a CPU, bit-identical to ``F.linear``; for a model converted from a GGUF, the exact
+low-bit blocks its bf16 weights are made of, on AMX). It covers the families whose layers are exactly
 
     x = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))));  x = x + down(act(gate(n2(x))) * up(n2(x)))
 
