@@ -1,4 +1,4 @@
-"""Faster linear layers for the CPU: bf16 weights prepacked for oneDNN, and 4-bit block weights.
+"""Faster linear layers for the CPU: bf16 weights prepacked for oneDNN, and low-bit block weights.
 
 On a CPU, a small model's forward is dominated by its matrix-vector products, and ``F.linear``
 re-lays out a bf16 weight for oneDNN on every call. ``linear(weight, bias)`` packs the weight
@@ -42,7 +42,6 @@ ENABLED = os.environ.get("EAGLE2_PACKED_LINEAR", "1") != "0"
 LOWBIT_ENABLED = os.environ.get("EAGLE2_LOWBIT", "1") != "0"  # EAGLE2_LOWBIT=0: never use the block-weight kernel
 Q4_RECORD = 16 * 16 + 32 + 32  # bytes per (16 outputs, 32 inputs): 4-bit codes, fp16 d, fp16 m (lean_forward.cpp)
 Q8_RECORD = 16 * 32 + 32  # 8-bit codes, fp16 d
-LOWBIT_MAX_ROWS = 32  # inputs with more rows than this use the bf16 weight (see lean_forward.cpp)
 _POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # None on builds without oneDNN
 
 
@@ -70,17 +69,19 @@ def packing_works(dtype: torch.dtype) -> bool:
 class Linear:
     """``x [..., K] -> x @ weight.T + bias [..., N]``. ``packed``: ``weight`` is oneDNN's prepacked
     copy (call it only through this object or the native forward); else it is the plain [N, K] weight.
-    ``lowbit``: the weight's block records [N / 16, K / 32, Q4_RECORD or Q8_RECORD] (uint8), used
-    for up to ``LOWBIT_MAX_ROWS`` rows, or None."""
+    ``lowbit``: the weight's block records [N / 16, K / 32, Q4_RECORD or Q8_RECORD] (uint8), or
+    None; with records, the native ``linear`` picks the block kernel or the bf16 weight by row count,
+    the same choice the native decoder stack makes (lean_forward.cpp)."""
 
-    __slots__ = ("weight", "bias", "packed", "lowbit")
+    __slots__ = ("weight", "bias", "packed", "lowbit", "_native")
 
     def __init__(self, weight: Tensor, bias: Tensor | None, packed: bool, lowbit: Tensor | None = None):
         self.weight, self.bias, self.packed, self.lowbit = weight, bias, packed, lowbit
+        self._native = None if lowbit is None else native.load().linear
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.lowbit is not None and x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]:
-            return native.load().block_linear(x, self.lowbit, self.bias)
+        if self._native is not None:
+            return self._native(x, self.weight, self.bias, self.packed, self.lowbit)
         if self.packed:
             return _POINTWISE(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

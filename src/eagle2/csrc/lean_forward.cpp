@@ -180,7 +180,7 @@ EAGLE2_AMX_FN void block_group(const uint16_t* x, int64_t ldx, int64_t rows, con
   // Two weight buffers and B tiles: unpacking block kb + 1 need not wait for the tile load of block kb.
   // The empty asm statement is a compiler barrier: the tile intrinsics do not declare their memory use.
   // (A macro, not a function: the intrinsics take tile numbers as literal tokens.)
-#define EAGLE2_Q4_STEP(TILE, BUF, KB)                     \
+#define EAGLE2_BLOCK_STEP(TILE, BUF, KB)                     \
   unpack<BITS>(recs + (KB) * RECORD<BITS>, BUF);          \
   asm volatile("" : : : "memory");                        \
   _tile_loadd(TILE, BUF, 64);                             \
@@ -191,12 +191,12 @@ EAGLE2_AMX_FN void block_group(const uint16_t* x, int64_t ldx, int64_t rows, con
     _tile_dpbf16ps(1, 3, TILE);                           \
   }
   for (int64_t kb = 0; kb < kblocks; kb += 2) {
-    EAGLE2_Q4_STEP(4, wbuf[0], kb)
+    EAGLE2_BLOCK_STEP(4, wbuf[0], kb)
     if (kb + 1 < kblocks) {
-      EAGLE2_Q4_STEP(5, wbuf[1], kb + 1)
+      EAGLE2_BLOCK_STEP(5, wbuf[1], kb + 1)
     }
   }
-#undef EAGLE2_Q4_STEP
+#undef EAGLE2_BLOCK_STEP
   _tile_stored(0, acc, 64);
   if (two) _tile_stored(1, acc + 256, 64);
   asm volatile("" : : : "memory");
@@ -409,5 +409,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)");
   m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops");
   m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX)");
+  m.def("linear", &linear, "x @ W.T (+ b): the block kernel for up to 32 rows, else oneDNN / ATen");
   m.def("amx_ready", &amx_ready, "whether block_linear can run here");
 }
