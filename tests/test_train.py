@@ -155,12 +155,18 @@ def test_unrolled_forward_is_the_inference_chain():
         assert not torch.allclose(preds[2][:, 7], plain[:, 7], atol=1e-3)  # the chain really differs
 
 
-def test_ttt_training_and_warm_start(tiny, run, tmp_path):
+def _saved_head(tiny, run, directory):
+    """(examples, tokenizer, trainer) after 2 steps whose head is saved in ``directory``."""
     exs = load_shards(run / "features")
     tok = ToyTokenizer()
-    first = Trainer(tiny, tok, exs, tmp_path / "a", _cfg(max_steps=2), progress=False)
+    first = Trainer(tiny, tok, exs, directory.parent / "a", _cfg(max_steps=2), progress=False)
     first.train()
-    first.save_head(tmp_path / "h")
+    first.save_head(directory)
+    return exs, tok, first
+
+
+def test_ttt_training_and_warm_start(tiny, run, tmp_path):
+    exs, tok, first = _saved_head(tiny, run, tmp_path / "h")
     tr = Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=3, ttt_steps=3, init_head=str(tmp_path / "h")),
                  progress=False)
     for k, v in first.head.state_dict().items():  # warm start: the saved (bf16) weights
@@ -170,6 +176,45 @@ def test_ttt_training_and_warm_start(tiny, run, tmp_path):
     assert "acc_1" in rec and "acc_2" in rec and 0 <= rec["acc_2"] <= 1
     with pytest.raises(ValueError, match="ttt_steps"):
         _cfg(ttt_steps=0)
+
+
+def test_wider_head_warm_start_keeps_the_function(tiny, run, tmp_path):
+    exs, tok, first = _saved_head(tiny, run, tmp_path / "h")
+    narrow = DraftHead.load(tmp_path / "h").float()
+    wide_i = 3 * narrow.config.intermediate_size
+    tr = Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=2, init_head=str(tmp_path / "h"),
+                                                       head_intermediate=wide_i), progress=False)
+    assert tr.head.config.intermediate_size == wide_i
+    g = torch.Generator().manual_seed(0)
+    h = tiny.config.hidden_size
+    f, e = torch.randn(2, 9, h, generator=g), torch.randn(2, 9, h, generator=g)
+    pos = torch.arange(9)[None].expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(tr.head(f, e, pos)[0], narrow(f, e, pos)[0], atol=1e-5, rtol=1e-5)
+    tr.train()  # the new units learn: their down_proj columns leave zero
+    down = tr.head.layers[0].mlp.down_proj.weight
+    assert down[:, narrow.config.intermediate_size:].abs().sum() > 0
+    tr.save_head(tmp_path / "wide")
+    assert check_released_format(tmp_path / "wide") == []
+    wide = DraftHead.load(tmp_path / "wide")
+    assert wide.config.intermediate_size == wide_i
+    prompt = [5, 17, 99, 3, 42, 7]
+    res = Eagle2Generator(tiny, tok, wide).generate(prompt, max_new_tokens=12, method="eagle2")
+    ids = torch.tensor([prompt])
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    assert res.token_ids == ref  # the engine drafts with the wider MLP and stays exact
+    with pytest.raises(ValueError, match="--head-intermediate"):  # a wider head cannot be narrowed
+        Trainer(tiny, tok, exs, tmp_path / "c", _cfg(max_steps=1, init_head=str(tmp_path / "wide")), progress=False)
+
+
+def test_sampled_responses_stage(tiny, prompt_file, tmp_path):
+    run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "s", prompt_file, stages=("responses",), temperature=5.0))
+    sampled = {r["id"]: r["response_ids"] for r in read_responses(tmp_path / "s" / "responses.jsonl")}
+    run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "g", prompt_file, stages=("responses",)))
+    greedy = {r["id"]: r["response_ids"] for r in read_responses(tmp_path / "g" / "responses.jsonl")}
+    assert sampled.keys() == greedy.keys()
+    assert sum(sampled[k] != greedy[k] for k in greedy) >= len(greedy) // 2  # a hot temperature changes answers
 
 
 def test_train_resumes_exactly_and_loss_goes_down(tiny, run, tmp_path):
@@ -288,13 +333,15 @@ def test_cli_train_help_and_errors(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses",
-                  "--ttt-steps", "--init-head"):
+                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--temperature"):
         assert stage in text
     assert main(["train", "--stages", "responses,bogus"]) == 2
     assert "unknown stage" in capsys.readouterr().err
     assert main(["train", "--lr", "-1"]) == 2
     assert main(["train", "--ttt-steps", "0"]) == 2
     assert "ttt_steps" in capsys.readouterr().err
+    assert main(["train", "--temperature", "-0.5"]) == 2
+    assert "--temperature" in capsys.readouterr().err
 
 
 def test_train_config_is_validated():

@@ -51,6 +51,9 @@ def register(sub) -> None:
     p.add_argument("--fixed-responses", action="store_true", help="train on the data set's reference answers")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=320, help="longer prompts are skipped (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="responses stage: sample the target's answers at this temperature instead of greedy "
+                        "(more varied data from the same prompts; give the pass its own --run-dir) (default: 0)")
     p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generate batch (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=64, help="conversations per feature shard (default: %(default)s)")
     p.add_argument("--context", type=int, default=32, help="prompt tokens kept before each answer (default: %(default)s)")
@@ -60,6 +63,9 @@ def register(sub) -> None:
     p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per step (default: %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=50, help="(default: %(default)s)")
     p.add_argument("--noise", type=float, default=0.1, help="uniform feature noise amplitude (default: %(default)s)")
+    p.add_argument("--ce-weight", type=float, default=0.1,
+                   help="weight of the soft cross-entropy against the target's next-token distribution, next to the "
+                        "feature SmoothL1 (default: %(default)s, the official recipe)")
     p.add_argument("--ce-vocab", type=int, default=0,
                    help="soft-CE over the N most frequent training tokens only (faster on CPU; 0 = full vocabulary)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between acceptance checks (default: %(default)s)")
@@ -72,6 +78,9 @@ def register(sub) -> None:
                    help="loss weight of unrolled step k is DECAY**k (default: %(default)s)")
     p.add_argument("--init-head", default=None, metavar="DIR",
                    help="start from this trained head (released layout) instead of random weights: fine-tuning")
+    p.add_argument("--head-intermediate", type=int, default=0, metavar="N",
+                   help="MLP width of the head (0: the target's). Still the released layout; a narrower "
+                        "--init-head is widened without changing its outputs (default: %(default)s)")
     p.add_argument("--no-fc-bias", action="store_true", help="train fc without a bias (what some vLLM versions load)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps in total (resumable)")
@@ -97,13 +106,16 @@ def cmd_train(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {v}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0; got {args.temperature}")
     if args.context < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
         raise ValueError("--context, --dev-prompts, --mtbench and --draft-vocab must be >= 0")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
-                      noise=args.noise, ce_vocab=args.ce_vocab, eval_every=args.eval_every,
+                      noise=args.noise, ce_weight=args.ce_weight, ce_vocab=args.ce_vocab, eval_every=args.eval_every,
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
                       max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias, ttt_steps=args.ttt_steps,
-                      ttt_decay=args.ttt_decay, init_head=args.init_head)
+                      ttt_decay=args.ttt_decay, init_head=args.init_head,
+                      head_intermediate=args.head_intermediate)
     import torch
 
     from ..models import load_target
@@ -119,7 +131,7 @@ def cmd_train(args) -> int:
         fixed=args.fixed_responses, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
         gen_batch_size=args.gen_batch_size, shard_size=args.shard_size, context=args.context, stream=args.stream,
         out=Path(args.out) if args.out else None, mtbench=args.mtbench, draft_vocab=args.draft_vocab,
-        max_minutes=args.max_minutes,
+        max_minutes=args.max_minutes, temperature=args.temperature,
         progress=not args.no_progress, base_model=_base_name(model, key), model_arg=args.model, train_cfg=cfg)
     summary = run_pipeline(model, tok, opts)
     for stage, r in summary.items():

@@ -50,6 +50,7 @@ class PipelineOptions:
     fixed: bool = False  # reference answers from the prompt files instead of the target's own
     max_new_tokens: int = 256
     max_prompt_tokens: int = 320
+    temperature: float = 0.0  # responses: 0 = the target's greedy answers, > 0 = sampled ones
     gen_batch_size: int = 64
     shard_size: int = 64
     context: int = 32
@@ -159,7 +160,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         else:
             r = generate_responses(model, tokenizer, train_p, responses, max_new_tokens=opts.max_new_tokens,
                                    max_prompt_tokens=opts.max_prompt_tokens, batch_size=opts.gen_batch_size,
-                                   progress=opts.progress, max_seconds=secs,
+                                   temperature=opts.temperature, progress=opts.progress, max_seconds=secs,
                                    features_dir=None if opts.stream else run / "features", context=opts.context)
         _add_time(run, "responses", time.time() - t0, data=sources, responses=r["done"],
                   fixed_responses=opts.fixed)

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -70,6 +70,8 @@ class TrainConfig:
     #                     (1 = plain EAGLE training on the target's features only)
     ttt_decay: float = 0.8  # weight of unrolled step k is ttt_decay ** k (normalized)
     init_head: str | None = None  # start from this head directory (released layout) instead of random weights
+    head_intermediate: int = 0  # MLP width of the head (0: the target's). A wider MLP is still the released
+    #                             layout (config.intermediate_size); a narrower --init-head is widened exactly
 
     def __post_init__(self) -> None:
         checks = [(self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
@@ -82,6 +84,7 @@ class TrainConfig:
                   (self.eval_every >= 0, "eval_every must be >= 0"),
                   (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
                   (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
+                  (self.head_intermediate >= 0, "head_intermediate must be >= 0"),
                   (self.ttt_steps >= 1, "ttt_steps must be >= 1"), (0 < self.ttt_decay <= 1, "ttt_decay must be in (0, 1]")]
         for ok, msg in checks:
             if not ok:
@@ -97,6 +100,24 @@ class TrainResult:
     best_step: int
     seconds: float
     history: list = field(default_factory=list)
+
+
+def widen_mlp(state: dict[str, Tensor], fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A trained head's weights in a head with a wider MLP, computing the same function.
+
+    The old units keep their gate/up rows and down columns; the new units keep ``fresh``'s random
+    gate/up rows and get zero down columns, so they add nothing until training moves them."""
+    out = dict(state)
+    for name in ("gate_proj", "up_proj"):
+        k = f"layers.0.mlp.{name}.weight"
+        w = fresh[k].clone().float()  # [I_new, H]
+        w[: state[k].shape[0]] = state[k]
+        out[k] = w
+    k = "layers.0.mlp.down_proj.weight"
+    w = torch.zeros_like(fresh[k], dtype=torch.float32)  # [H, I_new]
+    w[:, : state[k].shape[1]] = state[k]
+    out[k] = w
+    return out
 
 
 def _plan(lengths: list[int], epoch: int, cfg: TrainConfig) -> list[list[int]]:
@@ -295,6 +316,8 @@ class Trainer:
             self.lm_w = self.lm_w[self._frequent_tokens(cfg.ce_vocab).to(self.lm_w.device)]  # [ce_vocab, H]
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.head_cfg = HeadConfig.from_target(model.config, bias=cfg.fc_bias)
+        if cfg.head_intermediate:
+            self.head_cfg = replace(self.head_cfg, intermediate_size=cfg.head_intermediate)
         self.head = init_head(self.head_cfg, seed=cfg.seed).to(self.device)
         if cfg.init_head:
             self._warm_start(cfg.init_head)
@@ -332,7 +355,15 @@ class Trainer:
             raise ValueError(f"--init-head {directory}: its fc/attention biases ({src.config.bias}, "
                              f"{src.config.attention_bias}) differ from this run's ({self.head_cfg.bias}, "
                              f"{self.head_cfg.attention_bias}); use --no-fc-bias to match or another head")
-        self.head.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+        state = {k: v.float() for k, v in src.state_dict().items()}
+        have, want = src.config.intermediate_size, self.head_cfg.intermediate_size
+        if have > want:
+            raise ValueError(f"--init-head {directory}: its MLP is {have} wide, this run's is {want}; "
+                             f"pass --head-intermediate {have} or more")
+        if have < want:
+            state = widen_mlp(state, self.head.state_dict())
+            log.info("widened the head's MLP from %d to %d (the new units start silent)", have, want)
+        self.head.load_state_dict(state)
         log.info("starting from the head in %s", directory)
 
     def _frequent_tokens(self, n: int) -> Tensor:
