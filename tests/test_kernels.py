@@ -1,4 +1,5 @@
-"""kernels.py: prepacked linears are bit-identical to F.linear, or not used at all."""
+"""kernels.py: prepacked linears are bit-identical to F.linear in bf16 and equal to fp32 rounding in fp32,
+or not used at all."""
 
 import pytest
 import torch
@@ -7,24 +8,42 @@ import torch.nn.functional as F
 from eagle2 import kernels
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_equals_f_linear_bit_for_bit(dtype, with_bias):
+def test_bf16_linear_equals_f_linear_bit_for_bit(with_bias):
     g = torch.Generator().manual_seed(1)
-    w = (torch.randn(200, 72, generator=g) * 0.05).to(dtype)
-    b = torch.randn(200, generator=g).to(dtype) if with_bias else None
+    w = (torch.randn(200, 72, generator=g) * 0.05).to(torch.bfloat16)
+    b = torch.randn(200, generator=g).to(torch.bfloat16) if with_bias else None
     fn = kernels.linear(w, b)
     for shape in ((1, 72), (16, 72), (3, 9, 72)):
-        x = torch.randn(*shape, generator=g).to(dtype)
+        x = torch.randn(*shape, generator=g).to(torch.bfloat16)
         assert torch.equal(fn(x), F.linear(x, w, b)), shape
 
 
-def test_fp32_is_never_packed():
-    # fp32 is the dtype of the token-for-token checks: it must run transformers' own kernel.
-    assert not kernels.packing_works(torch.float32)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_linear_equals_f_linear_to_rounding(with_bias):
+    """fp32 may be packed (another summation order): products agree with F.linear to fp32 rounding."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(576, 1536, generator=g) * 0.05
+    b = torch.randn(576, generator=g) if with_bias else None
+    fn = kernels.linear(w, b)
+    assert fn.packed == (kernels.ENABLED and kernels.packing_works(torch.float32))
+    for shape in ((1, 1536), (4, 1536), (16, 1536), (3, 9, 1536)):
+        x = torch.randn(*shape, generator=g)
+        ref = F.linear(x, w, b)
+        got = fn(x)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, ref + 1e-2)  # a check that can fail
+
+
+def test_fp32_packing_off_runs_transformers_kernel(monkeypatch):
+    """EAGLE2_PACKED_LINEAR=0 gives the reference arithmetic: the plain weight and F.linear."""
+    monkeypatch.setattr(kernels, "ENABLED", False)
     w = torch.randn(8, 4)
     fn = kernels.linear(w)
     assert not fn.packed and fn.weight.data_ptr() == w.data_ptr()
+    x = torch.randn(3, 4)
+    assert torch.equal(fn(x), F.linear(x, w))
 
 
 def test_disabled_falls_back(monkeypatch):

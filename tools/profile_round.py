@@ -16,6 +16,7 @@ compaction) and other (stop/EOS checks, detokenizing, Python around the loop).
 
 Usage: python tools/profile_round.py [--limit 8] [--max-new-tokens 128] [--dtype bfloat16] [--json out.json]
                                      [--only native]  (configurations whose name contains any of these words)
+                                     [--total-tokens 8 --depth 4 --tree-top-k 4]  (the tree; default: the tuned one)
 """
 
 import argparse
@@ -40,6 +41,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
     ap.add_argument("--only", default="", help="comma-separated words: run only configurations whose name has one")
+    ap.add_argument("--total-tokens", type=int, default=None, help="tree size (default: the tuned tree, else 16)")
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--tree-top-k", type=int, default=None)
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     configs = {  # name -> (generator, method, draft_vocab: None = head's list, 0 = full vocabulary)
@@ -77,7 +81,8 @@ def main() -> int:
         for name, (backend, method, dv) in configs.items():
             g = gens[backend]
             g.drafter.set_draft_vocab(dv)
-            s = g.generate(msgs, max_new_tokens=args.max_new_tokens, method=method).stats
+            s = g.generate(msgs, max_new_tokens=args.max_new_tokens, method=method, total_tokens=args.total_tokens,
+                           depth=args.depth, tree_top_k=args.tree_top_k).stats
             r = rows[name]
             r["tps"].append(s.tokens_per_s)
             r["rounds"] += s.rounds - 1  # decode rounds (the prefill forward is not one)

@@ -17,9 +17,13 @@ tree-verify steps are bound by how fast weights stream in, so they run faster; i
 than 32 rows (prefills) keep oneDNN's kernel. A weight not exactly of that form, a CPU without AMX-BF16,
 or ``EAGLE2_LOWBIT=0`` keeps the bf16 path.
 
-Exactness: the packed product is used only where a probe shows it bit-identical to ``F.linear``
-in that dtype (bf16 / fp16 on a CPU with oneDNN). Everywhere else — fp32 (checked token for
-token against transformers), CUDA, other back ends — the callable is plain ``F.linear``. The
+Exactness: in bf16 / fp16 the packed product is used only where a probe shows it bit-identical
+to ``F.linear`` (a CPU with oneDNN). In fp32 it is used where it agrees to fp32 rounding (another
+summation order, ~1e-6 relative): on a CPU without fast bf16 fp32 is the dtype users run, and there
+``F.linear`` re-lays out every fp32 weight for inputs of 2-32 rows (SmolLM2's gate/up at 4 rows:
+1.39 ms plain, 0.34 ms packed, on an AVX2 EPYC). Greedy output in fp32 stays token-identical to
+transformers (the real-model contract test runs with it); ``EAGLE2_PACKED_LINEAR=0`` gives
+transformers' own kernels. CUDA and other back ends run plain ``F.linear``. The
 low-bit kernel rebuilds the identical bf16 weights; its products equal oneDNN's in the tests
 (both accumulate bf16 products in fp32 on the tile unit), and it is used in bf16 only.
 This module knows nothing of models: callers hand it weights.
@@ -47,8 +51,11 @@ _POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # None on bui
 
 @functools.lru_cache(maxsize=None)
 def packing_works(dtype: torch.dtype) -> bool:
-    """True when oneDNN's prepacked linear exists here and equals ``F.linear`` bit for bit in ``dtype``."""
-    if dtype not in (torch.bfloat16, torch.float16) or not torch.backends.mkldnn.is_available():
+    """True when oneDNN's prepacked linear exists here and agrees with ``F.linear`` in ``dtype``:
+    bit for bit in bf16 / fp16, where one rounding step flips near-tied tokens; to fp32 rounding
+    in fp32 (another summation order, |difference| <= 1e-5 of the output's scale), the same
+    latitude the tree forward already takes against a one-token forward."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32) or not torch.backends.mkldnn.is_available():
         return False
     try:
         g = torch.Generator().manual_seed(0)
@@ -59,7 +66,11 @@ def packing_works(dtype: torch.dtype) -> bool:
             x = torch.randn(*shape, generator=g).to(dtype)
             for bias in (None, b):
                 got = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-                if not torch.equal(got, F.linear(x, w, bias)):
+                ref = F.linear(x, w, bias)
+                if dtype == torch.float32:
+                    if got.shape != ref.shape or float((got - ref).abs().max()) > 1e-5 * max(float(ref.abs().max()), 1.0):
+                        return False
+                elif not torch.equal(got, ref):
                     return False
         return True
     except Exception:  # op missing or unsupported on this CPU / build

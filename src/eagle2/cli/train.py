@@ -24,9 +24,10 @@ to continue where it stopped), each with a progress bar and ETA, all cached in -
              features on the fly during training (for big targets).
   train      the head learns to predict the next feature: SmoothL1 + 0.1 x soft cross-entropy of the
              target's next-token distribution, assistant positions only, uniform feature noise,
-             AdamW (0.9, 0.95), warm-up, grad clip 0.5, bf16 autocast. With --ttt-steps K the head
-             is also unrolled K-1 steps on its own predictions (training-time test), so deeper
-             draft levels are trained on the inputs they really get. --init-head fine-tunes. Checkpoints every few minutes
+             AdamW (0.9, 0.95), warm-up, grad clip 0.5, bf16 autocast where bf16 is native
+             (--train-precision). With --ttt-steps K the head is also unrolled K-1 steps on its own
+             predictions (training-time test), so deeper draft levels are trained on the inputs
+             they really get. --init-head fine-tunes. Checkpoints every few minutes
              (resume is exact); every --eval-every steps it decodes held-out prompts with EAGLE-2 and
              keeps the head with the best mean acceptance length.
   export     writes the head in the released EAGLE layout (config.json + model.safetensors) with a
@@ -81,6 +82,9 @@ def register(sub) -> None:
     p.add_argument("--head-intermediate", type=int, default=0, metavar="N",
                    help="MLP width of the head (0: the target's). Still the released layout; a narrower "
                         "--init-head is widened without changing its outputs (default: %(default)s)")
+    p.add_argument("--train-precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="train stage matmuls: auto = bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16 / "
+                        "AMX), fp32 elsewhere (emulated bf16 was 22x slower per step on an AVX2 CPU) (default: auto)")
     p.add_argument("--no-fc-bias", action="store_true", help="train fc without a bias (what some vLLM versions load)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps in total (resumable)")
@@ -115,7 +119,8 @@ def cmd_train(args) -> int:
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
                       max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias, ttt_steps=args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,
-                      head_intermediate=args.head_intermediate)
+                      head_intermediate=args.head_intermediate,
+                      bf16={"auto": None, "bf16": True, "fp32": False}[args.train_precision])
     import torch
 
     from ..models import load_target

@@ -10,8 +10,9 @@ more steps on its own predicted features, with the attention pattern a draft nod
 has, and the loss is the decayed mean over the steps: at inference every draft level below the
 first is fed the head's own (imperfect) predictions, never the target's features, and plain
 EAGLE training never shows it those. Also: uniform noise on the input features, AdamW (betas
-0.9/0.95), linear warm-up then linear decay, gradient clipping, bf16 autocast (CPU or CUDA),
-fp32 master weights; ``init_head`` fine-tunes a trained head instead of starting from random.
+0.9/0.95), linear warm-up then linear decay, gradient clipping, bf16 autocast where the hardware
+has native bf16 (CUDA, AVX512-BF16 / AMX; fp32 elsewhere), fp32 master weights; ``init_head``
+fine-tunes a trained head instead of starting from random.
 
 Checkpoints (``ckpt.pt``: head, optimizer, scheduler, noise RNG, data position, history) are
 written every ``ckpt_minutes`` and whenever training stops, so a later call resumes exactly:
@@ -58,7 +59,8 @@ class TrainConfig:
     ce_vocab: int = 0  # > 0: soft-CE (and top-1 accuracy) over the ce_vocab most frequent training tokens only
     #                    (FR-Spec's idea applied to training: the lm_head dominates a small head's cost)
     seed: int = 0
-    bf16: bool = True  # autocast matmuls to bf16
+    bf16: bool | None = None  # autocast matmuls to bf16; None: where the hardware has fast bf16 (CUDA,
+    #                           AVX512-BF16 / AMX), else fp32 (emulated bf16 made a step 22x slower on an AVX2 CPU)
     ckpt_minutes: float = 5.0
     eval_every: int = 200  # steps between acceptance evaluations (0: only at the end)
     eval_max_new_tokens: int = 64
@@ -295,11 +297,21 @@ def acceptance(model, tokenizer, head: DraftHead, prompts: list, max_new_tokens:
     return dict(tau=new / rounds if rounds else 0.0, per_prompt=per, new_tokens=new, rounds=rounds)
 
 
+def autocast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast pays on ``device``: CUDA, or a CPU with native bf16 matmul."""
+    from ..models import cpu_has_fast_bf16
+
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+
+
 class Trainer:
     """Trains one head on a list of examples; owns run_dir/{ckpt.pt, best/, metrics.jsonl}."""
 
     def __init__(self, model, tokenizer, examples, run_dir: str | Path, cfg: TrainConfig,
                  dev_prompts: list | None = None, progress: bool = True):
+        self.device = next(model.parameters()).device
+        if cfg.bf16 is None:
+            cfg = replace(cfg, bf16=autocast_bf16(self.device))
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.examples = examples
         self.lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e.tokens) for e in examples]
@@ -309,7 +321,6 @@ class Trainer:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dev_prompts = list(dev_prompts or [])
         self.progress = progress
-        self.device = next(model.parameters()).device
         self.embed = model.get_input_embeddings()
         self.lm_w = model.get_output_embeddings().weight.detach()  # [V, H] frozen
         if cfg.ce_vocab and cfg.ce_vocab < self.lm_w.shape[0]:
