@@ -50,12 +50,14 @@ def main() -> int:
         "vanilla (transformers)": ("transformers", "vanilla", 0),
         "vanilla (lean)": ("fast", "vanilla", 0),
         "vanilla (lean + packed linears)": ("fast+packed", "vanilla", 0),
+        "vanilla (lean + native, unpacked)": ("fast+native", "vanilla", 0),
         "vanilla (lean + packed + native)": ("fast+packed+native", "vanilla", 0),
         "eagle2 before (transformers, full vocab)": ("transformers", "eagle2", 0),
         "eagle2 +lean forward": ("fast", "eagle2", 0),
         "eagle2 +lean +FR-Spec": ("fast", "eagle2", None),
         "eagle2 +lean +FR-Spec +packed": ("fast+packed", "eagle2", None),
         "vanilla (lean + packed + native + q4)": ("fast+packed+native+q4", "vanilla", 0),
+        "eagle2 +lean +FR-Spec +native, unpacked": ("fast+native", "eagle2", None),
         "eagle2 +lean +FR-Spec +packed +native": ("fast+packed+native", "eagle2", None),
         "eagle2 +lean +FR-Spec +packed +native +q4 (default)": ("fast+packed+native+q4", "eagle2", None),
     }
@@ -66,6 +68,7 @@ def main() -> int:
     for name, backend, packed, use_native, q4 in (("transformers", "transformers", False, False, False),
                                                   ("fast", "fast", False, False, False),
                                                   ("fast+packed", "fast", True, False, False),
+                                                  ("fast+native", "fast", False, True, False),
                                                   ("fast+packed+native", "fast", True, True, False),
                                                   ("fast+packed+native+q4", "fast", True, True, True)):
         if any(v[0] == name for v in configs.values()):
