@@ -1,10 +1,10 @@
-"""Faster linear layers for the CPU: bf16 weights prepacked for oneDNN, and low-bit block weights.
+"""Faster linear layers for the CPU: weights prepacked for oneDNN, and low-bit block weights.
 
-On a CPU, a small model's forward is dominated by its matrix-vector products, and ``F.linear``
-re-lays out a bf16 weight for oneDNN on every call. ``linear(weight, bias)`` packs the weight
-once and returns a callable ``x -> x @ weight.T + bias`` that skips that work: on the project
-machine (AVX512-BF16 / AMX) the 120 linears of SmolLM2-135M went from 19.0 to 13.1 ms per
-forward and the 49k-row lm_head from 1.9 to 1.3 ms.
+On a CPU, a small model's forward is dominated by its matrix products, and ``F.linear`` re-lays
+out the weight on every call (bf16: always; fp32: for inputs of more than one row).
+``linear(weight, bias)`` packs the weight once and returns a callable ``x -> x @ weight.T + bias``
+that skips that work: on an Intel machine with AMX the 120 bf16 linears of SmolLM2-135M went
+from 19.0 to 13.1 ms per forward and the 49k-row lm_head from 1.9 to 1.3 ms.
 
 **Low-bit block weights.** A model converted from a GGUF has bf16 weights that are exactly
 ``bf16(d * q + m)`` per block of 32 inputs: 4-bit ``q`` with fp16 ``d``, ``m`` for Q4_1 (our
