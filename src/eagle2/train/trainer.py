@@ -297,21 +297,16 @@ def acceptance(model, tokenizer, head: DraftHead, prompts: list, max_new_tokens:
     return dict(tau=new / rounds if rounds else 0.0, per_prompt=per, new_tokens=new, rounds=rounds)
 
 
-def autocast_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast pays on ``device``: CUDA, or a CPU with native bf16 matmul."""
-    from ..models import cpu_has_fast_bf16
-
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
-
-
 class Trainer:
     """Trains one head on a list of examples; owns run_dir/{ckpt.pt, best/, metrics.jsonl}."""
 
     def __init__(self, model, tokenizer, examples, run_dir: str | Path, cfg: TrainConfig,
                  dev_prompts: list | None = None, progress: bool = True):
         self.device = next(model.parameters()).device
-        if cfg.bf16 is None:
-            cfg = replace(cfg, bf16=autocast_bf16(self.device))
+        if cfg.bf16 is None:  # bf16 where it is the device's fast dtype, the same rule as load(dtype="auto")
+            from ..models import resolve_dtype
+
+            cfg = replace(cfg, bf16=resolve_dtype("auto", self.device) == torch.bfloat16)
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.examples = examples
         self.lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e.tokens) for e in examples]
