@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import DATA, fit_head, make_generator, make_tiny_model
+from conftest import DATA, cost_model, fit_head, make_generator, make_tiny_model
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
 TREES = [dict(total_tokens=10, depth=4, tree_top_k=4), dict(total_tokens=4, depth=6, tree_top_k=2),
@@ -53,6 +53,25 @@ def test_greedy_equals_transformers(family, method):
         assert max(taus) > 1.5, "drafts were rarely accepted: the accept path was not exercised"
     else:
         assert set(taus) == {1.0}
+
+
+def test_cost_aware_tree_equals_transformers(family):
+    """The dynamic tree (no explicit shape) under free verification grows to its depth cap; under
+    costly verification it stays small. Either way the output is transformers' greedy."""
+    from eagle2.config import TreeConfig
+
+    name, model, head = family
+    sizes, depths = {}, {}
+    for per_node in (0.0, 3.0):
+        gen = make_generator(model, head=head, tree=TreeConfig(adaptive=True, top_k=2),
+                             cost_model=cost_model(per_node, level_ms=0.0 if per_node == 0 else 0.5))
+        for prompt in PROMPTS:
+            r = gen.generate(prompt, max_new_tokens=40)
+            assert r.token_ids == hf_greedy(model, prompt, 40), f"{name} cost-aware {per_node} prompt={prompt}"
+            sizes.setdefault(per_node, []).extend(r.stats.tree_sizes)
+            depths.setdefault(per_node, []).extend(r.stats.tree_depths)
+    assert max(depths[0.0]) == TreeConfig.max_depth, (name, depths[0.0])
+    assert sum(sizes[3.0]) / len(sizes[3.0]) < sum(sizes[0.0]) / len(sizes[0.0]) / 2, (name, sizes)
 
 
 def _mid_round_indices(gen, prompt, **kw):

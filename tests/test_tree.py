@@ -112,3 +112,32 @@ def test_chain_is_a_single_path():
     tree = build_tree(t([1, 2, 3, 4]), t([-1, 0, 1, 2]))
     assert tree.retrieve.tolist() == [[0, 1, 2, 3]]
     assert torch.equal(tree.mask, torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_best_size_maximises_expected_tokens_per_ms():
+    from eagle2.tree import best_size
+
+    probs = torch.tensor([0.9, 0.5, 0.1])
+    flat = torch.tensor([0.0, 10.0, 10.0, 10.0, 10.0])  # verifying 1..4 nodes costs the same: keep all
+    assert best_size(probs, flat, 0.0)[0] == 3
+    steep = torch.tensor([0.0, 10.0, 20.0, 30.0, 40.0])  # each node costs a whole forward: keep none
+    j, expected, rate = best_size(probs, steep, 0.0)
+    assert (j, expected) == (0, 1.0) and abs(rate - 0.1) < 1e-6
+    mid = torch.tensor([0.0, 10.0, 11.0, 12.0, 20.0])  # the third draft (p = 0.1) costs 8 ms more: stop at 2
+    j, expected, _ = best_size(probs, mid, 0.0)
+    assert j == 2 and abs(expected - 2.4) < 1e-6
+
+
+def test_level_pays():
+    from eagle2.tree import level_pays
+
+    assert level_pays(gain=0.5, rate=0.1, extra_ms=2.0)  # 0.5 tokens for 2 ms beats 0.2
+    assert not level_pays(gain=0.1, rate=0.1, extra_ms=2.0)
+
+
+def test_path_probs():
+    from eagle2.tree import path_probs
+
+    t = build_tree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, 0, 0, 1]),
+                   torch.tensor([1.0, 0.5, 0.25, 0.5]).log())
+    assert torch.allclose(path_probs(t), torch.tensor([1.0, 0.5, 0.25, 0.25]))

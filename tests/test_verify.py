@@ -9,7 +9,7 @@ from eagle2 import verify
 from eagle2.tree import build_tree
 from eagle2.verify import greedy_accept, sample_accept, target_probs
 
-from conftest import make_generator, make_tiny_model
+from conftest import cost_model, make_generator, make_tiny_model
 
 
 def onehot_logits(n, v, argmax):
@@ -109,15 +109,20 @@ def _exact_joint(model, prompt, n_tokens, temperature, top_k, top_p):
     return joint
 
 
-def _sample_counts(gen, prompt, n, temperature, top_k, top_p, n_tokens=3, **tree):
-    counts, accepted = {}, 0
-    tree = tree or dict(total_tokens=8, depth=3, tree_top_k=3)
+def _sample_counts(gen, prompt, n, temperature, top_k, top_p, n_tokens=3, generate_tokens=5, shape=None):
+    """Counts of the first ``n_tokens`` of ``n`` seeded generations of ``generate_tokens`` tokens
+    each: generating more than is scored leaves room for trees deeper than one level in the
+    rounds that produce the scored tokens."""
+    counts, accepted, depths = {}, 0, []
+    tree = dict(total_tokens=16, depth=3, tree_top_k=3) if shape is None else shape  # {}: the dynamic tree
     for seed in range(n):
-        r = gen.generate(prompt, max_new_tokens=n_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        r = gen.generate(prompt, max_new_tokens=generate_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          seed=seed, **tree)
-        key = tuple(r.token_ids)
+        key = tuple(r.token_ids[:n_tokens])
         counts[key] = counts.get(key, 0) + 1
         accepted += sum(r.stats.accept_lengths)
+        depths.append(max(r.stats.tree_depths, default=0))
+    assert max(depths) >= 3, f"trees never reached depth 3: {sorted(set(depths))}"
     return counts, accepted
 
 
@@ -160,6 +165,18 @@ def test_sampled_joint_distribution_matches_target(sampling_gen, temperature, to
     assert _chi2_pvalue(counts, joint) > 1e-3
 
 
+def test_sampled_cost_aware_tree_matches_target(sampling_gen):
+    """The dynamic tree (free verification: it grows deep and wide) samples the target exactly too."""
+    from eagle2.api import Eagle2Generator
+
+    model, gen = sampling_gen
+    deep = Eagle2Generator(model, gen.tokenizer, gen.head, cost_model=cost_model(0.0, level_ms=0.0))
+    joint = _exact_joint(model, PROMPT, 3, 1.0, 0, 1.0)
+    counts, accepted = _sample_counts(deep, PROMPT, N_SAMPLES, 1.0, 0, 1.0, shape={})
+    assert accepted > N_SAMPLES // 4
+    assert _chi2_pvalue(counts, joint) > 1e-3
+
+
 def _wrong_sample_accept(tree, probs, generator):
     """A classic bug: on rejection, keep the original p instead of the renormalized residual."""
     kids = verify._children(tree.parents.tolist())
@@ -194,5 +211,5 @@ def test_smollm2_sampling_matches_target(smol_fp32):
     gen = smol_fp32
     prompt = gen.encode_prompt([{"role": "user", "content": "Name a random animal."}])
     joint = _exact_joint(gen.model, prompt, 3, 1.0, 3, 1.0)
-    counts, _ = _sample_counts(gen, prompt, 400, 1.0, 3, 1.0, total_tokens=8, depth=3, tree_top_k=3)
+    counts, _ = _sample_counts(gen, prompt, 400, 1.0, 3, 1.0)
     assert _chi2_pvalue(counts, joint) > 1e-3

@@ -16,7 +16,9 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import cost, kernels, native
 from .config import SamplingConfig, TreeConfig
+from .cost import Calibration, CostModel
 from .draft import Drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .engine import Engine, GenerationResult, RoundEvent
@@ -44,13 +46,15 @@ def tuned_path(model_key: str) -> Path:
 
 
 def load_tuned(model_key: str) -> TreeConfig | None:
-    """Tree settings saved by ``eagle2 tune`` for this model on this machine, if any."""
+    """Tree settings saved by ``eagle2 tune`` for this model on this machine, if any: the fastest
+    fixed shape, which explicit fixed-shape calls start from, and its frontier width."""
     p = tuned_path(model_key)
     if not p.exists():
         return None
     try:
         d = json.loads(p.read_text())
-        return TreeConfig(total_tokens=int(d["total_tokens"]), depth=int(d["depth"]), top_k=int(d["tree_top_k"]))
+        return TreeConfig(total_tokens=int(d["total_tokens"]), depth=int(d["depth"]), top_k=int(d["tree_top_k"]),
+                          adaptive=True)
     except (ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable tune file %s: %s", p, e)
         return None
@@ -82,7 +86,9 @@ class Eagle2Generator:
     """A target model + draft head ready to generate. Not thread-safe: one sequence at a time."""
 
     def __init__(self, model, tokenizer, head: DraftHead, *, model_key: str = "", tree: TreeConfig | None = None,
-                 head_source: str = "", backend: str = "auto", draft_vocab: int | None = None):
+                 head_source: str = "", backend: str = "auto", draft_vocab: int | None = None,
+                 cost_model: CostModel | None = None):
+        """cost_model: this machine's round costs for the dynamic tree; None measures them on first use."""
         self.model = model
         self.tokenizer = tokenizer
         self.target = make_target(model, backend)
@@ -94,7 +100,27 @@ class Eagle2Generator:
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self.model_key = model_key
-        self.tree = tree or load_tuned(model_key) or TreeConfig()
+        self.tree = tree or load_tuned(model_key) or TreeConfig(adaptive=True)
+        self.calibration = Calibration.load(Path(head_source) / "calibration.json" if head_source and
+                                            Path(head_source).is_dir() else None)
+        self._cost = cost_model
+
+    def cost_model(self, refit: bool = False) -> CostModel:
+        """This machine's round costs for this model, head, dtype and backend: measured by a short
+        probe the first time (a few seconds) and cached under ``$EAGLE2_CACHE/cost``."""
+        if self._cost is not None and not refit:
+            return self._cost
+        key = cost.fingerprint(dict(model=self.model_key or id(self.model), head=self.head_source,
+                                    dtype=str(self.dtype), device=str(self.device), backend=self.backend,
+                                    native=native.ENABLED, packed=kernels.ENABLED, lowbit=kernels.LOWBIT_ENABLED))
+        found = None if refit or not self.model_key else cost.load_cached(key)
+        if found is None:
+            log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
+            found = cost.probe(self.target, self.drafter, self.tree.top_k)
+            if self.model_key:
+                cost.save(key, found)
+        self._cost = found
+        return found
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,7 +168,8 @@ class Eagle2Generator:
         return list(prompt)
 
     def _configs(self, method, temperature, top_p, top_k, seed, total_tokens, depth, tree_top_k):
-        tree = replace(self.tree, method=method,
+        fixed = total_tokens is not None or depth is not None or tree_top_k is not None
+        tree = replace(self.tree, method=method, adaptive=self.tree.adaptive and not fixed,
                        total_tokens=self.tree.total_tokens if total_tokens is None else total_tokens,
                        depth=self.tree.depth if depth is None else depth,
                        top_k=self.tree.top_k if tree_top_k is None else tree_top_k)
@@ -163,7 +190,8 @@ class Eagle2Generator:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.target.max_len}, "
                              "leaving no room to generate")
         result = GenerationResult([], "", None, "length", ids)
-        events = self.engine.decode(ids, tree, sampling, max_new_tokens, stop, result)
+        cost_model = self.cost_model() if tree.dynamic else None
+        events = self.engine.decode(ids, tree, sampling, max_new_tokens, stop, result, cost_model, self.calibration)
         return events, result
 
     # ---- generation ------------------------------------------------------------------------

@@ -58,14 +58,34 @@ def shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
+def fixed_shape(name: str) -> dict | None:
+    """``eagle2:16x4x8`` -> dict(total_tokens=16, depth=4, tree_top_k=8); ``eagle2:fixed`` -> {} (the
+    generator's fixed shape: ``eagle2 tune``'s, else the default); anything else -> None."""
+    if not name.startswith("eagle2:"):
+        return None
+    spec = name.split(":", 1)[1]
+    if spec == "fixed":
+        return {}
+    try:
+        n, d, k = (int(x) for x in spec.split("x"))
+    except ValueError:
+        return None
+    return dict(total_tokens=n, depth=d, tree_top_k=k) if n >= 2 and d >= 1 and k >= 1 else None
+
+
+def is_engine(name: str) -> bool:
+    return name in ENGINE_METHODS or fixed_shape(name) is not None
+
+
 def parse_methods(text: str | list | tuple) -> list[str]:
     methods = [m.strip() for m in text.split(",")] if isinstance(text, str) else [str(m).strip() for m in text]
     methods = [m for m in methods if m]
     if not methods:
         raise ValueError("no methods given")
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS and fixed_shape(m) is None]
     if bad:
-        raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(ALL_METHODS)}")
+        raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(ALL_METHODS)}, or eagle2:NxDxK "
+                         "(a fixed EAGLE-2 tree: N nodes, D levels, top-k K) or eagle2:fixed (the tuned fixed tree)")
     if len(set(methods)) != len(methods):
         raise ValueError("a method is listed twice")
     return methods
@@ -144,7 +164,10 @@ class Answer:
     seconds: float
     forwards: int | None = None  # target forwards (prefill included), when known
     accept_lengths: list = field(default_factory=list)
-    draft_confidence: list = field(default_factory=list)
+    draft_confidence: list = field(default_factory=list)  # (depth, draft path prob, accepted?) per drafted node
+    tree_sizes: list = field(default_factory=list)  # per drafted round: nodes verified, root included
+    tree_depths: list = field(default_factory=list)
+    expected_accepts: list = field(default_factory=list)
     phases: dict = field(default_factory=dict)  # engine methods: prefill / draft / verify seconds
 
 
@@ -158,8 +181,11 @@ class _EngineRunner:
                               seed=seed, **self.tree_kw)
         dt = time.perf_counter() - t0
         st = r.stats
-        return Answer(list(r.token_ids), r.text, dt, st.rounds, list(st.accept_lengths), list(st.draft_confidence),
-                      dict(prefill=st.prefill_seconds, draft=st.draft_seconds, verify=st.verify_seconds))
+        return Answer(list(r.token_ids), r.text, dt, st.rounds, list(st.accept_lengths),
+                      draft_confidence=list(st.draft_confidence),
+                      phases=dict(prefill=st.prefill_seconds, draft=st.draft_seconds, verify=st.verify_seconds),
+                      tree_sizes=list(st.tree_sizes), tree_depths=list(st.tree_depths),
+                      expected_accepts=list(st.expected_accepts))
 
 
 class _HFRunner:
@@ -245,6 +271,10 @@ def make_runners(gen, methods, tree_kw, prompt_lookup: int = 10, llamacpp_thread
             runners[m] = _HFRunner(gen, prompt_lookup=prompt_lookup)
         elif m in ENGINE_METHODS:
             runners[m] = _EngineRunner(gen, m, tree_kw if m != "vanilla" else {})
+        elif fixed_shape(m) is not None:
+            shape = fixed_shape(m) or dict(total_tokens=gen.tree.total_tokens, depth=gen.tree.depth,
+                                           tree_top_k=gen.tree.top_k)
+            runners[m] = _EngineRunner(gen, "eagle2", shape)
         elif m == "llamacpp":
             try:
                 import llama_cpp  # noqa: F401
@@ -320,10 +350,44 @@ def calibration_bins(pairs: list, n_bins: int = 10) -> list[dict]:
     return bins
 
 
+def _histogram(values: list[int]) -> dict:
+    return {str(k): values.count(k) for k in sorted(set(values))}
+
+
+def tree_per_round(answers: list) -> dict:
+    """What the rounds verified: size and depth (histogram and mean), and the expected accept length
+    (calibrated draft probabilities of the verified nodes) against the realised one."""
+    sizes = [x for a in answers for x in a.tree_sizes]
+    depths = [x for a in answers for x in a.tree_depths]
+    expected = [e for a in answers for e, _ in a.expected_accepts]
+    realised = [r for a in answers for _, r in a.expected_accepts]
+    if not sizes:
+        return {}
+    mean = lambda v: round(sum(v) / len(v), 3) if v else None  # noqa: E731
+    return dict(rounds=len(sizes), size_mean=mean(sizes), size_hist=_histogram(sizes), depth_mean=mean(depths),
+                depth_hist=_histogram(depths), expected_accept_mean=mean(expected),
+                realised_accept_mean=mean(realised))
+
+
+def calibration_per_depth(triples: list) -> list[dict]:
+    """(depth, draft path prob, accepted) -> per depth: nodes, mean predicted, accept rate and their
+    ratio (``scale``: what ``Calibration.scale_t1`` holds when measured at T = 1)."""
+    out = []
+    for d in sorted({t[0] for t in triples}):
+        sel = [(p, a) for dd, p, a in triples if dd == d]
+        pred = sum(p for p, _ in sel)
+        acc = sum(1 for _, a in sel if a)
+        out.append(dict(depth=d, n=len(sel), mean_predicted=round(pred / len(sel), 4),
+                        accept_rate=round(acc / len(sel), 4), scale=round(acc / pred, 4) if pred > 0 else None))
+    return out
+
+
 def _tree_settings(gen, total_tokens, depth, tree_top_k) -> dict:
+    fixed = any(x is not None for x in (total_tokens, depth, tree_top_k))
     return dict(total_tokens=gen.tree.total_tokens if total_tokens is None else total_tokens,
                 depth=gen.tree.depth if depth is None else depth,
-                tree_top_k=gen.tree.top_k if tree_top_k is None else tree_top_k)
+                tree_top_k=gen.tree.top_k if tree_top_k is None else tree_top_k,
+                adaptive=gen.tree.adaptive and not fixed, max_nodes=gen.tree.max_nodes, max_depth=gen.tree.max_depth)
 
 
 def _tune_curve(gen) -> tuple[list[dict] | None, float | None]:
@@ -456,16 +520,20 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     cats = sorted({q["category"] for q in questions}, key=[q["category"] for q in questions].index)
     per_category = {c: _aggregate([r for r in records if r["category"] == c], active) for c in cats}
     accept_lengths = {m: [x for (_, mm), al in answers.items() if mm == m for a in al for x in a.accept_lengths]
-                      for m in active if m in SPECULATIVE and m in ENGINE_METHODS}
+                      for m in active if m != "vanilla" and is_engine(m)}
     confidence = {m: [x for (_, mm), al in answers.items() if mm == m for a in al for x in a.draft_confidence]
                   for m in accept_lengths}
-    calib = {m: calibration_bins(v) for m, v in confidence.items()}
+    calib = {m: calibration_bins([(p, a) for d, p, a in v if d == 1]) for m, v in confidence.items()}
+    for m in accept_lengths:
+        mine = [a for (_, mm), al in answers.items() if mm == m for a in al]
+        overall[m]["tree_per_round"] = tree_per_round(mine)
+        overall[m]["calibration_per_depth"] = calibration_per_depth(confidence[m])
     for m, v in accept_lengths.items():
         if m in overall:
             overall[m]["accept_length_hist"] = {str(k): v.count(k) for k in sorted(set(v))}
-            overall[m]["accept_rate_per_depth"] = accept_rate_per_depth(v)[: tree["depth"]]  # no deeper drafts
+            overall[m]["accept_rate_per_depth"] = accept_rate_per_depth(v)
     for m in active:
-        if m in ENGINE_METHODS and m in overall:
+        if is_engine(m) and m in overall:
             overall[m]["round_profile_ms"] = round_profile([a for (_, mm), al in answers.items() if mm == m
                                                             for a in al])
 
@@ -515,13 +583,38 @@ def _f(x, fmt="{:.2f}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
+def _tree_text(t: dict) -> str:
+    fixed = f"total_tokens {t['total_tokens']}, depth {t['depth']}, top-k {t['tree_top_k']}"
+    if t.get("adaptive"):
+        return (f"eagle2 tree: cost-aware (at most {t['max_nodes']} nodes, {t['max_depth']} levels, top-k "
+                f"{t['tree_top_k']}); fixed shapes: {fixed}")
+    return f"tree: {fixed}"
+
+
+def _tree_lines(m: dict) -> list[str]:
+    trees = {n: s["tree_per_round"] for n, s in m.items() if s.get("tree_per_round")}
+    if not trees:
+        return []
+    lines = ["", "## The verified tree per round (expected = calibrated draft probabilities of its nodes)", "",
+             "| method | nodes (mean) | depth (mean) | expected accept | realised accept | nodes histogram |",
+             "|---|---:|---:|---:|---:|---|"]
+    for n, t in trees.items():
+        hist = " ".join(f"{k}:{v}" for k, v in t["size_hist"].items())
+        lines.append(f"| {n} | {t['size_mean']} | {t['depth_mean']} | {_f(t['expected_accept_mean'])} "
+                     f"| {_f(t['realised_accept_mean'])} | {hist} |")
+    cal = {n: s["calibration_per_depth"] for n, s in m.items() if s.get("calibration_per_depth")}
+    lines += ["", "## Calibration per depth (accepted / predicted; 1 = calibrated)", ""]
+    for n, rows in cal.items():
+        lines.append(f"- {n}: " + ", ".join(f"d{c['depth']} {_f(c['scale'])} (n={c['n']})" for c in rows))
+    return lines
+
+
 def render_markdown(r: dict) -> str:
     m = r["methods"]
     lines = [f"# eagle2 bench: {r['model']}", "",
              f"{r['n_questions']} questions ({r['n_prompts']} prompts, up to {r['turns']} turns), "
              f"max {r['max_new_tokens']} new tokens, temperature {r['temperature']}, dtype {r['dtype']}, "
-             f"device {r['device']}; tree: total_tokens {r['tree']['total_tokens']}, depth {r['tree']['depth']}, "
-             f"top-k {r['tree']['tree_top_k']}; head: {r['head']}.",
+             f"device {r['device']}; {_tree_text(r['tree'])}; head: {r['head']}.",
              f"Machine: {r['machine']['cpu']} ({r['machine']['torch_threads']} torch threads), "
              f"torch {r['machine']['torch']}, transformers {r['machine']['transformers']}. "
              f"Wall time {r['wall_seconds']} s.", "",
@@ -547,6 +640,7 @@ def render_markdown(r: dict) -> str:
         lines += ["", "## Acceptance rate per draft depth (P(depth d accepted | depth d-1 accepted))", ""]
         for n, v in rates.items():
             lines.append(f"- {n}: " + ", ".join(f"d{d + 1} {x:.2f}" for d, x in enumerate(v)))
+    lines += _tree_lines(m)
     for note in r.get("skipped", {}).items():
         lines.append(f"- {note[0]}: {note[1]}")
     lines += ["", "## Per category", "", "tokens/s (speedup vs hf, tau)", ""]

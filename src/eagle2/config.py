@@ -16,26 +16,42 @@ METHODS = ("eagle2", "eagle1", "chain", "vanilla")
 class TreeConfig:
     """Shape of the draft tree verified in one target forward.
 
-    Defaults are what ``eagle2 tune`` chose for SmolLM2-135M on a 2-core CPU, where verifying
-    16 tokens costs ~1.2 one-token forwards and 32 tokens ~1.6 (native stack); the paper's GPU defaults are
-    60 / 6 / 10. ``eagle2 tune`` measures the best values for a
-    machine and saves them; ``eagle2.load`` then uses those instead.
+    ``adaptive`` (the default for ``method="eagle2"``): every round grows the tree level by level
+    while another level is expected to pay for its draft step, then verifies the prefix of the
+    reranked candidates that maximises expected tokens per second on this machine (``cost.py``
+    measures the costs, ``tree.best_size`` weighs them). ``max_nodes`` / ``max_depth`` bound it.
+    Otherwise the shape is fixed: ``total_tokens`` nodes, ``depth`` levels, ``top_k`` per level.
     """
 
     method: str = "eagle2"  # eagle2 (dynamic tree), eagle1 (static tree), chain, vanilla
-    total_tokens: int = 16  # nodes verified per round, root included (EAGLE's total_token + 1)
-    depth: int = 4  # drafting steps = deepest node's distance from the root
+    total_tokens: int = 16  # fixed shape: nodes verified per round, root included (EAGLE's total_token + 1)
+    depth: int = 4  # fixed shape: drafting steps = deepest node's distance from the root
     top_k: int = 8  # children drafted per expanded node, and frontier width (EAGLE-2's K)
+    adaptive: bool = False  # eagle2 only: size and depth chosen per round by the cost rule
+    max_nodes: int = 48  # adaptive: the most nodes a round verifies, root included
+    max_depth: int = 8  # adaptive: the deepest level a round may draft
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if not isinstance(self.total_tokens, int) or self.total_tokens < 2:
-            raise ValueError(f"total_tokens must be an integer >= 2 (root + at least one draft); got {self.total_tokens!r}")
-        if not isinstance(self.depth, int) or self.depth < 1:
-            raise ValueError(f"depth must be an integer >= 1; got {self.depth!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"tree_top_k must be an integer >= 1; got {self.top_k!r}")
+        for name, low in (("total_tokens", 2), ("depth", 1), ("top_k", 1), ("max_nodes", 2), ("max_depth", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                shown = "tree_top_k" if name == "top_k" else name
+                raise ValueError(f"{shown} must be an integer >= {low}; got {v!r}")
+
+    @property
+    def dynamic(self) -> bool:
+        """True when this round's shape is chosen by the cost rule."""
+        return self.adaptive and self.method == "eagle2"
+
+    @property
+    def node_cap(self) -> int:
+        return self.max_nodes if self.dynamic else self.total_tokens
+
+    @property
+    def depth_cap(self) -> int:
+        return self.max_depth if self.dynamic else self.depth
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from .draft_head import DraftHead
 from .fast import Dims, Layer, Stack, StaticCache, additive_mask
 from .kernels import Linear, linear
 from .target import Target
-from .tree import Tree, build_tree, expand, rerank, select_frontier, static_tree_parents, static_tree_paths
+from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, select_frontier,
+                   static_tree_parents, static_tree_paths)
 
 
 @lru_cache(maxsize=64)
@@ -121,54 +122,59 @@ class Drafter:
         return cols if self.vocab_ids is None else self.vocab_ids[cols]
 
     @torch.inference_mode()
-    def grow(self, root: Tensor, root_out: Tensor, cfg: TreeConfig, max_depth: int) -> Tree:
-        depth = min(cfg.depth, max_depth)
+    def grow(self, root: Tensor, root_out: Tensor, cfg: TreeConfig, max_depth: int, budget: Budget | None = None) -> Tree:
+        """The round's tree. ``budget`` (with ``cfg.dynamic``) lets the cost rule pick its depth and size."""
         if cfg.method == "eagle2":
-            return self._grow_dynamic(root, root_out, depth, cfg.top_k, cfg.total_tokens)
+            if cfg.dynamic and budget is not None:
+                return self._grow_dynamic(root, root_out, min(cfg.max_depth, max_depth), cfg.top_k, budget.max_nodes,
+                                          budget)
+            return self._grow_dynamic(root, root_out, min(cfg.depth, max_depth), cfg.top_k, cfg.total_tokens)
+        depth = min(cfg.depth, max_depth)
         return self._grow_static(root, root_out, *_static_layout(cfg.method, cfg.total_tokens, depth, cfg.top_k)[1:])
 
-    def _grow_dynamic(self, root: Tensor, root_out: Tensor, depth: int, top_k: int, total_tokens: int) -> Tree:
-        """EAGLE-2: expand the top_k frontier by value for ``depth`` levels, then rerank."""
+    def _grow_dynamic(self, root: Tensor, root_out: Tensor, depth: int, top_k: int, total_tokens: int,
+                      budget: Budget | None = None) -> Tree:
+        """EAGLE-2: expand the top_k frontier by value for up to ``depth`` levels, then rerank. With a
+        budget, stop at the first level that cannot pay for itself and keep the best-paying prefix."""
         dev = root.device
-        pos_root = self.length - 1  # the root's pair (f_{L-1}, root) sits at position L - 1
         k = min(top_k, self.target.vocab_size)
         k = min(k, self.vocab_ids.shape[0]) if self.vocab_ids is not None else k
-        child_tok, child_lp, child_val = expand(torch.zeros(1, device=dev), self._logp(root_out)[None], k)
-        child_tok = self._token(child_tok)
-        cand_tok, cand_par, cand_val, cand_lp = [child_tok[0]], [torch.full((k,), -1, device=dev)], [child_val[0]], [child_lp[0]]
-        n_cand = k
-        frontier = torch.arange(k, device=dev)  # candidate indices of the nodes to feed next
-        f_tok, f_val, f_feat = child_tok[0], child_val[0], root_out.expand(k, -1)
-        f_parent_fed = torch.full((k,), -1, dtype=torch.long, device=dev)  # parent's index among fed nodes
-        fed_anc = torch.zeros(0, 0, dtype=torch.bool, device=dev)  # [F, F] ancestor-or-self among fed nodes
+        lvl = _Levels(self, root, root_out, k)
         for d in range(1, depth):
-            nf, n_fed = frontier.shape[0], fed_anc.shape[0]
-            parent_rows = torch.zeros(nf, n_fed, dtype=torch.bool, device=dev)
-            has_parent = f_parent_fed >= 0
-            if n_fed:
-                parent_rows[has_parent] = fed_anc[f_parent_fed[has_parent]]
-            own = torch.cat([parent_rows, torch.eye(nf, dtype=torch.bool, device=dev)], dim=1)  # [nf, n_fed + nf]
-            mask = torch.cat([torch.ones(nf, self.length, dtype=torch.bool, device=dev), own], dim=1)
-            positions = torch.full((nf,), pos_root + d, device=dev)
-            out = self._run(f_feat, f_tok, positions, self.length + n_fed, mask)  # tree entries after the true pairs
-            grown = torch.zeros(n_fed + nf, n_fed + nf, dtype=torch.bool, device=dev)
-            grown[:n_fed, :n_fed] = fed_anc
-            grown[n_fed:] = own
-            fed_anc = grown
-            child_tok, child_lp, child_val = expand(f_val, self._logp(out), k)  # [nf, k] each
-            child_tok = self._token(child_tok)
-            cand_tok.append(child_tok.flatten())
-            cand_par.append(frontier.repeat_interleave(k))
-            cand_val.append(child_val.flatten())
-            cand_lp.append(child_lp.flatten())
-            sel = select_frontier(child_val, k)  # [k'] flat indices
-            frontier = n_cand + sel
-            n_cand += nf * k
-            f_tok, f_val = child_tok.flatten()[sel], child_val.flatten()[sel]
-            f_feat = out[sel // k]
-            f_parent_fed = n_fed + sel // k
-        return rerank(root, torch.cat(cand_tok), torch.cat(cand_par).long(), torch.cat(cand_val),
-                      torch.cat(cand_lp), total_tokens - 1)
+            if budget is not None and not lvl.next_level_pays(budget):
+                break
+            lvl.feed_frontier(d)
+        values = torch.cat(lvl.cand_val)  # [M] in generation order
+        keep = total_tokens - 1
+        if budget is not None:
+            keep = lvl.best_keep(values, budget)
+        return rerank(root, torch.cat(lvl.cand_tok), torch.cat(lvl.cand_par).long(), values,
+                      torch.cat(lvl.cand_lp), keep)
+
+    @torch.inference_mode()
+    def probe_ms(self, top_k: int, repeats: int = 4, context: int = 200) -> tuple[float, float]:
+        """(ms per draft level, ms of a round's fixed drafting part) over ``context`` committed pairs,
+        measured with fixed-shape growth at depths 1 and 4. Leaves the drafter reset."""
+        from .cost import _best_ms
+
+        dev, hidden = self.target.device, self.head.config.hidden_size
+        g = torch.Generator().manual_seed(0)
+        feats = torch.randn(context, hidden, generator=g).to(dev, self.target.dtype)
+        toks = torch.randint(0, self.target.vocab_size, (context,), generator=g).to(dev)
+        root = toks[-1]
+        self.reset()
+        self.commit(feats[:-3], toks[:-3])
+
+        def round_at(depth: int):
+            def run():
+                self.length = context - 3
+                out = self.commit(feats[-3:], toks[-3:])
+                self._grow_dynamic(root, out, depth, top_k, 2 + top_k * depth)
+            return run
+
+        one, four = _best_ms(round_at(1), repeats), _best_ms(round_at(4), repeats)
+        self.reset()
+        return max(0.0, (four - one) / 3), one
 
     def _grow_static(self, root: Tensor, root_out: Tensor, parents: tuple, depths: tuple, ranks: tuple) -> Tree:
         """EAGLE-1 / chain: a fixed shape; node tokens are the parent's rank-r draft choices."""
@@ -209,6 +215,89 @@ class Drafter:
             for j, i in enumerate(feed):
                 out_of[i] = out[j]
         return build_tree(torch.tensor(tokens, device=dev), par_t, torch.tensor(logp, device=dev))
+
+
+class _Levels:
+    """One round of EAGLE-2 growth: the candidates drafted so far and the frontier to feed next.
+
+    Candidates are listed in generation order (parents before children; ``cand_par`` indexes
+    candidates, -1 = the root). The frontier holds the ``k`` best children of the last level."""
+
+    def __init__(self, drafter: "Drafter", root: Tensor, root_out: Tensor, k: int):
+        self.dr, self.k, self.dev = drafter, k, root.device
+        tok, lp, val = expand(torch.zeros(1, device=self.dev), drafter._logp(root_out)[None], k)  # [1, k] each
+        tok = drafter._token(tok)
+        self.cand_tok, self.cand_lp, self.cand_val = [tok[0]], [lp[0]], [val[0]]
+        self.cand_par = [torch.full((k,), -1, device=self.dev)]
+        self.cand_depth = [torch.ones(k, dtype=torch.long, device=self.dev)]
+        self.n_cand = k
+        self.frontier = torch.arange(k, device=self.dev)  # candidate indices of the nodes to feed next
+        self.f_tok, self.f_val, self.f_feat = tok[0], val[0], root_out.expand(k, -1)
+        self.f_parent_fed = torch.full((k,), -1, dtype=torch.long, device=self.dev)  # parent's index among fed nodes
+        self.fed_anc = torch.zeros(0, 0, dtype=torch.bool, device=self.dev)  # [F, F] ancestor-or-self among fed
+        self.levels = 0  # draft levels run after the root's (which the commit paid for)
+        self.top1 = float(lp[0, 0].exp())  # the draft's confidence in its best child, last level
+
+    def feed_frontier(self, d: int) -> None:
+        """Run the head over the frontier (depth d) and add its children (depth d + 1) as candidates."""
+        dr, dev, k = self.dr, self.dev, self.k
+        nf, n_fed = self.frontier.shape[0], self.fed_anc.shape[0]
+        parent_rows = torch.zeros(nf, n_fed, dtype=torch.bool, device=dev)
+        has_parent = self.f_parent_fed >= 0
+        if n_fed:
+            parent_rows[has_parent] = self.fed_anc[self.f_parent_fed[has_parent]]
+        own = torch.cat([parent_rows, torch.eye(nf, dtype=torch.bool, device=dev)], dim=1)  # [nf, n_fed + nf]
+        mask = torch.cat([torch.ones(nf, dr.length, dtype=torch.bool, device=dev), own], dim=1)
+        positions = torch.full((nf,), dr.length - 1 + d, device=dev)  # the root's pair sits at length - 1
+        out = dr._run(self.f_feat, self.f_tok, positions, dr.length + n_fed, mask)  # tree entries after true pairs
+        grown = torch.zeros(n_fed + nf, n_fed + nf, dtype=torch.bool, device=dev)
+        grown[:n_fed, :n_fed] = self.fed_anc
+        grown[n_fed:] = own
+        self.fed_anc = grown
+        tok, lp, val = expand(self.f_val, dr._logp(out), k)  # [nf, k] each
+        tok = dr._token(tok)
+        self.cand_tok.append(tok.flatten())
+        self.cand_par.append(self.frontier.repeat_interleave(k))
+        self.cand_val.append(val.flatten())
+        self.cand_lp.append(lp.flatten())
+        self.cand_depth.append(torch.full((nf * k,), d + 1, dtype=torch.long, device=dev))
+        sel = select_frontier(val, k)  # [k'] flat indices
+        self.frontier = self.n_cand + sel
+        self.n_cand += nf * k
+        self.f_tok, self.f_val = tok.flatten()[sel], val.flatten()[sel]
+        self.f_feat = out[sel // k]
+        self.f_parent_fed = n_fed + sel // k
+        w = self.f_val.exp()  # the frontier's path probabilities weigh its nodes' top-1 confidences
+        self.top1 = float((lp[:, 0].exp()[sel // k] * w).sum() / w.sum().clamp(min=1e-12))
+        self.levels += 1
+
+    def _probs(self, values: Tensor, depths: Tensor, budget: Budget) -> Tensor:
+        scale = budget.depth_scale[depths.clamp(max=budget.depth_scale.shape[0] - 1)]
+        return (values.exp() * scale.to(values.device)).clamp(max=1.0)
+
+    def _spent_ms(self, budget: Budget, levels: int) -> float:
+        return budget.fixed_ms + levels * budget.level_ms
+
+    def best_keep(self, values: Tensor, budget: Budget) -> int:
+        """Drafts to verify: the prefix of the rerank order with the best expected tokens per ms."""
+        order = values.sort(descending=True, stable=True).indices
+        probs = self._probs(values[order], torch.cat(self.cand_depth)[order], budget)
+        return best_size(probs.float().cpu(), budget.verify_ms, self._spent_ms(budget, self.levels))[0]
+
+    def next_level_pays(self, budget: Budget) -> bool:
+        """Whether feeding the frontier can add more expected tokens than its time costs."""
+        values = torch.cat(self.cand_val)
+        order = values.sort(descending=True, stable=True).indices
+        probs = self._probs(values[order], torch.cat(self.cand_depth)[order], budget).float().cpu()
+        j, _, rate = best_size(probs, budget.verify_ms, self._spent_ms(budget, self.levels))
+        depth = int(self.cand_depth[-1][0])
+        f_probs = self._probs(self.f_val, torch.full_like(self.f_tok, depth + 1), budget)
+        gain = float(f_probs.sum()) * self.top1  # the frontier's children, at the last level's confidence
+        n_new = min(self.k, budget.max_nodes - 1 - j)
+        if n_new <= 0:
+            return False
+        extra = budget.level_ms + float(budget.verify_ms[j + 1 + n_new] - budget.verify_ms[j + 1])
+        return level_pays(gain, rate, extra)
 
 
 def _lean_head(head: DraftHead, target: Target) -> tuple[Stack, Linear]:

@@ -22,7 +22,8 @@ import torch
 from .config import SamplingConfig, TreeConfig
 from .draft import Drafter
 from .target import Target
-from .tree import single_node_tree
+from .cost import Calibration, CostModel
+from .tree import Budget, path_probs, single_node_tree
 from .verify import greedy_accept, sample_accept, target_probs
 
 
@@ -35,7 +36,11 @@ class Stats:
     draft_seconds: float = 0.0  # drafter commit + tree growth
     verify_seconds: float = 0.0  # target forward over the tree
     accept_lengths: list = field(default_factory=list)  # drafted tokens accepted, per round
-    draft_confidence: list = field(default_factory=list)  # (draft prob, accepted?) per depth-1 node
+    draft_confidence: list = field(default_factory=list)  # (depth, draft path prob, on the accepted path?) per node
+    tree_sizes: list = field(default_factory=list)  # nodes verified per drafted round, root included
+    tree_depths: list = field(default_factory=list)  # deepest node per drafted round
+    expected_accepts: list = field(default_factory=list)  # (calibrated expected, realised) accept length per drafted round
+    # (the three lists above have one entry per round that grew a tree, a root-only one included)
 
     @property
     def mean_accept_len(self) -> float:
@@ -131,8 +136,10 @@ class Engine:
         return int(torch.multinomial(target_probs(logits, s.temperature, s.top_k, s.top_p), 1, generator=gen))
 
     def decode(self, prompt_ids: list[int], tree: TreeConfig, sampling: SamplingConfig, max_new_tokens: int,
-               stop: tuple[str, ...] = (), result: GenerationResult | None = None) -> Iterator[RoundEvent]:
-        """Yield one event per target forward; fills ``result`` (if given) as it goes."""
+               stop: tuple[str, ...] = (), result: GenerationResult | None = None, cost: CostModel | None = None,
+               calibration: Calibration = Calibration()) -> Iterator[RoundEvent]:
+        """Yield one event per target forward; fills ``result`` (if given) as it goes. ``cost`` lets a
+        dynamic tree (``tree.dynamic``) size each round; without it the fixed shape is grown."""
         tgt = self.target
         dev = tgt.device
         n_prompt = len(prompt_ids)
@@ -171,7 +178,8 @@ class Engine:
             return out.finish_reason == "stop" or len(out.token_ids) >= budget
 
         # Prefill: the whole prompt in one causal forward; its last logits give the first token.
-        cache = tgt.new_cache(capacity=n_prompt + budget + tree.total_tokens + 1)
+        cache = tgt.new_cache(capacity=n_prompt + budget + tree.node_cap + 1)
+        budgets = _Budgets(tree, cost, calibration, sampling.temperature)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         logits, hidden = tgt.forward(cache, prompt, torch.arange(n_prompt, device=dev), None,
                                      logits_rows=slice(n_prompt - 1, n_prompt))
@@ -186,11 +194,12 @@ class Engine:
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
         while not finished():
             t_round = time.perf_counter()
-            max_depth = min(tree.depth, budget - len(out.token_ids) - 1)
+            max_depth = min(tree.depth_cap, budget - len(out.token_ids) - 1)
             root_t = torch.tensor(root, dtype=torch.long, device=dev)
-            if use_draft and max_depth >= 1:
+            grown = use_draft and max_depth >= 1
+            if grown:
                 root_out = self.drafter.commit(feats, pair_tokens)
-                draft = self.drafter.grow(root_t, root_out, tree, max_depth)
+                draft = self.drafter.grow(root_t, root_out, tree, max_depth, budgets.at(length))
             else:
                 draft = single_node_tree(root_t)
             t_verify = time.perf_counter()
@@ -208,10 +217,8 @@ class Engine:
             stats.rounds += 1
             accepted = draft.tokens[path[1:]].tolist()
             stats.accept_lengths.append(len(accepted))
-            if draft.size > 1:
-                on_path = set(path.tolist())
-                for i in (draft.depths == 1).nonzero().flatten().tolist():
-                    stats.draft_confidence.append((float(draft.draft_logp[i].exp()), i in on_path))
+            if grown:
+                _record_tree(stats, draft, path, budgets.scale)
             length += path.shape[0]
             if use_draft:  # (a round with max_depth < 1 is the last one: nothing left to pair)
                 feats, pair_tokens = hidden[path], torch.tensor(accepted + [bonus], device=dev)
@@ -222,3 +229,33 @@ class Engine:
         stats.seconds = time.perf_counter() - t0
         if tail:
             yield RoundEvent([], 0, tail, "", stats)
+
+
+class _Budgets:
+    """Per-round budgets of a dynamic tree: the verify-cost curve at the cache's length (reused
+    within 32-token buckets) and the calibration's depth scales at this temperature."""
+
+    def __init__(self, tree: TreeConfig, cost: CostModel | None, calibration: Calibration, temperature: float):
+        self.tree, self.cost = tree, cost
+        self.scale = calibration.scales(temperature, tree.depth_cap)  # [depth_cap + 1]
+        self._curves: dict[int, torch.Tensor] = {}
+
+    def at(self, cached: int) -> Budget | None:
+        if not self.tree.dynamic or self.cost is None:
+            return None
+        bucket = cached // 32
+        if bucket not in self._curves:
+            self._curves[bucket] = self.cost.verify_curve(32 * bucket + 16, self.tree.max_nodes)
+        return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms, self.scale)
+
+
+def _record_tree(stats: Stats, draft, path: torch.Tensor, scale: torch.Tensor) -> None:
+    """Per-round tree statistics: size, depth, expected accept length and per-node calibration data."""
+    probs = path_probs(draft).float().cpu()  # [N]
+    depths = draft.depths.cpu()
+    on_path = set(path.tolist())
+    calibrated = probs * scale[depths.clamp(max=scale.shape[0] - 1)]
+    stats.tree_sizes.append(draft.size)
+    stats.tree_depths.append(int(depths.max()))
+    stats.expected_accepts.append((round(float(calibrated[1:].clamp(max=1.0).sum()), 4), int(path.shape[0]) - 1))
+    stats.draft_confidence.extend((int(depths[i]), float(probs[i]), i in on_path) for i in range(1, draft.size))

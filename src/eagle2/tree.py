@@ -130,6 +130,48 @@ def rerank(root: Tensor, tokens: Tensor, parents: Tensor, values: Tensor, logp: 
     return build_tree(all_tokens, all_parents, all_logp)
 
 
+def path_probs(tree: Tree) -> Tensor:
+    """[N] the draft's probability of each node's whole path from the root (root: 1)."""
+    return torch.where(tree.mask, tree.draft_logp[None, :], 0.0).sum(1).exp()  # [N, N] -> [N]
+
+
+# ---- how much of the tree pays (the cost-aware rule) --------------------------------------------
+# A node drafted with path probability p lies on the accepted path with probability ~p (after
+# calibration), so a round verifying the root plus drafts with probabilities p_1..p_j yields
+# 1 + p_1 + ... + p_j tokens in expectation (the accepted drafts plus the bonus token).
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one round's tree may cost, in milliseconds of this machine (cost.py measures them)."""
+
+    verify_ms: Tensor  # [max_nodes + 1] fp32: verifying n nodes (root included) over this round's cache
+    level_ms: float  # one more draft level
+    fixed_ms: float  # the round's cost whatever its tree (commit, root logits, accept, cache keep)
+    depth_scale: Tensor  # [max_depth + 1] fp32: acceptance per unit of draft probability, by depth
+
+    @property
+    def max_nodes(self) -> int:
+        return int(self.verify_ms.shape[0]) - 1
+
+
+def best_size(probs: Tensor, verify_ms: Tensor, spent_ms: float) -> tuple[int, float, float]:
+    """How many drafts to verify: probs [M] calibrated path probabilities in rerank order (best
+    first), verify_ms [>= M + 2]. Returns (j drafts, expected tokens, tokens per ms) for the j
+    that maximises expected tokens per millisecond of the whole round."""
+    m = min(int(probs.shape[0]), int(verify_ms.shape[0]) - 2)
+    expected = torch.cat([probs.new_zeros(1), probs[:m].cumsum(0)]) + 1.0  # [m + 1]: j = 0..m drafts
+    rate = expected / (spent_ms + verify_ms[1: m + 2])  # j drafts -> j + 1 nodes
+    j = int(rate.argmax())
+    return j, float(expected[j]), float(rate[j])
+
+
+def level_pays(gain: float, rate: float, extra_ms: float) -> bool:
+    """Another draft level adds at most ``gain`` expected tokens for ``extra_ms`` more time; it pays
+    when that gain beats what the same time earns at the round's best rate so far (tokens / ms)."""
+    return gain > rate * extra_ms
+
+
 # Prior acceptance rate of the draft's r-th ranked child (r = 0, 1, ...), used only to shape
 # the default EAGLE-1 static tree: a rough profile of a trained head's top-k accuracy.
 _RANK_PRIOR = (0.65, 0.12, 0.05, 0.03, 0.02, 0.015, 0.01, 0.008, 0.006, 0.005)

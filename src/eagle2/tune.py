@@ -1,4 +1,4 @@
-"""``eagle2 tune``: measure this machine and pick the draft-tree size that maximises tokens/s.
+"""``eagle2 tune``: refit this machine's cost model and find the fastest fixed draft-tree shape.
 
 Two measurements, both on the loaded model, dtype and head:
 
@@ -10,9 +10,11 @@ Two measurements, both on the loaded model, dtype and head:
    tree_top_k), candidates interleaved prompt by prompt, plus vanilla decoding as the reference.
    The candidate with the highest measured tokens/s (wall clock, drafting included) wins.
 
-The choice is saved to ``eagle2.api.tuned_path(model_key)`` as JSON (``total_tokens``, ``depth``,
-``tree_top_k``, plus both curves and the machine); ``eagle2.load`` uses it as the default tree
-from then on (any call can still override it). Plots of both curves go to ``out_dir``.
+It also refits the cost model (``cost.py``) that the default, cost-aware tree sizes its rounds with,
+and runs that tree alongside the candidates. The fastest fixed shape is saved to
+``eagle2.api.tuned_path(model_key)`` as JSON (``total_tokens``, ``depth``, ``tree_top_k``, plus both
+curves, the cost model and the machine); ``eagle2.load`` starts explicit fixed-shape calls from it
+and uses its ``tree_top_k`` as the dynamic tree's frontier width. Plots go to ``out_dir``.
 """
 
 from __future__ import annotations
@@ -121,16 +123,18 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
 
     log(f"measuring target forward time vs query length ({cached} cached tokens, {repeats} repeats)...")
     curve = measure_forward_curve(gen, query_lens, cached, repeats)
+    log("refitting the cost model the dynamic tree sizes its rounds with ...")
+    cost_model = gen.cost_model(refit=True)
     for c in curve:
         log(f"  q={c['query_len']:>3}: {c['ms']:8.2f} ms  ({c['relative_to_first']:.2f}x q=1)")
 
     # Candidates and vanilla interleaved prompt by prompt (order rotated), after one warm-up each.
-    runs = [("vanilla", None)] + [("eagle2", g) for g in grid]
+    runs = [("vanilla", None), ("eagle2", "adaptive")] + [("eagle2", g) for g in grid]
     acc = {r: dict(new=0, sec=0.0, rounds=0, draft=0.0, verify=0.0) for r in runs}
 
     def one(run, prompt, n):
         method, g = run
-        kw = {} if g is None else dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2])
+        kw = {} if g in (None, "adaptive") else dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2])
         t0 = time.perf_counter()
         res = gen.generate(prompt, max_new_tokens=n, method=method, temperature=0.0, **kw)
         return res.stats, time.perf_counter() - t0
@@ -161,6 +165,7 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
                     new_tokens=a["new"], seconds=round(a["sec"], 3))
 
     vanilla = summary(acc[("vanilla", None)])
+    adaptive = summary(acc[("eagle2", "adaptive")])
     candidates = [dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2], **summary(acc[("eagle2", g)])) for g in grid]
     best = max(candidates, key=lambda c: c["tokens_per_s"])
     speedup = round(best["tokens_per_s"] / vanilla["tokens_per_s"], 3) if vanilla["tokens_per_s"] else None
@@ -170,13 +175,15 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
         mark = "  <- chosen" if c is best else ""
         log(f"  {c['total_tokens']:>5} {c['depth']:>5} {c['tree_top_k']:>5} {c['tokens_per_s']:>8.2f} "
             f"{c['mean_accept_len']:>6.2f} {c['draft_ms_per_round']:>9.2f} {c['verify_ms_per_round']:>9.2f}{mark}")
-    log(f"  vanilla: {vanilla['tokens_per_s']:.2f} tokens/s; chosen speedup {speedup}x")
+    log(f"  vanilla: {vanilla['tokens_per_s']:.2f} tokens/s; chosen fixed shape {speedup}x; cost-aware tree "
+        f"(the default) {adaptive['tokens_per_s']:.2f} tokens/s, tau {adaptive['mean_accept_len']:.2f}")
     if speedup is not None and speedup < 1:
         log("  note: no tree beat vanilla decoding here (an untrained head, or a draft too slow for this machine)")
 
     result = dict(total_tokens=best["total_tokens"], depth=best["depth"], tree_top_k=best["tree_top_k"],
                   model=gen.model_key, head=gen.head_source, dtype=dtype_name(gen.dtype), device=str(gen.device),
-                  chosen=best, speedup_vs_vanilla=speedup, vanilla=vanilla, candidates=candidates,
+                  chosen=best, speedup_vs_vanilla=speedup, vanilla=vanilla, adaptive=adaptive, candidates=candidates,
+                  cost_model=cost_model.to_json(),
                   forward_curve=dict(cached=cached, repeats=repeats, points=curve),
                   max_new_tokens=max_new_tokens, n_prompts=len(prompts), machine=machine_info(),
                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_seconds=None, plots={}, path=None)

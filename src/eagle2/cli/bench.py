@@ -38,7 +38,9 @@ def register(sub) -> None:
     b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0, help="base seed for sampling (default: %(default)s)")
     b.add_argument("--methods", default="hf,pld,vanilla,eagle1,eagle2",
-                   help="comma-separated: hf, pld, vanilla, chain, eagle1, eagle2, llamacpp (default: %(default)s)")
+                   help="comma-separated: hf, pld, vanilla, chain, eagle1, eagle2 (the cost-aware tree), "
+                        "eagle2:NxDxK (a fixed EAGLE-2 tree of N nodes, D levels, top-k K), eagle2:fixed (the tuned "
+                        "fixed tree, else 16x4x8), llamacpp (default: %(default)s)")
     b.add_argument("--total-tokens", type=int, default=None, help=f"tree nodes per round (default: tuned, else {TreeConfig.total_tokens})")
     b.add_argument("--depth", type=int, default=None, help=f"draft depth (default: tuned, else {TreeConfig.depth})")
     b.add_argument("--tree-top-k", type=int, default=None, help=f"children per expanded node (default: tuned, else {TreeConfig.top_k})")

@@ -37,9 +37,14 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    fixed = "; giving any of --total-tokens/--depth/--tree-top-k fixes the eagle2 tree's shape"
     p.add_argument("--total-tokens", type=int, default=None,
-                   help=f"tree nodes verified per round incl. the root (default: tuned, else {TreeConfig.total_tokens})")
-    p.add_argument("--depth", type=int, default=None, help=f"draft depth (default: tuned, else {TreeConfig.depth})")
+                   help=f"tree nodes verified per round incl. the root (default: eagle2 sizes each round by this "
+                        f"machine's costs, at most {TreeConfig.max_nodes}; fixed shapes: tuned, else "
+                        f"{TreeConfig.total_tokens}{fixed})")
+    p.add_argument("--depth", type=int, default=None,
+                   help=f"draft depth (default: eagle2 chooses per round, at most {TreeConfig.max_depth}; fixed "
+                        f"shapes: tuned, else {TreeConfig.depth})")
     p.add_argument("--tree-top-k", type=int, default=None,
                    help=f"children per expanded node (default: tuned, else {TreeConfig.top_k})")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")

@@ -1,0 +1,197 @@
+"""The cost model: how long a round's parts take on this machine, for this model, dtype and backend.
+
+EAGLE-2 grows a tree by confidence; whether a node is worth verifying depends on what verifying it
+costs here. This module measures that once — a short probe of the target's forward time against
+query length at two cached lengths, one draft level and the fixed part of a round — and caches
+the result as JSON under ``$EAGLE2_CACHE/cost`` keyed by everything that changes the timings
+(model, head, dtype, backend, CPU, torch, thread count). ``eagle2 tune`` refits it on demand.
+
+It also holds the acceptance calibration used at T > 0 (see ``Calibration``). The decision rules
+themselves are pure functions in ``tree.py``; this module only supplies the numbers they weigh.
+Nothing here knows the engine's round loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .models import cache_dir
+
+log = logging.getLogger("eagle2")
+
+PROBE_QUERY_LENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+PROBE_CACHED = (128, 1024)  # cached lengths the verify curve is measured at; interpolated linearly between
+COST_VERSION = 1  # bump when the probe or the file layout changes
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Milliseconds of a round's parts. Verification at query length n and cached length L is
+    interpolated from the probe: piecewise linear in n, linear in L between the two probe lengths."""
+
+    query_lens: tuple[int, ...]  # ascending, starting at 1
+    verify_ms_short: tuple[float, ...]  # forward ms at cached_short for each query length
+    verify_ms_long: tuple[float, ...]  # ... and at cached_long
+    cached_short: int
+    cached_long: int
+    draft_level_ms: float  # one draft level: the head over the frontier, its logits, top-k, bookkeeping
+    round_fixed_ms: float  # paid by every drafted round whatever its tree: commit, root logits, accept, keep
+
+    def verify_curve(self, cached: int, max_nodes: int) -> torch.Tensor:
+        """[max_nodes + 1] fp32: ms of verifying n = 0..max_nodes nodes over ``cached`` tokens (n = 0: 0)."""
+        q = torch.tensor(self.query_lens, dtype=torch.float32)
+        short = torch.tensor(self.verify_ms_short, dtype=torch.float32)
+        long_ = torch.tensor(self.verify_ms_long, dtype=torch.float32)
+        w = (cached - self.cached_short) / max(1, self.cached_long - self.cached_short)
+        at = (short + w * (long_ - short)).clamp(min=1e-3)  # [Q]
+        n = torch.arange(max_nodes + 1, dtype=torch.float32)
+        idx = torch.searchsorted(q, n).clamp(1, len(q) - 1)  # segment [q[idx-1], q[idx]] (or the last one)
+        q0, q1, y0, y1 = q[idx - 1], q[idx], at[idx - 1], at[idx]
+        curve = y0 + (n - q0) * (y1 - y0) / (q1 - q0)  # extrapolates past the last probe point
+        curve[0] = 0.0
+        return curve.clamp(min=0.0)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> "CostModel":
+        return CostModel(tuple(int(x) for x in d["query_lens"]), tuple(float(x) for x in d["verify_ms_short"]),
+                         tuple(float(x) for x in d["verify_ms_long"]), int(d["cached_short"]), int(d["cached_long"]),
+                         float(d["draft_level_ms"]), float(d["round_fixed_ms"]))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Maps the draft's path probability of a node to the probability the target accepts it.
+
+    At T = 0 the shipped head is calibrated (a node drafted with path probability p lies on the
+    accepted path with frequency ~p), so greedy rounds use p as it is. At T > 0 acceptance is the
+    target's own probability of each candidate under rejection sampling, which the draft
+    over-estimates; ``scale_t1[d - 1]`` is the measured ratio accepted / predicted for depth-d
+    nodes at T = 1 (``eagle2 bench --temperature 1`` reports it). Between T = 0 and 1 the scale is
+    interpolated linearly; above 1 the T = 1 value holds."""
+
+    scale_t1: tuple[float, ...] = (1.0,)
+
+    def scales(self, temperature: float, max_depth: int) -> torch.Tensor:
+        """[max_depth + 1] fp32 multipliers by depth (index 0, the root, unused)."""
+        s = list(self.scale_t1) + [self.scale_t1[-1]] * max(0, max_depth - len(self.scale_t1))
+        t = min(max(float(temperature), 0.0), 1.0)
+        return torch.tensor([1.0] + [1.0 + t * (x - 1.0) for x in s[:max_depth]], dtype=torch.float32)
+
+    @staticmethod
+    def load(path: Path | None) -> "Calibration":
+        """The head's ``calibration.json`` (written by ``eagle2 bench``), or the identity."""
+        if path is None or not Path(path).is_file():
+            return Calibration()
+        try:
+            vals = tuple(float(x) for x in json.loads(Path(path).read_text())["scale_t1"])
+            if not vals or not all(0 < v <= 2 for v in vals):
+                raise ValueError("scale_t1 must hold numbers in (0, 2]")
+            return Calibration(vals)
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable calibration %s: %s", path, e)
+            return Calibration()
+
+
+# ---- the probe ------------------------------------------------------------------------------------
+def _best_ms(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls after a warm-up: other work on the machine only ever adds
+    time, so the minimum is the estimate of the cost itself least disturbed by it."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * min(times)
+
+
+def _verify_ms(target, cached: int, query_lens, repeats: int) -> list[float]:
+    """Median ms of a forward over q new tokens (a causal block, logits for every row, as a tree
+    verification computes them) with ``cached`` tokens already in the cache."""
+    dev = target.device
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, target.vocab_size, (cached,), generator=g).to(dev)
+    cache = target.new_cache(capacity=cached + max(query_lens) + 1)
+    target.forward(cache, prefix, torch.arange(cached, device=dev), None, logits_rows=slice(cached - 1, cached))
+    none = torch.zeros(0, dtype=torch.long, device=dev)
+    out = []
+    for q in query_lens:
+        toks = torch.randint(0, target.vocab_size, (q,), generator=g).to(dev)
+        pos = torch.arange(cached, cached + q, device=dev)
+        allowed = torch.cat([torch.ones(q, cached, dtype=torch.bool, device=dev),
+                             torch.ones(q, q, dtype=torch.bool, device=dev).tril()], dim=1)
+
+        def step():
+            target.forward(cache, toks, pos, allowed)
+            target.keep(cache, cached, none)
+
+        out.append(_best_ms(step, repeats))
+    for i in range(1, len(out)):  # more rows never cost less: a dip is noise or a kernel switch
+        out[i] = max(out[i], out[i - 1])
+    return out
+
+
+def probe(target, drafter, top_k: int = 8, repeats: int = 4) -> CostModel:
+    """Measure this machine: ~2-5 s for a 135M model on two cores."""
+    max_len = target.max_len
+    cached = [c for c in PROBE_CACHED if c + max(PROBE_QUERY_LENS) + 1 < max_len] or [max(1, max_len // 4)]
+    short_c, long_c = cached[0], cached[-1]
+    _verify_ms(target, short_c, PROBE_QUERY_LENS, 1)  # first calls pack weights and pick kernels
+    short = _verify_ms(target, short_c, PROBE_QUERY_LENS, repeats)
+    long_ = _verify_ms(target, long_c, PROBE_QUERY_LENS, repeats) if long_c != short_c else short
+    level_ms, fixed_ms = drafter.probe_ms(top_k, repeats)
+    return CostModel(PROBE_QUERY_LENS, tuple(round(x, 4) for x in short), tuple(round(x, 4) for x in long_),
+                     short_c, long_c if long_c != short_c else short_c + 1, round(level_ms, 4), round(fixed_ms, 4))
+
+
+def fingerprint(parts: dict) -> str:
+    """A stable file name for everything that changes the timings."""
+    machine = dict(cpu=_cpu_name(), isa=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
+                   threads=torch.get_num_threads(), arch=platform.machine(), version=COST_VERSION)
+    blob = json.dumps({**parts, **machine}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cost_path(key: str) -> Path:
+    return cache_dir() / "cost" / f"{key}.json"
+
+
+def load_cached(key: str) -> CostModel | None:
+    p = cost_path(key)
+    if not p.exists():
+        return None
+    try:
+        return CostModel.from_json(json.loads(p.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("ignoring unreadable cost file %s: %s", p, e)
+        return None
+
+
+def save(key: str, cost: CostModel) -> Path:
+    p = cost_path(key)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(cost.to_json(), indent=1))
+    tmp.replace(p)
+    return p
