@@ -104,52 +104,65 @@ class Calibration:
 
 
 # ---- the probe ------------------------------------------------------------------------------------
-def _best_ms(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls after a warm-up: other work on the machine only ever adds
-    time, so the minimum is the estimate of the cost itself least disturbed by it."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _best_ms(fns: list, repeats: int) -> list[float]:
+    """For each function, the fastest of ``repeats`` timed calls after a warm-up. Calls are
+    interleaved (one of each per pass), so a burst of other work on the machine spoils one pass
+    rather than every call of one function, and the minimum discards it: interference only ever
+    adds time."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * min(times)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return [1000 * b for b in best]
 
 
-def _verify_ms(target, cached: int, query_lens, repeats: int) -> list[float]:
-    """Median ms of a forward over q new tokens (a causal block, logits for every row, as a tree
-    verification computes them) with ``cached`` tokens already in the cache."""
+def _verify_steps(target, cached: int, query_lens) -> list:
+    """One callable per query length q: a forward over q new tokens (a causal block, logits for every
+    row, as a tree verification computes them) after ``cached`` tokens, then the cache cut back."""
     dev = target.device
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(cached)
     prefix = torch.randint(0, target.vocab_size, (cached,), generator=g).to(dev)
     cache = target.new_cache(capacity=cached + max(query_lens) + 1)
     target.forward(cache, prefix, torch.arange(cached, device=dev), None, logits_rows=slice(cached - 1, cached))
     none = torch.zeros(0, dtype=torch.long, device=dev)
-    out = []
+    steps = []
     for q in query_lens:
         toks = torch.randint(0, target.vocab_size, (q,), generator=g).to(dev)
         pos = torch.arange(cached, cached + q, device=dev)
         allowed = torch.cat([torch.ones(q, cached, dtype=torch.bool, device=dev),
                              torch.ones(q, q, dtype=torch.bool, device=dev).tril()], dim=1)
 
-        def step():
+        def step(toks=toks, pos=pos, allowed=allowed):
             target.forward(cache, toks, pos, allowed)
             target.keep(cache, cached, none)
 
-        out.append(_best_ms(step, repeats))
-    for i in range(1, len(out)):  # more rows never cost less: a dip is noise or a kernel switch
+        steps.append(step)
+    return steps
+
+
+def _monotone(ms: list[float]) -> list[float]:
+    """More rows never cost less: a dip is noise or a kernel switch, so the curve is made non-decreasing."""
+    out = list(ms)
+    for i in range(1, len(out)):
         out[i] = max(out[i], out[i - 1])
     return out
 
 
-def probe(target, drafter, top_k: int = 8, repeats: int = 4) -> CostModel:
-    """Measure this machine: ~2-5 s for a 135M model on two cores."""
+def probe(target, drafter, top_k: int = 8, repeats: int = 5) -> CostModel:
+    """Measure this machine: a few seconds for a 135M model on two cores."""
     max_len = target.max_len
     cached = [c for c in PROBE_CACHED if c + max(PROBE_QUERY_LENS) + 1 < max_len] or [max(1, max_len // 4)]
     short_c, long_c = cached[0], cached[-1]
-    _verify_ms(target, short_c, PROBE_QUERY_LENS, 1)  # first calls pack weights and pick kernels
-    short = _verify_ms(target, short_c, PROBE_QUERY_LENS, repeats)
-    long_ = _verify_ms(target, long_c, PROBE_QUERY_LENS, repeats) if long_c != short_c else short
+    steps = _verify_steps(target, short_c, PROBE_QUERY_LENS)
+    if long_c != short_c:
+        steps += _verify_steps(target, long_c, PROBE_QUERY_LENS)
+    ms = _best_ms(steps, repeats)
+    n = len(PROBE_QUERY_LENS)
+    short, long_ = _monotone(ms[:n]), _monotone(ms[n:] or ms[:n])
     level_ms, fixed_ms = drafter.probe_ms(top_k, repeats)
     return CostModel(PROBE_QUERY_LENS, tuple(round(x, 4) for x in short), tuple(round(x, 4) for x in long_),
                      short_c, long_c if long_c != short_c else short_c + 1, round(level_ms, 4), round(fixed_ms, 4))

@@ -172,7 +172,7 @@ class Drafter:
                 self._grow_dynamic(root, out, depth, top_k, 2 + top_k * depth)
             return run
 
-        one, four = _best_ms(round_at(1), repeats), _best_ms(round_at(4), repeats)
+        one, four = _best_ms([round_at(1), round_at(4)], repeats)
         self.reset()
         return max(0.0, (four - one) / 3), one
 

@@ -1,0 +1,46 @@
+"""The cost model: interpolation of the verify curve, the calibration's depth scales, the probe and its cache."""
+
+import json
+
+import torch
+
+from conftest import make_generator, make_tiny_model
+from eagle2.cost import Calibration, CostModel
+
+
+def test_verify_curve_interpolates_in_rows_and_cached_length():
+    c = CostModel((1, 4, 16), (10.0, 13.0, 25.0), (20.0, 23.0, 35.0), 100, 1100, 1.0, 2.0)
+    at_short = c.verify_curve(100, 20)
+    assert at_short[0] == 0 and torch.allclose(at_short[[1, 4, 16]], torch.tensor([10.0, 13.0, 25.0]))
+    assert torch.isclose(at_short[2], torch.tensor(11.0)) and torch.isclose(at_short[10], torch.tensor(19.0))
+    assert torch.isclose(at_short[20], torch.tensor(29.0))  # past the last point: the last segment's slope
+    mid = c.verify_curve(600, 16)  # halfway between the probe lengths
+    assert torch.allclose(mid[[1, 16]], torch.tensor([15.0, 30.0]))
+
+
+def test_calibration_scales_by_temperature_and_depth(tmp_path):
+    cal = Calibration((0.8, 0.6))
+    assert torch.allclose(cal.scales(0.0, 3), torch.ones(4))
+    assert torch.allclose(cal.scales(1.0, 3), torch.tensor([1.0, 0.8, 0.6, 0.6]))
+    assert torch.allclose(cal.scales(0.5, 2), torch.tensor([1.0, 0.9, 0.8]))
+    assert torch.allclose(cal.scales(2.0, 2), cal.scales(1.0, 2))
+    (tmp_path / "calibration.json").write_text(json.dumps({"scale_t1": [0.7, 0.5]}))
+    assert Calibration.load(tmp_path / "calibration.json").scale_t1 == (0.7, 0.5)
+    (tmp_path / "calibration.json").write_text("{not json")
+    assert Calibration.load(tmp_path / "calibration.json") == Calibration()
+    assert Calibration.load(tmp_path / "missing.json") == Calibration()
+
+
+def test_probe_measures_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path))
+    model = make_tiny_model("llama", vocab_size=16, max_position_embeddings=2048)
+    gen = make_generator(model, model_key="tiny-cost-test")
+    cost = gen.cost_model()
+    assert cost.query_lens[0] == 1 and cost.cached_long > cost.cached_short
+    assert all(b >= a > 0 for a, b in zip(cost.verify_ms_short, cost.verify_ms_short[1:]))  # non-decreasing
+    assert cost.draft_level_ms >= 0 and cost.round_fixed_ms > 0
+    files = list((tmp_path / "cost").glob("*.json"))
+    assert len(files) == 1
+    again = make_generator(model, model_key="tiny-cost-test")
+    assert again.cost_model() == cost  # read back, not re-measured
+    assert again.generate([1, 2, 3], max_new_tokens=8).stats.new_tokens == 8
