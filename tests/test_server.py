@@ -16,12 +16,13 @@ from fastapi.testclient import TestClient
 
 from eagle2.server import create_app, serve_in_thread
 
+LOCAL = "http://127.0.0.1"  # TestClient's default Host, "testserver", is refused like any foreign name
 MSG = [{"role": "user", "content": "Tell me a story."}]
 
 
 @pytest.fixture(scope="module")
 def client(tiny_chat_generator):
-    with TestClient(create_app(tiny_chat_generator)) as c:
+    with TestClient(create_app(tiny_chat_generator), base_url=LOCAL) as c:
         yield c
 
 
@@ -252,7 +253,7 @@ def test_no_500_on_wrong_content_type(client):
 
 # ---- API key -----------------------------------------------------------------------------------
 def test_api_key(tiny_chat_generator):
-    c = TestClient(create_app(tiny_chat_generator, api_key="k-123"))
+    c = TestClient(create_app(tiny_chat_generator, api_key="k-123"), base_url=LOCAL)
     assert c.get("/health").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k-123"}, {"Authorization": "Basic k-123"}):
         e = assert_error(c.get("/v1/models", headers=headers), 401)
