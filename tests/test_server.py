@@ -268,10 +268,13 @@ def test_cli_serve_options(monkeypatch):
     from eagle2.cli import build_parser, main
 
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 16)
-    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--api-key", "x",
-                                      "--max-queue", "3", "--model", "m"])
-    assert (args.host, args.port, args.api_key, args.max_queue, args.model) == ("0.0.0.0", 9, "x", 3, "m")
+    assert (args.host, args.port, args.api_key_file, args.max_queue) == ("127.0.0.1", 8000, None, 16)
+    assert (args.max_body_bytes, args.max_prompt_chars, args.allowed_hosts, args.docs) == (2 * 2**20, 100_000,
+                                                                                           None, False)
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--api-key-file", "kf",
+                                      "--max-queue", "3", "--model", "m", "--allowed-hosts", "a,b", "--docs"])
+    assert (args.host, args.port, args.api_key_file, args.max_queue, args.model) == ("0.0.0.0", 9, "kf", 3, "m")
+    assert args.allowed_hosts == ["a,b"] and args.docs
     assert main(["serve", "--port", "70000"]) == 2
     assert main(["serve", "--max-queue", "-1"]) == 2
     import socket
