@@ -230,7 +230,10 @@ async def run_abuse(url: str, requests: int = 300, clients: int = 8, max_tokens:
     async with httpx.AsyncClient(base_url=url, timeout=deadline_s * 2,
                                  limits=httpx.Limits(max_connections=clients)) as client:
         await asyncio.gather(*(one(client, i) for i in range(requests)))
-    return _abuse_summary(out, expected, time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        await asyncio.sleep(1.0)  # the last dropped requests' cancellations
+        queue = (await client.get("/health")).json()["queue"]
+    return {**_abuse_summary(out, expected, wall), "server_queue": queue}
 
 
 def _abuse_summary(out: list[dict], expected: dict | None, wall: float) -> dict:
