@@ -16,12 +16,13 @@ from fastapi.testclient import TestClient
 
 from eagle2.server import create_app, serve_in_thread
 
+LOCAL = "http://127.0.0.1"  # TestClient's default Host, "testserver", is refused like any foreign name
 MSG = [{"role": "user", "content": "Tell me a story."}]
 
 
 @pytest.fixture(scope="module")
 def client(tiny_chat_generator):
-    with TestClient(create_app(tiny_chat_generator)) as c:
+    with TestClient(create_app(tiny_chat_generator), base_url=LOCAL) as c:
         yield c
 
 
@@ -252,7 +253,7 @@ def test_no_500_on_wrong_content_type(client):
 
 # ---- API key -----------------------------------------------------------------------------------
 def test_api_key(tiny_chat_generator):
-    c = TestClient(create_app(tiny_chat_generator, api_key="k-123"))
+    c = TestClient(create_app(tiny_chat_generator, api_key="k-123"), base_url=LOCAL)
     assert c.get("/health").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k-123"}, {"Authorization": "Basic k-123"}):
         e = assert_error(c.get("/v1/models", headers=headers), 401)
@@ -267,10 +268,13 @@ def test_cli_serve_options(monkeypatch):
     from eagle2.cli import build_parser, main
 
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.api_key, args.max_queue) == ("127.0.0.1", 8000, None, 16)
-    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--api-key", "x",
-                                      "--max-queue", "3", "--model", "m"])
-    assert (args.host, args.port, args.api_key, args.max_queue, args.model) == ("0.0.0.0", 9, "x", 3, "m")
+    assert (args.host, args.port, args.api_key_file, args.max_queue) == ("127.0.0.1", 8000, None, 16)
+    assert (args.max_body_bytes, args.max_prompt_chars, args.allowed_hosts, args.docs) == (2 * 2**20, 100_000,
+                                                                                           None, False)
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--api-key-file", "kf",
+                                      "--max-queue", "3", "--model", "m", "--allowed-hosts", "a,b", "--docs"])
+    assert (args.host, args.port, args.api_key_file, args.max_queue, args.model) == ("0.0.0.0", 9, "kf", 3, "m")
+    assert args.allowed_hosts == ["a,b"] and args.docs
     assert main(["serve", "--port", "70000"]) == 2
     assert main(["serve", "--max-queue", "-1"]) == 2
     import socket

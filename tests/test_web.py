@@ -156,7 +156,7 @@ def test_page_assets_served(tiny_chat_generator):
 
     from eagle2.server import create_app
 
-    c = TestClient(create_app(tiny_chat_generator, api_key="k"))
+    c = TestClient(create_app(tiny_chat_generator, api_key="k"), base_url="http://127.0.0.1")
     r = c.get("/")  # the page stays open with a key (the API does not)
     assert r.status_code == 200 and "text/html" in r.headers["content-type"] and "app.js" in r.text
     assert c.get("/static/app.js").status_code == 200

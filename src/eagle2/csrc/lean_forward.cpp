@@ -404,11 +404,16 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
   return final_norm.has_value() ? norm(x, *final_norm) : x;
 }
 
+// The compute functions run with the GIL released, so other Python threads (a server's event loop)
+// keep running during a forward: a long prefill is one call. pybind11 converts the arguments to
+// ATen values before the guard releases the GIL and converts the result after it is taken back, so
+// nothing in between touches a Python object; the tensors stay alive through the caller's references.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decoder_forward", &decoder_forward, "the lean decoder stack (see fast.py)");
-  m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)");
-  m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops");
-  m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX)");
-  m.def("linear", &linear, "x @ W.T (+ b): the block kernel for up to 32 rows, else oneDNN / ATen");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("decoder_forward", &decoder_forward, "the lean decoder stack (see fast.py)", release());
+  m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)", release());
+  m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops", release());
+  m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX)", release());
+  m.def("linear", &linear, "x @ W.T (+ b): the block kernel for up to 32 rows, else oneDNN / ATen", release());
   m.def("amx_ready", &amx_ready, "whether block_linear can run here");
 }

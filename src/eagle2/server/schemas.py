@@ -1,0 +1,88 @@
+"""Request bodies of ``/v1/chat/completions`` and ``/v1/completions`` (pydantic, strict types).
+
+Every number a request can carry is bounded here to what the engine accepts, so a request that
+passes validation cannot make generation fail on a parameter. Unknown OpenAI fields are accepted
+and ignored. Extensions: ``method`` (``eagle2``, ``eagle1``, ``chain``, ``vanilla``) and ``top_k``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from ..config import METHODS
+
+INT32_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+MIN_TEMPERATURE = 1e-4  # below this (but above 0) logits / T overflow fp32 and sampling gets NaNs
+MAX_STOP_CHARS = 1024
+
+
+def _temperature(t: float) -> float:
+    if 0 < t < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return t
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # unknown OpenAI fields are accepted, ignored
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+Tokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0), AfterValidator(_temperature)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = Union[StopString, Annotated[list[StopString], Field(max_length=4)], None]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+
+
+class Common(_Strict):
+    model: str | None = None
+    max_tokens: Tokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None  # extension
+    n: Annotated[int, Field(ge=1, le=1)] | None = None  # one choice per request
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None  # only the no-op value
+    frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
+    user: str | None = None
+    method: Literal[METHODS] = "eagle2"  # extension: eagle2 | eagle1 | chain | vanilla  # type: ignore[valid-type]
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Tokens | None = None
+    logprobs: Literal[False] | None = None
+
+
+class CompletionRequest(Common):
+    prompt: Union[str, Annotated[list[TokenId], Field(min_length=1)], Annotated[list[str], Field(min_length=1, max_length=1)],
+                  Annotated[list[list[TokenId]], Field(min_length=1, max_length=1)]]
+    echo: Literal[False] | None = None
+    logprobs: None = None
+    suffix: None = None
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
