@@ -131,8 +131,11 @@ def test_best_size_maximises_expected_tokens_per_ms():
 def test_level_pays():
     from eagle2.tree import level_pays
 
-    assert level_pays(gain=0.5, rate=0.1, extra_ms=2.0)  # 0.5 tokens for 2 ms beats 0.2
-    assert not level_pays(gain=0.1, rate=0.1, extra_ms=2.0)
+    probs = torch.tensor([0.6, 0.1])
+    cheap = torch.tensor([0.0, 10.0, 10.5, 11.0, 11.5, 12.0])  # half a ms per extra node
+    assert level_pays(probs, torch.tensor([0.5]), cheap, 1.0, 1.0)  # +0.5 tokens for ~1.5 ms: yes
+    assert not level_pays(probs, torch.tensor([0.02]), cheap, 1.0, 1.0)  # +0.02 tokens: no
+    assert not level_pays(probs, torch.tensor([0.5]), cheap, 1.0, 20.0)  # a draft step dearer than a round: no
 
 
 def test_path_probs():

@@ -285,19 +285,14 @@ class _Levels:
         return best_size(probs.float().cpu(), budget.verify_ms, self._spent_ms(budget, self.levels))[0]
 
     def next_level_pays(self, budget: Budget) -> bool:
-        """Whether feeding the frontier can add more expected tokens than its time costs."""
+        """Whether feeding the frontier is expected to raise the round's tokens per ms: each frontier
+        node's best child is predicted at the last level's top-1 confidence (``tree.level_pays``)."""
         values = torch.cat(self.cand_val)
         order = values.sort(descending=True, stable=True).indices
         probs = self._probs(values[order], torch.cat(self.cand_depth)[order], budget).float().cpu()
-        j, _, rate = best_size(probs, budget.verify_ms, self._spent_ms(budget, self.levels))
         depth = int(self.cand_depth[-1][0])
-        f_probs = self._probs(self.f_val, torch.full_like(self.f_tok, depth + 1), budget)
-        gain = float(f_probs.sum()) * self.top1  # the frontier's children, at the last level's confidence
-        n_new = min(self.k, budget.max_nodes - 1 - j)
-        if n_new <= 0:
-            return False
-        extra = budget.level_ms + float(budget.verify_ms[j + 1 + n_new] - budget.verify_ms[j + 1])
-        return level_pays(gain, rate, extra)
+        predicted = self._probs(self.f_val, torch.full_like(self.f_tok, depth + 1), budget).float().cpu() * self.top1
+        return level_pays(probs, predicted, budget.verify_ms, self._spent_ms(budget, self.levels), budget.level_ms)
 
 
 def _lean_head(head: DraftHead, target: Target) -> tuple[Stack, Linear]:

@@ -166,10 +166,16 @@ def best_size(probs: Tensor, verify_ms: Tensor, spent_ms: float) -> tuple[int, f
     return j, float(expected[j]), float(rate[j])
 
 
-def level_pays(gain: float, rate: float, extra_ms: float) -> bool:
-    """Another draft level adds at most ``gain`` expected tokens for ``extra_ms`` more time; it pays
-    when that gain beats what the same time earns at the round's best rate so far (tokens / ms)."""
-    return gain > rate * extra_ms
+def level_pays(probs: Tensor, predicted: Tensor, verify_ms: Tensor, spent_ms: float, level_ms: float) -> bool:
+    """Whether one more draft level is expected to raise the round's tokens per ms.
+
+    probs [M]: calibrated path probabilities of the candidates so far, best first; predicted [F]:
+    what the next level's best child of each frontier node is expected to score. The level pays
+    when the best prefix of the merged list, after paying ``level_ms`` more, beats the best prefix
+    of today's list: the same rule ``best_size`` applies, one level ahead."""
+    rate_now = best_size(probs, verify_ms, spent_ms)[2]
+    merged = torch.cat([probs, predicted]).sort(descending=True).values
+    return best_size(merged, verify_ms, spent_ms + level_ms)[2] > rate_now
 
 
 # Prior acceptance rate of the draft's r-th ranked child (r = 0, 1, ...), used only to shape
