@@ -51,7 +51,10 @@ def test_bench_tiny_all_methods(tiny_chat_generator, questions, tmp_path, monkey
     assert saved["greedy_identical"] == {m: 1.0 for m in METHODS if m != "hf"}
     assert {"cpu", "torch", "transformers", "torch_threads"} <= saved["machine"].keys()
     assert saved["dtype"] == "float32"
-    assert set(saved["tree"]) == {"total_tokens", "depth", "tree_top_k"}
+    assert {"total_tokens", "depth", "tree_top_k", "adaptive"} <= set(saved["tree"])
+    t = saved["methods"]["eagle2"]["tree_per_round"]  # what the cost-aware rounds verified
+    assert t["rounds"] == sum(t["size_hist"].values()) and 1 <= t["size_mean"] <= saved["tree"]["max_nodes"]
+    assert t["expected_accept_mean"] is not None and t["realised_accept_mean"] is not None
     assert [p["total_tokens"] for p in saved["total_tokens_curve"]["points"]] == [4, 8]
     assert saved["total_tokens_curve"]["vanilla_tokens_per_s"] > 0
     assert r["methods"]["eagle2"]["tokens_per_s"] == saved["methods"]["eagle2"]["tokens_per_s"]
@@ -132,3 +135,16 @@ def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch
 
     gen3 = Eagle2Generator(model, smol_tokenizer, gen.head, model_key="tiny-tune-test", tree=TreeConfig(total_tokens=5))
     assert gen3.tree.total_tokens == 5
+
+
+def test_fixed_shape_methods(tiny_chat_generator, questions, tmp_path):
+    from eagle2.bench import fixed_shape, load_questions, parse_methods, run_bench
+
+    assert fixed_shape("eagle2:16x4x8") == dict(total_tokens=16, depth=4, tree_top_k=8)
+    assert fixed_shape("eagle2:fixed") == {} and fixed_shape("eagle2") is None and fixed_shape("eagle2:1x4x8") is None
+    with pytest.raises(ValueError, match="eagle2:NxDxK"):
+        parse_methods("vanilla,eagle2:16x4")
+    r = run_bench(tiny_chat_generator, load_questions(questions)[:1], ["eagle2", "eagle2:6x3x2"], out_dir=tmp_path, max_new_tokens=12,
+                  turns=1, sweep=None, progress=False)
+    fixed = r["methods"]["eagle2:6x3x2"]["tree_per_round"]
+    assert set(fixed["size_hist"]) <= {"1", "2", "3", "4", "5", "6"} and fixed["depth_mean"] <= 3
