@@ -138,19 +138,15 @@ def dtype_name(dtype) -> str:
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The CPU (model name, the ISA torch dispatches to, the flags that decide our kernels) and versions."""
     import transformers
 
-    info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, transformers=transformers.__version__,
-                python=platform.python_version(), platform=platform.platform())
+    from .cost import cpu_flags, cpu_name
+
+    info = dict(cpu=cpu_name(), isa=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_flags(),
+                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                platform=platform.platform())
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -104,23 +104,28 @@ class Calibration:
 
 
 # ---- the probe ------------------------------------------------------------------------------------
-def _best_ms(fns: list, repeats: int) -> list[float]:
-    """For each function, the fastest of ``repeats`` timed calls after a warm-up. Calls are
+def time_calls(fns: list, repeats: int) -> list[list[float]]:
+    """Milliseconds of ``repeats`` calls of each function, after one warm-up call each. Calls are
     interleaved (one of each per pass), so a burst of other work on the machine spoils one pass
-    rather than every call of one function, and the minimum discards it: interference only ever
-    adds time."""
+    rather than every call of one function."""
     for fn in fns:
         fn()
-    best = [float("inf")] * len(fns)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return [1000 * b for b in best]
+            times[i].append(1000 * (time.perf_counter() - t0))
+    return times
 
 
-def _verify_steps(target, cached: int, query_lens) -> list:
+def _best_ms(fns: list, repeats: int) -> list[float]:
+    """The fastest call of each function: interference only ever adds time, so the minimum is the
+    estimate of the cost itself least disturbed by it."""
+    return [min(t) for t in time_calls(fns, repeats)]
+
+
+def verify_steps(target, cached: int, query_lens) -> list:
     """One callable per query length q: a forward over q new tokens (a causal block, logits for every
     row, as a tree verification computes them) after ``cached`` tokens, then the cache cut back."""
     dev = target.device
@@ -139,6 +144,8 @@ def _verify_steps(target, cached: int, query_lens) -> list:
         def step(toks=toks, pos=pos, allowed=allowed):
             target.forward(cache, toks, pos, allowed)
             target.keep(cache, cached, none)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
 
         steps.append(step)
     return steps
@@ -157,9 +164,9 @@ def probe(target, drafter, top_k: int = 8, repeats: int = 5) -> CostModel:
     max_len = target.max_len
     cached = [c for c in PROBE_CACHED if c + max(PROBE_QUERY_LENS) + 1 < max_len] or [max(1, max_len // 4)]
     short_c, long_c = cached[0], cached[-1]
-    steps = _verify_steps(target, short_c, PROBE_QUERY_LENS)
+    steps = verify_steps(target, short_c, PROBE_QUERY_LENS)
     if long_c != short_c:
-        steps += _verify_steps(target, long_c, PROBE_QUERY_LENS)
+        steps += verify_steps(target, long_c, PROBE_QUERY_LENS)
     ms = _best_ms(steps, repeats)
     n = len(PROBE_QUERY_LENS)
     short, long_ = _monotone(ms[:n]), _monotone(ms[n:] or ms[:n])
@@ -170,20 +177,30 @@ def probe(target, drafter, top_k: int = 8, repeats: int = 5) -> CostModel:
 
 def fingerprint(parts: dict) -> str:
     """A stable file name for everything that changes the timings."""
-    machine = dict(cpu=_cpu_name(), isa=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
+    machine = dict(cpu=cpu_name(), isa=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__,
                    threads=torch.get_num_threads(), arch=platform.machine(), version=COST_VERSION)
     blob = json.dumps({**parts, **machine}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _cpu_name() -> str:
+def _cpuinfo_field(name: str) -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """The vector-ISA flags that decide which kernels run fast here."""
+    have = set((_cpuinfo_field("flags") or "").split())
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in have]
 
 
 def cost_path(key: str) -> Path:

@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .bench import dtype_name, machine_info
 
 QUERY_LENS = (1, 2, 4, 8, 16, 32, 64)
@@ -60,36 +58,15 @@ def parse_int_list(text, name: str) -> list[int]:
 
 
 def measure_forward_curve(gen, query_lens=QUERY_LENS, cached: int = 200, repeats: int = 5) -> list[dict]:
-    """Median ms of one target forward over q new tokens with ``cached`` tokens in the cache."""
+    """Median (and fastest) ms of one target forward over q new tokens with ``cached`` tokens in the cache."""
+    from .cost import time_calls, verify_steps
+
     tgt = gen.target
-    dev = tgt.device
     query_lens = sorted({int(q) for q in query_lens if 0 < int(q)})
     cached = max(1, min(cached, tgt.max_len - max(query_lens) - 1))
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(0, tgt.vocab_size, (cached,), generator=g).to(dev)
-    cache = tgt.new_cache()
-    tgt.forward(cache, prefix, torch.arange(cached, device=dev), None, logits_rows=slice(cached - 1, cached))
-    none = torch.zeros(0, dtype=torch.long, device=dev)
-    curve = []
-    for q in query_lens:
-        toks = torch.randint(0, tgt.vocab_size, (q,), generator=g).to(dev)
-        pos = torch.arange(cached, cached + q, device=dev)
-        allowed = torch.cat([torch.ones(q, cached, dtype=torch.bool, device=dev),
-                             torch.ones(q, q, dtype=torch.bool, device=dev).tril()], dim=1)
-        times = []
-        for r in range(repeats + 1):  # the first run is a warm-up
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            tgt.forward(cache, toks, pos, allowed)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            tgt.keep(cache, cached, none)
-            if r:
-                times.append(dt)
-        curve.append(dict(query_len=q, ms=round(1000 * statistics.median(times), 3),
-                          ms_min=round(1000 * min(times), 3)))
+    times = time_calls(verify_steps(tgt, cached, query_lens), repeats)
+    curve = [dict(query_len=q, ms=round(statistics.median(t), 3), ms_min=round(min(t), 3))
+             for q, t in zip(query_lens, times)]
     base = curve[0]["ms"]
     for c in curve:
         c["relative_to_first"] = round(c["ms"] / base, 3) if base else None

@@ -9,22 +9,30 @@ messages through, so ``http.disconnect`` still reaches the routes.
 - Key: ``Authorization: Bearer <key>`` on /v1/* and the docs pages, when a key is set (401).
 - Body: at most ``max_body_bytes``; a larger declared ``Content-Length`` is refused unread, a
   chunked body once it grows past the limit (413). Memory per request is bounded by the limit.
+- Refusals drain what the client is still sending (read and dropped, bounded in bytes and time)
+  before answering: closing a socket with unread input resets it, and the client would lose the
+  answer it is owed (it sees "peer closed connection" instead of the 413).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 
 from .config import ServerConfig
 from .errors import error_bytes
 
 PROTECTED = ("/v1", "/docs", "/redoc", "/openapi.json")
+DRAIN_BYTES = 256 << 20  # past this much refused input, or DRAIN_SECONDS, the connection is just closed
+DRAIN_SECONDS = 3.0
 
 
 class Refused(Exception):
     def __init__(self, status: int, message: str, code: str, headers: dict | None = None):
         super().__init__(message)
         self.answer = error_bytes(status, message, code, headers)
+        self.pending = True  # the client may still be sending the body
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -48,7 +56,9 @@ class Guard:
             self.check(scope)
             body = await self.read_body(scope, receive)
         except Refused as r:
-            return await self.answer(send, *r.answer)
+            if not r.pending or await self.drain(scope, receive):
+                await self.answer(send, *r.answer)
+            return None
         if body is None:  # the client left while sending
             return None
         return await self.app(scope, self.replay(body, receive), send)
@@ -84,10 +94,33 @@ class Guard:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                raise self.too_large()
+                refused = self.too_large()
+                refused.pending = msg.get("more_body", False)
+                raise refused
             parts.append(chunk)
             if not msg.get("more_body", False):
                 return b"".join(parts)
+
+    @staticmethod
+    async def drain(scope, receive) -> bool:
+        """Read and drop the rest of a refused request's body; False if the client left meanwhile."""
+        if _header(scope, b"content-length") in (None, "0") and _header(scope, b"transfer-encoding") is None:
+            return True
+        seen, deadline = 0, time.monotonic() + DRAIN_SECONDS
+        while seen < DRAIN_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            try:
+                msg = await asyncio.wait_for(receive(), left)
+            except asyncio.TimeoutError:
+                return True
+            if msg["type"] == "http.disconnect":
+                return False
+            seen += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return True
+        return True
 
     @staticmethod
     def replay(body: bytes, receive):
