@@ -65,6 +65,20 @@ def test_bench_tiny_all_methods(tiny_chat_generator, questions, tmp_path, monkey
     rates = saved["methods"]["eagle2"]["accept_rate_per_depth"]
     assert rates and all(0 <= x <= 1 for x in rates)
     assert "round_profile_ms" not in saved["methods"]["hf"]
+    assert saved["backend"]["target"] in ("fast", "transformers") and "commit" in saved["machine"]
+    # results.json is the source of truth: the page and plots regenerate from it alone
+    page = (out / "results.md").read_text()
+    for f in ("results.md", "accept_length_hist.png", "speedup_per_category.png"):
+        (out / f).unlink()
+    from eagle2.cli import main
+
+    assert main(["bench", "--report", str(out), "--summary", str(tmp_path / "docs" / "summary.md"),
+                 "--title", "tiny"]) == 0
+    assert (out / "results.md").read_text() == page
+    assert (out / "accept_length_hist.png").stat().st_size > 0 and (out / "speedup_per_category.png").is_file()
+    summary = (tmp_path / "docs" / "summary.md").read_text()
+    assert summary.startswith("# tiny") and "| out (T=0, 3 prompts) | eagle2 |" in summary
+    assert "(../out/results.md)" in summary
 
 
 def test_bench_cli_user_errors(tmp_path, questions, capsys):
@@ -76,6 +90,10 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
     assert "not found" in capsys.readouterr().err
     assert main(["bench", "--questions", str(questions), "--categories", "poetry"]) == 2
     assert "unknown category" in capsys.readouterr().err
+    assert main(["bench", "--report", str(tmp_path)]) == 2  # no results.json there
+    assert "no results.json" in capsys.readouterr().err
+    assert main(["bench", "--summary", str(tmp_path / "s.md")]) == 2
+    assert "--summary needs --report" in capsys.readouterr().err
     assert main(["tune", "--total-tokens", "8,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .machine import cpu_name
 from .models import cache_dir
 
 log = logging.getLogger("eagle2")
@@ -181,26 +182,6 @@ def fingerprint(parts: dict) -> str:
                    threads=torch.get_num_threads(), arch=platform.machine(), version=COST_VERSION)
     blob = json.dumps({**parts, **machine}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
-
-def _cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(name):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def cpu_name() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    """The vector-ISA flags that decide which kernels run fast here."""
-    have = set((_cpuinfo_field("flags") or "").split())
-    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in have]
 
 
 def cost_path(key: str) -> Path:

@@ -55,17 +55,21 @@ def speedup_per_category(per_category: dict, methods: list[str], baseline: str, 
     return _save(fig, plt, path)
 
 
-def accept_histogram(accept_lengths: dict, path) -> Path | None:
-    """Histogram of drafted tokens accepted per round, one series per speculative method."""
+def accept_histogram(histograms: dict, path) -> Path | None:
+    """Drafted tokens accepted per round, one series per speculative method (``histograms``:
+    method -> {accepted count (as a string, the JSON key): rounds}), as fractions of rounds."""
     plt = _plt()
-    data = {m: v for m, v in accept_lengths.items() if v}
+    data = {m: {int(k): n for k, n in h.items()} for m, h in histograms.items() if h}
     if plt is None or not data:
         return None
-    top = max(max(v) for v in data.values())
-    bins = [b - 0.5 for b in range(top + 2)]
+    top = max(max(h) for h in data.values())
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, v in data.items():
-        ax.hist(v, bins=bins, alpha=0.55, label=f"{m} (mean {sum(v) / len(v):.2f})", density=True)
+    width = 0.8 / len(data)
+    for j, (m, h) in enumerate(data.items()):
+        total = sum(h.values())
+        mean = sum(k * n for k, n in h.items()) / total
+        xs = [x + (j - (len(data) - 1) / 2) * width for x in range(top + 1)]
+        ax.bar(xs, [h.get(x, 0) / total for x in range(top + 1)], width, alpha=0.8, label=f"{m} (mean {mean:.2f})")
     ax.set_xticks(range(top + 1))
     ax.set_xlabel("drafted tokens accepted per round")
     ax.set_ylabel("fraction of rounds")

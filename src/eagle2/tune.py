@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench import dtype_name, machine_info
+from .machine import dtype_name, machine_info
 
 QUERY_LENS = (1, 2, 4, 8, 16, 32, 64)
 TOTAL_TOKENS_GRID = (8, 12, 16, 24, 32)

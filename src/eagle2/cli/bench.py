@@ -11,9 +11,9 @@ from ..config import TreeConfig
 
 
 def _default_questions() -> str:
-    from ..bench import shared_data_dir
+    from ..machine import data_dir
 
-    return str(shared_data_dir() / "eval" / "mt_bench_question.jsonl")
+    return str(data_dir() / "eval" / "mt_bench_question.jsonl")
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def register(sub) -> None:
     _model_args(b)
     b.add_argument("--questions", default=None,
                    help="FastChat question file (.jsonl: question_id, category, turns) "
-                        "(default: <repo>/../shared/data/eval/mt_bench_question.jsonl)")
+                        "(default: $EAGLE2_DATA or <repo>/../shared/data, then eval/mt_bench_question.jsonl)")
     b.add_argument("--limit", type=int, default=None, help="N questions (after --categories), taken round-robin over the categories")
     b.add_argument("--categories", default=None, help="comma-separated categories to keep, e.g. coding,math")
     b.add_argument("--turns", type=int, default=2, choices=[1, 2],
@@ -51,6 +51,12 @@ def register(sub) -> None:
                         "curve if present, else 8,16,32; 'none' = skip (default: %(default)s)")
     b.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--report", nargs="+", metavar="RUN_DIR", default=None,
+                   help="run nothing: regenerate each RUN_DIR's results.md and plots from its results.json; with "
+                        "--summary, also write one page over them all")
+    b.add_argument("--summary", default=None, metavar="FILE.md",
+                   help="with --report: the summary page to write, e.g. docs/results/<date>-<cpu>.md")
+    b.add_argument("--title", default=None, help="with --summary: the page's title")
     b.set_defaults(handler=cmd_bench)
 
     t = sub.add_parser(
@@ -80,9 +86,29 @@ def _check_pos(name, v):
         raise ValueError(f"{name} must be >= 1; got {v}")
 
 
+def cmd_report(args) -> int:
+    from ..bench import regenerate, summary_page
+
+    if args.summary:
+        page = Path(args.summary)
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(summary_page(args.report, page, args.title))
+        print(f"wrote {page}")
+    else:
+        for d in args.report:
+            regenerate(d)
+            print(f"wrote {Path(d) / 'results.md'}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from ..bench import load_questions, parse_methods, run_bench, summary_line
     from ..config import SamplingConfig, TreeConfig
+
+    if args.report:
+        return cmd_report(args)
+    if args.summary:
+        raise ValueError("--summary needs --report RUN_DIR...")
 
     methods = parse_methods(args.methods)
     _check_pos("limit", args.limit)
@@ -110,7 +136,8 @@ def cmd_bench(args) -> int:
     r = run_bench(gen, questions, methods, out_dir=args.out, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, turns=args.turns, total_tokens=args.total_tokens, depth=args.depth,
                   tree_top_k=args.tree_top_k, sweep=sweep, seed=args.seed, prompt_lookup=args.prompt_lookup,
-                  progress=not args.no_progress, questions_file=str(qfile))
+                  progress=not args.no_progress, questions_file=str(qfile),
+                  command=" ".join(["eagle2", *sys.argv[1:]]))
     print(Path(args.out, "results.md").read_text())
     print(summary_line(r, args.out))
     return 0
