@@ -73,40 +73,23 @@ def measure_forward_curve(gen, query_lens=QUERY_LENS, cached: int = 200, repeats
     return curve
 
 
-def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total_tokens_grid=TOTAL_TOKENS_GRID,
-             depth_grid=DEPTH_GRID, top_k_grid=TOP_K_GRID, query_lens=QUERY_LENS, cached: int = 200,
-             repeats: int = 5, save: bool = True, progress: bool = True, verbose: bool = True) -> dict:
-    """Measure, choose and (with ``save``) write the tune file for ``gen.model_key``.
-
-    prompts: user messages (strings) or token-id lists; default: built-in dev prompts."""
-    from tqdm.auto import tqdm
-
-    from . import plots
-    from .api import tuned_path
+def _grid(total_tokens_grid, depth_grid, top_k_grid) -> list[tuple[int, int, int]]:
     from .config import TreeConfig
 
-    prompts = list(prompts or DEV_PROMPTS)
-    if not prompts:
-        raise ValueError("no dev prompts")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
     grid = []
     for tt, d, k in itertools.product(parse_int_list(total_tokens_grid, "total_tokens grid"),
                                       parse_int_list(depth_grid, "depth grid"), parse_int_list(top_k_grid, "top-k grid")):
         TreeConfig(total_tokens=tt, depth=d, top_k=k)  # validates
         grid.append((tt, d, k))
-    t_start = time.perf_counter()
-    log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
+    return grid
 
-    log(f"measuring target forward time vs query length ({cached} cached tokens, {repeats} repeats)...")
-    curve = measure_forward_curve(gen, query_lens, cached, repeats)
-    log("refitting the cost model the dynamic tree sizes its rounds with ...")
-    cost_model = gen.cost_model(refit=True)
-    for c in curve:
-        log(f"  q={c['query_len']:>3}: {c['ms']:8.2f} ms  ({c['relative_to_first']:.2f}x q=1)")
 
-    # Candidates and vanilla interleaved prompt by prompt (order rotated), after one warm-up each.
-    runs = [("vanilla", None), ("eagle2", "adaptive")] + [("eagle2", g) for g in grid]
+def _race(gen, runs: list, prompts: list, max_new_tokens: int, progress: bool) -> dict:
+    """Greedy generation of every run on every prompt, interleaved prompt by prompt (order rotated),
+    after one warm-up each. A run is ("vanilla", None), ("eagle2", "adaptive") or ("eagle2", (n, d, k)).
+    Returns run -> summed new tokens, seconds, rounds, draft and verify seconds."""
+    from tqdm.auto import tqdm
+
     acc = {r: dict(new=0, sec=0.0, rounds=0, draft=0.0, verify=0.0) for r in runs}
 
     def one(run, prompt, n):
@@ -132,20 +115,19 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
             a["verify"] += st.verify_seconds
             bar.update(1)
     bar.close()
+    return acc
 
-    def summary(a):
-        verify_rounds = max(1, a["rounds"] - len(prompts))  # minus the prefills
-        return dict(tokens_per_s=round(a["new"] / a["sec"], 3) if a["sec"] else 0.0,
-                    mean_accept_len=round(a["new"] / a["rounds"], 3) if a["rounds"] else 0.0,
-                    draft_ms_per_round=round(1000 * a["draft"] / verify_rounds, 3),
-                    verify_ms_per_round=round(1000 * a["verify"] / verify_rounds, 3),
-                    new_tokens=a["new"], seconds=round(a["sec"], 3))
 
-    vanilla = summary(acc[("vanilla", None)])
-    adaptive = summary(acc[("eagle2", "adaptive")])
-    candidates = [dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2], **summary(acc[("eagle2", g)])) for g in grid]
-    best = max(candidates, key=lambda c: c["tokens_per_s"])
-    speedup = round(best["tokens_per_s"] / vanilla["tokens_per_s"], 3) if vanilla["tokens_per_s"] else None
+def _summary(a: dict, n_prompts: int) -> dict:
+    verify_rounds = max(1, a["rounds"] - n_prompts)  # minus the prefills
+    return dict(tokens_per_s=round(a["new"] / a["sec"], 3) if a["sec"] else 0.0,
+                mean_accept_len=round(a["new"] / a["rounds"], 3) if a["rounds"] else 0.0,
+                draft_ms_per_round=round(1000 * a["draft"] / verify_rounds, 3),
+                verify_ms_per_round=round(1000 * a["verify"] / verify_rounds, 3),
+                new_tokens=a["new"], seconds=round(a["sec"], 3))
+
+
+def _log_candidates(log, candidates, best, vanilla, adaptive, speedup) -> None:
     log("candidates (eagle2, greedy):")
     log(f"  {'total':>5} {'depth':>5} {'top-k':>5} {'tok/s':>8} {'tau':>6} {'draft ms':>9} {'verify ms':>9}")
     for c in sorted(candidates, key=lambda c: -c["tokens_per_s"]):
@@ -157,23 +139,20 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
     if speedup is not None and speedup < 1:
         log("  note: no tree beat vanilla decoding here (an untrained head, or a draft too slow for this machine)")
 
-    result = dict(total_tokens=best["total_tokens"], depth=best["depth"], tree_top_k=best["tree_top_k"],
-                  model=gen.model_key, head=gen.head_source, dtype=dtype_name(gen.dtype), device=str(gen.device),
-                  chosen=best, speedup_vs_vanilla=speedup, vanilla=vanilla, adaptive=adaptive, candidates=candidates,
-                  cost_model=cost_model.to_json(),
-                  forward_curve=dict(cached=cached, repeats=repeats, points=curve),
-                  max_new_tokens=max_new_tokens, n_prompts=len(prompts), machine=machine_info(),
-                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_seconds=None, plots={}, path=None)
-    path = tuned_path(gen.model_key)
+
+def _write(result: dict, path: Path, save: bool, out_dir, log) -> None:
+    """Plots (next to the tune file or into ``out_dir``), then the tune file itself, atomically."""
+    from . import plots
+
     out = Path(out_dir) if out_dir is not None else path.parent
-    stem = path.stem
-    written = {"forward_curve": plots.forward_curve(curve, out / f"{stem}.forward_curve.png"),
+    best = result["chosen"]
+    written = {"forward_curve": plots.forward_curve(result["forward_curve"]["points"],
+                                                    out / f"{path.stem}.forward_curve.png"),
                "tokens_per_s": plots.tokens_per_s_vs_total_tokens(
-                   candidates, out / f"{stem}.tokens_per_s.png",
+                   result["candidates"], out / f"{path.stem}.tokens_per_s.png",
                    title=f"eagle2 tokens/s per tree (chosen {best['total_tokens']}/{best['depth']}/{best['tree_top_k']})",
-                   baseline=vanilla["tokens_per_s"])}
+                   baseline=result["vanilla"]["tokens_per_s"])}
     result["plots"] = {k: str(v) for k, v in written.items() if v}
-    result["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     if save:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -181,6 +160,51 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
         tmp.replace(path)
         result["path"] = str(path)
         log(f"saved {path}: total_tokens={best['total_tokens']} depth={best['depth']} tree_top_k={best['tree_top_k']}")
+
+
+def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total_tokens_grid=TOTAL_TOKENS_GRID,
+             depth_grid=DEPTH_GRID, top_k_grid=TOP_K_GRID, query_lens=QUERY_LENS, cached: int = 200,
+             repeats: int = 5, save: bool = True, progress: bool = True, verbose: bool = True) -> dict:
+    """Measure, choose and (with ``save``) write the tune file for ``gen.model_key``.
+
+    prompts: user messages (strings) or token-id lists; default: built-in dev prompts."""
+    from .api import tuned_path
+
+    prompts = list(prompts or DEV_PROMPTS)
+    if not prompts:
+        raise ValueError("no dev prompts")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
+    grid = _grid(total_tokens_grid, depth_grid, top_k_grid)
+    t_start = time.perf_counter()
+    log = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
+
+    log(f"measuring target forward time vs query length ({cached} cached tokens, {repeats} repeats)...")
+    curve = measure_forward_curve(gen, query_lens, cached, repeats)
+    log("refitting the cost model the dynamic tree sizes its rounds with ...")
+    cost_model = gen.cost_model(refit=True)
+    for c in curve:
+        log(f"  q={c['query_len']:>3}: {c['ms']:8.2f} ms  ({c['relative_to_first']:.2f}x q=1)")
+
+    runs = [("vanilla", None), ("eagle2", "adaptive")] + [("eagle2", g) for g in grid]
+    acc = _race(gen, runs, prompts, max_new_tokens, progress)
+    vanilla = _summary(acc[("vanilla", None)], len(prompts))
+    adaptive = _summary(acc[("eagle2", "adaptive")], len(prompts))
+    candidates = [dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2], **_summary(acc[("eagle2", g)], len(prompts)))
+                  for g in grid]
+    best = max(candidates, key=lambda c: c["tokens_per_s"])
+    speedup = round(best["tokens_per_s"] / vanilla["tokens_per_s"], 3) if vanilla["tokens_per_s"] else None
+    _log_candidates(log, candidates, best, vanilla, adaptive, speedup)
+
+    result = dict(total_tokens=best["total_tokens"], depth=best["depth"], tree_top_k=best["tree_top_k"],
+                  model=gen.model_key, head=gen.head_source, dtype=dtype_name(gen.dtype), device=str(gen.device),
+                  chosen=best, speedup_vs_vanilla=speedup, vanilla=vanilla, adaptive=adaptive, candidates=candidates,
+                  cost_model=cost_model.to_json(),
+                  forward_curve=dict(cached=cached, repeats=repeats, points=curve),
+                  max_new_tokens=max_new_tokens, n_prompts=len(prompts), machine=machine_info(),
+                  created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_seconds=None, plots={}, path=None)
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    _write(result, tuned_path(gen.model_key), save, out_dir, log)
     return result
 
 
