@@ -36,6 +36,25 @@ def test_api_bad_input(gen, kwargs, match):
         gen.generate(kw.pop("prompt"), **kw)
 
 
+def test_decode_settings_resolve_conveniences_once(gen):
+    """One home for decoding settings: keywords, a DecodeSettings and a SamplingConfig all resolve
+    through ``DecodeSettings.of`` and give the same answer."""
+    from eagle2.config import DecodeSettings, SamplingConfig, TreeConfig
+
+    s = DecodeSettings.of(max_new_tokens=6, temperature=0.7, seed=3, tree_top_k=2, stop="x")
+    assert s.sampling == SamplingConfig(temperature=0.7, seed=3) and s.stop == ("x",) and s.fixed_shape
+    assert s.tree(TreeConfig(adaptive=True)) == TreeConfig(adaptive=False, top_k=2)
+    assert DecodeSettings.of(s, seed=4).sampling == SamplingConfig(temperature=0.7, seed=4)
+    assert DecodeSettings.of(s, sampling=SamplingConfig(top_k=5)).sampling == SamplingConfig(top_k=5)
+    assert DecodeSettings().tree(TreeConfig(adaptive=True)).dynamic  # no shape given: the cost-aware tree
+    with pytest.raises(TypeError, match="temprature"):
+        DecodeSettings.of(temprature=1.0)
+    a = gen.generate([1, 2, 3], DecodeSettings.of(max_new_tokens=5, temperature=1.0, seed=7))
+    b = gen.generate([1, 2, 3], max_new_tokens=5, sampling=SamplingConfig(temperature=1.0, seed=7))
+    c = gen.generate([1, 2, 3], max_new_tokens=5, temperature=1.0, seed=7)
+    assert a.token_ids == b.token_ids == c.token_ids
+
+
 def test_unknown_model_name():
     import eagle2
 

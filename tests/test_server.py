@@ -61,8 +61,8 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def stream_events(self, prompt, **kw):
-        events, result = self.real.stream_events(prompt, **kw)
+    def stream_events(self, prompt, settings=None, **kw):
+        events, result = self.real.stream_events(prompt, settings, **kw)
         self.rounds.append(0)
         idx = len(self.rounds) - 1
 

@@ -47,8 +47,8 @@ class Failing(Gated):
         super().__init__(real)
         self.exc = exc
 
-    def stream_events(self, prompt, **kw):
-        events, result = super().stream_events(prompt, **kw)
+    def stream_events(self, prompt, settings=None, **kw):
+        events, result = super().stream_events(prompt, settings, **kw)
 
         def failing():
             yield next(events)

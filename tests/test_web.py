@@ -39,7 +39,8 @@ class ScriptedGenerator:
     def encode_prompt(self, prompt):
         return self.real.encode_prompt(prompt)
 
-    def stream_events(self, prompt, max_new_tokens=256, method="eagle2", **kw):
+    def stream_events(self, prompt, settings):
+        max_new_tokens, method = settings.max_new_tokens, settings.method
         from eagle2.engine import GenerationResult, RoundEvent, Stats
 
         self.calls.append(method)

@@ -7,8 +7,8 @@
 """
 
 from .api import Eagle2Generator, load
-from .config import SamplingConfig, TreeConfig
+from .config import DecodeSettings, SamplingConfig, TreeConfig
 from .engine import GenerationResult, RoundEvent, Stats
 
-__all__ = ["load", "Eagle2Generator", "TreeConfig", "SamplingConfig", "GenerationResult", "RoundEvent", "Stats"]
+__all__ = ["load", "Eagle2Generator", "DecodeSettings", "TreeConfig", "SamplingConfig", "GenerationResult", "RoundEvent", "Stats"]
 __version__ = "0.1.0"

@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 
 from . import cost, kernels, native
-from .config import SamplingConfig, TreeConfig
+from .config import DecodeSettings, TreeConfig
 from .cost import Calibration, CostModel
 from .draft import Drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
@@ -167,51 +166,33 @@ class Eagle2Generator:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         return list(prompt)
 
-    def _configs(self, method, temperature, top_p, top_k, seed, total_tokens, depth, tree_top_k):
-        fixed = total_tokens is not None or depth is not None or tree_top_k is not None
-        tree = replace(self.tree, method=method, adaptive=self.tree.adaptive and not fixed,
-                       total_tokens=self.tree.total_tokens if total_tokens is None else total_tokens,
-                       depth=self.tree.depth if depth is None else depth,
-                       top_k=self.tree.top_k if tree_top_k is None else tree_top_k)
-        return tree, SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-
-    def _start(self, prompt, max_new_tokens, method, temperature, top_p, top_k, seed, total_tokens, depth,
-               tree_top_k, stop):
-        tree, sampling = self._configs(method, temperature, top_p, top_k, seed, total_tokens, depth, tree_top_k)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}")
-        if isinstance(stop, str):
-            stop = (stop,)
-        stop = tuple(stop or ())
-        if not all(isinstance(s, str) for s in stop):
-            raise ValueError("stop must be a string or a list of strings")
+    def _start(self, prompt, settings: DecodeSettings):
         ids = self.encode_prompt(prompt)
         if len(ids) >= self.target.max_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.target.max_len}, "
                              "leaving no room to generate")
+        tree = settings.tree(self.tree)
         result = GenerationResult([], "", None, "length", ids)
         cost_model = self.cost_model() if tree.dynamic else None
-        events = self.engine.decode(ids, tree, sampling, max_new_tokens, stop, result, cost_model, self.calibration)
+        events = self.engine.decode(ids, tree, settings.sampling, settings.max_new_tokens, settings.stop, result,
+                                    cost_model, self.calibration)
         return events, result
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, prompt, max_new_tokens: int = 256, method: str = "eagle2", temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, total_tokens: int | None = None,
-                 depth: int | None = None, tree_top_k: int | None = None,
-                 stop: str | Sequence[str] | None = None) -> GenerationResult:
-        events, result = self._start(prompt, max_new_tokens, method, temperature, top_p, top_k, seed,
-                                     total_tokens, depth, tree_top_k, stop)
+    def generate(self, prompt, settings: DecodeSettings | None = None, **kw) -> GenerationResult:
+        """The answer to ``prompt``. ``settings`` (a ``DecodeSettings``) and/or its keyword conveniences:
+        ``max_new_tokens=256, method="eagle2", temperature=0.0, top_p=1.0, top_k=0, seed=None,
+        total_tokens=None, depth=None, tree_top_k=None, stop=None`` (or ``sampling=SamplingConfig(...)``)."""
+        events, result = self._start(prompt, DecodeSettings.of(settings, **kw))
         for _ in events:
             pass
         return result
 
-    def stream_events(self, prompt, max_new_tokens: int = 256, method: str = "eagle2", temperature: float = 0.0,
-                      top_p: float = 1.0, top_k: int = 0, seed: int | None = None, total_tokens: int | None = None,
-                      depth: int | None = None, tree_top_k: int | None = None,
-                      stop: str | Sequence[str] | None = None) -> tuple[Iterator[RoundEvent], GenerationResult]:
-        """(events, result): iterate the events (one per target forward); ``result`` fills as they come."""
-        return self._start(prompt, max_new_tokens, method, temperature, top_p, top_k, seed, total_tokens, depth,
-                           tree_top_k, stop)
+    def stream_events(self, prompt, settings: DecodeSettings | None = None,
+                      **kw) -> tuple[Iterator[RoundEvent], GenerationResult]:
+        """(events, result): iterate the events (one per target forward); ``result`` fills as they come.
+        Arguments as for ``generate``."""
+        return self._start(prompt, DecodeSettings.of(settings, **kw))
 
     def stream(self, prompt, **kwargs) -> Iterator[str]:
         """Yield text pieces as rounds complete (same arguments as ``generate``)."""

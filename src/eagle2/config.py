@@ -7,7 +7,7 @@ Nothing in this module imports torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 METHODS = ("eagle2", "eagle1", "chain", "vanilla")
 
@@ -80,3 +80,68 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Everything one generation call decides, validated once at construction: the token budget,
+    the method, how to sample, an optional fixed tree shape and the stop strings.
+
+    ``generate``, ``stream_events``, the CLI, the server and the bench all build one of these
+    (``DecodeSettings.of(**keywords)`` resolves the keyword conveniences) and pass it down.
+    """
+
+    max_new_tokens: int = 256
+    method: str = "eagle2"  # eagle2, eagle1, chain, vanilla
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    total_tokens: int | None = None  # any of these three fixes the tree's shape (None: the generator's tree)
+    depth: int | None = None
+    tree_top_k: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings, excluded from the text
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1; got {self.max_new_tokens!r}")
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ValueError(f"sampling must be a SamplingConfig; got {type(self.sampling).__name__}")
+        TreeConfig(method=self.method, total_tokens=self.total_tokens or 2, depth=self.depth or 1,
+                   top_k=self.tree_top_k or 1)  # the method, and the shape's types
+        for name, low in (("total_tokens", 2), ("depth", 1), ("tree_top_k", 1)):
+            v = getattr(self, name)
+            if v is not None and v < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        stop = tuple(stop or ())
+        if not all(isinstance(x, str) for x in stop):
+            raise ValueError("stop must be a string or a list of strings")
+        object.__setattr__(self, "stop", stop)
+
+    @classmethod
+    def of(cls, settings: "DecodeSettings | None" = None, **kw) -> "DecodeSettings":
+        """``settings`` (or the defaults) with keyword conveniences applied: any field of this class,
+        plus ``temperature``, ``top_p``, ``top_k`` and ``seed`` for its sampling. Unknown keywords raise
+        TypeError, as a misspelt argument does."""
+        base = settings or cls()
+        sampling_keys = {f.name for f in fields(SamplingConfig)}
+        own = {f.name for f in fields(cls)}
+        unknown = set(kw) - sampling_keys - own
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {sorted(unknown)[0]!r}")
+        sampling = kw.pop("sampling", base.sampling)
+        picked = {k: kw.pop(k) for k in list(kw) if k in sampling_keys}
+        if picked:
+            sampling = replace(sampling, **picked)
+        return replace(base, sampling=sampling, **kw)
+
+    @property
+    def fixed_shape(self) -> bool:
+        return any(x is not None for x in (self.total_tokens, self.depth, self.tree_top_k))
+
+    def tree(self, base: TreeConfig) -> TreeConfig:
+        """The round's tree: ``base`` (the generator's) with this call's method and any fixed shape."""
+        return replace(base, method=self.method, adaptive=base.adaptive and not self.fixed_shape,
+                       total_tokens=base.total_tokens if self.total_tokens is None else self.total_tokens,
+                       depth=base.depth if self.depth is None else self.depth,
+                       top_k=base.top_k if self.tree_top_k is None else self.tree_top_k)

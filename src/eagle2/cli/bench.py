@@ -103,7 +103,7 @@ def cmd_report(args) -> int:
 
 def cmd_bench(args) -> int:
     from ..bench import load_questions, parse_methods, run_bench, summary_line
-    from ..config import SamplingConfig, TreeConfig
+    from ..config import DecodeSettings
 
     if args.report:
         return cmd_report(args)
@@ -112,13 +112,8 @@ def cmd_bench(args) -> int:
 
     methods = parse_methods(args.methods)
     _check_pos("limit", args.limit)
-    _check_pos("max_new_tokens", args.max_new_tokens)
-    SamplingConfig(temperature=args.temperature)
-    TreeConfig(total_tokens=args.total_tokens or 2, depth=args.depth or 1, top_k=args.tree_top_k or 1)
-    for name in ("total_tokens", "depth", "tree_top_k"):
-        v = getattr(args, name)
-        if v is not None and v < (2 if name == "total_tokens" else 1):
-            raise ValueError(f"{name} must be >= {2 if name == 'total_tokens' else 1}; got {v}")
+    DecodeSettings.of(max_new_tokens=args.max_new_tokens, temperature=args.temperature, total_tokens=args.total_tokens,
+                      depth=args.depth, tree_top_k=args.tree_top_k)  # validates before the model loads
     if args.prompt_lookup < 1:
         raise ValueError(f"prompt-lookup must be >= 1; got {args.prompt_lookup}")
     sweep = args.sweep.strip().lower()

@@ -63,27 +63,14 @@ def _load(args):
     return gen
 
 
-def _decode_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, method=args.method, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, seed=args.seed, total_tokens=args.total_tokens,
-                depth=args.depth, tree_top_k=args.tree_top_k, stop=args.stop)
+def _decode_settings(args):
+    """The decoding settings of ``generate`` / ``chat``, validated (before the slow model load, so a
+    typo fails in milliseconds)."""
+    from ..config import DecodeSettings
 
-
-def _check_decode_args(args) -> None:
-    """Validate before the (slow) model load, so a typo fails in milliseconds."""
-    from ..config import SamplingConfig
-
-    TreeConfig(method=args.method, total_tokens=args.total_tokens or 2, depth=args.depth or 1,
-               top_k=args.tree_top_k or 1)
-    if args.total_tokens is not None and args.total_tokens < 2:
-        raise ValueError(f"total_tokens must be an integer >= 2; got {args.total_tokens}")
-    if args.depth is not None and args.depth < 1:
-        raise ValueError(f"depth must be an integer >= 1; got {args.depth}")
-    if args.tree_top_k is not None and args.tree_top_k < 1:
-        raise ValueError(f"tree_top_k must be an integer >= 1; got {args.tree_top_k}")
-    SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1; got {args.max_new_tokens}")
+    return DecodeSettings.of(max_new_tokens=args.max_new_tokens, method=args.method, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k, seed=args.seed, total_tokens=args.total_tokens,
+                             depth=args.depth, tree_top_k=args.tree_top_k, stop=args.stop or ())
 
 
 def _stats_line(stats) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import _check_decode_args, _decode_args, _decode_kwargs, _load, _model_args, _stats_line
+from .common import _decode_args, _decode_settings, _load, _model_args, _stats_line
 
 
 def register(sub) -> None:
@@ -30,7 +30,7 @@ def register(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    _check_decode_args(args)
+    settings = _decode_settings(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt.strip():
         raise ValueError("prompt is empty")
@@ -38,11 +38,11 @@ def cmd_generate(args) -> int:
     if args.raw:
         prompt = gen.tokenizer(prompt)["input_ids"]
     if args.json:
-        r = gen.generate(prompt, **_decode_kwargs(args))
+        r = gen.generate(prompt, settings)
         print(json.dumps({"text": r.text, "prompt_token_ids": r.prompt_token_ids, "token_ids": r.token_ids,
                           "finish_reason": r.finish_reason, "method": args.method, "stats": r.stats.as_dict()}))
         return 0
-    events, result = gen.stream_events(prompt, **_decode_kwargs(args))
+    events, result = gen.stream_events(prompt, settings)
     for ev in events:
         if ev.text:
             sys.stdout.write(ev.text)
@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    _check_decode_args(args)
+    settings = _decode_settings(args)
     gen = _load(args)
     if not gen.tokenizer.chat_template:
         raise ValueError("this model has no chat template; use `eagle2 generate --raw`")
@@ -76,7 +76,7 @@ def cmd_chat(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            events, result = gen.stream_events(system + history, **_decode_kwargs(args))
+            events, result = gen.stream_events(system + history, settings)
             sys.stdout.write("assistant> ")
             for ev in events:
                 sys.stdout.write(ev.text)

@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, StreamingResponse
 
-from ..config import SamplingConfig, TreeConfig
+from ..config import DecodeSettings
 from .config import ServerConfig
 from .errors import APIError
 from .responses import KEEPALIVE, Formatter, sse_error
@@ -114,7 +114,7 @@ async def _generate(request: Request, req: Common, prompt, kind: str, max_tokens
     _check_size(prompt, s, param)
     job = _reserve(s.scheduler)
     try:
-        job.ids, job.kwargs = await _prepare(s, req, prompt, param, max_tokens, default)
+        job.ids, job.settings = await _prepare(s, req, prompt, param, max_tokens, default)
     except BaseException:
         s.scheduler.release(job)
         raise
@@ -199,8 +199,8 @@ async def _tokenize(s: AppState, prompt, param: str) -> list[int]:
 
 
 async def _prepare(s: AppState, req: Common, prompt, param: str, max_tokens: int | None,
-                   default: int) -> tuple[list[int], dict]:
-    """Tokenize and check everything; returns (prompt ids, decode kwargs)."""
+                   default: int) -> tuple[list[int], DecodeSettings]:
+    """Tokenize and check everything; returns (prompt ids, decode settings)."""
     ids = await _tokenize(s, prompt, param)
     ctx = s.generator.max_context
     room = ctx - len(ids)
@@ -211,17 +211,15 @@ async def _prepare(s: AppState, req: Common, prompt, param: str, max_tokens: int
         raise APIError(400, f"this model's maximum context length is {ctx} tokens; the prompt has {len(ids)} "
                             f"and max_tokens asks for {max_tokens} more (at most {room})", param="max_tokens",
                        code="context_length_exceeded")
-    kwargs = dict(max_new_tokens=max_tokens if max_tokens is not None else min(default, room), method=req.method,
-                  temperature=0.0 if req.temperature is None else float(req.temperature),
-                  top_p=1.0 if req.top_p is None else float(req.top_p), top_k=req.top_k or 0, seed=req.seed,
-                  stop=[req.stop] if isinstance(req.stop, str) else req.stop)
     try:  # the engine's own checks, now rather than inside the stream
-        TreeConfig(method=req.method)
-        SamplingConfig(temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=kwargs["top_k"],
-                       seed=kwargs["seed"])
+        settings = DecodeSettings.of(
+            max_new_tokens=max_tokens if max_tokens is not None else min(default, room), method=req.method,
+            temperature=0.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p), top_k=req.top_k or 0, seed=req.seed,
+            stop=req.stop or ())
     except ValueError as e:
         raise APIError(400, str(e)) from None
-    return ids, kwargs
+    return ids, settings
 
 
 # ---- following a job ---------------------------------------------------------------------------

@@ -62,7 +62,7 @@ class Job:
         self.cancel = threading.Event()
         self.state = "reserved"  # reserved -> waiting -> running -> done; or reserved|waiting -> cancelled
         self.ids: list[int] = []
-        self.kwargs: dict = {}
+        self.settings = None  # the DecodeSettings the route validated
         self.stream = False  # whether the rounds are wanted (streaming) or only the end
         self.enqueued = time.perf_counter()
         self.resolved = False  # a terminal event was sent
@@ -81,7 +81,7 @@ def run_job(generator, job: Job) -> None:
     """The worker's whole job: decode, stream rounds if wanted, end with Done or Failed."""
     job.emit(Started(time.perf_counter() - job.enqueued))
     try:
-        events, result = generator.stream_events(job.ids, **job.kwargs)
+        events, result = generator.stream_events(job.ids, job.settings)
         try:
             for ev in events:
                 if job.cancel.is_set():
@@ -124,7 +124,7 @@ class Scheduler:
             return Job(loop)
 
     def start(self, job: Job) -> None:
-        """Queue a reserved job for the worker (after its ids and kwargs are set)."""
+        """Queue a reserved job for the worker (after its ids and settings are set)."""
         with self._lock:
             if job.state != "reserved":
                 return
