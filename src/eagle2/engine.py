@@ -140,95 +140,116 @@ class Engine:
                calibration: Calibration = Calibration()) -> Iterator[RoundEvent]:
         """Yield one event per target forward; fills ``result`` (if given) as it goes. ``cost`` lets a
         dynamic tree (``tree.dynamic``) size each round; without it the fixed shape is grown."""
-        tgt = self.target
-        dev = tgt.device
+        tgt, dev = self.target, self.target.device
+        run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         n_prompt = len(prompt_ids)
-        budget = min(max_new_tokens, tgt.max_len - n_prompt)
-        stats = Stats()
-        out = result if result is not None else GenerationResult([], "", stats, "length", list(prompt_ids))
-        out.stats, out.prompt_token_ids = stats, list(prompt_ids)
-        tracker = TextTracker(self.tokenizer, stop)
-        gen = torch.Generator(device=dev)
-        if sampling.seed is not None:
-            gen.manual_seed(sampling.seed)
-        else:
-            gen.seed()
         use_draft = tree.method != "vanilla" and self.drafter is not None
-        t0 = time.perf_counter()
-
-        def emit(tokens: list[int], drafted: int) -> RoundEvent:
-            kept = []
-            for t in tokens[: budget - len(out.token_ids)]:
-                kept.append(t)
-                if t in self.eos_ids:
-                    out.finish_reason = "stop"
-                    break
-            kept_d, draft_text = tracker.push(kept[:drafted])
-            kept_b, bonus_text = ([], "") if tracker.stopped else tracker.push(kept[drafted:])
-            if tracker.stopped:
-                out.finish_reason = "stop"
-            kept = kept_d + kept_b
-            out.token_ids.extend(kept)
-            out.text = tracker.sent
-            stats.new_tokens = len(out.token_ids)
-            stats.seconds = time.perf_counter() - t0
-            return RoundEvent(kept, len(kept_d), draft_text + bonus_text, draft_text, stats)
-
-        def finished() -> bool:
-            return out.finish_reason == "stop" or len(out.token_ids) >= budget
-
         # Prefill: the whole prompt in one causal forward; its last logits give the first token.
-        cache = tgt.new_cache(capacity=n_prompt + budget + tree.node_cap + 1)
+        cache = tgt.new_cache(capacity=n_prompt + run.budget + tree.node_cap + 1)
         budgets = _Budgets(tree, cost, calibration, sampling.temperature)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         logits, hidden = tgt.forward(cache, prompt, torch.arange(n_prompt, device=dev), None,
                                      logits_rows=slice(n_prompt - 1, n_prompt))
-        root = self._pick(logits[0], sampling, gen)
-        stats.rounds = 1
-        stats.prefill_seconds = time.perf_counter() - t0
-        yield emit([root], 0)
+        root = self._pick(logits[0], sampling, run.rng)
+        run.stats.rounds = 1
+        run.stats.prefill_seconds = time.perf_counter() - run.t0
+        yield run.emit([root], 0)
         if use_draft:
             self.drafter.reset()
             feats = hidden  # [n, H] features not yet paired in the draft cache ...
             pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
-        while not finished():
-            t_round = time.perf_counter()
-            max_depth = min(tree.depth_cap, budget - len(out.token_ids) - 1)
-            root_t = torch.tensor(root, dtype=torch.long, device=dev)
+        while not run.finished():
+            max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1
+            t_round = time.perf_counter()
+            root_t = torch.tensor(root, dtype=torch.long, device=dev)
             if grown:
-                root_out = self.drafter.commit(feats, pair_tokens)
-                draft = self.drafter.grow(root_t, root_out, tree, max_depth, budgets.at(length))
+                draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth,
+                                          budgets.at(length))
             else:
                 draft = single_node_tree(root_t)
-            t_verify = time.perf_counter()
-            allowed = torch.cat([torch.ones(draft.size, length, dtype=torch.bool, device=dev), draft.mask], dim=1)
-            logits, hidden = tgt.forward(cache, draft.tokens, length + draft.depths, allowed)
-            if sampling.greedy:
-                path, bonus = greedy_accept(draft, logits)
-            else:
-                path, bonus = sample_accept(draft, target_probs(logits, sampling.temperature, sampling.top_k,
-                                                                sampling.top_p), gen)
-            tgt.keep(cache, length, path)
-            t_done = time.perf_counter()
-            stats.draft_seconds += t_verify - t_round
-            stats.verify_seconds += t_done - t_verify
-            stats.rounds += 1
+            run.stats.draft_seconds += time.perf_counter() - t_round
+            path, bonus, hidden = self._verify(cache, length, draft, sampling, run)
             accepted = draft.tokens[path[1:]].tolist()
-            stats.accept_lengths.append(len(accepted))
+            run.stats.accept_lengths.append(len(accepted))
             if grown:
-                _record_tree(stats, draft, path, budgets.scale)
+                _record_tree(run.stats, draft, path, budgets.scale)
             length += path.shape[0]
             if use_draft:  # (a round with max_depth < 1 is the last one: nothing left to pair)
                 feats, pair_tokens = hidden[path], torch.tensor(accepted + [bonus], device=dev)
             root = bonus
-            yield emit(accepted + [bonus], len(accepted))
-        tail = tracker.flush()
-        out.text = tracker.sent
-        stats.seconds = time.perf_counter() - t0
+            yield run.emit(accepted + [bonus], len(accepted))
+        tail = run.finish()
         if tail:
-            yield RoundEvent([], 0, tail, "", stats)
+            yield RoundEvent([], 0, tail, "", run.stats)
+
+    def _verify(self, cache, length: int, draft, sampling: SamplingConfig, run: "_Run"):
+        """One target forward over root + tree, acceptance, and the cache cut to the accepted path.
+        Returns (path [A + 1] node indices, bonus token, hidden [N, H])."""
+        t0 = time.perf_counter()
+        tgt = self.target
+        allowed = torch.cat([torch.ones(draft.size, length, dtype=torch.bool, device=tgt.device), draft.mask], dim=1)
+        logits, hidden = tgt.forward(cache, draft.tokens, length + draft.depths, allowed)
+        if sampling.greedy:
+            path, bonus = greedy_accept(draft, logits)
+        else:
+            path, bonus = sample_accept(draft, target_probs(logits, sampling.temperature, sampling.top_k,
+                                                            sampling.top_p), run.rng)
+        tgt.keep(cache, length, path)
+        run.stats.verify_seconds += time.perf_counter() - t0
+        run.stats.rounds += 1
+        return path, bonus, hidden
+
+
+class _Run:
+    """One ``decode`` call's bookkeeping: the result it fills, its token budget, the stop-string and
+    EOS handling of emitted tokens, the random generator and the clock."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], sampling: SamplingConfig, max_new_tokens: int,
+                 stop: tuple[str, ...], result: GenerationResult | None):
+        self.eos_ids = engine.eos_ids
+        self.budget = min(max_new_tokens, engine.target.max_len - len(prompt_ids))
+        self.stats = Stats()
+        self.out = result if result is not None else GenerationResult([], "", self.stats, "length", list(prompt_ids))
+        self.out.stats, self.out.prompt_token_ids = self.stats, list(prompt_ids)
+        self.tracker = TextTracker(engine.tokenizer, stop)
+        self.rng = torch.Generator(device=engine.target.device)
+        if sampling.seed is not None:
+            self.rng.manual_seed(sampling.seed)
+        else:
+            self.rng.seed()
+        self.t0 = time.perf_counter()
+
+    def emit(self, tokens: list[int], drafted: int) -> RoundEvent:
+        """Emit a round's tokens (the first ``drafted`` came from the draft) up to the budget, EOS or a stop."""
+        out, tracker = self.out, self.tracker
+        kept = []
+        for t in tokens[: self.budget - len(out.token_ids)]:
+            kept.append(t)
+            if t in self.eos_ids:
+                out.finish_reason = "stop"
+                break
+        kept_d, draft_text = tracker.push(kept[:drafted])
+        kept_b, bonus_text = ([], "") if tracker.stopped else tracker.push(kept[drafted:])
+        if tracker.stopped:
+            out.finish_reason = "stop"
+        kept = kept_d + kept_b
+        out.token_ids.extend(kept)
+        out.text = tracker.sent
+        self.stats.new_tokens = len(out.token_ids)
+        self.stats.seconds = time.perf_counter() - self.t0
+        return RoundEvent(kept, len(kept_d), draft_text + bonus_text, draft_text, self.stats)
+
+    def finished(self) -> bool:
+        return self.out.finish_reason == "stop" or len(self.out.token_ids) >= self.budget
+
+    def finish(self) -> str:
+        """The text held back for a possible stop string; closes the clock."""
+        tail = self.tracker.flush()
+        self.out.text = self.tracker.sent
+        self.stats.seconds = time.perf_counter() - self.t0
+        return tail
 
 
 class _Budgets:
