@@ -1,4 +1,4 @@
-"""The server under a hostile but legitimate client (issue 17): no request hangs, no client can
+"""The server under a hostile but legitimate client: no request hangs, no client can
 keep the worker busy for nobody, every input is bounded, foreign Hosts and closed pages stay
 closed, and a concurrent mix of all of it leaves every normal answer exact.
 

@@ -1,4 +1,4 @@
-"""Greedy-equality and speed check on MT-bench first turns (issue 2's measurement).
+"""Greedy-equality and speed check on MT-bench first turns: every method's tokens against transformers', and their speed.
 
 For each question: transformers greedy `generate` (fp32), then eagle2 and vanilla in our engine,
 interleaved; counts prompts whose eagle2 tokens equal transformers' and reports tokens/s.

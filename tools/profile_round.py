@@ -1,4 +1,4 @@
-"""Where one EAGLE-2 round spends its time, lever by lever (issue 6's before/after profile).
+"""Where one EAGLE-2 round spends its time, lever by lever: what each fast path buys, measured before and after it.
 
 Configurations, run interleaved over the same MT-bench first turns (greedy, same dtype):
 
