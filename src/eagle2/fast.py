@@ -17,7 +17,10 @@ with RMSNorm — Llama, Qwen2 (q/k/v biases), Mistral without a sliding window. 
 ``Stack`` is the core: a list of such layers over a ``StaticCache``, run as a Python loop or —
 on a CPU, when native.py could build it — as one C++ call making the same ATen calls
 (bit-identical, tested). The target (all layers + final norm, ``FastTarget``) and the drafter
-(the head's one layer without input norm, draft.py) both run on it. ``FastTarget`` has the same
+(the head's one layer without input norm, draft.py) both run on it. ``Stack.capturing`` also
+returns the residual streams at chosen layer inputs (an EAGLE-3 head's features, asked for with
+``Target.capture``) by running the layers in segments between them — natively too, one C++ call
+per segment, so the extension needs no change; without a capture the stack runs as before. ``FastTarget`` has the same
 interface as ``Target`` (forward / keep / new_cache / logits), so the engine does not know which
 one it drives; ``batch_forward`` serves batched generation in the training pipeline. The weights
 are shared with (or, for the fused matrices, copied once from) the transformers model; a test
