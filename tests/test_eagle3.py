@@ -109,8 +109,9 @@ def write_official(directory, head: Eagle3Head, fmt: str = "bin", config_extra: 
     (directory / "config.json").write_text(json.dumps(config))
     state = {k: v.detach().clone().contiguous() for k, v in head.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in state.items()} == official_shapes(cfg)  # our module names = the official keys
-    if fmt == "bin":
-        torch.save(state, directory / "pytorch_model.bin")
+    if fmt == "bin":  # as shipped: an fp16 pickle with int64 d2t and bool t2d
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()},
+                   directory / "pytorch_model.bin")
     else:
         from safetensors.torch import save_file
 
@@ -322,6 +323,11 @@ def test_t2d_alone_gives_the_mapping(tmp_path):
     t2d[torch.arange(V - VD, V)] = True
     _, d = _official(tmp_path, d2t=None, t2d=t2d)
     assert load_head(d).target_ids.tolist() == list(range(V - VD, V))
+
+
+def test_embedding_copy_is_tolerated(tmp_path):
+    _, d = _official(tmp_path, **{"embed_tokens.weight": torch.zeros(V, H)})  # frozen copy of the target's
+    assert "embed_tokens.weight" not in load_head(d).state_dict()
 
 
 def test_head_that_does_not_fit_is_refused(tmp_path):
