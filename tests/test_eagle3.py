@@ -190,6 +190,20 @@ def test_lean_capture_equals_transformers_hidden_states(python):
     assert general.forward(general.new_cache(), ids, torch.arange(8), None)[1].shape == (8, H)  # EAGLE-1/2 again
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_general_capture_equals_hidden_states_in_every_family(name):
+    from eagle2.target import Target
+
+    model = tiny_target(name)
+    target = Target(model)
+    target.capture((1, 4, 6))
+    ids = torch.tensor(PROMPTS[2])  # longer than the sliding window
+    _, feats = target.forward(target.new_cache(), ids, torch.arange(ids.shape[0]), None)
+    with torch.no_grad():
+        hs = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+    assert torch.allclose(feats, torch.cat([hs[1][0], hs[4][0], hs[6][0]], -1), atol=1e-5), name
+
+
 def test_lean_drafter_equals_reference_forward():
     from eagle2.draft import make_drafter
     from eagle2.target import Target

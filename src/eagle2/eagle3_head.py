@@ -107,8 +107,9 @@ class Eagle3Config:
 
     def to_json(self, n_layers: int | None = None) -> dict:
         """config.json in the official layout, with the fields SGLang and vLLM read. Capture points
-        other than the default are written as hidden_states indices, which both read alike only
-        when the first is >= 2 (see ``layers_from_config_ids``); others are refused."""
+        other than the default are written as hidden_states indices, which vLLM and SGLang (since
+        its PR #25454) read alike only when the first is >= 2 (see ``layers_from_config_ids``);
+        others are refused."""
         d = dict(architectures=[ARCHITECTURE], model_type="llama", hidden_size=self.hidden_size,
                  intermediate_size=self.intermediate_size, num_attention_heads=self.num_attention_heads,
                  num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, num_hidden_layers=1,
