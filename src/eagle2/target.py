@@ -145,7 +145,8 @@ class Target:
         hidden = out.last_hidden_state[0]  # [T, H]
         rows = hidden if logits_rows is None else hidden[logits_rows]
         if self.feature_layers:
-            return self.logits(rows), torch.cat([seen[i][0] for i in self.feature_layers], dim=-1)  # [T, 3H]
+            # [T, 3H]; a sharded model's layers may sit on other devices than its last one
+            return self.logits(rows), torch.cat([seen[i][0].to(hidden.device) for i in self.feature_layers], dim=-1)
         return self.logits(rows), hidden
 
     def _hooks(self, seen: dict) -> list:
