@@ -400,3 +400,24 @@ def test_export_of_other_capture_points(tmp_path):
     assert written == [3, 4, 7] and load_head(d).config.feature_layers(N_LAYERS) == (3, 4, 7)
     with pytest.raises(ValueError, match="cannot be exported"):
         init_eagle3_head(Eagle3Config.from_target(model.config, VD, layers=(1, 4, 7))).save(tmp_path / "b", N_LAYERS)
+
+
+def test_eagle2_load_runs_an_official_eagle3_head(tmp_path, smol_dir, smol_tokenizer):
+    """The public path: eagle2.load(model dir, head=official EAGLE-3 dir) with a chat prompt."""
+    import shutil
+
+    import eagle2
+
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer), num_hidden_layers=N_LAYERS,
+                            max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "model")
+    for f in smol_dir.iterdir():
+        if "token" in f.name or f.name.endswith((".jinja", ".txt")):
+            shutil.copy(f, tmp_path / "model" / f.name)
+    head = init_eagle3_head(Eagle3Config.from_target(model.config, 64), draft_ids=torch.arange(64) * 7)
+    write_official(tmp_path / "head", head, "bin")
+    gen = eagle2.load(str(tmp_path / "model"), head=str(tmp_path / "head"), dtype="float32")
+    assert isinstance(gen.head, Eagle3Head) and gen.target.feature_layers == (2, 4, 5)
+    prompt = gen.encode_prompt("Why is the sky blue?")
+    r = gen.generate(prompt, max_new_tokens=8, total_tokens=8, depth=3, tree_top_k=4)
+    assert r.token_ids == hf_greedy(gen.model, prompt, 8)

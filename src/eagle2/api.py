@@ -260,7 +260,7 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
         draft = load_head(head)
         source = str(head)
     elif builtin and builtin_head_dir(builtin) is not None:
-        draft = DraftHead.load(builtin_head_dir(builtin))
+        draft = load_head(builtin_head_dir(builtin))  # the shipped head may be of either kind
         source = str(builtin_head_dir(builtin))
     else:
         warnings.warn(f"no trained draft head for {model!r}: using a freshly initialised head. Output is still "
