@@ -129,8 +129,9 @@ class Stack:
     Runs natively (native.py: the same ATen calls from C++, bit-identical) on a CPU when the
     extension is available, else as the Python loop below."""
 
-    def __init__(self, layers: list[Layer], final_norm: Tensor | None, dims: Dims):
-        self.layers, self.final_norm, self.dims = layers, final_norm, dims
+    def __init__(self, layers: list[Layer], final_norm: Tensor | None, dims: Dims, exact: bool = False):
+        """exact: row-invariant numerics for steps of up to ``EXACT_ROWS`` rows (see ``exact_attention``)."""
+        self.layers, self.final_norm, self.dims, self.exact = layers, final_norm, dims, exact
         linears = [lin for L in layers for lin in (L.qkv, L.o, L.gu, L.down)]
         self.packed = linears[0].packed if linears else False
         self._flat = [w for L in layers for w in (L.n1, L.qkv.weight, L.qkv.bias, L.o.weight, L.o.bias, L.n2,
@@ -154,24 +155,57 @@ class Stack:
         if self._native is not None and not python:
             return self._native.decoder_forward(x, cos, sin, bias, self._flat, self.final_norm, cache.k, cache.v, past,
                                                 dm.n_heads, dm.kv_heads, dm.head_dim, dm.inter, dm.eps, dm.scale,
-                                                self.packed, native.ACTS[dm.act])
+                                                self.packed, native.ACTS[dm.act], self.exact)
         b, t, _ = x.shape
         s = past + t
+        exact = self.exact and b * t <= EXACT_ROWS
         hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
         act = ACTIVATIONS[dm.act]
         for i, L in enumerate(self.layers):
             h = x if L.n1 is None else _rms(L.n1, x, dm.eps)
-            q, k, v = L.qkv(h).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
+            q, k, v = L.qkv(h, self.exact).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
             q = _rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
             k = _rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
             cache.k[i, :, :, past:s] = k
             cache.v[i, :, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
-            keys, vals = cache.k[i, :, :, :s], cache.v[i, :, :, :s]  # [B, Hkv, S, D]
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
-            x = x + L.o(o.transpose(1, 2).reshape(b, t, hq * d))
-            gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
-            x = x + L.down(act(gate) * up)
+            if exact:
+                o = exact_attention(q, cache.k[i], cache.v[i], bias, s, dm.scale)
+            else:
+                keys, vals = cache.k[i, :, :, :s], cache.v[i, :, :, :s]  # [B, Hkv, S, D]
+                o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
+            x = x + L.o(o.transpose(1, 2).reshape(b, t, hq * d), self.exact)
+            gate, up = L.gu(_rms(L.n2, x, dm.eps), self.exact).split(dm.inter, dim=-1)
+            x = x + L.down(act(gate) * up, self.exact)
         return x if self.final_norm is None else _rms(self.final_norm, x, dm.eps)
+
+
+EXACT_ROWS = 64  # the row counts (decode, verify and draft steps) the exact numerics cover; prefills take ATen's kernels
+
+
+def exact_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, s: int, scale: float) -> Tensor:
+    """Attention whose every row is reduced in one order fixed by the keys that row may see, whatever
+    the number of rows in the call or where the masked columns sit (csrc/lean_forward.cpp says which
+    order and why ATen's SDPA does not give it). q [B, Hq, T, D]; caches [B, Hkv, C, D], the first s
+    entries valid; bias [B, 1, T, s] additive -> [B, Hq, T, D].
+
+    Without the native extension (no compiler, not a CPU), each row is computed by its own call of
+    ATen ops over just the keys it may see: the same calls a one-token step makes for that token, so
+    rows are invariant there too (bit-identical to the native kernel they are not)."""
+    mod = native.load() if q.device.type == "cpu" else None
+    if mod is not None:
+        return mod.exact_attention(q, k_cache, v_cache, bias, s, scale)
+    b, hq, t, d = q.shape
+    g = hq // k_cache.shape[1]
+    out = torch.empty_like(q)
+    cut = torch.finfo(bias.dtype).min / 2
+    for bi in range(b):
+        for ti in range(t):
+            seen = (bias[bi, 0, ti] > cut).nonzero()[:, 0]  # [n] keys this row may see, in order
+            keys = k_cache[bi, :, seen].float().repeat_interleave(g, 0)  # [Hq, n, D]
+            vals = v_cache[bi, :, seen].float().repeat_interleave(g, 0)
+            scores = (q[bi, :, ti, None].float() * keys).sum(-1) * scale + bias[bi, 0, ti, seen].float()  # [Hq, n]
+            out[bi, :, ti] = (torch.softmax(scores, -1)[:, None] @ vals)[:, 0].to(q.dtype)
+    return out
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -210,10 +244,18 @@ class StaticCache:
             setattr(self, name, new)
 
 
+def exact_default(dtype: torch.dtype) -> bool:
+    """Row-invariant numerics by default in bf16 / fp16. Not in fp32: there the contract is token
+    equality with transformers, and MKL's fp32 products are not row-invariant anyway."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 class FastTarget(Target):
     """``Target`` with the lean forward. Construct only when ``supports(model)`` holds."""
 
-    def __init__(self, model, capacity: int = 1024):
+    def __init__(self, model, capacity: int = 1024, exact: bool | None = None):
+        """exact: row-invariant numerics (each logit row as a one-token step would give it, so greedy
+        speculative decoding equals vanilla decoding bit for bit); None: ``exact_default``."""
         super().__init__(model)
         ok, why = supports(model)
         if not ok:
@@ -239,9 +281,11 @@ class FastTarget(Target):
                                      m.up_proj.weight, m.down_proj.weight, qkv_b, a.o_proj.bias, source))
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
-        self.stack = Stack(layers, self.norm.weight, dims)
+        self.exact = exact_default(self.dtype) if exact is None else bool(exact) and self.dtype != torch.float32
+        self.stack = Stack(layers, self.norm.weight, dims, self.exact)
         lm = self.lm_head.weight
-        self._lm = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm))  # used by Target.logits
+        lm_head = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm))
+        self._lm = (lambda h: lm_head(h, True)) if self.exact else lm_head  # used by Target.logits
         self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
 
     def _rope_tables(self, upto: int) -> None:
