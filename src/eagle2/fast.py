@@ -194,6 +194,11 @@ def exact_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, s
     mod = native.load() if q.device.type == "cpu" else None
     if mod is not None:
         return mod.exact_attention(q, k_cache, v_cache, bias, s, scale)
+    return exact_attention_rows(q, k_cache, v_cache, bias, scale)
+
+
+def exact_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """``exact_attention`` without the extension: one row at a time, over the keys that row may see."""
     b, hq, t, d = q.shape
     g = hq // k_cache.shape[1]
     out = torch.empty_like(q)
@@ -284,9 +289,11 @@ class FastTarget(Target):
         self.exact = exact_default(self.dtype) if exact is None else bool(exact) and self.dtype != torch.float32
         self.stack = Stack(layers, self.norm.weight, dims, self.exact)
         lm = self.lm_head.weight
-        lm_head = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm))
-        self._lm = (lambda h: lm_head(h, True)) if self.exact else lm_head  # used by Target.logits
+        self._lm = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm))  # used by Target.logits
         self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
+
+    def _project(self, hidden: Tensor) -> Tensor:
+        return self._lm(hidden, self.exact)
 
     def _rope_tables(self, upto: int) -> None:
         if self._cos is not None and self._cos.shape[0] >= upto:
