@@ -24,7 +24,10 @@ def main() -> int:
     ap.add_argument("--past", type=int, default=200)
     ap.add_argument("--rows", default="1,16")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 is steadier on a busy machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     model = eagle2.load("smollm2-135m", dtype=getattr(torch, args.dtype)).model
     targets = {"exact": FastTarget(model, exact=True), "aten": FastTarget(model, exact=False)}
@@ -35,7 +38,8 @@ def main() -> int:
     for name, tgt in targets.items():
         caches[name] = tgt.new_cache(capacity=n + 64)
         tgt.forward(caches[name], prompt, torch.arange(n), None)
-    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtype": args.dtype, "past": n}
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "dtype": args.dtype, "past": n,
+           "threads": torch.get_num_threads()}
     for m in [int(r) for r in args.rows.split(",")]:
         parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, m)]
         tree, depth = torch.eye(m, dtype=torch.bool), torch.zeros(m, dtype=torch.long)

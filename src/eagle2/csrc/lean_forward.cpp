@@ -411,8 +411,8 @@ inline float exp_nonpositive(float x) {
 //   the rank among kept keys), added in lane order; out_d = (sum over kept i, in order, of p_i v_id) / l,
 //   rounded once to the dtype.
 // Skipped columns take no part in any sum, so a tree node's row equals the row its token gets when decoded
-// alone after the accepted path (same keys, same order). Scores of 16 keys are computed at once (one key
-// per lane, each lane summing over d in order), the output 16 dims at a time (one dim per lane).
+// alone after the accepted path (same keys, same order). Scores of 64 keys are computed at once (one key
+// per lane, each lane summing over d in order), the output one dim per lane.
 // q: [B, Hq, T, D] with D contiguous; kc, vc: [B, Hkv, C, D] with D contiguous, the first s entries valid;
 // bias: [B, 1, T, s] additive. Returns [B, Hq, T, D] (a view of [B, T, Hq, D] memory, like the fused RoPE's q).
 at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bias,
@@ -423,7 +423,8 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
               bias.size(0) == b && bias.size(2) == t && bias.size(3) == s && kc.size(2) >= s && hq % hk == 0,
               "exact_attention: q [B, Hq, T, D], caches [B, Hkv, C, D] and bias [B, 1, T, S] of one dtype expected");
   at::Tensor out = at::empty({b, t, hq, d}, q.options());
-  constexpr int64_t L = 16;  // keys per score block, dims per output block
+  constexpr int64_t L = 16;  // lanes of the partial sums of p
+  constexpr int64_t KB = 64;  // keys per score block: 64 independent lanes keep the multiply-add units busy
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "exact_attention", [&] {
     using N = Num<scalar_t>;
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -433,65 +434,88 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
     scalar_t* op = out.data_ptr<scalar_t>();
     const float sc = static_cast<float>(scale);
     const float cut = 0.5f * static_cast<float>(std::numeric_limits<scalar_t>::lowest());
-    const int64_t sblocks = (s + L - 1) / L, dp = (d + L - 1) / L * L;
-    // one task per (batch, kv head, query row): its g query heads share the key blocks
-    at::parallel_for(0, b * hk * t, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> kt(dp * L), qf(g * d), score(g * sblocks * L), prob(s), acc(dp);
+    const int64_t sblocks = (s + KB - 1) / KB, ks = kc.stride(2), vs = vc.stride(2), bs = bias.stride(3);
+    // Tasks: (batch, kv head, a chunk of query rows). The chunk's rows and the kv head's g query heads
+    // share one transposed copy of the keys; enough chunks to give every thread work.
+    const int64_t groups = b * hk;
+    const int64_t chunks = std::min<int64_t>(t, std::max<int64_t>(1, (2 * at::get_num_threads() + groups - 1) / groups));
+    const int64_t per = (t + chunks - 1) / chunks;
+    at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> kt(sblocks * d * KB), qf(g * d), score(g * sblocks * KB), prob(g * s), acc(g * d), vrows(s * d);
       std::vector<int64_t> kept(s);
+      float part[L];
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t bi = task / (hk * t), kh = task / t % hk, ti = task % t;
-        for (int64_t h = 0; h < g; ++h) {
-          const scalar_t* qr = qp + bi * q.stride(0) + (kh * g + h) * q.stride(1) + ti * q.stride(2);
-          for (int64_t j = 0; j < d; ++j) qf[h * d + j] = N::f(qr[j]);
-        }
+        const int64_t bi = task / (hk * chunks), kh = task / chunks % hk, r0 = task % chunks * per;
+        const int64_t r1 = std::min<int64_t>(t, r0 + per);
+        if (r0 >= r1) continue;
         const scalar_t* kbase = kp + bi * kc.stride(0) + kh * kc.stride(1);
         const scalar_t* vbase = vp + bi * vc.stride(0) + kh * vc.stride(1);
-        const scalar_t* brow = bp + bi * bias.stride(0) + ti * bias.stride(2);
-        for (int64_t blk = 0; blk < sblocks; ++blk) {  // scores, 16 keys at a time
-          const int64_t j0 = blk * L, n = std::min<int64_t>(L, s - j0);
-          for (int64_t j = 0; j < L; ++j) {  // keys of the block as [D][16] floats (0 past the last key)
-            const scalar_t* kr = kbase + (j0 + j) * kc.stride(2);
-            for (int64_t e = 0; e < d; ++e) kt[e * L + j] = j < n ? N::f(kr[e]) : 0.0f;
+        std::fill(kt.begin(), kt.end(), 0.0f);  // keys as [block][D][64] floats, 0 past the last key
+        for (int64_t key = 0; key < s; ++key) {
+          const scalar_t* kr = kbase + key * ks;
+          float* kb = kt.data() + key / KB * d * KB + key % KB;
+          for (int64_t e = 0; e < d; ++e) kb[e * KB] = N::f(kr[e]);
+        }
+        for (int64_t ti = r0; ti < r1; ++ti) {
+          for (int64_t h = 0; h < g; ++h) {
+            const scalar_t* qr = qp + bi * q.stride(0) + (kh * g + h) * q.stride(1) + ti * q.stride(2);
+            for (int64_t e = 0; e < d; ++e) qf[h * d + e] = N::f(qr[e]);
+          }
+          for (int64_t h = 0; h < g; ++h) {  // score_j = (sum over d in order of q_d k_jd) * scale, one key per lane
+            const float* qh = qf.data() + h * d;
+            for (int64_t blk = 0; blk < sblocks; ++blk) {
+              float lane[KB] = {};
+              const float* kb = kt.data() + blk * d * KB;
+              for (int64_t e = 0; e < d; ++e) {
+                const float qe = qh[e];
+                for (int64_t j = 0; j < KB; ++j) lane[j] += qe * kb[e * KB + j];
+              }
+              float* dst = score.data() + (h * sblocks + blk) * KB;
+              for (int64_t j = 0; j < KB; ++j) dst[j] = lane[j] * sc;
+            }
+          }
+          const scalar_t* brow = bp + bi * bias.stride(0) + ti * bias.stride(2);
+          int64_t nk = 0;  // the keys this row may see, in order
+          for (int64_t j = 0; j < s; ++j) {
+            if (N::f(brow[j * bs]) > cut) kept[nk++] = j;
+          }
+          std::vector<float> total(g, 0.0f);
+          for (int64_t h = 0; h < g; ++h) {
+            const float* srow = score.data() + h * sblocks * KB;
+            float* ph = prob.data() + h * s;
+            float m = -std::numeric_limits<float>::infinity();
+            for (int64_t i = 0; i < nk; ++i) {
+              ph[i] = srow[kept[i]] + N::f(brow[kept[i] * bs]);
+              m = std::max(m, ph[i]);
+            }
+            for (int64_t i = 0; i < nk; ++i) ph[i] = exp_nonpositive(ph[i] - m);
+            std::fill(part, part + L, 0.0f);  // l: 16 partial sums by rank mod 16, added in lane order
+            int64_t i = 0;
+            for (; i + L <= nk; i += L) {
+              for (int64_t l = 0; l < L; ++l) part[l] += ph[i + l];
+            }
+            for (int64_t l = 0; i + l < nk; ++l) part[l] += ph[i + l];
+            for (int64_t l = 0; l < L; ++l) total[h] += part[l];
+          }
+          for (int64_t k = 0; k < nk; ++k) {  // the kept value rows as floats, shared by the g heads
+            const scalar_t* vr = vbase + kept[k] * vs;
+            float* vf = vrows.data() + k * d;
+            for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
+          }
+          for (int64_t h = 0; h < g; ++h) {  // out_d = sum over kept keys in order of p v_d; one dim per lane
+            float* __restrict__ ah = acc.data() + h * d;
+            const float* __restrict__ ph = prob.data() + h * s;
+            std::fill(ah, ah + d, 0.0f);
+            for (int64_t k = 0; k < nk; ++k) {
+              const float pk = ph[k];
+              const float* __restrict__ vf = vrows.data() + k * d;
+              for (int64_t e = 0; e < d; ++e) ah[e] += pk * vf[e];
+            }
           }
           for (int64_t h = 0; h < g; ++h) {
-            float lane[L] = {};
-            const float* qh = qf.data() + h * d;
-            for (int64_t e = 0; e < d; ++e) {
-              const float qe = qh[e];
-              const float* ke = kt.data() + e * L;
-              for (int64_t j = 0; j < L; ++j) lane[j] += qe * ke[j];
-            }
-            for (int64_t j = 0; j < L; ++j) score[(h * sblocks + blk) * L + j] = lane[j] * sc;
+            scalar_t* orow = op + ((bi * t + ti) * hq + kh * g + h) * d;
+            for (int64_t e = 0; e < d; ++e) orow[e] = N::r(nk > 0 ? acc[h * d + e] / total[h] : 0.0f);  // no key: 0
           }
-        }
-        int64_t nk = 0;  // the keys this row may see, in order
-        for (int64_t j = 0; j < s; ++j) {
-          if (N::f(brow[j * bias.stride(3)]) > cut) kept[nk++] = j;
-        }
-        for (int64_t h = 0; h < g; ++h) {
-          const float* srow = score.data() + h * sblocks * L;
-          float m = -std::numeric_limits<float>::infinity();
-          for (int64_t i = 0; i < nk; ++i) {
-            prob[i] = srow[kept[i]] + N::f(brow[kept[i] * bias.stride(3)]);
-            m = std::max(m, prob[i]);
-          }
-          for (int64_t i = 0; i < nk; ++i) prob[i] = exp_nonpositive(prob[i] - m);
-          float part[L] = {};
-          int64_t i = 0;
-          for (; i + L <= nk; i += L) {
-            for (int64_t l = 0; l < L; ++l) part[l] += prob[i + l];
-          }
-          for (int64_t l = 0; i + l < nk; ++l) part[l] += prob[i + l];
-          float total = 0.0f;
-          for (int64_t l = 0; l < L; ++l) total += part[l];
-          std::fill(acc.begin(), acc.end(), 0.0f);
-          for (int64_t k = 0; k < nk; ++k) {
-            const scalar_t* vr = vbase + kept[k] * vc.stride(2);
-            const float pk = prob[k];
-            for (int64_t e = 0; e < d; ++e) acc[e] += pk * N::f(vr[e]);
-          }
-          scalar_t* orow = op + ((bi * t + ti) * hq + kh * g + h) * d;
-          for (int64_t e = 0; e < d; ++e) orow[e] = N::r(nk > 0 ? acc[e] / total : 0.0f);  // no key: zeros
         }
       }
     });
