@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import fit_head, make_generator, make_tiny_model
-from eagle2.fast import FastTarget, additive_mask, exact_attention, exact_attention_rows
+from eagle2.fast import FastTarget, additive_mask, exact_attention, exact_attention_rows, exact_default
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -92,11 +92,12 @@ def test_a_row_is_the_same_alone_or_in_a_tree(dtype, python):
     assert _row_checks(tgt, python) == []
 
 
-def test_exact_is_on_in_reduced_precision_and_off_in_fp32():
-    assert FastTarget(wide_model(torch.bfloat16)).exact
-    assert not FastTarget(wide_model(torch.float32)).exact
+def test_exact_only_in_reduced_precision():
+    assert FastTarget(wide_model(torch.bfloat16), exact=True).exact
+    assert FastTarget(wide_model(torch.float16), exact=True).exact
     assert not FastTarget(wide_model(torch.float32), exact=True).exact  # fp32: the contract with transformers
     assert not FastTarget(wide_model(torch.bfloat16), exact=False).exact
+    assert FastTarget(wide_model(torch.bfloat16)).exact == exact_default(torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -129,7 +130,7 @@ def bf16_generator():
     model = make_tiny_model("llama", vocab_size=512, seed=2, hidden_size=256, intermediate_size=1536,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     head = fit_head(model, steps=60)
-    return make_generator(model.to(torch.bfloat16), head=head)
+    return make_generator(model.to(torch.bfloat16), head=head, exact=True)
 
 
 @pytest.mark.parametrize("method", ["eagle2", "eagle1", "chain"])

@@ -68,7 +68,7 @@ def make_target(model, backend: str = "auto", exact: bool | None = None) -> Targ
 
     backend: "auto" (lean when supported and the model sits on one device), "fast" (lean or a
     ValueError saying why not), "transformers" (always the general path). exact: the lean forward's
-    row-invariant numerics (fast.FastTarget; None: on in bf16 / fp16)."""
+    row-invariant numerics (fast.FastTarget; None: fast.exact_default)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "transformers":
@@ -240,7 +240,8 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     exact: row-invariant numerics on the lean forward — every logit row of a tree verification is
     bit for bit what a one-token step gives, so greedy eagle2 / eagle1 / chain output equals vanilla
     output token for token in bf16 / fp16 too (fp32 is covered by the contract with transformers).
-    None: on in bf16 / fp16; False: ATen's attention kernel, where near-ties may flip."""
+    None: ``fast.exact_default`` (off for now: it costs ~11% of a verification forward); False: ATen's
+    kernels, where a near-tie may flip between a tree row and a one-token step."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
