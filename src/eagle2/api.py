@@ -63,11 +63,12 @@ def load_tuned(model_key: str) -> TreeConfig | None:
 BACKENDS = ("auto", "fast", "transformers")
 
 
-def make_target(model, backend: str = "auto") -> Target:
+def make_target(model, backend: str = "auto", exact: bool | None = None) -> Target:
     """The target adapter: our lean forward (fast.py) where it supports the model, else transformers'.
 
     backend: "auto" (lean when supported and the model sits on one device), "fast" (lean or a
-    ValueError saying why not), "transformers" (always the general path)."""
+    ValueError saying why not), "transformers" (always the general path). exact: the lean forward's
+    row-invariant numerics (fast.FastTarget; None: fast.exact_default)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "transformers":
@@ -79,7 +80,7 @@ def make_target(model, backend: str = "auto") -> Target:
         if backend == "fast":
             raise ValueError(f"backend 'fast' is unavailable: {why}")
         return Target(model)
-    return FastTarget(model)
+    return FastTarget(model, exact=exact)
 
 
 class Eagle2Generator:
@@ -87,17 +88,18 @@ class Eagle2Generator:
 
     def __init__(self, model, tokenizer, head: DraftHead | Eagle3Head, *, model_key: str = "",
                  tree: TreeConfig | None = None, head_source: str = "", backend: str = "auto",
-                 draft_vocab: int | None = None, cost_model: CostModel | None = None):
+                 draft_vocab: int | None = None, cost_model: CostModel | None = None, exact: bool | None = None):
         """head: an EAGLE-1/2 ``DraftHead`` or an ``Eagle3Head`` (whose features are three target
         layers, captured in the target's forward). cost_model: this machine's round costs for the
-        dynamic tree; None measures them on first use."""
+        dynamic tree; None measures them on first use. exact: row-invariant numerics on the lean
+        forward (see ``load``)."""
         self.model = model
         self.tokenizer = tokenizer
         if isinstance(head, Eagle3Head):
             check_eagle3_fits(head.config, model.config)
         else:
             check_head_fits(head.config, model.config)
-        self.target = make_target(model, backend)
+        self.target = make_target(model, backend, exact)
         self.backend = "fast" if isinstance(self.target, FastTarget) else "transformers"
         if isinstance(head, Eagle3Head):
             self.target.capture(head.config.feature_layers(self.target.n_layers))
@@ -119,7 +121,8 @@ class Eagle2Generator:
             return self._cost
         key = cost.fingerprint(dict(model=self.model_key or id(self.model), head=self.head_source,
                                     dtype=str(self.dtype), device=str(self.device), backend=self.backend,
-                                    native=native.ENABLED, packed=kernels.ENABLED, lowbit=kernels.LOWBIT_ENABLED))
+                                    native=native.ENABLED, packed=kernels.ENABLED, lowbit=kernels.LOWBIT_ENABLED,
+                                    exact=getattr(self.target, "exact", False)))
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
@@ -219,7 +222,7 @@ def load_head(directory: str | Path) -> DraftHead | Eagle3Head:
 
 def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torch.dtype = "auto",
          device: str = "auto", device_map=None, tree: TreeConfig | None = None,
-         backend: str = "auto", draft_vocab: int | None = None) -> Eagle2Generator:
+         backend: str = "auto", draft_vocab: int | None = None, exact: bool | None = None) -> Eagle2Generator:
     """Load a target and its draft head.
 
     model: a built-in name (``smollm2-135m``), a local Hugging Face model directory, a ``.gguf``
@@ -231,7 +234,12 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     the general path; "fast" demands the lean one.
     draft_vocab: how many of the head's draft-vocabulary tokens the drafter may propose (FR-Spec;
     None: the head's whole list, 0: the full vocabulary; an EAGLE-3 head's is fixed: leave it None).
-    Output is exact either way."""
+    Output is exact either way.
+    exact: row-invariant numerics on the lean forward — every logit row of a tree verification is
+    bit for bit what a one-token step gives, so greedy eagle2 / eagle1 / chain output equals vanilla
+    output token for token in bf16 / fp16 too (fp32 is covered by the contract with transformers).
+    None: ``fast.exact_default`` (off for now: it costs ~11% of a verification forward); False: ATen's
+    kernels, where a near-tie may flip between a tree row and a one-token step."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
@@ -250,4 +258,4 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
         draft = init_head(HeadConfig.from_target(hf.config))
         source = "random-init"
     return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source,
-                           backend=backend, draft_vocab=draft_vocab)
+                           backend=backend, draft_vocab=draft_vocab, exact=exact)

@@ -132,8 +132,9 @@ class Stack:
     Runs natively (native.py: the same ATen calls from C++, bit-identical) on a CPU when the
     extension is available, else as the Python loop below."""
 
-    def __init__(self, layers: list[Layer], final_norm: Tensor | None, dims: Dims):
-        self.layers, self.final_norm, self.dims = layers, final_norm, dims
+    def __init__(self, layers: list[Layer], final_norm: Tensor | None, dims: Dims, exact: bool = False):
+        """exact: row-invariant numerics for steps of up to ``EXACT_ROWS`` rows (see ``exact_attention``)."""
+        self.layers, self.final_norm, self.dims, self.exact = layers, final_norm, dims, exact
         linears = [lin for L in layers for lin in (L.qkv, L.o, L.gu, L.down)]
         self.packed = linears[0].packed if linears else False
         self._flat = [w for L in layers for w in (L.n1, L.qkv.weight, L.qkv.bias, L.o.weight, L.o.bias, L.n2,
@@ -178,32 +179,70 @@ class Stack:
             return self._native.decoder_forward(x, cos, sin, bias, self._flat[12 * lo:12 * hi], final_norm,
                                                 cache.k[lo:hi], cache.v[lo:hi], past, dm.n_heads, dm.kv_heads,
                                                 dm.head_dim, dm.inter, dm.eps, dm.scale, self.packed,
-                                                native.ACTS[dm.act])
+                                                native.ACTS[dm.act], self.exact)
         act = ACTIVATIONS[dm.act]
         for i in range(lo, hi):
             L = self.layers[i]
             h = x if L.n1 is None else _rms(L.n1, x, dm.eps)
-            x = x + attend(L, h, cos, sin, bias, cache.k[i], cache.v[i], past, dm)
-            gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
-            x = x + L.down(act(gate) * up)
+            x = x + attend(L, h, cos, sin, bias, cache.k[i], cache.v[i], past, dm, self.exact)
+            gate, up = L.gu(_rms(L.n2, x, dm.eps), self.exact).split(dm.inter, dim=-1)
+            x = x + L.down(act(gate) * up, self.exact)
         return x if final_norm is None else _rms(final_norm, x, dm.eps)
 
 
 def attend(L: Layer, h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, k_cache: Tensor, v_cache: Tensor, past: int,
-           dm: Dims) -> Tensor:
+           dm: Dims, exact: bool = False) -> Tensor:
     """A layer's attention block: h [B, T, in] (the normed input) -> o(attention) [B, T, H]. Writes the T
-    new keys/values into k_cache, v_cache [B, Hkv, C, D] at past.. and attends over 0..past + T."""
+    new keys/values into k_cache, v_cache [B, Hkv, C, D] at past.. and attends over 0..past + T.
+    ``exact``: row-invariant numerics for steps of up to ``EXACT_ROWS`` rows (``exact_attention``)."""
     b, t, _ = h.shape
     s = past + t
     hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
-    q, k, v = L.qkv(h).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
+    q, k, v = L.qkv(h, exact).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
     q = _rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
     k = _rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
     k_cache[:, :, past:s] = k
     v_cache[:, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
-    keys, vals = k_cache[:, :, :s], v_cache[:, :, :s]  # [B, Hkv, S, D]
-    o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
-    return L.o(o.transpose(1, 2).reshape(b, t, hq * d))
+    if exact and b * t <= EXACT_ROWS:
+        o = exact_attention(q, k_cache, v_cache, bias, s, dm.scale)
+    else:
+        keys, vals = k_cache[:, :, :s], v_cache[:, :, :s]  # [B, Hkv, S, D]
+        o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
+    return L.o(o.transpose(1, 2).reshape(b, t, hq * d), exact)
+
+
+EXACT_ROWS = 64  # the row counts (decode, verify and draft steps) the exact numerics cover; prefills take ATen's kernels
+
+
+def exact_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, s: int, scale: float) -> Tensor:
+    """Attention whose every row is reduced in one order fixed by the keys that row may see, whatever
+    the number of rows in the call or where the masked columns sit (csrc/lean_forward.cpp says which
+    order and why ATen's SDPA does not give it). q [B, Hq, T, D]; caches [B, Hkv, C, D], the first s
+    entries valid; bias [B, 1, T, s] additive -> [B, Hq, T, D].
+
+    Without the native extension (no compiler, not a CPU), each row is computed by its own call of
+    ATen ops over just the keys it may see: the same calls a one-token step makes for that token, so
+    rows are invariant there too (bit-identical to the native kernel they are not)."""
+    mod = native.load() if q.device.type == "cpu" else None
+    if mod is not None:
+        return mod.exact_attention(q, k_cache, v_cache, bias, s, scale)
+    return exact_attention_rows(q, k_cache, v_cache, bias, scale)
+
+
+def exact_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """``exact_attention`` without the extension: one row at a time, over the keys that row may see."""
+    b, hq, t, d = q.shape
+    g = hq // k_cache.shape[1]
+    out = torch.empty_like(q)
+    cut = torch.finfo(bias.dtype).min / 2
+    for bi in range(b):
+        for ti in range(t):
+            seen = (bias[bi, 0, ti] > cut).nonzero()[:, 0]  # [n] keys this row may see, in order
+            keys = k_cache[bi, :, seen].float().repeat_interleave(g, 0)  # [Hq, n, D]
+            vals = v_cache[bi, :, seen].float().repeat_interleave(g, 0)
+            scores = (q[bi, :, ti, None].float() * keys).sum(-1) * scale + bias[bi, 0, ti, seen].float()  # [Hq, n]
+            out[bi, :, ti] = (torch.softmax(scores, -1)[:, None] @ vals)[:, 0].to(q.dtype)
+    return out
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -242,10 +281,21 @@ class StaticCache:
             setattr(self, name, new)
 
 
+def exact_default(dtype: torch.dtype) -> bool:
+    """Row-invariant numerics are opt-in for now: measured on an AVX512-BF16 EPYC they cost ~11% of a
+    16-48-row verification forward (the hand-written attention is ~2x ATen's flash kernel there) and
+    nothing on a one-token step, so eagle2's lead over vanilla shrinks (README, "Row-invariant numerics").
+    ``exact=True`` is honoured in bf16 / fp16 only: in fp32 the contract is token equality with
+    transformers, and MKL's fp32 products are not row-invariant anyway."""
+    return False
+
+
 class FastTarget(Target):
     """``Target`` with the lean forward. Construct only when ``supports(model)`` holds."""
 
-    def __init__(self, model, capacity: int = 1024):
+    def __init__(self, model, capacity: int = 1024, exact: bool | None = None):
+        """exact: row-invariant numerics (each logit row as a one-token step would give it, so greedy
+        speculative decoding equals vanilla decoding bit for bit), bf16 / fp16 only; None: ``exact_default``."""
         super().__init__(model)
         ok, why = supports(model)
         if not ok:
@@ -271,10 +321,14 @@ class FastTarget(Target):
                                      m.up_proj.weight, m.down_proj.weight, qkv_b, a.o_proj.bias, source))
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
-        self.stack = Stack(layers, self.norm.weight, dims)
+        self.exact = exact_default(self.dtype) if exact is None else bool(exact) and self.dtype != torch.float32
+        self.stack = Stack(layers, self.norm.weight, dims, self.exact)
         lm = self.lm_head.weight
         self._lm = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm))  # used by Target.logits
         self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
+
+    def _project(self, hidden: Tensor) -> Tensor:
+        return self._lm(hidden, self.exact)
 
     def _rope_tables(self, upto: int) -> None:
         if self._cos is not None and self._cos.shape[0] >= upto:

@@ -82,7 +82,7 @@ class Linear:
     copy (call it only through this object or the native forward); else it is the plain [N, K] weight.
     ``lowbit``: the weight's block records [N / 16, K / 32, Q4_RECORD or Q8_RECORD] (uint8), or
     None; with records, the native ``linear`` picks the block kernel or the bf16 weight by row count,
-    the same choice the native decoder stack makes (lean_forward.cpp)."""
+    the same choice the native decoder stack makes (lean_forward.cpp: up to 32 rows, 64 when exact)."""
 
     __slots__ = ("weight", "bias", "packed", "lowbit", "_native")
 
@@ -90,9 +90,15 @@ class Linear:
         self.weight, self.bias, self.packed, self.lowbit = weight, bias, packed, lowbit
         self._native = None if lowbit is None else native.load().linear
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, exact: bool = False) -> Tensor:
+        """``exact``: compute every row as in a call of 2..64 rows (row-invariant numerics, fast.py).
+        oneDNN's bf16 product takes another kernel for a single row (SmolLM2's down projection: 1 output
+        in 576 differs in its last bit), so a 1-row input runs as two copies of its row."""
         if self._native is not None:
-            return self._native(x, self.weight, self.bias, self.packed, self.lowbit)
+            return self._native(x, self.weight, self.bias, self.packed, self.lowbit, exact)
+        if exact and x.numel() == x.shape[-1]:
+            one = x.reshape(1, x.shape[-1])
+            return self(torch.cat([one, one]))[:1].reshape(*x.shape[:-1], -1)
         if self.packed:
             return _POINTWISE(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -114,10 +114,14 @@ class Target:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[..., H] features -> [..., V] fp32 logits, as the model's own forward computes them."""
-        out = self._lm(hidden).float()
+        out = self._project(hidden).float()
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
+
+    def _project(self, hidden: Tensor) -> Tensor:
+        """[..., H] -> [..., V] in the model dtype (FastTarget: with its exact numerics)."""
+        return self._lm(hidden)
 
     @torch.inference_mode()
     def forward(self, cache, tokens: Tensor, positions: Tensor, allowed: Tensor | None,

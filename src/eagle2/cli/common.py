@@ -23,6 +23,9 @@ def _model_args(p: argparse.ArgumentParser, draft_vocab: bool = True) -> None:
                    help="target forward: auto = our lean forward for Llama/Qwen2/Mistral-style models (logits equal "
                         "to transformers'), transformers' otherwise; transformers = always the general path "
                         "(default: %(default)s)")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
+                   help="row-invariant numerics on the lean forward: in bf16 / fp16 greedy eagle2 / eagle1 / chain "
+                        "then equal vanilla token for token, at ~11%% more time per verification (default: off)")
     if not draft_vocab:
         return
     p.add_argument("--draft-vocab", type=int, default=None,
@@ -57,7 +60,8 @@ def _load(args):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gen = eagle2.load(args.model, head=args.head, dtype=args.dtype, device=args.device,
-                          backend=getattr(args, "backend", "auto"), draft_vocab=getattr(args, "draft_vocab", None))
+                          backend=getattr(args, "backend", "auto"), draft_vocab=getattr(args, "draft_vocab", None),
+                          exact=getattr(args, "exact", None))
     for w in caught:
         if "draft head" in str(w.message):
             print(f"warning: {w.message}", file=sys.stderr)

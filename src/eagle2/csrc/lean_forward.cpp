@@ -14,8 +14,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstring>
 #include <vector>
 
@@ -258,9 +260,23 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
 // has records, else oneDNN's prepacked weight or plain ATen. Longer inputs (prefills) keep oneDNN:
 // for 33-64 rows its kernel sums in another order, and its bf16 results then match transformers'
 // bf16 forward more often (greedy texts identical to hf on MT-bench first turns: 0.94 vs 0.59).
+//
+// exact (row-invariant numerics, fast.py): every row must come out as it would in a call of any other row
+// count from 1 to 64. oneDNN's bf16 product takes another kernel for a single row than for 2..64 rows (on
+// SmolLM2's down projection 1 output in 576 differs in its last bit), so a 1-row input runs as two copies of
+// its row; the block kernel computes each row alone on the tile unit, so it serves up to 64 rows (a whole
+// tree verification) instead of 32, and never hands part of a verification to oneDNN.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool packed,
-                  const c10::optional<at::Tensor>& recs) {
-  if (recs.has_value() && x.numel() <= 32 * x.size(-1)) return block_linear(x, *recs, b);
+                  const c10::optional<at::Tensor>& recs, bool exact) {
+  const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
+  if (exact && rows == 1) {
+    const at::Tensor one = x.reshape({1, x.size(-1)});
+    at::Tensor y = linear(at::cat({one, one}, 0), w, b, packed, recs, true).narrow(0, 0, 1);
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = y.size(-1);
+    return y.reshape(sizes);
+  }
+  if (recs.has_value() && rows <= (exact ? 64 : 32)) return block_linear(x, *recs, b);
   return packed ? packed_linear(x, w, b) : at::linear(x, w, b);
 }
 
@@ -358,6 +374,155 @@ at::Tensor rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tens
   return q.transpose(1, 2);
 }
 
+// ---- row-invariant attention ----------------------------------------------------------------------
+// exp(x) for x <= 0 in float: Cody-Waite reduction by ln 2 and a degree-7 Taylor polynomial (relative
+// error ~2e-7, 0 below -87). Only +, -, * and conversions, which round the same in a vector lane as in a
+// scalar (the build has -ffp-contract=off), so a value's exp does not depend on where it falls in a loop:
+// ATen's kernels use a vector exp for the body of a row and libm's for its tail, and the tail moves with the
+// row length. Written for the compiler to vectorize.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  const float r = (xc - kf * 0.693145751953125f) - kf * 1.428606765330187e-06f;  // ln 2 = hi + lo, k * hi exact
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;  // 2^k, k in -126..0
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// softmax(q k^T * scale + bias) v for T query rows (decode, verify and draft steps), with every row reduced
+// in one order that depends only on the keys that row may see, never on T or on where masked columns sit.
+// Hand-written because no torch kernel promises that: ATen's CPU flash attention blocks the keys by the
+// call's key count (S = past + T, with the tree's masked columns), takes libm's exp for a block's tail
+// columns and a vector exp for the rest, and its products switch kernels with the row count; a root row
+// verified inside a 16-node tree then differs from the same token decoded alone (tools/row_invariance.py).
+// The order, per (row, query head):
+//   score_j = (sum over d, sequentially, of q_d k_jd) * scale + bias_j, in fp32, for every key j;
+//   keep the keys whose bias is above half the dtype's lowest value (the additive mask's "may not attend"),
+//   in key order; m = their max; p_i = exp(score_i - m); l = the 16 partial sums of p_i by i mod 16 (i:
+//   the rank among kept keys), added in lane order; out_d = (sum over kept i, in order, of p_i v_id) / l,
+//   rounded once to the dtype.
+// Skipped columns take no part in any sum, so a tree node's row equals the row its token gets when decoded
+// alone after the accepted path (same keys, same order). Scores of 64 keys are computed at once (one key
+// per lane, each lane summing over d in order), the output one dim per lane.
+// q: [B, Hq, T, D] with D contiguous; kc, vc: [B, Hkv, C, D] with D contiguous, the first s entries valid;
+// bias: [B, 1, T, s] additive. Returns [B, Hq, T, D] (a view of [B, T, Hq, D] memory, like the fused RoPE's q).
+at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bias,
+                           int64_t s, double scale) {
+  const int64_t b = q.size(0), hq = q.size(1), t = q.size(2), d = q.size(3), hk = kc.size(1), g = hq / hk;
+  TORCH_CHECK(q.stride(3) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1 && kc.scalar_type() == q.scalar_type() &&
+              vc.scalar_type() == q.scalar_type() && bias.scalar_type() == q.scalar_type() && bias.dim() == 4 &&
+              bias.size(0) == b && bias.size(2) == t && bias.size(3) == s && kc.size(2) >= s && hq % hk == 0,
+              "exact_attention: q [B, Hq, T, D], caches [B, Hkv, C, D] and bias [B, 1, T, S] of one dtype expected");
+  at::Tensor out = at::empty({b, t, hq, d}, q.options());
+  constexpr int64_t L = 16;  // lanes of the partial sums of p
+  constexpr int64_t KB = 64;  // keys per score block: 64 independent lanes keep the multiply-add units busy
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "exact_attention", [&] {
+    using N = Num<scalar_t>;
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = kc.const_data_ptr<scalar_t>();
+    const scalar_t* vp = vc.const_data_ptr<scalar_t>();
+    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const float sc = static_cast<float>(scale);
+    const float cut = 0.5f * static_cast<float>(std::numeric_limits<scalar_t>::lowest());
+    const int64_t sblocks = (s + KB - 1) / KB, ks = kc.stride(2), vs = vc.stride(2), bs = bias.stride(3);
+    // Tasks: (batch, kv head, a chunk of query rows). The chunk's rows and the kv head's g query heads
+    // share one transposed copy of the keys; enough chunks to give every thread work.
+    const int64_t groups = b * hk;
+    const int64_t chunks = std::min<int64_t>(t, std::max<int64_t>(1, (2 * at::get_num_threads() + groups - 1) / groups));
+    const int64_t per = (t + chunks - 1) / chunks;
+    at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> kt(sblocks * d * KB), qf(g * d), score(g * sblocks * KB), prob(g * s), acc(g * d), vrows(s * d);
+      std::vector<int64_t> kept(s);
+      float part[L];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bi = task / (hk * chunks), kh = task / chunks % hk, r0 = task % chunks * per;
+        const int64_t r1 = std::min<int64_t>(t, r0 + per);
+        if (r0 >= r1) continue;
+        const scalar_t* kbase = kp + bi * kc.stride(0) + kh * kc.stride(1);
+        const scalar_t* vbase = vp + bi * vc.stride(0) + kh * vc.stride(1);
+        std::fill(kt.begin(), kt.end(), 0.0f);  // keys as [block][D][64] floats, 0 past the last key
+        for (int64_t key = 0; key < s; ++key) {
+          const scalar_t* kr = kbase + key * ks;
+          float* kb = kt.data() + key / KB * d * KB + key % KB;
+          for (int64_t e = 0; e < d; ++e) kb[e * KB] = N::f(kr[e]);
+        }
+        for (int64_t ti = r0; ti < r1; ++ti) {
+          for (int64_t h = 0; h < g; ++h) {
+            const scalar_t* qr = qp + bi * q.stride(0) + (kh * g + h) * q.stride(1) + ti * q.stride(2);
+            for (int64_t e = 0; e < d; ++e) qf[h * d + e] = N::f(qr[e]);
+          }
+          for (int64_t h = 0; h < g; ++h) {  // score_j = (sum over d in order of q_d k_jd) * scale, one key per lane
+            const float* qh = qf.data() + h * d;
+            for (int64_t blk = 0; blk < sblocks; ++blk) {
+              float lane[KB] = {};
+              const float* kb = kt.data() + blk * d * KB;
+              for (int64_t e = 0; e < d; ++e) {
+                const float qe = qh[e];
+                for (int64_t j = 0; j < KB; ++j) lane[j] += qe * kb[e * KB + j];
+              }
+              float* dst = score.data() + (h * sblocks + blk) * KB;
+              for (int64_t j = 0; j < KB; ++j) dst[j] = lane[j] * sc;
+            }
+          }
+          const scalar_t* brow = bp + bi * bias.stride(0) + ti * bias.stride(2);
+          int64_t nk = 0;  // the keys this row may see, in order
+          for (int64_t j = 0; j < s; ++j) {
+            if (N::f(brow[j * bs]) > cut) kept[nk++] = j;
+          }
+          std::vector<float> total(g, 0.0f);
+          for (int64_t h = 0; h < g; ++h) {
+            const float* srow = score.data() + h * sblocks * KB;
+            float* ph = prob.data() + h * s;
+            float m = -std::numeric_limits<float>::infinity();
+            for (int64_t i = 0; i < nk; ++i) {
+              ph[i] = srow[kept[i]] + N::f(brow[kept[i] * bs]);
+              m = std::max(m, ph[i]);
+            }
+            for (int64_t i = 0; i < nk; ++i) ph[i] = exp_nonpositive(ph[i] - m);
+            std::fill(part, part + L, 0.0f);  // l: 16 partial sums by rank mod 16, added in lane order
+            int64_t i = 0;
+            for (; i + L <= nk; i += L) {
+              for (int64_t l = 0; l < L; ++l) part[l] += ph[i + l];
+            }
+            for (int64_t l = 0; i + l < nk; ++l) part[l] += ph[i + l];
+            for (int64_t l = 0; l < L; ++l) total[h] += part[l];
+          }
+          for (int64_t k = 0; k < nk; ++k) {  // the kept value rows as floats, shared by the g heads
+            const scalar_t* vr = vbase + kept[k] * vs;
+            float* vf = vrows.data() + k * d;
+            for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
+          }
+          for (int64_t h = 0; h < g; ++h) {  // out_d = sum over kept keys in order of p v_d; one dim per lane
+            float* __restrict__ ah = acc.data() + h * d;
+            const float* __restrict__ ph = prob.data() + h * s;
+            std::fill(ah, ah + d, 0.0f);
+            for (int64_t k = 0; k < nk; ++k) {
+              const float pk = ph[k];
+              const float* __restrict__ vf = vrows.data() + k * d;
+              for (int64_t e = 0; e < d; ++e) ah[e] += pk * vf[e];
+            }
+          }
+          for (int64_t h = 0; h < g; ++h) {
+            scalar_t* orow = op + ((bi * t + ti) * hq + kh * g + h) * d;
+            for (int64_t e = 0; e < d; ++e) orow[e] = N::r(nk > 0 ? acc[h * d + e] / total[h] : 0.0f);  // no key: 0
+          }
+        }
+      }
+    });
+  });
+  return out.transpose(1, 2);
+}
+
 at::Tensor activation(const at::Tensor& x, int64_t act) {
   if (act == 0) return at::silu(x);
   return at::gelu(x, act == 1 ? "none" : "tanh");
@@ -368,12 +533,13 @@ at::Tensor activation(const at::Tensor& x, int64_t act) {
 // x: [B, T, H] layer input; cos, sin: [B, 1, T, D]; bias: [B, 1, T, S] additive mask (S = past + T);
 // weights: 12 per layer (input norm|None, qkv, qkv bias|None, o, o bias|None, post-attention norm,
 // gate_up, down, then the block records of qkv, o, gate_up, down, each |None); k_cache, v_cache: [L, B, Hkv, C, D], written at past..S-1; act: 0 silu, 1 gelu,
-// 2 gelu (tanh). Returns the last layer's output, after final_norm unless it is None, [B, T, H].
+// 2 gelu (tanh); exact: row-invariant numerics for steps of up to 64 rows (exact_attention, linear's 1-row rule).
+// Returns the last layer's output, after final_norm unless it is None, [B, T, H].
 at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
                            const std::vector<c10::optional<at::Tensor>>& weights,
                            const c10::optional<at::Tensor>& final_norm,
                            at::Tensor k_cache, at::Tensor v_cache, int64_t past, int64_t hq, int64_t hk, int64_t d,
-                           int64_t inter, double eps, double scale, bool packed, int64_t act) {
+                           int64_t inter, double eps, double scale, bool packed, int64_t act, bool exact) {
   c10::InferenceMode guard;
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const int64_t b = x.size(0), t = x.size(1), s = past + t, g = hq / hk;
@@ -383,7 +549,7 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
   for (int64_t i = 0; i < n_layers; ++i) {
     const auto* w = &weights[12 * i];
     at::Tensor h = w[0].has_value() ? norm(x, *w[0]) : x;  // EAGLE's draft layer has no input norm
-    at::Tensor qkv = linear(h, *w[1], w[2], packed, w[8]);  // [B, T, (Hq + 2 Hkv) D]
+    at::Tensor qkv = linear(h, *w[1], w[2], packed, w[8], exact);  // [B, T, (Hq + 2 Hkv) D]
     at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);  // [B, Hkv, C, D]
     at::Tensor q;  // [B, Hq, T, D], with k and v written to the cache at past ..
     if (fused) {
@@ -394,12 +560,18 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
       kc.slice(2, past, s).copy_(rotate_aten(parts[1].view({b, t, hk, d}).transpose(1, 2), cos, sin));
       vc.slice(2, past, s).copy_(parts[2].view({b, t, hk, d}).transpose(1, 2));
     }
-    at::Tensor keys = kc.slice(2, 0, s), vals = vc.slice(2, 0, s);  // [B, Hkv, S, D]
-    at::Tensor o = at::scaled_dot_product_attention(q, keys, vals, bias, 0.0, false, scale, g > 1);  // [B, Hq, T, D]
-    x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[3], w[4], packed, w[9]);
+    at::Tensor o;  // [B, Hq, T, D]
+    if (fused && exact) {
+      o = exact_attention(q, kc, vc, bias, s, scale);
+    } else {
+      at::Tensor keys = kc.slice(2, 0, s), vals = vc.slice(2, 0, s);  // [B, Hkv, S, D]
+      o = at::scaled_dot_product_attention(q, keys, vals, bias, 0.0, false, scale, g > 1);
+    }
+    x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[3], w[4], packed, w[9], exact);
     h = norm(x, *w[5]);
-    at::Tensor gu = linear(h, *w[6], c10::nullopt, packed, w[10]);
-    x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[7], c10::nullopt, packed, w[11]);
+    at::Tensor gu = linear(h, *w[6], c10::nullopt, packed, w[10], exact);
+    x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[7], c10::nullopt, packed, w[11],
+                   exact);
   }
   return final_norm.has_value() ? norm(x, *final_norm) : x;
 }
@@ -414,6 +586,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)", release());
   m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops", release());
   m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX)", release());
-  m.def("linear", &linear, "x @ W.T (+ b): the block kernel for up to 32 rows, else oneDNN / ATen", release());
+  m.def("linear", &linear, "x @ W.T (+ b): the block kernel for up to 32 rows (exact: 64), else oneDNN / ATen",
+        release());
+  m.def("exact_attention", &exact_attention, "row-invariant attention over a static cache (see exact_attention)",
+        release());
   m.def("amx_ready", &amx_ready, "whether block_linear can run here");
 }
