@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from dataclasses import replace
@@ -12,8 +13,9 @@ from conftest import ToyTokenizer, make_tiny_model
 
 from eagle2.api import Eagle2Generator
 from eagle2.draft_head import DraftHead, HeadConfig, init_head, rope_theta_of
+from eagle2.train.corpus import Corpus
 from eagle2.train.export import check_released_format, expected_keys, export_head
-from eagle2.train.features import build_features, load_shards
+from eagle2.train.features import build_features, load_shards, window_meta
 from eagle2.train.pipeline import PipelineOptions, run_pipeline
 from eagle2.train.responses import read_responses
 from eagle2.train.trainer import TrainConfig, Trainer
@@ -54,7 +56,7 @@ def _cfg(**kw):
 
 def _opts(run_dir, prompt_file, **kw):
     base = dict(run_dir=run_dir, prompts=(str(prompt_file),), dev_prompts=2, max_new_tokens=16, gen_batch_size=8,
-                shard_size=8, context=4, progress=False, base_model="tiny-llama", train_cfg=_cfg())
+                shard_size=8, progress=False, base_model="tiny-llama", train_cfg=_cfg())
     return PipelineOptions(**{**base, **kw})
 
 
@@ -64,26 +66,35 @@ def run(tiny, prompt_file, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     tok = ToyTokenizer()
     run_pipeline(tiny, tok, _opts(run_dir, prompt_file, stages=("responses", "features")))
-    resp = run_dir / "responses.jsonl"
-    full = {r["id"]: r for r in read_responses(resp)}
+    full = {r["id"]: r for r in _records(run_dir)}
     assert len(full) == 14  # 16 prompts - 2 held out for acceptance evaluation
-    # interrupted responses stage: 5 complete lines and half a line -> resumes, same answers
-    lines = resp.read_text().splitlines(keepends=True)
-    resp.write_text("".join(lines[:5]) + lines[5][:17])
+    # an interrupted responses stage: 5 turns pending and half a line -> resumes, same answers
+    cut = run_dir / "cut-corpus"
+    c = Corpus(cut)
+    for r in list(full.values())[:5]:
+        c.add(r["id"], 0, r["prompt_ids"], r["response_ids"])
+    with (cut / "pending.jsonl").open("a") as f:
+        f.write('{"id": "prompts:9", "turn": 0, "pre')
     (run_dir / "features" / "shard-00001.safetensors").unlink()  # features lost: those records are redone
-    run_pipeline(tiny, tok, _opts(run_dir, prompt_file, stages=("responses", "features")))
-    again = {r["id"]: r for r in read_responses(resp)}
+    run_pipeline(tiny, tok, _opts(run_dir, prompt_file, stages=("responses", "features"), corpus=cut))
+    again = {r["id"]: r for r in Corpus(cut).records()}
     assert again.keys() == full.keys()
     assert all(again[k]["response_ids"] == full[k]["response_ids"] for k in full)
-    assert len(resp.read_text().splitlines()) == 14
+    shards = json.loads((cut / "manifest.json").read_text())["shards"]  # the 5 left pending, then the 9 new
+    assert [(s["file"], s["turns"]) for s in shards] == [("turns-00000.jsonl.gz", 5), ("turns-00001.jsonl.gz", 9)]
+    assert not (cut / "pending.jsonl").exists()
     assert len(load_shards(run_dir / "features")) == 14  # each record once, regenerated ones not twice
     held_out = {next(iter(full))}  # a prompt moved to the dev set later is not trained on
     assert len(load_shards(run_dir / "features", exclude=held_out)) == 13
     return run_dir
 
 
+def _records(run_dir):
+    return Corpus(run_dir / "corpus").records()
+
+
 def test_responses_are_the_targets_greedy_answers(tiny, run):
-    rec = read_responses(run / "responses.jsonl")[0]
+    rec = _records(run)[0]
     ids = torch.tensor([rec["prompt_ids"]])
     ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
                         pad_token_id=0)[0, ids.shape[1]:].tolist()
@@ -93,7 +104,7 @@ def test_responses_are_the_targets_greedy_answers(tiny, run):
 def test_features_are_target_hidden_states(tiny, run):
     exs = load_shards(run / "features")
     assert len(exs) == 14
-    rec = read_responses(run / "responses.jsonl")[0]
+    rec = _records(run)[0]
     full = rec["prompt_ids"] + rec["response_ids"]
     with torch.no_grad():
         h = tiny.model(torch.tensor([full])).last_hidden_state[0]  # [T, H] after the final norm
@@ -101,7 +112,7 @@ def test_features_are_target_hidden_states(tiny, run):
     # captured while generating: the last generated token is never fed, so it may lack a feature
     assert len(full) - e.pos0 - 1 <= len(e.tokens) <= len(full) - e.pos0
     assert e.tokens.tolist() == full[e.pos0:e.pos0 + len(e.tokens)]
-    assert e.start == len(rec["prompt_ids"]) - e.pos0 and e.pos0 == max(0, len(rec["prompt_ids"]) - 4)
+    assert e.pos0 == 0 and e.start == len(rec["prompt_ids"])  # the head sees the whole prompt, as at inference
     n = len(e.tokens)
     torch.testing.assert_close(e.hidden.float(), h[e.pos0:e.pos0 + n].to(torch.bfloat16).float(), atol=2e-2, rtol=1e-2)
 
@@ -109,14 +120,13 @@ def test_features_are_target_hidden_states(tiny, run):
 def test_features_stage_fills_records_without_captured_features(tiny, run, tmp_path):
     """The features stage (a prefill over prompt + response) gives the features the responses stage
     captured while generating, up to bf16 rounding, and skips records that already have them."""
-    import shutil
-
     run2 = tmp_path / "run"
-    run2.mkdir()
-    shutil.copy(run / "responses.jsonl", run2 / "responses.jsonl")
-    assert build_features(tiny, run2 / "responses.jsonl", run2 / "features", shard_size=8, context=4)["new_shards"] == 2
-    assert build_features(tiny, run2 / "responses.jsonl", run2 / "features", shard_size=8, context=4)["new_shards"] == 0
-    recomputed, captured = load_shards(run2 / "features"), load_shards(run / "features")
+    recs = _records(run)
+    assert build_features(tiny, recs, run2 / "features", shard_size=8)["new_shards"] == 2
+    assert build_features(tiny, recs, run2 / "features", shard_size=8)["new_shards"] == 0
+    assert build_features(tiny, recs, run2 / "features", shard_size=8, context=4)["new_shards"] == 2  # other windows
+    full = window_meta(None, 1024)
+    recomputed, captured = load_shards(run2 / "features", window=full), load_shards(run / "features")
     assert len(recomputed) == len(captured) == 14
     by_key = {(tuple(e.tokens[:e.start + 1].tolist()), e.pos0): e for e in captured}
     for e in recomputed:
@@ -210,9 +220,9 @@ def test_wider_head_warm_start_keeps_the_function(tiny, run, tmp_path):
 
 def test_sampled_responses_stage(tiny, prompt_file, tmp_path):
     run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "s", prompt_file, stages=("responses",), temperature=5.0))
-    sampled = {r["id"]: r["response_ids"] for r in read_responses(tmp_path / "s" / "responses.jsonl")}
+    sampled = {r["id"]: r["response_ids"] for r in _records(tmp_path / "s")}
     run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "g", prompt_file, stages=("responses",)))
-    greedy = {r["id"]: r["response_ids"] for r in read_responses(tmp_path / "g" / "responses.jsonl")}
+    greedy = {r["id"]: r["response_ids"] for r in _records(tmp_path / "g")}
     assert sampled.keys() == greedy.keys()
     assert sum(sampled[k] != greedy[k] for k in greedy) >= len(greedy) // 2  # a hot temperature changes answers
 
@@ -248,6 +258,8 @@ def test_train_export_load_generate_round_trip(tiny, run, prompt_file, tmp_path)
     assert set(stats["stage_seconds"]) == {"responses", "features", "train", "export"}
     card = (out / "README.md").read_text()
     assert "tiny-llama" in card and "Hyperparameters" in card and "vLLM" in card and "tokens seen" in card
+    assert "## Training corpus" in card and "| prompts | 14 | 0 | 14 |" in card  # from the corpus manifest
+    assert "Loss over the draft vocabulary" in card
     assert check_released_format(out) == []
     head = DraftHead.load(out)
     gen = Eagle2Generator(tiny, tok, head)
@@ -260,12 +272,140 @@ def test_train_export_load_generate_round_trip(tiny, run, prompt_file, tmp_path)
     assert res.stats.mean_accept_len >= 1.0
 
 
-def test_ce_vocab_subset_trains(tiny, run, tmp_path):
+def test_loss_over_the_draft_vocabulary(tiny, run, tmp_path):
+    """The soft-CE takes both distributions over the draft vocabulary's lm_head rows only (the
+    target's renormalized over them); the other rows are never touched; saved heads carry the vocabulary."""
+    from eagle2.train.trainer import collate, head_loss
+
     exs = load_shards(run / "features")
-    tr = Trainer(tiny, ToyTokenizer(), exs, tmp_path / "v", _cfg(ce_vocab=48, max_steps=3), progress=False)
+    vocab = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:48]
+    tr = Trainer(tiny, ToyTokenizer(), exs, tmp_path / "v", _cfg(max_steps=3, noise=0.0, ttt_steps=1), progress=False,
+                 vocab=vocab)
     assert tr.lm_w.shape == (48, tiny.config.hidden_size)
+    batch = collate(exs[:3])
+    w = tiny.lm_head.weight.detach()
+    with torch.no_grad():
+        _, m = head_loss(tr.head, tr.embed, tr.lm_w, batch, tr.cfg, None)
+        h = batch["hidden"].float()
+        pred = tr.head(h[:, :-1], tr.embed(batch["tokens"][:, 1:]).float(),
+                       batch["pos0"][:, None] + torch.arange(h.shape[1] - 1)[None])[0]
+        i = torch.arange(h.shape[1] - 1)[None]
+        mask = (i + 1 >= batch["start"][:, None]) & (i + 1 < batch["lens"][:, None])
+        p = (h[:, 1:][mask] @ w[vocab].T).softmax(-1)  # [N, 48] the target's distribution over the draft vocabulary
+        ce = -(p * (pred[mask] @ w[vocab].T).log_softmax(-1)).sum(-1).mean()
+    assert m["ce"] == pytest.approx(float(ce), rel=1e-4)
+    # rows outside the draft vocabulary do not matter at all
+    other = torch.ones(VOCAB, dtype=torch.bool)
+    other[vocab] = False
+    changed = make_tiny_model("llama", vocab_size=VOCAB, max_position_embeddings=512)
+    with torch.no_grad():
+        changed.lm_head.weight[other] = torch.randn(int(other.sum()), tiny.config.hidden_size)
+    tr2 = Trainer(changed, ToyTokenizer(), exs, tmp_path / "v2", tr.cfg, progress=False, vocab=vocab)
+    with torch.no_grad():
+        assert head_loss(tr2.head, tr2.embed, tr2.lm_w, batch, tr2.cfg, None)[1]["ce"] == m["ce"]
     res = tr.train()
     assert res.step == 3 and all(h["ce"] < 5 for h in res.history if "ce" in h)
+    assert DraftHead.load(tmp_path / "v" / "last").draft_vocab.tolist() == vocab.tolist()  # measured as shipped
+    with pytest.raises(ValueError, match="loss vocabulary"):  # a checkpoint is resumed over its own vocabulary
+        Trainer(tiny, ToyTokenizer(), exs, tmp_path / "v", tr.cfg, progress=False, vocab=vocab[:40])
+    with pytest.raises(ValueError, match="loss vocabulary"):
+        Trainer(tiny, ToyTokenizer(), exs, tmp_path / "v3", tr.cfg, progress=False, vocab=torch.tensor([VOCAB]))
+
+
+def test_training_windows_hold_the_whole_prompt():
+    """context None: the window starts at the first prompt token; max_len drops the oldest prompt
+    tokens first (keeping one before the answer), then cuts the answer."""
+    from eagle2.train.features import _windows
+
+    rec = dict(prompt_ids=list(range(10, 16)), response_ids=[1, 2, 3, 4])  # prompt 6, answer 4
+    assert _windows([rec], None, 100) == [(rec["prompt_ids"] + rec["response_ids"], 0, 6)]
+    assert _windows([rec], 3, 100)[0][1:] == (3, 6)
+    ids, s, p = _windows([rec], None, 8)[0]
+    assert (s, p, len(ids) - s) == (2, 6, 8)
+    long = dict(prompt_ids=list(range(10, 16)), response_ids=list(range(12)))
+    ids, s, p = _windows([long], None, 8)[0]
+    assert (s, p, len(ids) - s, ids[-1]) == (5, 6, 8, 6)  # one prompt token, then the first 7 answer tokens
+    assert _windows([dict(prompt_ids=[1, 2], response_ids=[3])], None, 100)[0][2] == -1  # nothing to learn
+
+
+def test_corpus_round_trips_ids_and_import_is_idempotent(tmp_path):
+    from eagle2.train.corpus import import_responses
+
+    rng = random.Random(1)
+    src = tmp_path / "responses.jsonl"
+    recs = [dict(id=f"dolly15k_en:dolly-{i}", prompt_ids=[rng.randrange(49152) for _ in range(rng.randrange(1, 30))],
+                 response_ids=[rng.randrange(49152) for _ in range(rng.randrange(0, 40))], response="x")
+            for i in range(20)] + [dict(id="oasst1_en:7", prompt_ids=[0, 49151], response_ids=[65535, 0])]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    c = Corpus(tmp_path / "c")
+    assert import_responses(c, src, "m", {"temperature": 0.0}) == dict(added=21, skipped=0)
+    assert import_responses(Corpus(tmp_path / "c"), src, "m", {"temperature": 0.0}) == dict(added=0, skipped=21)
+    assert len(list((tmp_path / "c").glob("turns-*.jsonl.gz"))) == 1  # the second import wrote nothing
+    back = Corpus(tmp_path / "c")
+    assert [(r["id"], r["prompt_ids"], r["response_ids"]) for r in back.records()] == \
+        [(r["id"], r["prompt_ids"], r["response_ids"]) for r in recs]
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["model"] == "m" and m["total"]["conversations"] == 21 and m["sources"]["oasst1_en"]["turns"] == 1
+    assert m["total"]["response_tokens"] == sum(len(r["response_ids"]) for r in recs)
+    # a later turn stores only what follows the earlier turns, and reads back whole
+    first = back.conversations["oasst1_en:7"].ids_after(0)
+    back.add("oasst1_en:7", 1, first + [5, 6], [9])
+    back.add("oasst1_en:7", 2, first[:1] + [8], [4, 4])  # a template that does not extend: still exact
+    with pytest.raises(ValueError, match="does not follow"):
+        back.add("dolly15k_en:dolly-0", 2, [1], [2])
+    back.seal("m", {"temperature": 0.0})
+    again = Corpus(tmp_path / "c")
+    turns = again.conversations["oasst1_en:7"].turns
+    assert [t.prompt_ids for t in turns] == [[0, 49151], first + [5, 6], first[:1] + [8]]
+    with gzip.open(tmp_path / "c" / "turns-00001.jsonl.gz", "rt") as f:
+        assert json.loads(f.readline())["prompt_ids"] == [5, 6]  # prefix: the first turn is not stored again
+    assert [r["id"] for r in again.records(only={"oasst1_en:7"})] == ["oasst1_en:7", "oasst1_en:7#1", "oasst1_en:7#2"]
+    with pytest.raises(ValueError, match="holds answers of m"):
+        again.check_model("other", {"temperature": 0.0})
+    with pytest.raises(ValueError, match="temperature"):
+        again.check_model("m", {"temperature": 0.7})
+
+
+def test_second_run_generates_nothing(tiny, prompt_file, tmp_path, monkeypatch):
+    from eagle2.train import responses
+
+    opts = _opts(tmp_path / "r", prompt_file, stages=("responses",))
+    first = run_pipeline(tiny, ToyTokenizer(), opts)["responses"]
+    assert first["new"] == 14
+    shards = sorted((tmp_path / "r" / "corpus").glob("turns-*"))
+
+    def refuse(*a, **k):
+        raise AssertionError("an answered prompt was generated again")
+
+    monkeypatch.setattr(responses, "_answer", refuse)
+    again = run_pipeline(tiny, ToyTokenizer(), opts)["responses"]
+    assert again["new"] == 0 and again["done"] == 14
+    assert sorted((tmp_path / "r" / "corpus").glob("turns-*")) == shards
+
+
+def test_multi_turn_is_conditioned_on_the_first_answer(tiny, tmp_path):
+    """A second turn is asked after the target's own first answer (as MT-bench's second turns are)
+    and trains as its own record with that whole conversation as its prompt."""
+    data = tmp_path / "mt.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "turns": [f"{i} 7 8 9", f"3 {i} 4"] if i % 2 else [f"{i} 5"]})
+                            + "\n" for i in range(1, 7)))
+    opts = _opts(tmp_path / "r", data, stages=("responses", "features"), dev_prompts=0)
+    r = run_pipeline(tiny, ToyTokenizer(), opts)["responses"]
+    assert r["new"] == 9  # 6 first turns + 3 second turns
+    c = Corpus(tmp_path / "r" / "corpus")
+    conv = c.conversations["mt:q1"]
+    assert len(conv.turns) == 2 and len(c.conversations["mt:q2"].turns) == 1
+    t0, t1 = conv.turns
+    assert t0.prompt_ids == [1, 7, 8, 9]
+    assert t1.prompt_ids == [1, 7, 8, 9] + t0.response_ids + [3, 1, 4]  # the model's own first answer
+    ids = torch.tensor([t1.prompt_ids])
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                        pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert t1.response_ids == ref
+    assert c.manifest["sources"]["mt"] == dict(conversations=6, multi_turn=3, turns=9, prompt_tokens=4 * 3 + 2 * 3 + 3 * 3,
+                                               response_tokens=9 * 16)
+    exs = load_shards(tmp_path / "r" / "features")
+    assert len(exs) == 9 and max(e.start for e in exs) == len(t1.prompt_ids)  # turn 2 sees turn 1 as its prompt
 
 
 def test_fixed_responses_stage(tiny, tmp_path):
@@ -280,9 +420,9 @@ def test_streamed_features_match_cached(tiny, run, tmp_path):
     """--stream computes on the fly exactly what the features stage caches (same prefill)."""
     from eagle2.train.features import StreamedExamples
 
-    build_features(tiny, run / "responses.jsonl", tmp_path / "features", shard_size=8, context=4)
+    build_features(tiny, _records(run), tmp_path / "features", shard_size=8, context=4)
     cached = load_shards(tmp_path / "features")
-    streamed = StreamedExamples(tiny, run / "responses.jsonl", context=4)
+    streamed = StreamedExamples(tiny, _records(run), context=4)
     assert len(streamed) == len(cached) and streamed.lengths()[3] == len(cached[3].tokens)
     assert torch.equal(streamed[3].hidden, cached[3].hidden) and torch.equal(streamed[3].tokens, cached[3].tokens)
 
@@ -333,7 +473,8 @@ def test_cli_train_help_and_errors(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses",
-                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--temperature"):
+                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--temperature", "--corpus",
+                  "--max-len", "--full-vocab-loss", "whole prompt"):
         assert stage in text
     assert main(["train", "--stages", "responses,bogus"]) == 2
     assert "unknown stage" in capsys.readouterr().err

@@ -17,7 +17,7 @@ DESCRIPTION = """Lossless EAGLE-2 speculative decoding for Hugging Face causal L
 A small draft head grows a context-aware tree of guesses; the target model checks the whole
 tree in one forward pass; the output is exactly what the target alone would produce."""
 
-SUBCOMMANDS = ("generate", "serve", "train", "bench")  # modules of this package with register()
+SUBCOMMANDS = ("generate", "serve", "train", "corpus", "bench")  # modules of this package with register()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,17 +13,23 @@ to continue where it stopped), each with a progress bar and ETA, all cached in -
 (default $EAGLE2_CACHE/runs/<model>, outside git):
 
   responses  the target writes its own greedy answers to the training prompts (self-distillation),
-             chat template applied -> responses.jsonl. Prompts: --prompts FILE... (ShareGPT json,
-             GSM8K/GPTeacher, or JSONL of {"prompt"} / {"messages"} / {"conversations"}), default the
-             project mix in ../shared/data/train. --fixed-responses uses the files' reference answers
-             (GSM8K answer, GPTeacher response, first assistant turn) instead of generating.
+             chat template applied, into the corpus (--corpus; default corpus/<model> in the repo
+             for built-in models, committed and grown run by run, else <run-dir>/corpus). Only
+             prompts the corpus has not answered are answered; nothing is regenerated. Multi-turn
+             prompts ({"turns": [...]}) get each later turn asked after the model's own answer.
+             Prompts: --prompts FILE... (ShareGPT json, GSM8K/GPTeacher, or JSONL of {"prompt"} /
+             {"messages"} / {"conversations"} / {"turns"}), default the project mix in
+             ../shared/data/train. --fixed-responses uses the files' reference answers (GSM8K
+             answer, GPTeacher response, first assistant turn) instead, kept out of the corpus.
   features   (captured by the responses stage on Llama-style targets, so usually nothing is left)
              the target runs over prompt + response; its last hidden states (after the final norm,
-             bf16) and tokens of the assistant part plus --context prompt tokens are stored in
-             safetensors shards (resumable by shard). --stream skips this stage and computes
-             features on the fly during training (for big targets).
+             bf16) and tokens of the whole conversation (--context N: the answer and N prompt
+             tokens; --max-len bounds a window) are stored in safetensors shards (resumable by
+             shard). --stream skips this stage and computes features on the fly during training.
+             Trains on the whole corpus, or with --prompts / --limit only on those prompts.
   train      the head learns to predict the next feature: SmoothL1 + 0.1 x soft cross-entropy of the
-             target's next-token distribution, assistant positions only, uniform feature noise,
+             target's next-token distribution over the head's draft vocabulary (--draft-vocab; or
+             --full-vocab-loss), assistant positions only, uniform feature noise,
              AdamW (0.9, 0.95), warm-up, grad clip 0.5, bf16 autocast where bf16 is native
              (--train-precision). With --ttt-steps K the head is also unrolled K-1 steps on its own
              predictions (training-time test), so deeper draft levels are trained on the inputs
@@ -57,7 +63,14 @@ def register(sub) -> None:
                         "(more varied data from the same prompts; give the pass its own --run-dir) (default: 0)")
     p.add_argument("--gen-batch-size", type=int, default=64, help="prompts per generate batch (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=64, help="conversations per feature shard (default: %(default)s)")
-    p.add_argument("--context", type=int, default=32, help="prompt tokens kept before each answer (default: %(default)s)")
+    p.add_argument("--context", type=int, default=None,
+                   help="prompt tokens kept before each answer (default: the whole prompt, as at inference)")
+    p.add_argument("--max-len", type=int, default=1024,
+                   help="longest training window in tokens; longer conversations drop their oldest prompt tokens "
+                        "(default: %(default)s)")
+    p.add_argument("--corpus", default=None, metavar="DIR",
+                   help="the corpus of self-distilled conversations (default: corpus/<model> in the repo for "
+                        "built-in models, else <run-dir>/corpus)")
     p.add_argument("--stream", action="store_true", help="compute features on the fly instead of caching them")
     p.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
@@ -67,8 +80,8 @@ def register(sub) -> None:
     p.add_argument("--ce-weight", type=float, default=0.1,
                    help="weight of the soft cross-entropy against the target's next-token distribution, next to the "
                         "feature SmoothL1 (default: %(default)s, the official recipe)")
-    p.add_argument("--ce-vocab", type=int, default=0,
-                   help="soft-CE over the N most frequent training tokens only (faster on CPU; 0 = full vocabulary)")
+    p.add_argument("--full-vocab-loss", action="store_true",
+                   help="soft-CE over the full vocabulary instead of the draft vocabulary the head ships (slower)")
     p.add_argument("--eval-every", type=int, default=200, help="steps between acceptance checks (default: %(default)s)")
     p.add_argument("--eval-max-new-tokens", type=int, default=64,
                    help="tokens decoded per held-out prompt in each acceptance check (default: %(default)s)")
@@ -112,10 +125,12 @@ def cmd_train(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {v}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0; got {args.temperature}")
-    if args.context < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
+    if (args.context or 0) < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
         raise ValueError("--context, --dev-prompts, --mtbench and --draft-vocab must be >= 0")
+    if args.max_len < 16:
+        raise ValueError(f"--max-len must be >= 16; got {args.max_len}")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
-                      noise=args.noise, ce_weight=args.ce_weight, ce_vocab=args.ce_vocab, eval_every=args.eval_every,
+                      noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
                       max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias, ttt_steps=args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,
@@ -134,7 +149,8 @@ def cmd_train(args) -> int:
         run_dir=run_dir, stages=stages, prompts=tuple(args.prompts or ()),
         data_dir=Path(args.data_dir) if args.data_dir else None, limit=args.limit, dev_prompts=args.dev_prompts,
         fixed=args.fixed_responses, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-        gen_batch_size=args.gen_batch_size, shard_size=args.shard_size, context=args.context, stream=args.stream,
+        gen_batch_size=args.gen_batch_size, shard_size=args.shard_size, context=args.context, max_len=args.max_len,
+        corpus=Path(args.corpus) if args.corpus else None, vocab_loss=not args.full_vocab_loss, stream=args.stream,
         out=Path(args.out) if args.out else None, mtbench=args.mtbench, draft_vocab=args.draft_vocab,
         max_minutes=args.max_minutes, temperature=args.temperature,
         progress=not args.no_progress, base_model=_base_name(model, key), model_arg=args.model, train_cfg=cfg)

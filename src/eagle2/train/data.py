@@ -7,8 +7,11 @@ Formats (see ../shared/data/SOURCES.md):
 - Any user JSONL with one of {"prompt": str}, {"messages": [{role, content}]},
   {"conversations": [...ShareGPT...]}, {"question": str} or {"instruction": str, "input": str} per line.
 
-Each prompt becomes a ``Prompt(id, messages)``; the conversation is cut after its first user
-turn (the target writes the answer itself). Stops at reading files: no model, no tokenizer.
+Each prompt becomes a ``Prompt(id, messages, followups)``; the conversation is cut after its first
+user turn (the target writes the answer itself). FastChat-style ``{"turns": [...]}`` records keep
+their later user turns as ``followups``: the responses stage asks them after the target's own
+answer to the turn before, as MT-bench's second turns are asked. Stops at reading files: no
+model, no tokenizer.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 class Prompt:
     id: str
     messages: tuple  # ({"role": ..., "content": ...}, ...) ending with a user turn
+    followups: tuple = ()  # later user turns (str), each asked after the target's answer to the one before
 
 
 def _from_record(rec: dict, fallback_id: str) -> Prompt | None:
     rid = str(rec.get("id", rec.get("question_id", fallback_id)))
     msgs: list[dict] = []
+    followups: tuple = ()
     if "conversations" in rec or "messages" in rec:
         turns = rec.get("conversations") or rec.get("messages") or []
         for t in turns:
@@ -49,11 +54,12 @@ def _from_record(rec: dict, fallback_id: str) -> Prompt | None:
     elif "instruction" in rec:
         text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         msgs = [{"role": "user", "content": text}]
-    elif "turns" in rec:
+    elif "turns" in rec and rec["turns"]:
         msgs = [{"role": "user", "content": rec["turns"][0]}]
+        followups = tuple(t for t in rec["turns"][1:] if isinstance(t, str) and t.strip())
     if not msgs or msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
         return None
-    return Prompt(rid, tuple(msgs))
+    return Prompt(rid, tuple(msgs), followups)
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -79,7 +85,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         p = _from_record(rec, f"{i}")
         if p is None:
             continue
-        p = Prompt(f"{path.stem}:{p.id}", p.messages)
+        p = Prompt(f"{path.stem}:{p.id}", p.messages, p.followups)
         key = p.messages[-1]["content"]
         if key in seen:
             continue
@@ -88,16 +94,29 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return out
 
 
+# The project's training mix: (file in <data>/train, prompts taken; None = all of them).
+MIX = (("sharegpt_en_first_prompts_2978.json", None), ("sharegpt_v3_filtered_1000.json", None),
+       ("gsm8k_train.jsonl", 1500), ("gpteacher_codegen_instruct.json", 1500),
+       ("dolly15k_en.jsonl", None), ("oasst1_en.jsonl", None), ("gpteacher_roleplay.jsonl", None),
+       ("awesome_chatgpt_persona.jsonl", None))
+
+
 def default_mix(data_dir: str | Path, limit: int | None = None, seed: int = 0) -> list[Prompt]:
-    """The project's training mix: all ShareGPT prompts plus GSM8K and GPTeacher code, shuffled
-    together so that any prefix of the list (a partial run) is a fair sample of the mix."""
+    """The project's training mix (``MIX``: ShareGPT, GSM8K and GPTeacher code, plus the writing,
+    knowledge, extraction, role-play and multi-turn sources added 2026-12-02), shuffled together so
+    that any prefix of the list (a partial run) is a fair sample of the mix. Files missing from
+    ``data_dir`` are left out."""
     d = Path(data_dir) / "train"
-    parts = [read_prompts(d / "sharegpt_en_first_prompts_2978.json"), read_prompts(d / "sharegpt_v3_filtered_1000.json")]
     rng = random.Random(seed)
-    for name, n in (("gsm8k_train.jsonl", 1500), ("gpteacher_codegen_instruct.json", 1500)):
+    parts = []
+    for name, n in MIX:
+        if not (d / name).exists():
+            continue
         ps = read_prompts(d / name)
-        rng.shuffle(ps)
-        parts.append(ps[:n])
+        if n is not None:
+            rng.shuffle(ps)
+            ps = ps[:n]
+        parts.append(ps)
     seen, mix = set(), []
     for ps in parts:
         for p in ps:

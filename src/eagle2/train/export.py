@@ -30,8 +30,23 @@ DATA_LICENSES = {
     "sharegpt": "ShareGPT first prompts via ml-energy/leaderboard-v2 (repo Apache-2.0; ShareGPT content has no "
                 "clear license: it is what EAGLE itself trained on)",
     "gsm8k": "GSM8K train questions, openai/grade-school-math (MIT)",
+    "gpteacher_roleplay": "GPTeacher role-play instructions, teknium1/GPTeacher (MIT; GPT-4-generated text)",
     "gpteacher": "GPTeacher codegen-instruct, teknium1/GPTeacher (MIT)",
+    "dolly15k": "Dolly-15k English prompts, Databricks via TurkuNLP/dolly-fi (CC-BY-SA 3.0: attribute, keep the "
+                "license when redistributing the prompts)",
+    "oasst1": "OpenAssistant oasst1 English prompts, via TurkuNLP/oasst-fi and Open-Assistant/oasst-model-eval "
+              "(Apache-2.0)",
+    "awesome_chatgpt": "awesome-chatgpt-prompts persona prompts, f/awesome-chatgpt-prompts (CC0-1.0)",
 }
+
+
+def data_license(name: str) -> str:
+    """The source and license line of a prompt file or corpus source (its name or stem)."""
+    low = name.lower()
+    for k, v in DATA_LICENSES.items():  # the more specific keys come first
+        if k in low:
+            return v
+    return f"{name} (user-supplied; check its license)"
 
 FC_BIAS_NOTE = ("This head has an fc bias (`\"bias\": true`). Some vLLM versions build the EAGLE fc without a "
                 "bias and silently skip `fc.bias`, which mis-loads the head (lower acceptance, output still exact); "
@@ -130,7 +145,18 @@ def model_card(info: dict) -> str:
     for d in info.get("data", []):
         lines.append(f"- {d}")
     lines += ["", f"Examples: {info.get('examples', '?')}; assistant tokens seen in training: "
-              f"{info.get('tokens_seen', '?')}.", "", "## Hyperparameters", "", "| name | value |", "|---|---|"]
+              f"{info.get('tokens_seen', '?')}.", ""]
+    if info.get("corpus"):
+        from .corpus import corpus_table
+
+        lines += ["## Training corpus", "",
+                  f"Self-distilled conversations of the committed corpus `{info.get('corpus_path', 'corpus/')}` when "
+                  "this head was trained (from its manifest; the held-out evaluation prompts were not trained on):",
+                  "", corpus_table(info["corpus"]), ""]
+    if info.get("loss_vocab"):
+        lines += [f"Loss over the draft vocabulary: the soft cross-entropy and accuracy were computed over the "
+                  f"{info['loss_vocab']} tokens of `draft_vocab.safetensors` only.", ""]
+    lines += ["## Hyperparameters", "", "| name | value |", "|---|---|"]
     for k, v in (info.get("hyperparameters") or {}).items():
         lines.append(f"| {k} | {v} |")
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]

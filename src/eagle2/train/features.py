@@ -1,8 +1,11 @@
 """Stage 2 of training: the target's features over prompt + response.
 
-The frozen target runs over each conversation (prompt ids + response ids from stage 1); we keep
-its last hidden states (after the final norm: the EAGLE features, bf16) and the tokens for the
-assistant part plus ``context`` prompt tokens before it. The head is trained on that window.
+The frozen target runs over each conversation (prompt ids + response ids from the corpus); we keep
+its last hidden states (after the final norm: the EAGLE features, bf16) and the tokens of the
+whole conversation, the prompt included (``context=None``, the default: at inference the head sees
+the whole prompt too), or of the assistant part plus ``context`` prompt tokens before it. A window
+longer than ``max_len`` drops its oldest prompt tokens first, then the end of the answer. The head
+is trained on that window.
 
 When the target runs on the lean forward, the responses stage captures these features while it
 generates (the forward that produces token t_{i+1} already computes f_i), writes them as shards
@@ -13,7 +16,8 @@ On disk: ``features/shard-NNNNN.safetensors``, each covering the responses recor
 shard. Tensors per shard (N = total stored tokens, n = examples):
 ``hidden`` [N, H] bf16, ``tokens`` [N] int64, ``offsets`` [n + 1] int64 (example i is rows
 offsets[i]:offsets[i+1]), ``start`` [n] int64 (index in the window of the first assistant
-token), ``pos0`` [n] int64 (absolute position of the window's first token).
+token), ``pos0`` [n] int64 (absolute position of the window's first token). The metadata names the
+window settings (``context``, ``max_len``); shards made with other settings are not reused.
 
 ``stream_examples`` yields the same examples computed on the fly (no disk; for big targets).
 This module runs the target but knows nothing about the head or the loss.
@@ -42,17 +46,24 @@ class Example:
     pos0: int = 0  # absolute position of tokens[0]
 
 
-def _windows(records: list[dict], context: int, max_len: int) -> list[tuple[list[int], int, int]]:
-    """(full ids, window start, assistant start) per record; overlong conversations are cut at max_len."""
+def _windows(records: list[dict], context: int | None, max_len: int) -> list[tuple[list[int], int, int]]:
+    """(ids, window start s, assistant start p) per record: the window is ids[s:], at most ``max_len``
+    long. context None: the whole prompt (s = 0), else its last ``context`` tokens. An overlong
+    window drops its oldest prompt tokens first (keeping one before the answer), then cuts the answer.
+
+    E.g. prompt 6 + answer 4 tokens, max_len 8, context None: s = 2, p = 6 (window ids[2:10])."""
     out = []
     for r in records:
         ids = list(r["prompt_ids"]) + list(r["response_ids"])
-        ids = ids[:max_len]
         p = len(r["prompt_ids"])
-        if p >= len(ids) - 1:  # no assistant tokens to learn from
+        if p >= len(ids) - 1 or p == 0:  # no assistant tokens to learn from
             out.append((ids, 0, -1))
             continue
-        out.append((ids, max(0, p - context), p))
+        s = 0 if context is None else max(0, p - context)
+        if len(ids) - s > max_len:
+            s = max(s, min(p - 1, len(ids) - max_len))
+            ids = ids[: s + max_len]
+        out.append((ids, s, p))
     return out
 
 
@@ -115,32 +126,47 @@ def _example(ids: list[int], s: int, p: int, hidden: Tensor) -> Example:
                    start=p - s, pos0=s)
 
 
+def window_meta(context: int | None, max_len: int) -> dict[str, str]:
+    """Shard metadata naming the window settings its examples were cut with."""
+    return {"context": "full" if context is None else str(context), "max_len": str(max_len)}
+
+
 def _shard_path(d: Path, k: int) -> Path:
     return d / f"shard-{k:05d}.safetensors"
 
 
-def _shard_ids(path: Path) -> list[str] | None:
-    """Responses ids a finished shard covers (None if absent, unreadable or written before shards named them)."""
+def _shard_meta(path: Path) -> dict:
+    """A finished shard's metadata ({} if unreadable)."""
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            ids = f.metadata().get("ids")
-        return json.loads(ids) if ids is not None else None
+            return f.metadata() or {}
     except Exception:
-        return None
+        return {}
 
 
-def covered_ids(out_dir: str | Path) -> set[str]:
-    """Ids of every responses record that some shard in ``out_dir`` already holds."""
+def _matching_shards(out_dir: str | Path, window: dict[str, str] | None) -> list[tuple[Path, dict]]:
+    """(path, metadata) of the shards of ``out_dir`` in order; with ``window``, only those cut with it."""
+    out = []
+    for path in sorted(Path(out_dir).glob("shard-*.safetensors")):
+        meta = _shard_meta(path)
+        if window is None or all(meta.get(k) == v for k, v in window.items()):
+            out.append((path, meta))
+    return out
+
+
+def covered_ids(out_dir: str | Path, window: dict[str, str] | None = None) -> set[str]:
+    """Ids of every record that some shard in ``out_dir`` (cut with ``window``, if given) already holds."""
     done: set[str] = set()
-    for path in Path(out_dir).glob("shard-*.safetensors"):
-        done.update(_shard_ids(path) or [])
+    for _, meta in _matching_shards(out_dir, window):
+        if meta.get("ids") is not None:
+            done.update(json.loads(meta["ids"]))
     return done
 
 
 def write_shard(out_dir: str | Path, ids: list[str], examples: list[tuple[str, Example]], hidden_size: int,
-                context: int) -> Path:
+                context: int | None, max_len: int) -> Path:
     """Write one shard (atomically) under the next free index. ``ids``: the responses records it
     covers (a record without assistant tokens gives no example but is covered all the same);
     ``examples``: (record id, example) pairs."""
@@ -163,36 +189,42 @@ def write_shard(out_dir: str | Path, ids: list[str], examples: list[tuple[str, E
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"ids": json.dumps(list(ids)),
-                                           "example_ids": json.dumps(example_ids), "context": str(context)})
+                                           "example_ids": json.dumps(example_ids),
+                                           **window_meta(context, max_len)})
     os.replace(tmp, path)
     return path
 
 
 def example_from_generation(prompt_ids: list[int], response_ids: list[int], hidden: Tensor,
-                            context: int) -> Example | None:
+                            context: int | None, max_len: int) -> Example | None:
     """The training window of a conversation whose features were captured while generating it.
 
     hidden: [P + n, H], the features of the prompt and of the first n response tokens (the
     last generated token is never fed back, so n may be len(response) - 1)."""
     rec = dict(prompt_ids=prompt_ids, response_ids=list(response_ids)[: hidden.shape[0] - len(prompt_ids)])
-    ids, s, p = _windows([rec], context, hidden.shape[0])[0]
+    ids, s, p = _windows([rec], context, max_len)[0]
     return _example(ids, s, p, hidden) if p >= 0 else None
 
 
-def build_features(model, responses: str | Path, out_dir: str | Path, *, shard_size: int = 64, context: int = 32,
-                   max_len: int = 1024, batch_size: int = 4, exclude: set[str] | None = None,
-                   progress: bool = True, max_seconds: float | None = None) -> dict:
-    """Compute the features of every responses record that no shard holds yet (records whose
-    features were captured by the responses stage are skipped). Returns {"shards", "new_shards",
-    "complete"}."""
+def _records(responses: str | Path | list[dict]) -> list[dict]:
+    """Training records ({"id", "prompt_ids", "response_ids"}): a list as given, or read from a responses JSONL."""
+    return list(responses) if isinstance(responses, list) else read_responses(responses)
+
+
+def build_features(model, responses: str | Path | list[dict], out_dir: str | Path, *, shard_size: int = 64,
+                   context: int | None = None, max_len: int = 1024, batch_size: int = 4,
+                   exclude: set[str] | None = None, progress: bool = True, max_seconds: float | None = None) -> dict:
+    """Compute the features of every record (``Corpus.records()`` or a responses JSONL) that no
+    shard cut with the same window settings holds yet (records whose features were captured by the
+    responses stage are skipped). Returns {"shards", "new_shards", "complete"}."""
     import time
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for tmp in out_dir.glob("*.tmp"):
         tmp.unlink()
-    done = covered_ids(out_dir)
-    records = [r for r in read_responses(responses)
+    done = covered_ids(out_dir, window_meta(context, max_len))
+    records = [r for r in _records(responses)
                if (not exclude or r["id"] not in exclude) and r["id"] not in done]
     chunks = [records[k:k + shard_size] for k in range(0, len(records), shard_size)]
     t0, new = time.time(), 0
@@ -202,7 +234,7 @@ def build_features(model, responses: str | Path, out_dir: str | Path, *, shard_s
             break
         exs = _examples_for(model, recs, context, max_len, batch_size)
         write_shard(out_dir, [r["id"] for r in recs], [(r["id"], e) for r, e in zip(recs, exs) if e is not None],
-                    model.config.hidden_size, context)
+                    model.config.hidden_size, context, max_len)
         new += 1
         bar.update(1)
     bar.close()
@@ -210,23 +242,23 @@ def build_features(model, responses: str | Path, out_dir: str | Path, *, shard_s
     return dict(shards=len(shards), new_shards=new, complete=new == len(chunks))
 
 
-def load_shards(feature_dir: str | Path, exclude: set[str] | None = None) -> list[Example]:
-    """Every example of every shard, in shard order, each record once, none of ``exclude`` (held-out
-    prompts: a record captured before ``--dev-prompts`` grew is not trained on). Features stay bf16."""
-    from safetensors import safe_open
+def load_shards(feature_dir: str | Path, exclude: set[str] | None = None, window: dict[str, str] | None = None,
+                only: set[str] | None = None) -> list[Example]:
+    """Every example of every shard (cut with ``window`` settings, if given), in shard order, each
+    record once, none of ``exclude`` (held-out prompts: a record captured before ``--dev-prompts``
+    grew is not trained on) and, with ``only``, only those records. Features stay bf16."""
     from safetensors.torch import load_file
 
     out, seen = [], set()
-    for path in sorted(Path(feature_dir).glob("shard-*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+    for path, meta in _matching_shards(feature_dir, window):
         t = load_file(str(path))
         off = t["offsets"].tolist()
         names = json.loads(meta.get("example_ids") or meta.get("ids") or "[]")  # older shards: "ids" only
         if len(names) != len(off) - 1:  # (unnamed rows are loaded as they are)
             names = [None] * (len(off) - 1)
         for i, name in zip(range(len(off) - 1), names):
-            if name is not None and (name in seen or (exclude and name in exclude)):  # regenerated / held out
+            if name is not None and (name in seen or (exclude and name in exclude)
+                                     or (only is not None and name not in only)):  # regenerated / held out
                 continue
             seen.add(name)
             out.append(Example(hidden=t["hidden"][off[i]:off[i + 1]], tokens=t["tokens"][off[i]:off[i + 1]],
@@ -238,10 +270,10 @@ class StreamedExamples:
     """Examples computed on the fly from the responses JSONL (no feature cache), one record at a
     time, for targets whose features would not fit on disk. Indexable like a list."""
 
-    def __init__(self, model, responses: str | Path, *, context: int = 32, max_len: int = 1024,
+    def __init__(self, model, responses: str | Path | list[dict], *, context: int | None = None, max_len: int = 1024,
                  exclude: set[str] | None = None):
         self.model = model
-        self.records = [r for r in read_responses(responses) if not exclude or r["id"] not in exclude]
+        self.records = [r for r in _records(responses) if not exclude or r["id"] not in exclude]
         self.records = [r for r in self.records if len(r["response_ids"]) > 1]
         self.context, self.max_len = context, max_len
 
@@ -261,7 +293,7 @@ class StreamedExamples:
         return out
 
 
-def stream_examples(model, responses: str | Path, **kw) -> Iterator[Example]:
+def stream_examples(model, responses: str | Path | list[dict], **kw) -> Iterator[Example]:
     ds = StreamedExamples(model, responses, **kw)
     for i in range(len(ds)):
         yield ds[i]

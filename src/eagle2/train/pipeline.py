@@ -1,10 +1,17 @@
 """The training pipeline: responses -> features -> train -> export, each stage resumable.
 
+Conversations live in the corpus (corpus.py; default ``<repo>/corpus/<model-key>`` for built-in
+models, committed, else ``<run-dir>/corpus``): stage 1 adds the answers it lacks, stages 2-4 read
+it. Which conversations train: the whole corpus, or with ``--prompts`` / ``--limit`` only those of
+the chosen prompts; never the held-out dev prompts. ``--fixed-responses`` (reference answers, not
+the target's) use ``<run-dir>/responses.jsonl`` instead.
+
 Run directory layout (default ``$EAGLE2_CACHE/runs/<model-key>``, outside git):
-``responses.jsonl`` (stage 1), ``features/shard-*.safetensors`` (stage 2), ``ckpt.pt``, ``best/``,
-``last/``, ``metrics.jsonl`` (stage 3), ``stats.json`` (wall time per stage, counts), and the
-exported head (stage 4; default ``<run-dir>/head``). This module only sequences the stages and
-chooses prompts; each stage's work lives in its own module.
+``features/shard-*.safetensors`` (stage 2), ``ckpt.pt``, ``best/``, ``last/``, ``metrics.jsonl``
+(stage 3), ``stats.json`` (wall time per stage, counts), and the exported head (stage 4; default
+``<run-dir>/head``). The loss is taken over the draft vocabulary the head ships (``draft_vocab``
+most frequent answer tokens of the training conversations). This module only sequences the stages
+and chooses prompts; each stage's work lives in its own module.
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .data import Prompt, default_mix, read_fixed, read_prompts
+from .corpus import Corpus, default_corpus_dir
+from .data import MIX, Prompt, default_mix, read_fixed, read_prompts
+from .export import data_license
 
 log = logging.getLogger("eagle2")
 
@@ -53,13 +62,15 @@ class PipelineOptions:
     temperature: float = 0.0  # responses: 0 = the target's greedy answers, > 0 = sampled ones
     gen_batch_size: int = 64
     shard_size: int = 64
-    context: int = 32
-    max_len: int = 1024
+    context: int | None = None  # prompt tokens before each answer the head trains on (None: the whole prompt)
+    max_len: int = 1024  # longest training window; longer ones drop their oldest prompt tokens
+    corpus: Path | None = None  # corpus directory (default: default_corpus_dir(model_arg, run_dir))
     feature_batch_size: int = 8
     stream: bool = False  # compute features on the fly in the training loop (no feature cache)
     out: Path | None = None  # exported head directory (default run_dir/head)
     mtbench: int = 0  # prompts per MT-bench category measured at export (0: skip)
     draft_vocab: int = 8192  # FR-Spec draft vocabulary shipped with the head (0: none)
+    vocab_loss: bool = True  # the loss over the draft vocabulary only (False: over the full vocabulary)
     mtbench_max_new_tokens: int = 128
     max_minutes: float | None = None  # per stage: stop (resumable) after this long
     progress: bool = True
@@ -95,13 +106,13 @@ def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], l
             if not Path(f).is_file():
                 raise ValueError(f"prompt file not found: {f}")
             allp.extend(read_prompts(f))
-            sources.append(_license_line(Path(f).name))
+            sources.append(data_license(Path(f).name))
     else:
         d = opts.data_dir or default_data_dir()
         if not (d / "train").is_dir():
             raise ValueError(f"no training prompts: {d / 'train'} does not exist; pass --prompts FILE or --data-dir")
         allp = default_mix(d)
-        sources = [_license_line(n) for n in ("sharegpt", "gsm8k", "gpteacher")]
+        sources = [data_license(n) for n, _ in MIX if (d / "train" / n).exists()]
     if len(allp) < 2:
         raise ValueError("need at least 2 prompts")
     n_dev = min(opts.dev_prompts, len(allp) // 4)
@@ -112,20 +123,38 @@ def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], l
     return train, dev, sources
 
 
-def _license_line(name: str) -> str:
-    from .export import DATA_LICENSES
+def _training_records(opts: PipelineOptions, corpus: Corpus | None, train_p: list[Prompt],
+                      dev_ids: set[str]) -> list[dict]:
+    """The conversations the head trains on, one record per answered turn (see the module docstring)."""
+    from .responses import read_responses
 
-    low = name.lower()
-    for k, v in DATA_LICENSES.items():
-        if k in low:
-            return v
-    return f"{name} (user-supplied; check its license)"
+    if corpus is None:  # --fixed-responses
+        return [r for r in read_responses(Path(opts.run_dir) / "responses.jsonl") if r["id"] not in dev_ids]
+    only = {p.id for p in train_p} if (opts.prompts or opts.limit) else None
+    return corpus.records(exclude=dev_ids, only=only)
+
+
+def _loss_vocab(opts: PipelineOptions, records: list[dict], vocab_size: int):
+    """The draft vocabulary the head ships (None: none); the loss is computed over it when ``vocab_loss``."""
+    from .export import draft_vocabulary
+
+    return draft_vocabulary(records, vocab_size, opts.draft_vocab) if opts.draft_vocab and records else None
+
+
+def _shown_path(p: Path) -> str:
+    """A corpus path as the model card shows it: relative to the repo when inside it."""
+    from .corpus import repo_corpus_root
+
+    try:
+        return str(Path(p).resolve().relative_to(repo_corpus_root().parent))
+    except ValueError:
+        return str(p)
 
 
 def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     """Run the requested stages in order; returns a summary dict (also merged into stats.json)."""
-    from .features import StreamedExamples, build_features, load_shards
-    from .responses import encode_chat, fixed_responses, generate_responses, read_responses
+    from .features import StreamedExamples, build_features, load_shards, window_meta
+    from .responses import encode_chat, fixed_responses, generate_responses
     from .trainer import TrainConfig, Trainer
 
     for s in opts.stages:
@@ -138,7 +167,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     dev_ids = {p.id for p in dev_p}
     dev_inputs = [ids for ids in (encode_chat(tokenizer, p.messages) for p in dev_p)
                   if len(ids) <= opts.max_prompt_tokens]
-    responses = run / "responses.jsonl"
+    corpus = None if opts.fixed else Corpus(opts.corpus or default_corpus_dir(opts.model_arg, run))
     summary: dict = {}
     secs = opts.max_minutes * 60 if opts.max_minutes else None
 
@@ -155,40 +184,48 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
             if not recs:
                 raise ValueError("--fixed-responses: none of the prompt files has reference answers")
             eos = getattr(tokenizer, "eos_token_id", None)
-            r = fixed_responses(tokenizer, [(p, a) for p, a in recs], responses,
+            r = fixed_responses(tokenizer, [(p, a) for p, a in recs], run / "responses.jsonl",
                                 max_prompt_tokens=opts.max_prompt_tokens, eos_id=eos)
         else:
-            r = generate_responses(model, tokenizer, train_p, responses, max_new_tokens=opts.max_new_tokens,
+            r = generate_responses(model, tokenizer, train_p, corpus, max_new_tokens=opts.max_new_tokens,
                                    max_prompt_tokens=opts.max_prompt_tokens, batch_size=opts.gen_batch_size,
                                    temperature=opts.temperature, progress=opts.progress, max_seconds=secs,
-                                   features_dir=None if opts.stream else run / "features", context=opts.context)
+                                   features_dir=None if opts.stream else run / "features", context=opts.context,
+                                   max_len=opts.max_len, model_name=opts.model_arg or opts.base_model)
         _add_time(run, "responses", time.time() - t0, data=sources, responses=r["done"],
                   fixed_responses=opts.fixed)
         summary["responses"] = r
 
+    records = _training_records(opts, corpus, train_p, dev_ids)
+    if corpus is not None:
+        sources = [data_license(s) for s in sorted({r["id"].split(":", 1)[0] for r in records})] or sources
+    window = window_meta(opts.context, opts.max_len)
     examples = None
     if "features" in opts.stages and not opts.stream:
         t0 = time.time()
-        r = build_features(model, responses, run / "features", shard_size=opts.shard_size, context=opts.context,
-                           max_len=opts.max_len, batch_size=opts.feature_batch_size, exclude=dev_ids,
-                           progress=opts.progress, max_seconds=secs)
+        r = build_features(model, records, run / "features", shard_size=opts.shard_size, context=opts.context,
+                           max_len=opts.max_len, batch_size=opts.feature_batch_size, progress=opts.progress,
+                           max_seconds=secs)
         _add_time(run, "features", time.time() - t0)
         summary["features"] = r
 
+    vocab = _loss_vocab(opts, records, int(model.config.vocab_size)) if {"train", "export"} & set(opts.stages) else None
     if "train" in opts.stages:
         t0 = time.time()
         if opts.stream:
-            examples = StreamedExamples(model, responses, context=opts.context, max_len=opts.max_len,
-                                        exclude=dev_ids)
+            examples = StreamedExamples(model, records, context=opts.context, max_len=opts.max_len)
         else:
-            examples = load_shards(run / "features", exclude=dev_ids)
+            examples = load_shards(run / "features", window=window, only={r["id"] for r in records})
         if opts.max_minutes and cfg.max_minutes is None:
             from dataclasses import replace
 
             cfg = replace(cfg, max_minutes=opts.max_minutes)
-        tr = Trainer(model, tokenizer, examples, run / "train", cfg, dev_prompts=dev_inputs, progress=opts.progress)
+        tr = Trainer(model, tokenizer, examples, run / "train", cfg, dev_prompts=dev_inputs, progress=opts.progress,
+                     vocab=vocab if opts.vocab_loss else None)
         res = tr.train()
         _add_time(run, "train", time.time() - t0, examples=len(tr.lengths), tokens_seen=res.tokens_seen,
+                  data=sources, corpus=corpus.summary() if corpus is not None else None,
+                  loss_vocab=int(vocab.numel()) if vocab is not None and opts.vocab_loss else None,
                   train_status=res.status, best_tau=res.best_tau, best_step=res.best_step, steps=res.step,
                   hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()})
         summary["train"] = dict(status=res.status, step=res.step, tokens_seen=res.tokens_seen,
@@ -221,13 +258,10 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
                     tokens_seen=st.get("tokens_seen"), examples=st.get("examples"),
                     hyperparameters=st.get("hyperparameters"), stage_seconds=st.get("stage_seconds"),
                     mtbench=st.get("mtbench"), mtbench_max_new_tokens=opts.mtbench_max_new_tokens,
-                    dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None)
-        vocab = None
-        if opts.draft_vocab:
-            from .export import draft_vocabulary
-
-            recs = [r for r in read_responses(responses) if r["id"] not in dev_ids]
-            vocab = draft_vocabulary(recs, int(model.config.vocab_size), opts.draft_vocab)
+                    dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None,
+                    corpus=st.get("corpus"), corpus_path=_shown_path(corpus.path) if corpus is not None else None,
+                    loss_vocab=st.get("loss_vocab"))
+        if vocab is not None:
             info["draft_vocab"] = int(vocab.numel())
         export_head(src, out, info, draft_vocab=vocab)
         summary["export"] = dict(out=str(out), mtbench=mt)

@@ -9,7 +9,12 @@ With ``ttt_steps`` K > 1 (training-time test, ``unrolled_forward``) the head is 
 more steps on its own predicted features, with the attention pattern a draft node at depth k+1
 has, and the loss is the decayed mean over the steps: at inference every draft level below the
 first is fed the head's own (imperfect) predictions, never the target's features, and plain
-EAGLE training never shows it those. Also: uniform noise on the input features, AdamW (betas
+EAGLE training never shows it those.
+
+Loss vocabulary (FR-Spec applied to training): given ``vocab`` (the draft vocabulary the head
+ships, most frequent first), both distributions of the soft-CE, and the top-1 accuracy, are taken
+over those lm_head rows only (the target's distribution renormalized over them): the drafter only
+ever proposes those tokens, and the [V, H] lm_head product was ~80% of a step at V = 49k. Also: uniform noise on the input features, AdamW (betas
 0.9/0.95), linear warm-up then linear decay, gradient clipping, bf16 autocast where the hardware
 has native bf16 (CUDA, AVX512-BF16 / AMX; fp32 elsewhere), fp32 master weights; ``init_head``
 fine-tunes a trained head instead of starting from random.
@@ -56,8 +61,6 @@ class TrainConfig:
     noise: float = 0.1  # uniform noise amplitude on input features ...
     noise_len_norm: int = 0  # if > 0: amplitude x noise_len_norm / sequence length (official code: 512)
     ce_weight: float = 0.1
-    ce_vocab: int = 0  # > 0: soft-CE (and top-1 accuracy) over the ce_vocab most frequent training tokens only
-    #                    (FR-Spec's idea applied to training: the lm_head dominates a small head's cost)
     seed: int = 0
     bf16: bool | None = None  # autocast matmuls to bf16; None: where the hardware has fast bf16 (CUDA,
     #                           AVX512-BF16 / AMX), else fp32 (emulated bf16 made a step 22x slower on an AVX2 CPU)
@@ -82,7 +85,7 @@ class TrainConfig:
                   (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
                   (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)"),
                   (self.grad_clip > 0, "grad_clip must be > 0"), (self.noise >= 0, "noise must be >= 0"),
-                  (self.ce_weight >= 0, "ce_weight must be >= 0"), (self.ce_vocab >= 0, "ce_vocab must be >= 0"), (self.ckpt_minutes > 0, "ckpt_minutes must be > 0"),
+                  (self.ce_weight >= 0, "ce_weight must be >= 0"), (self.ckpt_minutes > 0, "ckpt_minutes must be > 0"),
                   (self.eval_every >= 0, "eval_every must be >= 0"),
                   (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
                   (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
@@ -298,10 +301,14 @@ def acceptance(model, tokenizer, head: DraftHead, prompts: list, max_new_tokens:
 
 
 class Trainer:
-    """Trains one head on a list of examples; owns run_dir/{ckpt.pt, best/, metrics.jsonl}."""
+    """Trains one head on a list of examples; owns run_dir/{ckpt.pt, best/, metrics.jsonl}.
+
+    vocab: [N] token ids the loss is computed over, the head's draft vocabulary (most frequent
+    first); the heads saved in best/ and last/ carry it, so acceptance is measured with the head as
+    shipped. None: the full vocabulary."""
 
     def __init__(self, model, tokenizer, examples, run_dir: str | Path, cfg: TrainConfig,
-                 dev_prompts: list | None = None, progress: bool = True):
+                 dev_prompts: list | None = None, progress: bool = True, vocab: Tensor | None = None):
         self.device = next(model.parameters()).device
         if cfg.bf16 is None:  # bf16 where it is the device's fast dtype, the same rule as load(dtype="auto")
             from ..models import resolve_dtype
@@ -318,8 +325,11 @@ class Trainer:
         self.progress = progress
         self.embed = model.get_input_embeddings()
         self.lm_w = model.get_output_embeddings().weight.detach()  # [V, H] frozen
-        if cfg.ce_vocab and cfg.ce_vocab < self.lm_w.shape[0]:
-            self.lm_w = self.lm_w[self._frequent_tokens(cfg.ce_vocab).to(self.lm_w.device)]  # [ce_vocab, H]
+        self.vocab = None if vocab is None else vocab.detach().cpu().long()  # [N]
+        if self.vocab is not None:
+            if self.vocab.numel() == 0 or int(self.vocab.max()) >= self.lm_w.shape[0] or int(self.vocab.min()) < 0:
+                raise ValueError(f"loss vocabulary: {self.vocab.numel()} ids, each must be in [0, {self.lm_w.shape[0]})")
+            self.lm_w = self.lm_w[self.vocab.to(self.lm_w.device)]  # [N, H]: the draft vocabulary's rows
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.head_cfg = HeadConfig.from_target(model.config, bias=cfg.fc_bias)
         if cfg.head_intermediate:
@@ -327,6 +337,7 @@ class Trainer:
         self.head = init_head(self.head_cfg, seed=cfg.seed).to(self.device)
         if cfg.init_head:
             self._warm_start(cfg.init_head)
+        self.head.draft_vocab = self.vocab  # saved with every head; the acceptance checks draft over it
         self.head.train()
         decay = [p for n, p in self.head.named_parameters() if p.ndim >= 2]
         other = [p for n, p in self.head.named_parameters() if p.ndim < 2]
@@ -372,25 +383,13 @@ class Trainer:
         self.head.load_state_dict(state)
         log.info("starting from the head in %s", directory)
 
-    def _frequent_tokens(self, n: int) -> Tensor:
-        """Ids of the n most frequent tokens in the training windows (ties: lower id first), sorted."""
-        counts = torch.zeros(self.lm_w.shape[0], dtype=torch.long)
-        if hasattr(self.examples, "records"):
-            seqs = [torch.tensor(r["prompt_ids"] + r["response_ids"]) for r in self.examples.records]
-        else:
-            seqs = [e.tokens for e in self.examples]
-        for t in seqs:
-            counts += torch.bincount(t, minlength=counts.shape[0])[: counts.shape[0]]
-        order = torch.argsort(-counts, stable=True)[:n]
-        return order.sort().values
-
     # ---- checkpoints -----------------------------------------------------------------------
     def _save(self) -> None:
         state = dict(head=self.head.state_dict(), opt=self.opt.state_dict(), sched=self.sched.state_dict(),
                      noise_rng=self.noise_gen.get_state(), step=self.step, epoch=self.epoch,
                      batch_in_epoch=self.batch_in_epoch, tokens_seen=self.tokens_seen, best_tau=self.best_tau,
                      best_step=self.best_step, history=self.history, elapsed=self.elapsed,
-                     config=asdict(self.cfg), n_examples=len(self.lengths))
+                     config=asdict(self.cfg), n_examples=len(self.lengths), vocab=self.vocab)
         tmp = self.dir / "ckpt.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.dir / "ckpt.pt")
@@ -400,6 +399,10 @@ class Trainer:
         if s.get("n_examples") != len(self.lengths):
             raise ValueError(f"checkpoint in {self.dir} was trained on {s.get('n_examples')} examples, now there "
                              f"are {len(self.lengths)}; use a fresh --run-dir or delete {self.dir / 'ckpt.pt'}")
+        have = s.get("vocab")
+        if (have is None) != (self.vocab is None) or (have is not None and not torch.equal(have, self.vocab)):
+            raise ValueError(f"checkpoint in {self.dir} was trained over another loss vocabulary; use a fresh "
+                             f"--run-dir or delete {self.dir / 'ckpt.pt'}")
         self.head.load_state_dict(s["head"])
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
