@@ -259,6 +259,7 @@ def test_train_export_load_generate_round_trip(tiny, run, prompt_file, tmp_path)
     card = (out / "README.md").read_text()
     assert "tiny-llama" in card and "Hyperparameters" in card and "vLLM" in card and "tokens seen" in card
     assert "## Training corpus" in card and "| prompts | 14 | 0 | 14 |" in card  # from the corpus manifest
+    assert "The corpus then held 14 conversations (14 turns" in card
     assert "Loss over the draft vocabulary" in card
     assert check_released_format(out) == []
     head = DraftHead.load(out)

@@ -157,13 +157,17 @@ class Corpus:
         conv = self.conversations.get(conversation_id)
         return len(conv.turns) if conv else 0
 
+    def select(self, exclude: set[str] | None = None, only: set[str] | None = None) -> list[Conversation]:
+        """The conversations, in corpus order, none of ``exclude``, with ``only`` just those (ids)."""
+        return [c for cid, c in self.conversations.items()
+                if not (exclude and cid in exclude) and (only is None or cid in only)]
+
     def records(self, exclude: set[str] | None = None, only: set[str] | None = None) -> list[dict]:
         """One training record per answered turn, ``{"id", "prompt_ids", "response_ids"}`` with the
         full prompt (``record_id`` names it). ``exclude`` / ``only``: conversation ids."""
         out = []
-        for cid, conv in self.conversations.items():
-            if (exclude and cid in exclude) or (only is not None and cid not in only):
-                continue
+        for conv in self.select(exclude, only):
+            cid = conv.id
             for k, t in enumerate(conv.turns):
                 out.append({"id": record_id(cid, k), "prompt_ids": t.prompt_ids, "response_ids": t.response_ids})
         return out
@@ -259,11 +263,13 @@ class Corpus:
         return {"id": cid, "turn": k, "prefix": prefix, "prompt_ids": t.prompt_ids[prefix:],
                 "response_ids": t.response_ids}
 
-    def summary(self) -> dict:
+    def summary(self, exclude: set[str] | None = None, only: set[str] | None = None) -> dict:
         """Counts per source: conversations, multi_turn (conversations with > 1 turn), turns,
-        prompt_tokens (stored: new prompt ids only), response_tokens; plus totals."""
+        prompt_tokens (stored: new prompt ids only), response_tokens; plus totals. Of the whole
+        corpus, or of the conversations ``select`` picks."""
         per: dict[str, dict] = {}
-        for cid, conv in self.conversations.items():
+        for conv in self.select(exclude, only):
+            cid = conv.id
             s = per.setdefault(source_of(cid), dict(conversations=0, multi_turn=0, turns=0, prompt_tokens=0,
                                                     response_tokens=0))
             s["conversations"] += 1

@@ -150,9 +150,13 @@ def model_card(info: dict) -> str:
         from .corpus import corpus_table
 
         lines += ["## Training corpus", "",
-                  f"Self-distilled conversations of the committed corpus `{info.get('corpus_path', 'corpus/')}` when "
-                  "this head was trained (from its manifest; the held-out evaluation prompts were not trained on):",
-                  "", corpus_table(info["corpus"]), ""]
+                  f"The self-distilled conversations this head trained on, from the corpus "
+                  f"`{info.get('corpus_path', 'corpus/')}` (counted from its records; held-out evaluation prompts "
+                  "excluded):", "", corpus_table(info["corpus"]), ""]
+        t = info.get("corpus_total")
+        if t:
+            lines += [f"The corpus then held {t['conversations']:,} conversations ({t['turns']:,} turns, "
+                      f"{t['prompt_tokens'] + t['response_tokens']:,} tokens).", ""]
     if info.get("loss_vocab"):
         lines += [f"Loss over the draft vocabulary: the soft cross-entropy and accuracy were computed over the "
                   f"{info['loss_vocab']} tokens of `draft_vocab.safetensors` only.", ""]

@@ -124,14 +124,15 @@ def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], l
 
 
 def _training_records(opts: PipelineOptions, corpus: Corpus | None, train_p: list[Prompt],
-                      dev_ids: set[str]) -> list[dict]:
-    """The conversations the head trains on, one record per answered turn (see the module docstring)."""
+                      dev_ids: set[str]) -> tuple[list[dict], dict | None]:
+    """The conversations the head trains on, one record per answered turn (see the module
+    docstring), and the corpus counts of those conversations (None for --fixed-responses)."""
     from .responses import read_responses
 
     if corpus is None:  # --fixed-responses
-        return [r for r in read_responses(Path(opts.run_dir) / "responses.jsonl") if r["id"] not in dev_ids]
+        return [r for r in read_responses(Path(opts.run_dir) / "responses.jsonl") if r["id"] not in dev_ids], None
     only = {p.id for p in train_p} if (opts.prompts or opts.limit) else None
-    return corpus.records(exclude=dev_ids, only=only)
+    return corpus.records(exclude=dev_ids, only=only), corpus.summary(exclude=dev_ids, only=only)
 
 
 def _loss_vocab(opts: PipelineOptions, records: list[dict], vocab_size: int):
@@ -196,9 +197,9 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
                   fixed_responses=opts.fixed)
         summary["responses"] = r
 
-    records = _training_records(opts, corpus, train_p, dev_ids)
-    if corpus is not None:
-        sources = [data_license(s) for s in sorted({r["id"].split(":", 1)[0] for r in records})] or sources
+    records, trained_on = _training_records(opts, corpus, train_p, dev_ids)
+    if trained_on is not None:
+        sources = [data_license(s) for s in trained_on["sources"]] or sources
     window = window_meta(opts.context, opts.max_len)
     examples = None
     if "features" in opts.stages and not opts.stream:
@@ -224,7 +225,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
                      vocab=vocab if opts.vocab_loss else None)
         res = tr.train()
         _add_time(run, "train", time.time() - t0, examples=len(tr.lengths), tokens_seen=res.tokens_seen,
-                  data=sources, corpus=corpus.summary() if corpus is not None else None,
+                  data=sources, corpus=trained_on, corpus_total=corpus.summary()["total"] if corpus is not None else None,
                   loss_vocab=int(vocab.numel()) if vocab is not None and opts.vocab_loss else None,
                   train_status=res.status, best_tau=res.best_tau, best_step=res.best_step, steps=res.step,
                   hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()})
@@ -259,7 +260,8 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
                     hyperparameters=st.get("hyperparameters"), stage_seconds=st.get("stage_seconds"),
                     mtbench=st.get("mtbench"), mtbench_max_new_tokens=opts.mtbench_max_new_tokens,
                     dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None,
-                    corpus=st.get("corpus"), corpus_path=_shown_path(corpus.path) if corpus is not None else None,
+                    corpus=st.get("corpus"), corpus_total=st.get("corpus_total"),
+                    corpus_path=_shown_path(corpus.path) if corpus is not None else None,
                     loss_vocab=st.get("loss_vocab"))
         if vocab is not None:
             info["draft_vocab"] = int(vocab.numel())
