@@ -263,6 +263,7 @@ def test_train_export_load_generate_round_trip(tiny, run, prompt_file, tmp_path)
     assert "Loss over the draft vocabulary" in card
     assert check_released_format(out) == []
     head = DraftHead.load(out)
+    assert torch.equal(head.draft_vocab, DraftHead.load(run / "train" / "best").draft_vocab)  # the one trained over
     gen = Eagle2Generator(tiny, tok, head)
     prompt = [5, 17, 99, 3, 42, 7]
     res = gen.generate(prompt, max_new_tokens=20, method="eagle2")
@@ -520,3 +521,18 @@ class _no_warning:
 
     def __exit__(self, *a):
         return self._w.__exit__(*a)
+
+
+def test_cli_corpus_import_and_show(tmp_path, capsys):
+    from eagle2.cli import main
+
+    src = tmp_path / "responses.jsonl"
+    src.write_text(json.dumps({"id": "dolly15k_en:1", "prompt_ids": [1, 2], "response_ids": [3, 4, 5]}) + "\n")
+    corpus = str(tmp_path / "c")
+    assert main(["corpus", "import", str(src), "--corpus", corpus, "--note", "test"]) == 0
+    assert '"added": 1' in capsys.readouterr().out
+    assert main(["corpus", "show", "--corpus", corpus]) == 0
+    assert "| dolly15k_en | 1 | 0 | 1 | 2 | 3 |" in capsys.readouterr().out
+    assert main(["corpus", "import", str(src), "--corpus", corpus, "--model", "other"]) == 2  # another model's
+    assert "holds answers of smollm2-135m" in capsys.readouterr().err
+    assert main(["corpus", "import", str(tmp_path / "missing.jsonl"), "--corpus", corpus]) == 2

@@ -263,7 +263,11 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
                     corpus=st.get("corpus"), corpus_total=st.get("corpus_total"),
                     corpus_path=_shown_path(corpus.path) if corpus is not None else None,
                     loss_vocab=st.get("loss_vocab"))
-        if vocab is not None:
+        from ..draft_head import DRAFT_VOCAB_FILE
+
+        if (src / DRAFT_VOCAB_FILE).exists():  # trained over it: ship exactly that one, even if the corpus grew since
+            vocab = None
+        elif vocab is not None:
             info["draft_vocab"] = int(vocab.numel())
         export_head(src, out, info, draft_vocab=vocab)
         summary["export"] = dict(out=str(out), mtbench=mt)
