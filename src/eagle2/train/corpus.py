@@ -47,10 +47,14 @@ def repo_corpus_root() -> Path:
 
 
 def default_corpus_dir(model_key: str, run_dir: Path) -> Path:
-    """The committed corpus of a built-in model; ``<run_dir>/corpus`` for any other model."""
+    """The committed corpus of a built-in model when running from the repository; else
+    ``<run_dir>/corpus`` (other models, or an installed package with no repository around it)."""
     from ..models import BUILTIN_MODELS
 
-    return repo_corpus_root() / model_key if model_key in BUILTIN_MODELS else Path(run_dir) / "corpus"
+    root = repo_corpus_root()
+    if model_key in BUILTIN_MODELS and (root.parent / "pyproject.toml").exists():
+        return root / model_key
+    return Path(run_dir) / "corpus"
 
 
 def source_of(conversation_id: str) -> str:
