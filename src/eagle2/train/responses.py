@@ -107,7 +107,7 @@ def _turn_inputs(tokenizer, prompts: list[Prompt], corpus: Corpus, turn: int,
             continue
         ids = encode_chat(tokenizer, turn_messages(tokenizer, p, corpus, turn))
         before = len(corpus.conversations[p.id].ids_after(turn - 1)) if turn else 0
-        if 0 < len(ids) - before <= max_prompt_tokens and len(ids) > before:
+        if 0 < len(ids) - before <= max_prompt_tokens:
             todo.append((p.id, ids))
         else:
             skipped += 1
