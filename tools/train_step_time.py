@@ -10,11 +10,11 @@ Prints one JSON line at the end: seconds per pass over the batches for each and 
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
+from eagle2.machine import cpu_name
 from eagle2.models import load_target
 from eagle2.train.corpus import Corpus, repo_corpus_root
 from eagle2.train.export import draft_vocabulary
@@ -58,9 +58,7 @@ def main() -> None:
                 times[k][-1].append(step(tr, b))
         print(f"pass {r}: " + ", ".join(f"{k} {sum(v[-1]):.2f} s" for k, v in times.items()), flush=True)
     best = {k: sum(min(v[r][i] for r in range(1, len(v))) for i in range(len(batches))) for k, v in times.items()}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(json.dumps(dict(cpu=cpu, threads=a.threads, bf16=trainers["full"].cfg.bf16, batches=len(batches),
+    print(json.dumps(dict(cpu=cpu_name(), threads=a.threads, bf16=trainers["full"].cfg.bf16, batches=len(batches),
                           tokens=sum(len(e.tokens) for e in exs), full_s=round(best["full"], 3),
                           draft_s=round(best["draft"], 3), draft_vocab=int(vocab.numel()),
                           ratio=round(best["full"] / best["draft"], 2))))

@@ -133,8 +133,10 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], corpus: Corpus, 
 
     Returns {"done" (conversations in the corpus), "turns", "skipped_long", "new", "new_tokens",
     "seconds"} for this call."""
+    from ..machine import dtype_name, git_commit
+
     settings = dict(temperature=temperature, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                    dtype=str(model.dtype).replace("torch.", ""))
+                    dtype=dtype_name(model.dtype), commit=git_commit())
     corpus.check_model(model_name, settings)
     fast = None
     if use_fast:
