@@ -18,8 +18,9 @@ import torch
 from . import cost, kernels, native
 from .config import DecodeSettings, TreeConfig
 from .cost import Calibration, CostModel
-from .draft import Drafter
+from .draft import make_drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
+from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
 from .engine import Engine, GenerationResult, RoundEvent
 from .fast import FastTarget, supports
 from .models import builtin_head_dir, cache_dir, load_target
@@ -84,18 +85,25 @@ def make_target(model, backend: str = "auto") -> Target:
 class Eagle2Generator:
     """A target model + draft head ready to generate. Not thread-safe: one sequence at a time."""
 
-    def __init__(self, model, tokenizer, head: DraftHead, *, model_key: str = "", tree: TreeConfig | None = None,
-                 head_source: str = "", backend: str = "auto", draft_vocab: int | None = None,
-                 cost_model: CostModel | None = None):
-        """cost_model: this machine's round costs for the dynamic tree; None measures them on first use."""
+    def __init__(self, model, tokenizer, head: DraftHead | Eagle3Head, *, model_key: str = "",
+                 tree: TreeConfig | None = None, head_source: str = "", backend: str = "auto",
+                 draft_vocab: int | None = None, cost_model: CostModel | None = None):
+        """head: an EAGLE-1/2 ``DraftHead`` or an ``Eagle3Head`` (whose features are three target
+        layers, captured in the target's forward). cost_model: this machine's round costs for the
+        dynamic tree; None measures them on first use."""
         self.model = model
         self.tokenizer = tokenizer
+        if isinstance(head, Eagle3Head):
+            check_eagle3_fits(head.config, model.config)
+        else:
+            check_head_fits(head.config, model.config)
         self.target = make_target(model, backend)
         self.backend = "fast" if isinstance(self.target, FastTarget) else "transformers"
-        check_head_fits(head.config, model.config)
+        if isinstance(head, Eagle3Head):
+            self.target.capture(head.config.feature_layers(self.target.n_layers))
         self.head = head
         self.head_source = head_source
-        self.drafter = Drafter(head, self.target, draft_vocab)
+        self.drafter = make_drafter(head, self.target, draft_vocab)
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self.model_key = model_key
@@ -202,30 +210,38 @@ class Eagle2Generator:
                 yield ev.text
 
 
+def load_head(directory: str | Path) -> DraftHead | Eagle3Head:
+    """A head directory in either released layout: EAGLE-3 (config with ``draft_vocab_size`` or an
+    Eagle3 architecture, or ``midlayer`` weights) or EAGLE-1/2. Fit to the target is checked by
+    ``Eagle2Generator``."""
+    return Eagle3Head.load(directory) if is_eagle3(directory) else DraftHead.load(directory)
+
+
 def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torch.dtype = "auto",
          device: str = "auto", device_map=None, tree: TreeConfig | None = None,
          backend: str = "auto", draft_vocab: int | None = None) -> Eagle2Generator:
     """Load a target and its draft head.
 
     model: a built-in name (``smollm2-135m``), a local Hugging Face model directory, a ``.gguf``
-    file or a hub id. head: a head directory in the released EAGLE layout; None picks the
-    built-in model's shipped head, or a freshly initialised head (with a warning) otherwise.
+    file or a hub id. head: a head directory in the released EAGLE-1/2 or EAGLE-3 layout (told
+    apart by ``load_head``); None picks the built-in model's shipped head, or a freshly
+    initialised head (with a warning) otherwise.
     backend: "auto" runs Llama / Qwen2 / Mistral-style targets on the lean forward (fast.py,
     logits equal to transformers'), everything else through transformers; "transformers" forces
     the general path; "fast" demands the lean one.
     draft_vocab: how many of the head's draft-vocabulary tokens the drafter may propose (FR-Spec;
-    None: the head's whole list, 0: the full vocabulary). Output is exact either way."""
+    None: the head's whole list, 0: the full vocabulary; an EAGLE-3 head's is fixed: leave it None).
+    Output is exact either way."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
         raise ValueError(f"head directory not found: {head}")
     hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map)
     if head is not None:
-        draft = DraftHead.load(head)
-        check_head_fits(draft.config, hf.config)
+        draft = load_head(head)
         source = str(head)
     elif builtin and builtin_head_dir(builtin) is not None:
-        draft = DraftHead.load(builtin_head_dir(builtin))
+        draft = load_head(builtin_head_dir(builtin))  # the shipped head may be of either kind
         source = str(builtin_head_dir(builtin))
     else:
         warnings.warn(f"no trained draft head for {model!r}: using a freshly initialised head. Output is still "

@@ -12,6 +12,12 @@ Round protocol (the engine calls, in order):
 2. ``grow(root, root_out, config, max_depth)``: expand the tree (EAGLE-2 dynamic, EAGLE-1 static or
    a chain) and return a ``Tree`` (tree.py). A node at depth d is fed to the head at position
    (position of the root's pair) + d with the feature its parent produced.
+
+``Eagle3Drafter`` runs an EAGLE-3 head (eagle3_head.py) under the same protocol: the committed
+features are the target's three captured layers [n, 3H] (fc fuses them), a tree node's feature is
+its parent's head output [H] (fc skipped), and its draft logits, over the head's own vocabulary,
+name tokens through d2t. Its layer runs as a Python function over the same static cache (the
+native stack has no slot for the midlayer's 2H-wide attention input). ``make_drafter`` picks one.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import torch
 from torch import Tensor
 
 from .config import TreeConfig
-from .draft_head import DraftHead
-from .fast import Dims, Layer, Stack, StaticCache, additive_mask
+from .draft_head import ACTIVATIONS, DraftHead
+from .eagle3_head import Eagle3Head
+from .fast import Dims, Layer, Stack, StaticCache, _rms, additive_mask, attend
 from .kernels import Linear, linear
 from .target import Target
 from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, select_frontier,
@@ -50,6 +57,7 @@ class Drafter:
         self.target = target
         self.head = head
         self.stack, self.fc = _lean_head(head, target)  # the head's layer on fast.Stack, in the target's dtype
+        self.feature_width = head.config.hidden_size  # width of a committed feature: the target's last hidden
         self.cache = StaticCache(1, 1, head.config.num_key_value_heads, head.config.head_dim, capacity,
                                  target.dtype, target.device)
         self._cos = self._sin = None  # [P, D] the head's rotary tables (its own theta, no scaling)
@@ -157,9 +165,9 @@ class Drafter:
         measured with fixed-shape growth at depths 1 and 4. Leaves the drafter reset."""
         from .cost import _best_ms
 
-        dev, hidden = self.target.device, self.head.config.hidden_size
+        dev = self.target.device
         g = torch.Generator().manual_seed(0)
-        feats = torch.randn(context, hidden, generator=g).to(dev, self.target.dtype)
+        feats = torch.randn(context, self.feature_width, generator=g).to(dev, self.target.dtype)
         toks = torch.randint(0, self.target.vocab_size, (context,), generator=g).to(dev)
         root = toks[-1]
         self.reset()
@@ -309,3 +317,66 @@ def _lean_head(head: DraftHead, target: Target) -> tuple[Stack, Linear]:
     dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                 float(cfg.rms_norm_eps), cfg.hidden_act)
     return Stack([layer], None, dims), linear(sd["fc.weight"], sd.get("fc.bias"))
+
+
+def make_drafter(head: DraftHead | Eagle3Head, target: Target, draft_vocab: int | None = None) -> Drafter:
+    """The drafter for this kind of head (EAGLE-1/2 or EAGLE-3)."""
+    if isinstance(head, Eagle3Head):
+        return Eagle3Drafter(head, target, draft_vocab)
+    return Drafter(head, target, draft_vocab)
+
+
+class Eagle3Drafter(Drafter):
+    """``Drafter`` for an EAGLE-3 head: same commit / grow protocol and tree code; its own step
+    (fc only on the target's 3H features, the midlayer, logits over the draft vocabulary)."""
+
+    def __init__(self, head: Eagle3Head, target: Target, draft_vocab: int | None = None, capacity: int = 1024):
+        """draft_vocab: must be None (the head drafts over its own vocabulary, fixed by its lm_head)."""
+        cfg = head.config
+        if draft_vocab is not None and draft_vocab != cfg.draft_vocab_size:
+            raise ValueError(f"an EAGLE-3 head drafts over its own {cfg.draft_vocab_size}-token vocabulary; "
+                             f"draft_vocab={draft_vocab} cannot change it (leave it unset)")
+        self.target, self.head = target, head
+        self.feature_width = 3 * cfg.hidden_size  # the target's three captured layers
+        sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()
+              if k not in ("d2t", "t2d")}
+        a, m = "midlayer.self_attn.", "midlayer.mlp."
+        self.layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
+                                sd[a + "o_proj.weight"], sd["midlayer.post_attention_layernorm.weight"],
+                                sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"])
+        self.n_in, self.n_hid = sd["midlayer.input_layernorm.weight"], sd["midlayer.hidden_norm.weight"]
+        self.norm = sd["norm.weight"]
+        self.dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
+                         float(cfg.rms_norm_eps), cfg.hidden_act)
+        self.fc = linear(sd["fc.weight"], sd.get("fc.bias"))
+        self._lm = linear(sd["lm_head.weight"])  # [Vd, H]
+        self.vocab_ids = head.target_ids.to(target.device)  # [Vd] token id of each draft logit column (d2t applied)
+        self.cache = StaticCache(1, 1, cfg.num_key_value_heads, cfg.head_dim, capacity, target.dtype, target.device)
+        self._cos = self._sin = None
+        self.length = 0
+
+    def set_draft_vocab(self, n: int | None) -> None:
+        raise ValueError("an EAGLE-3 head drafts over its own vocabulary; it cannot be changed")
+
+    def _run(self, feats: Tensor, tokens: Tensor, positions: Tensor, at: int, mask: Tensor) -> Tensor:
+        """feats [T, 3H] (target layers) or [T, H] (head outputs), tokens [T], positions [T],
+        mask [T, at + T] bool -> head outputs [T, H] before the final norm."""
+        cache = self.cache
+        cache.length = at
+        cache.reserve(tokens.shape[0])
+        emb = self.target.embed(tokens[None])  # [1, T, H]
+        h = feats[None].to(emb.dtype)
+        if h.shape[-1] != emb.shape[-1]:
+            h = self.fc(h)  # [1, T, 3H] -> [1, T, H]
+        cos, sin = self._rope(positions)
+        dm, L = self.dims, self.layer
+        hn = _rms(self.n_hid, h, dm.eps)
+        residual = hn if self.head.config.norm_before_residual else h
+        x = torch.cat([_rms(self.n_in, emb, dm.eps), hn], dim=-1)  # [1, T, 2H]
+        x = residual + attend(L, x, cos, sin, additive_mask(mask[None], emb.dtype), cache.k[0], cache.v[0], at, dm)
+        gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
+        return (x + L.down(ACTIVATIONS[dm.act](gate) * up))[0]
+
+    def _logp(self, out: Tensor) -> Tensor:
+        """[.., H] head outputs -> [.., Vd] fp32 log-probs (column j is token ``vocab_ids[j]``)."""
+        return torch.log_softmax(self._lm(_rms(self.norm, out, self.dims.eps)).float(), dim=-1)

@@ -135,12 +135,14 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: HeadConfig):
+    def __init__(self, cfg: HeadConfig, in_features: int | None = None):
+        """in_features: width of q/k/v's input (default H; an EAGLE-3 midlayer takes 2H)."""
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        width = in_features or cfg.hidden_size
+        self.q_proj = nn.Linear(width, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(width, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(width, self.nkv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past: tuple[Tensor, Tensor] | None,
@@ -247,15 +249,7 @@ class DraftHead(nn.Module):
     def load(cls, directory: str | Path) -> "DraftHead":
         """Load a head directory (config.json + model.safetensors or pytorch_model.bin)."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise ValueError(f"head directory not found: {directory}")
-        cfg_path = directory / "config.json"
-        if not cfg_path.exists():
-            raise ValueError(f"head directory {directory} has no config.json")
-        try:
-            cfg = HeadConfig.from_json(json.loads(cfg_path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"head config {cfg_path} is not valid JSON: {e.msg}") from None
+        cfg = HeadConfig.from_json(read_head_config(directory))
         state = load_head_weights(directory)
         # The weights are the truth for the optional biases: configs in the wild disagree (a missing
         # "bias" means True, yet some heads were exported without fc.bias, and vice versa).
@@ -279,6 +273,22 @@ class DraftHead(nn.Module):
         return head
 
 
+def read_head_config(directory: Path) -> dict:
+    """A head directory's config.json as a dict (clear errors for a missing directory, file or bad JSON)."""
+    if not directory.is_dir():
+        raise ValueError(f"head directory not found: {directory}")
+    path = directory / "config.json"
+    if not path.exists():
+        raise ValueError(f"head directory {directory} has no config.json")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"head config {path} is not valid JSON: {e.msg}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"head config {path} is not a JSON object")
+    return d
+
+
 def load_draft_vocab(directory: Path, vocab_size: int) -> Tensor | None:
     """The head's draft vocabulary (FR-Spec), most frequent first, or None when it has none."""
     path = directory / DRAFT_VOCAB_FILE
@@ -298,6 +308,17 @@ def load_draft_vocab(directory: Path, vocab_size: int) -> Tensor | None:
 
 def load_head_weights(directory: Path) -> dict[str, Tensor]:
     """Read the head's tensors; strip a ``model.`` prefix; drop the embedding / lm_head copies."""
+    out = {}
+    for k, v in load_weight_file(directory).items():
+        k = k.removeprefix("model.")
+        if k.startswith(("embed_tokens.", "lm_head.")):
+            continue
+        out[k] = v
+    return out
+
+
+def load_weight_file(directory: Path) -> dict[str, Tensor]:
+    """Every tensor of a head directory's model.safetensors (or else pytorch_model.bin), as stored."""
     st, binf = directory / "model.safetensors", directory / "pytorch_model.bin"
     try:
         if st.exists():
@@ -312,17 +333,19 @@ def load_head_weights(directory: Path) -> dict[str, Tensor]:
         raise
     except Exception as e:  # truncated / corrupt files
         raise ValueError(f"could not read head weights in {directory}: {type(e).__name__}: {str(e)[:200]}") from None
-    out = {}
-    for k, v in raw.items():
-        k = k.removeprefix("model.")
-        if k.startswith(("embed_tokens.", "lm_head.")):
-            continue
-        out[k] = v
-    return out
+    return raw
 
 
 def check_head_fits(cfg: HeadConfig, target_config) -> None:
     """Refuse a head built for a different target, saying what differs."""
+    diffs = fit_differences(cfg, target_config)
+    if diffs:
+        raise ValueError(f"draft head does not fit the target ({target_config.model_type}): " + "; ".join(diffs))
+
+
+def fit_differences(cfg, target_config) -> list[str]:
+    """What differs between a head config (EAGLE-1/2 or EAGLE-3) and its target: hidden size,
+    vocabulary, family (when the head names one)."""
     diffs = []
     if cfg.hidden_size != target_config.hidden_size:
         diffs.append(f"hidden size {cfg.hidden_size} vs target {target_config.hidden_size}")
@@ -330,21 +353,24 @@ def check_head_fits(cfg: HeadConfig, target_config) -> None:
         diffs.append(f"vocabulary {cfg.vocab_size} vs target {target_config.vocab_size}")
     if cfg.target_model_type and cfg.target_model_type != target_config.model_type:
         diffs.append(f"built for {cfg.target_model_type}, target is {target_config.model_type}")
-    if diffs:
-        raise ValueError(f"draft head does not fit the target ({target_config.model_type}): " + "; ".join(diffs))
+    return diffs
 
 
-def init_head(cfg: HeadConfig, seed: int = 0) -> DraftHead:
-    """A freshly initialised head (Llama-style init: normal(0, 0.02), norms at 1)."""
+def init_weights_(module: nn.Module, seed: int = 0) -> None:
+    """Llama-style init in place: normal(0, 0.02), norms at 1, biases at 0."""
     g = torch.Generator().manual_seed(seed)
-    head = DraftHead(cfg)
     with torch.no_grad():
-        for name, p in head.named_parameters():
+        for name, p in module.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return head
 
+
+def init_head(cfg: HeadConfig, seed: int = 0) -> DraftHead:
+    """A freshly initialised head (``init_weights_``)."""
+    head = DraftHead(cfg)
+    init_weights_(head, seed)
+    return head

@@ -17,7 +17,10 @@ with RMSNorm — Llama, Qwen2 (q/k/v biases), Mistral without a sliding window. 
 ``Stack`` is the core: a list of such layers over a ``StaticCache``, run as a Python loop or —
 on a CPU, when native.py could build it — as one C++ call making the same ATen calls
 (bit-identical, tested). The target (all layers + final norm, ``FastTarget``) and the drafter
-(the head's one layer without input norm, draft.py) both run on it. ``FastTarget`` has the same
+(the head's one layer without input norm, draft.py) both run on it. ``Stack.capturing`` also
+returns the residual streams at chosen layer inputs (an EAGLE-3 head's features, asked for with
+``Target.capture``) by running the layers in segments between them — natively too, one C++ call
+per segment, so the extension needs no change; without a capture the stack runs as before. ``FastTarget`` has the same
 interface as ``Target`` (forward / keep / new_cache / logits), so the engine does not know which
 one it drives; ``batch_forward`` serves batched generation in the training pipeline. The weights
 are shared with (or, for the fused matrices, copied once from) the transformers model; a test
@@ -150,28 +153,57 @@ class Stack:
         """x [B, T, H] layer input; cos, sin [B, 1, T, D]; bias [B, 1, T, S] additive mask with
         S = past + T. Writes the T new keys/values at cache index past.. and returns the last
         layer's output (after the final norm, if any), [B, T, H]. ``python``: force the loop."""
+        return self._layers(x, cos, sin, bias, cache, past, 0, len(self.layers), self.final_norm, python)
+
+    def capturing(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: "StaticCache", past: int,
+                  capture: tuple[int, ...], python: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """As ``__call__``, and also the residual stream at the input of each layer in ``capture``
+        (index len(layers): the last layer's output before the final norm; transformers'
+        ``hidden_states`` numbering below that), each [B, T, H], in ``capture``'s order. The layers
+        run in segments between the capture points (natively too: one C++ call per segment)."""
+        n = len(self.layers)
+        cuts = sorted({0, n, *capture})
+        seen = {0: x}
+        for lo, hi in zip(cuts, cuts[1:]):
+            x = self._layers(x, cos, sin, bias, cache, past, lo, hi, None, python)
+            seen[hi] = x
+        out = x if self.final_norm is None else _rms(self.final_norm, x, self.dims.eps)
+        return out, [seen[i] for i in capture]
+
+    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: "StaticCache", past: int, lo: int,
+                hi: int, final_norm: Tensor | None, python: bool) -> Tensor:
+        """Layers lo..hi-1 (cache layers lo..hi-1), then ``final_norm`` if given."""
         dm = self.dims
         if self._native is not None and not python:
-            return self._native.decoder_forward(x, cos, sin, bias, self._flat, self.final_norm, cache.k, cache.v, past,
-                                                dm.n_heads, dm.kv_heads, dm.head_dim, dm.inter, dm.eps, dm.scale,
-                                                self.packed, native.ACTS[dm.act])
-        b, t, _ = x.shape
-        s = past + t
-        hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
+            return self._native.decoder_forward(x, cos, sin, bias, self._flat[12 * lo:12 * hi], final_norm,
+                                                cache.k[lo:hi], cache.v[lo:hi], past, dm.n_heads, dm.kv_heads,
+                                                dm.head_dim, dm.inter, dm.eps, dm.scale, self.packed,
+                                                native.ACTS[dm.act])
         act = ACTIVATIONS[dm.act]
-        for i, L in enumerate(self.layers):
+        for i in range(lo, hi):
+            L = self.layers[i]
             h = x if L.n1 is None else _rms(L.n1, x, dm.eps)
-            q, k, v = L.qkv(h).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
-            q = _rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
-            k = _rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-            cache.k[i, :, :, past:s] = k
-            cache.v[i, :, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
-            keys, vals = cache.k[i, :, :, :s], cache.v[i, :, :, :s]  # [B, Hkv, S, D]
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
-            x = x + L.o(o.transpose(1, 2).reshape(b, t, hq * d))
+            x = x + attend(L, h, cos, sin, bias, cache.k[i], cache.v[i], past, dm)
             gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
             x = x + L.down(act(gate) * up)
-        return x if self.final_norm is None else _rms(self.final_norm, x, dm.eps)
+        return x if final_norm is None else _rms(final_norm, x, dm.eps)
+
+
+def attend(L: Layer, h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, k_cache: Tensor, v_cache: Tensor, past: int,
+           dm: Dims) -> Tensor:
+    """A layer's attention block: h [B, T, in] (the normed input) -> o(attention) [B, T, H]. Writes the T
+    new keys/values into k_cache, v_cache [B, Hkv, C, D] at past.. and attends over 0..past + T."""
+    b, t, _ = h.shape
+    s = past + t
+    hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
+    q, k, v = L.qkv(h).split([hq * d, hk * d, hk * d], dim=-1)  # [B, T, (Hq | Hkv) D]
+    q = _rotate(q.view(b, t, hq, d).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
+    k = _rotate(k.view(b, t, hk, d).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+    k_cache[:, :, past:s] = k
+    v_cache[:, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
+    keys, vals = k_cache[:, :, :s], v_cache[:, :, :s]  # [B, Hkv, S, D]
+    o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
+    return L.o(o.transpose(1, 2).reshape(b, t, hq * d))
 
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -264,26 +296,35 @@ class FastTarget(Target):
         """tokens, positions: [B, T]; mask: [B, T, S] bool with S = cache.length + T (row may attend
         column). Appends the T new keys/values at cache index cache.length.. and returns the
         hidden states after the final norm, [B, T, H]."""
+        return self._run(cache, tokens, positions, mask, ())[0]
+
+    def _run(self, cache: StaticCache, tokens: Tensor, positions: Tensor, mask: Tensor,
+             capture: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+        """``batch_forward`` plus the residual streams of the ``capture`` layers, [B, T, H] each."""
         past = cache.length
         cache.reserve(tokens.shape[1])
         self._rope_tables(int(positions.max()) + 1)
         cos = self._cos[positions][:, None]  # [B, 1, T, D]
         sin = self._sin[positions][:, None]
-        hidden = self.stack(self.embed(tokens), cos, sin, additive_mask(mask, self.dtype), cache, past)
+        args = (self.embed(tokens), cos, sin, additive_mask(mask, self.dtype), cache, past)
+        hidden, seen = self.stack.capturing(*args, capture) if capture else (self.stack(*args), [])
         cache.length = past + tokens.shape[1]
-        return hidden
+        return hidden, seen
 
+    @torch.inference_mode()
     def forward(self, cache: StaticCache, tokens: Tensor, positions: Tensor, allowed: Tensor | None,
                 logits_rows: Tensor | slice | None = None) -> tuple[Tensor, Tensor]:
-        """Same contract as ``Target.forward`` (batch of one)."""
+        """Same contract as ``Target.forward`` (batch of one), captured layers included."""
         past = cache.length
         t = tokens.shape[0]
         if allowed is None:
             causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
             allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), causal], dim=1)
-        hidden = self.batch_forward(cache, tokens[None], positions[None], allowed[None])[0]  # [T, H]
+        hidden, seen = self._run(cache, tokens[None], positions[None], allowed[None], self.feature_layers)
+        hidden = hidden[0]  # [T, H] after the final norm
         rows = hidden if logits_rows is None else hidden[logits_rows]
-        return self.logits(rows), hidden
+        features = torch.cat([h[0] for h in seen], dim=-1) if seen else hidden  # [T, 3H] captured, else [T, H]
+        return self.logits(rows), features
 
     @staticmethod
     @torch.inference_mode()

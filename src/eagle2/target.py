@@ -3,8 +3,10 @@
 It runs the target over a block of tokens at explicit positions with an explicit attention
 pattern (a boolean "may attend" matrix over cached + new tokens), through transformers'
 public API only: a 4D additive attention mask, ``position_ids`` and a ``DynamicCache``.
-It returns logits and the last hidden states (after the final norm, the EAGLE features), and
-compacts the KV cache to the accepted path after a round.
+It returns logits and the draft head's features, and compacts the KV cache to the accepted path
+after a round. The features are the last hidden states after the final norm (EAGLE-1/2), or —
+after ``capture(layers)``, for an EAGLE-3 head — the residual streams at the inputs of the chosen
+layers, concatenated (read with forward hooks on the decoder layers, only while capturing).
 
 Sliding-window models (Gemma 3, Mistral, Qwen2 with the window on) get a dict of masks, one per
 layer type, with the window applied by position; a single full mask would silently let the
@@ -72,6 +74,20 @@ class Target:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(cfg.vocab_size)
         self.hidden_size = int(cfg.hidden_size)
+        self.n_layers = len(self.decoder.layers)
+        self.feature_layers: tuple[int, ...] = ()  # hidden_states indices whose residual streams are the features
+
+    def capture(self, layers: tuple[int, ...]) -> None:
+        """Return as features the residual stream at the input of each layer in ``layers``
+        (transformers' ``hidden_states`` numbering: 0 = the embeddings, i = the input of layer i,
+        n_layers = the last layer's output before the final norm), concatenated in that order:
+        [T, len(layers) * H]. An empty tuple goes back to the last hidden state after the norm."""
+        layers = tuple(int(i) for i in layers)
+        bad = [i for i in layers if not 0 <= i <= self.n_layers]
+        if bad:
+            raise ValueError(f"cannot capture hidden state {bad[0]}: the target has {self.n_layers} layers "
+                             f"(hidden states 0..{self.n_layers})")
+        self.feature_layers = layers
 
     def new_cache(self, capacity: int | None = None):
         """An empty cache (``capacity``, a hint for preallocating caches, is not needed here)."""
@@ -110,18 +126,44 @@ class Target:
 
         tokens, positions: [T] long. allowed: [T, past + T] bool (row i may attend to column j),
         or None for a plain causal block. logits_rows selects which rows get logits (default
-        all). Returns (logits [R, V] fp32, hidden [T, H] after the final norm)."""
+        all). Returns (logits [R, V] fp32, features [T, H] after the final norm — or [T, 3H], the
+        captured layers, after ``capture``)."""
         past = cache.get_seq_length()
         t = tokens.shape[0]
         if allowed is None:
             causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
             allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), causal], dim=1)
         mask = self._masks(allowed, positions, past)
-        out = self.decoder(input_ids=tokens[None], attention_mask=mask, position_ids=positions[None],
-                           past_key_values=cache, use_cache=True)
+        seen: dict[int, Tensor] = {}
+        hooks = self._hooks(seen) if self.feature_layers else []
+        try:
+            out = self.decoder(input_ids=tokens[None], attention_mask=mask, position_ids=positions[None],
+                               past_key_values=cache, use_cache=True)
+        finally:
+            for h in hooks:
+                h.remove()
         hidden = out.last_hidden_state[0]  # [T, H]
         rows = hidden if logits_rows is None else hidden[logits_rows]
+        if self.feature_layers:
+            # [T, 3H]; a sharded model's layers may sit on other devices than its last one
+            return self.logits(rows), torch.cat([seen[i][0].to(hidden.device) for i in self.feature_layers], dim=-1)
         return self.logits(rows), hidden
+
+    def _hooks(self, seen: dict) -> list:
+        """Forward hooks that put the captured layers' residual streams, [1, T, H], into ``seen``:
+        a pre-hook on layer i for hidden state i, a hook on the last layer for n_layers."""
+        layers = self.decoder.layers
+        hooks = []
+        for i in set(self.feature_layers):
+            if i < self.n_layers:
+                def pre(module, args, kwargs, i=i):
+                    seen[i] = args[0] if args else kwargs["hidden_states"]
+                hooks.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(module, args, output):
+                    seen[self.n_layers] = output[0] if isinstance(output, tuple) else output
+                hooks.append(layers[-1].register_forward_hook(post))
+        return hooks
 
     @staticmethod
     @torch.inference_mode()

@@ -14,7 +14,8 @@ def _model_args(p: argparse.ArgumentParser, draft_vocab: bool = True) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m), HF model directory, .gguf file or hub id (default: %(default)s)")
     p.add_argument("--head", default=None,
-                   help="draft head directory in the released EAGLE layout (default: the model's shipped head)")
+                   help="draft head directory in the released EAGLE-1/2 or EAGLE-3 layout (default: the model's shipped "
+                        "head)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto = bf16 on CUDA or a CPU with fast bf16, else fp32 (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
