@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .common import _model_args
 
-DESCRIPTION = """Train an EAGLE-2 draft head for MODEL. Four stages, each resumable (rerun the same command
+DESCRIPTION = """Train a draft head for MODEL: EAGLE-1/2 (--arch eagle2, the default) or EAGLE-3 (--arch eagle3). Four stages, each resumable (rerun the same command
 to continue where it stopped), each with a progress bar and ETA, all cached in --run-dir
 (default $EAGLE2_CACHE/runs/<model>, outside git):
 
@@ -40,6 +40,14 @@ to continue where it stopped), each with a progress bar and ETA, all cached in -
              model card README.md to --out (default <run-dir>/head); --mtbench N measures acceptance
              on N MT-bench first turns per category first.
 
+--arch eagle3 trains an EAGLE-3 head instead (features: the target's hidden states 2, L//2, L-3 and
+its next-token distribution, in <run-dir>/features-eagle3-*; training in <run-dir>/train-eagle3):
+soft cross-entropy of the head's own logits over the draft vocabulary (--draft-vocab most frequent
+answer tokens, as d2t/t2d) against the target's distribution renormalised over it, no feature loss,
+no noise; training-time test over --ttt-steps steps (default 7), step k fed the head's own step k-1
+outputs under the diagonal mask. Export in the official EAGLE-3 layout (SGLang EAGLE3, vLLM eagle3).
+--ce-weight, --noise, --no-fc-bias and --head-intermediate are EAGLE-1/2 options; --stream is eagle2 only.
+
 Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-head"""
 
 
@@ -47,6 +55,9 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a draft head for a model (self-distillation, resumable)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p, draft_vocab=False)
+    p.add_argument("--arch", default="eagle2", choices=["eagle2", "eagle3"],
+                   help="head type: eagle2 = EAGLE-1/2 head (feature + token loss), eagle3 = EAGLE-3 head (three "
+                        "target layers, own draft vocabulary, token loss, training-time test) (default: %(default)s)")
     p.add_argument("--stages", default="responses,features,train,export",
                    help="comma-separated stages to run, in order (default: %(default)s)")
     p.add_argument("--run-dir", default=None, help="cache directory of this run (default: $EAGLE2_CACHE/runs/<model>)")
@@ -85,9 +96,10 @@ def register(sub) -> None:
     p.add_argument("--eval-every", type=int, default=200, help="steps between acceptance checks (default: %(default)s)")
     p.add_argument("--eval-max-new-tokens", type=int, default=64,
                    help="tokens decoded per held-out prompt in each acceptance check (default: %(default)s)")
-    p.add_argument("--ttt-steps", type=int, default=3,
+    p.add_argument("--ttt-steps", type=int, default=None,
                    help="training-time test: unroll the head this many steps on its own predicted features, as "
-                        "the drafter does at depths 2, 3, ... (1: plain EAGLE training; default: %(default)s)")
+                        "the drafter does at depths 2, 3, ... (1: plain EAGLE training; default: 3 for eagle2, "
+                        "7 for eagle3)")
     p.add_argument("--ttt-decay", type=float, default=0.8,
                    help="loss weight of unrolled step k is DECAY**k (default: %(default)s)")
     p.add_argument("--init-head", default=None, metavar="DIR",
@@ -127,12 +139,15 @@ def cmd_train(args) -> int:
         raise ValueError(f"--temperature must be >= 0; got {args.temperature}")
     if (args.context or 0) < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
         raise ValueError("--context, --dev-prompts, --mtbench and --draft-vocab must be >= 0")
+    if args.arch == "eagle3" and args.stream:
+        raise ValueError("--stream is not available for --arch eagle3: its features are cached in shards")
     if args.max_len < 16:
         raise ValueError(f"--max-len must be >= 16; got {args.max_len}")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
                       noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
-                      max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias, ttt_steps=args.ttt_steps,
+                      max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias,
+                      ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,
                       head_intermediate=args.head_intermediate,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.train_precision])
@@ -152,7 +167,7 @@ def cmd_train(args) -> int:
         gen_batch_size=args.gen_batch_size, shard_size=args.shard_size, context=args.context, max_len=args.max_len,
         corpus=Path(args.corpus) if args.corpus else None, vocab_loss=not args.full_vocab_loss, stream=args.stream,
         out=Path(args.out) if args.out else None, mtbench=args.mtbench, draft_vocab=args.draft_vocab,
-        max_minutes=args.max_minutes, temperature=args.temperature,
+        max_minutes=args.max_minutes, temperature=args.temperature, arch=args.arch,
         progress=not args.no_progress, base_model=_base_name(model, key), model_arg=args.model, train_cfg=cfg)
     summary = run_pipeline(model, tok, opts)
     for stage, r in summary.items():

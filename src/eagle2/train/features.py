@@ -81,18 +81,25 @@ def _lean(model):
     return _LEAN[key]
 
 
+def pad_batch(batch_ids: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Right-pad sequences into one batch: (ids [B, W] long, attention mask [B, W] long, 1 = real)."""
+    width = max(len(x) for x in batch_ids)
+    ids = torch.zeros(len(batch_ids), width, dtype=torch.long)
+    attn = torch.zeros(len(batch_ids), width, dtype=torch.long)
+    for i, x in enumerate(batch_ids):
+        ids[i, : len(x)] = torch.tensor(x)
+        attn[i, : len(x)] = 1
+    return ids, attn
+
+
 @torch.inference_mode()
 def target_features(model, batch_ids: list[list[int]]) -> list[Tensor]:
     """Last hidden states (after the final norm) for each sequence: list of [T_i, H] bf16.
 
     Sequences are right padded into one batch; causal attention keeps padding out of real rows."""
     dev = next(model.parameters()).device
-    width = max(len(x) for x in batch_ids)
-    ids = torch.zeros(len(batch_ids), width, dtype=torch.long)  # [B, W]
-    attn = torch.zeros(len(batch_ids), width, dtype=torch.long)  # [B, W]
-    for i, x in enumerate(batch_ids):
-        ids[i, : len(x)] = torch.tensor(x)
-        attn[i, : len(x)] = 1
+    ids, attn = pad_batch(batch_ids)  # [B, W]
+    width = ids.shape[1]
     fast = _lean(model)
     if fast is not None:  # the lean forward: same features, less overhead (fast.py)
         ids, attn = ids.to(dev), attn.to(dev).bool()
@@ -106,7 +113,10 @@ def target_features(model, batch_ids: list[list[int]]) -> list[Tensor]:
     return [hid[i, : len(x)].to(torch.bfloat16).cpu() for i, x in enumerate(batch_ids)]
 
 
-def _examples_for(model, records: list[dict], context: int, max_len: int, batch_size: int) -> list[Example | None]:
+def _examples_for(model, records: list[dict], context: int, max_len: int, batch_size: int,
+                  features=target_features) -> list[Example | None]:
+    """``features(model, batch_ids) -> [T_i, W]`` per sequence: the last hidden states by default
+    (EAGLE-3: eagle3.py passes its captured layers)."""
     wins = _windows(records, context, max_len)
     out: list[Example | None] = [None] * len(wins)
     order = sorted(range(len(wins)), key=lambda i: len(wins[i][0]))  # little padding per batch
@@ -114,7 +124,7 @@ def _examples_for(model, records: list[dict], context: int, max_len: int, batch_
         idx = [i for i in order[b0:b0 + batch_size] if wins[i][2] >= 0]
         if not idx:
             continue
-        feats = target_features(model, [wins[i][0] for i in idx])
+        feats = features(model, [wins[i][0] for i in idx])
         for i, f in zip(idx, feats):
             out[i] = _example(*wins[i], f)
     return out
@@ -213,10 +223,12 @@ def _records(responses: str | Path | list[dict]) -> list[dict]:
 
 def build_features(model, responses: str | Path | list[dict], out_dir: str | Path, *, shard_size: int = 64,
                    context: int | None = None, max_len: int = 1024, batch_size: int = 4,
-                   exclude: set[str] | None = None, progress: bool = True, max_seconds: float | None = None) -> dict:
+                   exclude: set[str] | None = None, progress: bool = True, max_seconds: float | None = None,
+                   features=target_features) -> dict:
     """Compute the features of every record (``Corpus.records()`` or a responses JSONL) that no
     shard cut with the same window settings holds yet (records whose features were captured by the
-    responses stage are skipped). Returns {"shards", "new_shards", "complete"}."""
+    responses stage are skipped). ``features``: as in ``_examples_for``. Returns {"shards",
+    "new_shards", "complete"}."""
     import time
 
     out_dir = Path(out_dir)
@@ -232,7 +244,7 @@ def build_features(model, responses: str | Path | list[dict], out_dir: str | Pat
     for recs in chunks:
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
-        exs = _examples_for(model, recs, context, max_len, batch_size)
+        exs = _examples_for(model, recs, context, max_len, batch_size, features)
         write_shard(out_dir, [r["id"] for r in recs], [(r["id"], e) for r, e in zip(recs, exs) if e is not None],
                     model.config.hidden_size, context, max_len)
         new += 1

@@ -72,6 +72,7 @@ class PipelineOptions:
     draft_vocab: int = 8192  # FR-Spec draft vocabulary shipped with the head (0: none)
     vocab_loss: bool = True  # the loss over the draft vocabulary only (False: over the full vocabulary)
     mtbench_max_new_tokens: int = 128
+    arch: str = "eagle2"  # head type: "eagle2" (EAGLE-1/2, trainer.py) or "eagle3" (eagle3.py)
     max_minutes: float | None = None  # per stage: stop (resumable) after this long
     progress: bool = True
     base_model: str = ""
@@ -142,6 +143,15 @@ def _loss_vocab(opts: PipelineOptions, records: list[dict], vocab_size: int):
     return draft_vocabulary(records, vocab_size, opts.draft_vocab) if opts.draft_vocab and records else None
 
 
+def _check_arch(opts: PipelineOptions) -> bool:
+    """Whether the run trains an EAGLE-3 head; refuses an unknown head type or what it cannot do."""
+    if opts.arch not in ("eagle2", "eagle3"):
+        raise ValueError(f"unknown head type {opts.arch!r}; use eagle2 (EAGLE-1/2) or eagle3")
+    if opts.arch == "eagle3" and opts.stream:
+        raise ValueError("--stream is not available for --arch eagle3: its features are cached in shards")
+    return opts.arch == "eagle3"
+
+
 def _shown_path(p: Path) -> str:
     """A corpus path as the model card shows it: relative to the repo when inside it."""
     from .corpus import repo_corpus_root
@@ -162,7 +172,13 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         if s not in STAGES:
             raise ValueError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
     run = Path(opts.run_dir)
+    e3 = _check_arch(opts)
     run.mkdir(parents=True, exist_ok=True)
+    if e3:  # EAGLE-3: its own feature shards (three layers + final) and training directory
+        from . import eagle3
+        feat_dir, train_dir = eagle3.feature_dir(run, model), run / "train-eagle3"
+    else:
+        feat_dir, train_dir = run / "features", run / "train"
     cfg = opts.train_cfg or TrainConfig()
     train_p, dev_p, sources = choose_prompts(opts)
     dev_ids = {p.id for p in dev_p}
@@ -191,7 +207,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
             r = generate_responses(model, tokenizer, train_p, corpus, max_new_tokens=opts.max_new_tokens,
                                    max_prompt_tokens=opts.max_prompt_tokens, batch_size=opts.gen_batch_size,
                                    temperature=opts.temperature, progress=opts.progress, max_seconds=secs,
-                                   features_dir=None if opts.stream else run / "features", context=opts.context,
+                                   features_dir=None if opts.stream or e3 else feat_dir, context=opts.context,
                                    max_len=opts.max_len, model_name=opts.model_arg or opts.base_model)
         _add_time(run, "responses", time.time() - t0, data=sources, responses=r["done"],
                   fixed_responses=opts.fixed)
@@ -204,9 +220,9 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     examples = None
     if "features" in opts.stages and not opts.stream:
         t0 = time.time()
-        r = build_features(model, records, run / "features", shard_size=opts.shard_size, context=opts.context,
+        r = build_features(model, records, feat_dir, shard_size=opts.shard_size, context=opts.context,
                            max_len=opts.max_len, batch_size=opts.feature_batch_size, progress=opts.progress,
-                           max_seconds=secs)
+                           max_seconds=secs, **({"features": eagle3.features_fn(model)} if e3 else {}))
         _add_time(run, "features", time.time() - t0)
         summary["features"] = r
 
@@ -216,12 +232,13 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         if opts.stream:
             examples = StreamedExamples(model, records, context=opts.context, max_len=opts.max_len)
         else:
-            examples = load_shards(run / "features", window=window, only={r["id"] for r in records})
+            examples = load_shards(feat_dir, window=window, only={r["id"] for r in records})
         if opts.max_minutes and cfg.max_minutes is None:
             from dataclasses import replace
 
             cfg = replace(cfg, max_minutes=opts.max_minutes)
-        tr = Trainer(model, tokenizer, examples, run / "train", cfg, dev_prompts=dev_inputs, progress=opts.progress,
+        trainer = eagle3.Eagle3Trainer if e3 else Trainer
+        tr = trainer(model, tokenizer, examples, train_dir, cfg, dev_prompts=dev_inputs, progress=opts.progress,
                      vocab=vocab if opts.vocab_loss else None)
         res = tr.train()
         _add_time(run, "train", time.time() - t0, examples=len(tr.lengths), tokens_seen=res.tokens_seen,
@@ -236,21 +253,22 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         from .export import export_head, mtbench_acceptance
 
         t0 = time.time()
-        src = run / "train" / "best"
+        src = train_dir / "best"
         if not (src / "config.json").exists():
-            src = run / "train" / "last"
+            src = train_dir / "last"
         if not (src / "config.json").exists():
-            raise ValueError(f"nothing to export: no trained head in {run / 'train'} (run the train stage)")
+            raise ValueError(f"nothing to export: no trained head in {train_dir} (run the train stage)")
         st = _stats(run)
         mt = None
         if opts.mtbench:
-            from .export import head_from_dir
+            from ..api import load_head
 
             q = (opts.data_dir or default_data_dir()) / "eval" / "mt_bench_question.jsonl"
             if not q.exists():
                 raise ValueError(f"MT-bench questions not found at {q}")
-            mt = mtbench_acceptance(model, tokenizer, head_from_dir(src), q, opts.mtbench,
-                                    opts.mtbench_max_new_tokens, progress=opts.progress)
+            head = load_head(src).to(next(model.parameters()).device)  # EAGLE-1/2 or EAGLE-3, as shipped
+            mt = mtbench_acceptance(model, tokenizer, head, q, opts.mtbench, opts.mtbench_max_new_tokens,
+                                    progress=opts.progress)
             st["mtbench"] = mt
         _add_time(run, "export", time.time() - t0, **({"mtbench": mt} if mt else {}))
         st = _stats(run)
@@ -265,6 +283,10 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
                     loss_vocab=st.get("loss_vocab"))
         from ..draft_head import DRAFT_VOCAB_FILE
 
+        if e3:  # the official EAGLE-3 layout; the draft vocabulary is the head's own d2t / t2d
+            eagle3.export_eagle3(src, out, {**info, "steps": st.get("steps")}, int(model.config.num_hidden_layers))
+            summary["export"] = dict(out=str(out), mtbench=mt)
+            return summary
         if (src / DRAFT_VOCAB_FILE).exists():  # trained over it: ship exactly that one, even if the corpus grew since
             vocab = None
         elif vocab is not None:

@@ -331,13 +331,7 @@ class Trainer:
                 raise ValueError(f"loss vocabulary: {self.vocab.numel()} ids, each must be in [0, {self.lm_w.shape[0]})")
             self.lm_w = self.lm_w[self.vocab.to(self.lm_w.device)]  # [N, H]: the draft vocabulary's rows
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.head_cfg = HeadConfig.from_target(model.config, bias=cfg.fc_bias)
-        if cfg.head_intermediate:
-            self.head_cfg = replace(self.head_cfg, intermediate_size=cfg.head_intermediate)
-        self.head = init_head(self.head_cfg, seed=cfg.seed).to(self.device)
-        if cfg.init_head:
-            self._warm_start(cfg.init_head)
-        self.head.draft_vocab = self.vocab  # saved with every head; the acceptance checks draft over it
+        self.head = self._build_head()
         self.head.train()
         decay = [p for n, p in self.head.named_parameters() if p.ndim >= 2]
         other = [p for n, p in self.head.named_parameters() if p.ndim < 2]
@@ -361,6 +355,22 @@ class Trainer:
         self.elapsed = 0.0
         if (self.dir / "ckpt.pt").exists():
             self._load()
+
+    def _build_head(self):
+        """The head to train (fresh or ``init_head``), on the target's device. Subclasses train other heads."""
+        cfg = self.cfg
+        self.head_cfg = HeadConfig.from_target(self.model.config, bias=cfg.fc_bias)
+        if cfg.head_intermediate:
+            self.head_cfg = replace(self.head_cfg, intermediate_size=cfg.head_intermediate)
+        self.head = init_head(self.head_cfg, seed=cfg.seed).to(self.device)
+        if cfg.init_head:
+            self._warm_start(cfg.init_head)
+        self.head.draft_vocab = self.vocab  # saved with every head; the acceptance checks draft over it
+        return self.head
+
+    def batch_loss(self, examples: list) -> tuple[Tensor, dict]:
+        """(loss, metrics) of one batch of examples; metrics has at least loss, tokens and acc."""
+        return head_loss(self.head, self.embed, self.lm_w, collate(examples), self.cfg, self.noise_gen, self.softcap)
 
     def _warm_start(self, directory: str) -> None:
         """Start from a trained head (fine-tuning) instead of random weights."""
@@ -452,8 +462,7 @@ class Trainer:
                     status = "stopped"
                     break
                 t0 = time.time()
-                batch = collate([self.examples[i] for i in plan[self.batch_in_epoch]])
-                loss, m = head_loss(self.head, self.embed, self.lm_w, batch, cfg, self.noise_gen, self.softcap)
+                loss, m = self.batch_loss([self.examples[i] for i in plan[self.batch_in_epoch]])
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
@@ -468,9 +477,8 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == 1:
                     n = len(acc_window)
                     rec = dict(step=self.step, epoch=self.epoch, lr=self.sched.get_last_lr()[0],
-                               loss=round(sum(x["loss"] for x in acc_window) / n, 5),
-                               l1=round(sum(x["l1"] for x in acc_window) / n, 5),
-                               ce=round(sum(x["ce"] for x in acc_window) / n, 5),
+                               **{k: round(sum(x[k] for x in acc_window) / n, 5)
+                                  for k in ("loss", "l1", "ce") if k in acc_window[0]},  # (EAGLE-3: no l1)
                                acc=round(sum(x["acc"] for x in acc_window) / n, 4), grad_norm=round(float(gn), 4),
                                tokens_seen=self.tokens_seen)
                     for k in range(1, cfg.ttt_steps):  # top-1 agreement at each unrolled step

@@ -1,0 +1,293 @@
+"""Training EAGLE-3 heads (``eagle2 train --arch eagle3``): features, training-time test, loss, export.
+
+What differs from the EAGLE-1/2 path (trainer.py), following docs/eagle3.md:
+
+- **Features.** The target's residual streams at the inputs of three layers, [2, L // 2, L - 3]
+  (``eagle3_head.default_layers``, hidden_states numbering), plus its last hidden state after the
+  final norm, from which the target's next-token distribution is computed in the loss. One
+  example row is ``[low, mid, high, final]``, [T, 4H] bf16, stored in the same shards as EAGLE-1/2
+  features (features.py) but in their own directory, for the whole prompt + answer window.
+- **Draft vocabulary.** The ``--draft-vocab`` most frequent answer tokens of the training
+  conversations, as for EAGLE-1/2, sorted by token id: draft id i is the i-th kept token, so
+  ``d2t[i] = token - i`` and ``t2d[token] = True`` (``eagle3_head.vocab_maps``). A fine-tuning
+  run (``init_head``) keeps its starting head's vocabulary instead (never regenerate d2t).
+- **Training-time test (TTT), K = ``ttt_steps`` steps**, indexed as the official trainer does.
+  Step 0 at window index i is the inference pair: fc(f_i) with the embedding of x_{i+1}, at
+  position i. Step k at index i takes the head's own step k-1 output at index i (not detached),
+  the teacher-forced token x_{i+1+k}, at position i + k: exactly what a draft node at depth k
+  gets at inference. Its query sees the step-0 keys at indexes <= i (the true prefix) and the
+  keys of steps 1..k at index i only (its own chain): the diagonal mask of ``ttt_mask``.
+- **Loss.** Step k at index i predicts the token after x_{i+1+k}; its label is the target's
+  distribution there, softmax over the draft vocabulary's lm_head rows (renormalised), and the
+  loss is the soft cross-entropy of the head's draft logits (``lm_head(norm(out))``, [Vd])
+  against it, averaged over the positions whose next token is an answer token in the draft
+  vocabulary (for greedy self-distilled answers that token is the target's argmax: the
+  official mask). No feature regression, no input noise. Total = sum_k 0.8^k L_k / sum_k 0.8^k
+  (``ttt_decay``).
+- **Head.** ``Eagle3Head`` with the target's shape, randomly initialised (lm_head too, as the
+  official trainer; the target's rows were a worse start). Export writes the official layout (``Eagle3Head.save``: config.json with
+  ``draft_vocab_size``, ``midlayer.*``, ``d2t``/``t2d``) with a model card.
+
+``Eagle3Trainer`` reuses trainer.Trainer's loop, schedule, checkpoints (resumable) and acceptance
+evaluation; this module supplies the head, the batch loss and the export. It does not read the
+corpus or sequence stages (pipeline.py does).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..draft_head import rotate_half
+from ..eagle3_head import Eagle3Config, Eagle3Head, check_eagle3_fits, default_layers, init_eagle3_head
+from .features import pad_batch
+from .trainer import Trainer, collate
+
+
+# ---- features ------------------------------------------------------------------------------------
+def feature_layers(model) -> tuple[int, ...]:
+    """The capture points the head is trained on: the official default for this target."""
+    n = int(model.config.num_hidden_layers)
+    layers = default_layers(n)
+    if not 0 <= min(layers) or max(layers) >= n:
+        raise ValueError(f"the target is too shallow for an EAGLE-3 head: capture points {list(layers)} "
+                         f"(2, L//2, L-3) are not inputs of its {n} layers")
+    return layers
+
+
+def feature_dir(run_dir: str | Path, model) -> Path:
+    """Where a run keeps its EAGLE-3 feature shards (named by the capture points)."""
+    return Path(run_dir) / ("features-eagle3-" + "-".join(map(str, feature_layers(model))))
+
+
+@torch.inference_mode()
+def capture_features(model, batch_ids: list[list[int]], layers: tuple[int, ...]) -> list[Tensor]:
+    """[T_i, 4H] bf16 per sequence: the residual streams at the inputs of ``layers`` (hidden_states
+    indices, each < L), then the last hidden state after the final norm. One right-padded batch
+    through transformers' decoder (causal attention keeps the padding out of real rows)."""
+    dev = next(model.parameters()).device
+    ids, attn = pad_batch(batch_ids)  # [B, W]
+    out = model.get_decoder()(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True,
+                              use_cache=False)
+    rows = torch.cat([out.hidden_states[i] for i in layers] + [out.last_hidden_state], dim=-1)  # [B, W, 4H]
+    return [rows[i, : len(x)].to(torch.bfloat16).cpu() for i, x in enumerate(batch_ids)]
+
+
+def features_fn(model):
+    """``build_features(features=...)`` for this target's EAGLE-3 capture points."""
+    return partial(capture_features, layers=feature_layers(model))
+
+
+# ---- training-time test ------------------------------------------------------------------------
+def ttt_mask(t: int, k: int, device=None) -> Tensor:
+    """[T, (k + 1) T] bool: which keys the step-k queries see, keys ordered step 0, 1, .., k.
+    Step 0's block is causal (the true prefix); each later step's block is the identity (query i
+    sees that step's key at index i: its own chain). T = 3, k = 2:
+
+        1 0 0 | 1 0 0 | 1 0 0
+        1 1 0 | 0 1 0 | 0 1 0
+        1 1 1 | 0 0 1 | 0 0 1
+    """
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(t, dtype=torch.bool, device=device)
+    return torch.cat([causal] + [eye] * k, dim=1)
+
+
+def _ttt_attention(q: Tensor, keys: list[Tensor], vals: list[Tensor], dense: bool) -> Tensor:
+    """Attention of step k = len(keys) - 1 under ``ttt_mask``. q, keys[j], vals[j]: [B, Hq, T, D]
+    (grouped-query heads already repeated). dense: through the full mask (the reference);
+    else the causal block plus k diagonal scores, O(T^2 + kT) instead of O(kT^2)."""
+    t, k = q.shape[2], len(keys) - 1
+    if dense:
+        return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(vals, 2),
+                                              attn_mask=ttt_mask(t, k, q.device))
+    scale = q.shape[-1] ** -0.5
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    s0 = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))  # [B, Hq, T, T]
+    diag = [(q * kj).sum(-1, keepdim=True) * scale for kj in keys[1:]]  # k x [B, Hq, T, 1]
+    p = torch.softmax(torch.cat([s0, *diag], dim=-1).float(), dim=-1).to(q.dtype)  # [B, Hq, T, T + k]
+    out = p[..., :t] @ vals[0]  # [B, Hq, T, D]
+    for j, vj in enumerate(vals[1:]):
+        out = out + p[..., t + j:t + j + 1] * vj
+    return out
+
+
+def ttt_forward(head: Eagle3Head, feats: Tensor, emb: Tensor, positions: Tensor, steps: int,
+                dense: bool = False) -> list[Tensor]:
+    """The head unrolled ``steps`` steps on every window index at once (training-time test).
+
+    feats: [B, T, 3H] the target's captured layers at index i; emb: [B, T, H] the embedding of
+    the token x_i at index i; positions: [B, T] the position of index i. Step k at index i reads
+    (h, x_{i+1+k}) at position i + k, h = fc(feats_i) at step 0, else the step k-1 output at i.
+    Returns one [B, T, H] output (before the final norm) per step; step k's last k + 1 indexes
+    have no token to read (zeros) and are meaningless (the loss masks them)."""
+    mid, a = head.midlayer, head.midlayer.self_attn
+    b, t, _ = emb.shape
+    rep = a.nh // a.nkv
+    keys: list[Tensor] = []
+    vals: list[Tensor] = []
+    outs: list[Tensor] = []
+    h = head.fc(feats)  # [B, T, H]
+    for k in range(steps):
+        if k:
+            h = outs[-1]
+        tok = torch.zeros_like(emb)  # [B, T, H]: the embedding of x_{i+1+k} at index i
+        if t > k + 1:
+            tok[:, : t - 1 - k] = emb[:, 1 + k:]
+        hn = mid.hidden_norm(h)
+        x = torch.cat([mid.input_layernorm(tok), hn], dim=-1)  # [B, T, 2H]
+        cos, sin = head.rope(positions + k, x.dtype)  # [B, 1, T, D]
+        q = a.q_proj(x).view(b, t, a.nh, a.hd).transpose(1, 2)  # [B, Hq, T, D]
+        kk = a.k_proj(x).view(b, t, a.nkv, a.hd).transpose(1, 2)  # [B, Hkv, T, D]
+        vv = a.v_proj(x).view(b, t, a.nkv, a.hd).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        kk = kk * cos + rotate_half(kk) * sin
+        keys.append(kk.repeat_interleave(rep, dim=1))
+        vals.append(vv.repeat_interleave(rep, dim=1))
+        att = _ttt_attention(q, keys, vals, dense).transpose(1, 2).reshape(b, t, a.nh * a.hd)
+        y = (hn if mid.norm_before_residual else h) + a.o_proj(att)
+        outs.append(y + mid.mlp(mid.post_attention_layernorm(y)))
+    return outs
+
+
+# ---- loss ------------------------------------------------------------------------------------------
+def _labels(head: Eagle3Head, batch: dict[str, Tensor], lm_w: Tensor, softcap: float | None,
+            dev) -> tuple[Tensor, Tensor]:
+    """(p [B, T, Vd]: the target's distribution after x_j over the draft vocabulary, renormalised;
+    ok [B, T]: label j counts, i.e. x_{j+1} is an answer token of the window in the draft vocabulary)."""
+    tokens = batch["tokens"].to(dev)  # [B, T]
+    hidden = batch["hidden"].to(dev)
+    final = hidden[..., 3 * (hidden.shape[-1] // 4):].float()  # [B, T, H] after the target's final norm
+    logits = F.linear(final, lm_w.float())  # [B, T, Vd]
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    j = torch.arange(tokens.shape[1], device=dev)[None]  # [1, T]
+    nxt = torch.zeros_like(tokens, dtype=torch.bool)
+    nxt[:, :-1] = head.t2d.to(dev)[tokens[:, 1:]]
+    ok = (j + 1 >= batch["start"].to(dev)[:, None]) & (j + 1 < batch["lens"].to(dev)[:, None]) & nxt
+    return logits.softmax(-1), ok
+
+
+def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor], steps: int, decay: float = 0.8,
+                bf16: bool = False, softcap: float | None = None) -> tuple[Tensor, dict]:
+    """Loss of one batch (``trainer.collate`` of EAGLE-3 examples) and its metrics: loss; ce and
+    acc (draft top-1 == target top-1 over the draft vocabulary) at step 0; acc_k at step k; tokens.
+
+    lm_w: [Vd, H] the target's lm_head rows of the head's draft vocabulary, in draft id order.
+    Step k's output at index i is scored against label j = i + 1 + k (see the module docstring)."""
+    dev = lm_w.device
+    hidden = batch["hidden"].to(dev).float()  # [B, T, 4H]
+    tokens = batch["tokens"].to(dev)  # [B, T]
+    b, t, w = hidden.shape
+    with torch.no_grad():
+        p, ok = _labels(head, batch, lm_w, softcap, dev)  # [B, T, Vd], [B, T]
+        emb = embed(tokens).float()  # [B, T, H]
+    positions = batch["pos0"].to(dev)[:, None] + torch.arange(t, device=dev)[None]  # [B, T]
+    metrics: dict = dict(ce=float("nan"), acc=float("nan"))
+    total, weights = torch.zeros((), device=dev), 0.0
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(bf16)):
+        outs = ttt_forward(head, hidden[..., : 3 * (w // 4)], emb, positions, steps)
+        for k, out in enumerate(outs):
+            sel = ok[:, 1 + k:]  # [B, T - 1 - k]: index i is scored against label i + 1 + k
+            if not bool(sel.any()):
+                continue
+            logq = head.logits(out[:, : t - 1 - k][sel]).float().log_softmax(-1)  # [N_k, Vd]
+            pk = p[:, 1 + k:][sel]  # [N_k, Vd]
+            ce = -(pk * logq).sum(-1).mean()
+            total = total + decay ** k * ce
+            weights += decay ** k
+            acc = float((logq.argmax(-1) == pk.argmax(-1)).float().mean())
+            if k == 0:
+                metrics.update(ce=float(ce.detach()), acc=acc)
+            else:
+                metrics[f"acc_{k}"] = acc
+    if not weights:  # no label in the batch: a zero loss that still has a graph
+        total = sum(q.sum() * 0.0 for q in head.parameters())
+    loss = total / max(weights, 1e-12)
+    metrics.update(loss=float(loss.detach()), tokens=int(ok.sum()))
+    return loss, metrics
+
+
+# ---- the trainer -------------------------------------------------------------------------------------
+class Eagle3Trainer(Trainer):
+    """trainer.Trainer for an EAGLE-3 head: same loop, checkpoints (run_dir/ckpt.pt, resumable),
+    acceptance checks and best/ + last/ heads (official EAGLE-3 layout).
+
+    vocab: the draft vocabulary (token ids, any order; sorted here into draft id order); None: the
+    full vocabulary. With ``cfg.init_head`` the starting head's own vocabulary is used."""
+
+    def __init__(self, model, tokenizer, examples, run_dir: str | Path, cfg, dev_prompts: list | None = None,
+                 progress: bool = True, vocab: Tensor | None = None):
+        if cfg.init_head:
+            vocab = Eagle3Head.load(cfg.init_head).target_ids  # fine-tuning keeps d2t (docs/eagle3.md pitfall 2)
+        elif vocab is None:
+            vocab = torch.arange(int(model.config.vocab_size))
+        super().__init__(model, tokenizer, examples, run_dir, cfg, dev_prompts, progress,
+                         vocab.detach().cpu().long().sort().values)
+
+    def _build_head(self) -> Eagle3Head:
+        mc = self.model.config
+        feature_layers(self.model)
+        hcfg = Eagle3Config.from_target(mc, draft_vocab_size=int(self.vocab.numel()))
+        check_eagle3_fits(hcfg, mc)
+        # Random init, lm_head included (official). Starting lm_head from the target's rows of the draft vocabulary
+        # was worse on SmolLM2-135M: loss 20.9 at step 1 (random: 9.1), 8.9 vs 8.1 at step 30.
+        head = init_eagle3_head(hcfg, seed=self.cfg.seed, draft_ids=self.vocab)
+        if self.cfg.init_head:
+            src = Eagle3Head.load(self.cfg.init_head)
+            if src.config.feature_layers(mc.num_hidden_layers) != hcfg.feature_layers(mc.num_hidden_layers) or \
+                    src.state_dict().keys() != head.state_dict().keys() or \
+                    any(v.shape != head.state_dict()[k].shape for k, v in src.state_dict().items()):
+                raise ValueError(f"--init-head {self.cfg.init_head}: an EAGLE-3 head of another shape or capture "
+                                 f"points than this target's default head ({hcfg})")
+            head.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in src.state_dict().items()})
+        return head.to(self.device)
+
+    def batch_loss(self, examples: list) -> tuple[Tensor, dict]:
+        return eagle3_loss(self.head, self.embed, self.lm_w, collate(examples), self.cfg.ttt_steps,
+                           self.cfg.ttt_decay, self.cfg.bf16, self.softcap)
+
+    def save_head(self, directory: str | Path, extra: dict | None = None) -> Path:
+        return self.head.save(directory, n_layers=int(self.model.config.num_hidden_layers), extra_config=extra)
+
+
+# ---- export ------------------------------------------------------------------------------------------
+def model_card(info: dict, head: Eagle3Head, n_layers: int) -> str:
+    """README.md of an exported EAGLE-3 head: what it is and how to serve it, then the data,
+    corpus, hyperparameters, wall time and acceptance sections of the EAGLE-1/2 card."""
+    from .export import model_card as eagle2_card
+
+    cfg = head.config
+    body = eagle2_card({**info, "bias": False, "loss_vocab": None})
+    body = body[body.index("## Base model"):]
+    hp = info.get("hyperparameters") or {}
+    return "\n".join([
+        f"# EAGLE-3 draft head for {info.get('base_model', '?')}", "",
+        f"An EAGLE-3 draft head (fc fusing the target's hidden states {list(cfg.feature_layers(n_layers))} "
+        "- the inputs of layers 2, L//2 and L-3 - one midlayer, its own lm_head over a draft vocabulary of "
+        f"{cfg.draft_vocab_size} tokens mapped by `d2t`/`t2d`) trained with `eagle2 train --arch eagle3` by "
+        "self-distillation. Loss: soft cross-entropy against the target's next-token distribution over the draft "
+        f"vocabulary, with training-time test over {hp.get('ttt_steps', '?')} steps (diagonal mask); "
+        f"{info.get('steps', '?')} optimizer steps. Official EAGLE-3 layout: `config.json` + `model.safetensors` "
+        "(bf16 weights, int64 `d2t`, bool `t2d`).", "",
+        "## Use", "", "```python", "import eagle2",
+        f"gen = eagle2.load({info.get('model_arg', 'MODEL')!r}, head=\"THIS_DIR\")",
+        "print(gen.generate(\"Hello\", max_new_tokens=64).text)", "```", "",
+        "vLLM: `speculative_config={\"method\": \"eagle3\", \"model\": \"THIS_DIR\", \"num_speculative_tokens\": 4}`; "
+        "SGLang: `--speculative-algorithm EAGLE3 --speculative-draft-model-path THIS_DIR`.", "", body])
+
+
+def export_eagle3(src: str | Path, out: str | Path, info: dict, n_layers: int) -> Path:
+    """Copy a trained EAGLE-3 head (run_dir/train-eagle3/best or last) to ``out`` in the official
+    layout, with its model card."""
+    head = Eagle3Head.load(src)
+    extra = {k: v for k, v in json.loads((Path(src) / "config.json").read_text()).items() if k.startswith("eagle2_")}
+    extra["eagle2_base_model"] = info.get("base_model")
+    out = head.save(out, n_layers=n_layers, extra_config=extra)
+    (out / "README.md").write_text(model_card(info, head, n_layers))
+    return out

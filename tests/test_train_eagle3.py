@@ -1,0 +1,192 @@
+"""`eagle2 train --arch eagle3` on a tiny random target: the diagonal TTT mask (hand-written), the
+unrolled forward equal to the head run as the drafter runs it, three-layer features equal to
+transformers' hidden_states, the loss as defined, a falling loss, and a trained head exported in
+the official layout that reloads, keeps the fp32 contract and drafts with tau > 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ToyTokenizer, make_tiny_model
+
+from eagle2.api import Eagle2Generator, load_head
+from eagle2.eagle3_head import Eagle3Config, Eagle3Head, init_eagle3_head
+from eagle2.train.eagle3 import (Eagle3Trainer, _labels, capture_features, eagle3_loss, feature_dir,
+                                 ttt_forward, ttt_mask)
+from eagle2.train.features import load_shards
+from eagle2.train.pipeline import PipelineOptions, run_pipeline
+from eagle2.train.trainer import TrainConfig, collate
+from test_train import VOCAB, one_thread, prompt_file  # noqa: F401  (fixtures: one CPU thread; 16 random prompts)
+
+LAYERS, VD = 8, 64  # capture points [2, 4, 5]; draft vocabulary: half of the 128 tokens
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_tiny_model("llama", vocab_size=VOCAB, num_hidden_layers=LAYERS, max_position_embeddings=512)
+
+
+def _cfg(**kw):
+    base = dict(lr=1e-2, epochs=3, batch_tokens=256, warmup_steps=2, eval_every=0, log_every=1, ckpt_minutes=60,
+                eval_max_new_tokens=16, bf16=False, ttt_steps=5, noise=0.0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _opts(run_dir, prompt_file, **kw):
+    base = dict(run_dir=run_dir, prompts=(str(prompt_file),), dev_prompts=2, max_new_tokens=24, gen_batch_size=8,
+                shard_size=8, progress=False, base_model="tiny-llama", train_cfg=_cfg(), arch="eagle3",
+                draft_vocab=VD)
+    return PipelineOptions(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def run(tiny, prompt_file, tmp_path_factory):
+    """responses + EAGLE-3 features once for the module."""
+    run_dir = tmp_path_factory.mktemp("run")
+    run_pipeline(tiny, ToyTokenizer(), _opts(run_dir, prompt_file, stages=("responses", "features")))
+    assert not (run_dir / "features").exists()  # the EAGLE-1/2 features are not captured for eagle3
+    return run_dir
+
+
+def _head(seed=1, vocab=VOCAB, vd=16):
+    cfg = Eagle3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, vocab_size=vocab, draft_vocab_size=vd)
+    return init_eagle3_head(cfg, seed=seed, draft_ids=torch.arange(vd) * 2).eval()
+
+
+# ---- training-time test --------------------------------------------------------------------------
+def test_ttt_mask_is_the_diagonal_one():
+    want = torch.tensor([[1, 0, 0, 1, 0, 0, 1, 0, 0],
+                         [1, 1, 0, 0, 1, 0, 0, 1, 0],
+                         [1, 1, 1, 0, 0, 1, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(ttt_mask(3, 2), want)
+    assert torch.equal(ttt_mask(3, 0), want[:, :3])  # step 0: plain causal attention
+
+
+def test_ttt_forward_is_the_inference_chain():
+    """Step k at index i equals the head run as the drafter runs it: commit the true pairs 0..i
+    (features, next token), then k steps on its own outputs through a KV cache; the decomposed
+    attention equals attention under the full diagonal mask."""
+    head = _head()
+    g = torch.Generator().manual_seed(0)
+    t = 12
+    feats, emb = torch.randn(1, t, 96, generator=g), torch.randn(1, t, 32, generator=g)
+    pos = torch.arange(t)[None] + 3
+    with torch.no_grad():
+        outs = ttt_forward(head, feats, emb, pos, 4)
+        dense = ttt_forward(head, feats, emb, pos, 4, dense=True)
+        for a, b in zip(outs, dense):
+            torch.testing.assert_close(a[:, :t - 4], b[:, :t - 4], atol=1e-5, rtol=1e-5)
+        plain, _ = head(feats[:, :-1], emb[:, 1:], pos[:, :-1])
+        torch.testing.assert_close(outs[0][:, :-1], plain, atol=1e-5, rtol=1e-5)
+        for k in (1, 2, 3):
+            for i in (0, 5, t - 2 - k):
+                out, (kc, vc) = head(feats[:, :i + 1], emb[:, 1:i + 2], pos[:, :i + 1])
+                f = out[:, -1:]
+                for j in range(1, k + 1):  # depth j: token x_{i+1+j} at position i + j
+                    f, (kn, vn) = head(f, emb[:, i + 1 + j:i + 2 + j], pos[:, i:i + 1] + j, past=(kc, vc))
+                    kc, vc = torch.cat([kc, kn], 2), torch.cat([vc, vn], 2)
+                torch.testing.assert_close(outs[k][:, i], f[:, 0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(outs[2][:, 5], plain[:, 5], atol=1e-3)  # the chain really differs
+
+
+# ---- features and loss ---------------------------------------------------------------------------
+def test_features_are_three_hidden_states_and_the_final_one(tiny):
+    seqs = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8]]
+    got = capture_features(tiny, seqs, (2, 4, 5))
+    for ids, rows in zip(seqs, got):
+        with torch.no_grad():
+            out = tiny.model(torch.tensor([ids]), output_hidden_states=True)
+        want = torch.cat([out.hidden_states[i][0] for i in (2, 4, 5)] + [out.last_hidden_state[0]], -1)
+        assert rows.shape == (len(ids), 4 * 32) and rows.dtype == torch.bfloat16
+        torch.testing.assert_close(rows.float(), want.to(torch.bfloat16).float())
+
+
+def test_loss_is_the_soft_ce_over_the_draft_vocabulary(tiny, run, tmp_path):
+    exs = load_shards(feature_dir(run, tiny))
+    assert exs and exs[0].hidden.shape[1] == 4 * 32
+    vocab = torch.arange(0, VOCAB, 2)  # the even token ids
+    tr = Eagle3Trainer(tiny, ToyTokenizer(), exs, tmp_path / "t", _cfg(ttt_steps=1), progress=False, vocab=vocab)
+    assert tr.head.target_ids.tolist() == vocab.tolist() and tr.lm_w.shape == (len(vocab), 32)
+    batch = collate(exs[:3])
+    with torch.no_grad():
+        _, m = eagle3_loss(tr.head, tr.embed, tr.lm_w, batch, steps=1)
+        h = batch["hidden"].float()
+        tok = batch["tokens"]
+        out, _ = tr.head(h[:, :-1, :96], tiny.model.embed_tokens(tok[:, 1:]),
+                         batch["pos0"][:, None] + torch.arange(h.shape[1] - 1)[None])
+        p = (h[:, 1:, 96:] @ tiny.lm_head.weight[vocab].T).softmax(-1)  # the target's, over the draft vocab
+        j = torch.arange(1, h.shape[1])[None]
+        ok = (j + 1 >= batch["start"][:, None]) & (j + 1 < batch["lens"][:, None])
+        ok[:, :-1] &= tok[:, 2:] % 2 == 0  # the next token is in the draft vocabulary
+        ok[:, -1] = False
+        ce = -(p[ok] * tr.head.logits(out[ok]).log_softmax(-1)).sum(-1).mean()
+    assert m["ce"] == pytest.approx(float(ce), rel=1e-4) and m["tokens"] > 0
+
+
+def test_a_few_steps_reduce_the_loss_and_resume_exactly(tiny, run, tmp_path):
+    exs = load_shards(feature_dir(run, tiny))
+    tok = ToyTokenizer()
+    res = Eagle3Trainer(tiny, tok, exs, tmp_path / "a", _cfg(epochs=25), progress=False).train()
+    losses = [h["loss"] for h in res.history if "loss" in h]
+    class _All:  # every token in the draft vocabulary: the labels' entropy is the floor of the loss
+        t2d = torch.ones(VOCAB, dtype=torch.bool)
+    p, ok = _labels(_All, collate(exs), tiny.lm_head.weight, None, "cpu")
+    floor = float(-(p * p.log()).sum(-1)[ok].mean())
+    assert sum(losses[-3:]) / 3 - floor < 0.6 * (sum(losses[:3]) / 3 - floor), (floor, losses)
+    assert all(f"acc_{k}" in res.history[-2] for k in range(1, 5)) and "l1" not in res.history[-2]
+    straight = Eagle3Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=4), progress=False)
+    straight.train()
+    Eagle3Trainer(tiny, tok, exs, tmp_path / "c", _cfg(max_steps=2), progress=False).train()
+    again = Eagle3Trainer(tiny, tok, exs, tmp_path / "c", _cfg(max_steps=4), progress=False)
+    assert again.step == 2
+    again.train()
+    for k, v in straight.head.state_dict().items():
+        assert torch.equal(v, again.head.state_dict()[k]), k
+
+
+# ---- the whole path --------------------------------------------------------------------------------
+def test_trained_head_exports_reloads_keeps_the_contract_and_drafts(tiny, run, prompt_file, tmp_path):
+    from safetensors.torch import load_file
+    from test_eagle3 import SERVING_CONFIG, official_shapes
+
+    out = tmp_path / "head"
+    opts = _opts(run, prompt_file, stages=("train", "export"), out=out, train_cfg=_cfg(epochs=40, lr=5e-3))
+    summary = run_pipeline(tiny, ToyTokenizer(), opts)
+    assert summary["train"]["best_tau"] >= 1.0
+    cfg = json.loads((out / "config.json").read_text())
+    assert {k for k in cfg if not k.startswith("eagle2_")} - {"target_model_type"} == SERVING_CONFIG
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == VD
+    head = load_head(out)
+    assert isinstance(head, Eagle3Head)
+    state = load_file(str(out / "model.safetensors"))
+    assert {k: tuple(v.shape) for k, v in state.items()} == official_shapes(head.config)
+    card = (out / "README.md").read_text()
+    assert "EAGLE-3 draft head for tiny-llama" in card and "## Training corpus" in card and "eagle3" in card
+    assert f"{summary['train']['step']} optimizer steps" in card and "over 5 steps" in card
+    gen = Eagle2Generator(tiny, ToyTokenizer(), head)
+    taus = []
+    for rec in [r for r in run_pipeline.__globals__["Corpus"](run / "corpus").records()][:6]:
+        prompt = rec["prompt_ids"]
+        r = gen.generate(prompt, max_new_tokens=16, method="eagle2")
+        ids = torch.tensor([prompt])
+        ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                            pad_token_id=0)[0, len(prompt):].tolist()
+        assert r.token_ids == ref  # greedy == transformers, fp32
+        taus.append(r.stats.mean_accept_len)
+    assert sum(taus) / len(taus) > 1.3, taus  # drafts are accepted on the data it was fitted to
+
+
+def test_cli_train_arch(capsys):
+    from eagle2.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--arch" in text and "eagle3" in text and "diagonal mask" in text
+    assert main(["train", "--arch", "eagle3", "--stream"]) == 2
+    assert "--stream is not available for --arch eagle3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--arch", "eagle4"])
