@@ -144,7 +144,6 @@ class Drafter:
                       budget: Budget | None = None) -> Tree:
         """EAGLE-2: expand the top_k frontier by value for up to ``depth`` levels, then rerank. With a
         budget, stop at the first level that cannot pay for itself and keep the best-paying prefix."""
-        dev = root.device
         k = min(top_k, self.target.vocab_size)
         k = min(k, self.vocab_ids.shape[0]) if self.vocab_ids is not None else k
         lvl = _Levels(self, root, root_out, k)
