@@ -166,3 +166,15 @@ def test_fixed_shape_methods(tiny_chat_generator, questions, tmp_path):
                   turns=1, sweep=None, progress=False)
     fixed = r["methods"]["eagle2:6x3x2"]["tree_per_round"]
     assert set(fixed["size_hist"]) <= {"1", "2", "3", "4", "5", "6"} and fixed["depth_mean"] <= 3
+
+
+def test_gguf_of_knows_builtin_models_and_files(tiny_chat_generator, tmp_path):
+    """llama.cpp's runner finds the GGUF a model came from (and nothing for other models)."""
+    from types import SimpleNamespace
+
+    from eagle2.bench import gguf_of
+
+    assert gguf_of(tiny_chat_generator) is None
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    assert gguf_of(SimpleNamespace(model_key=str(f))) == f

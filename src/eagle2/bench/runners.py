@@ -109,7 +109,7 @@ class _LlamaCppRunner:
 
 def gguf_of(gen) -> Path | None:
     """The GGUF the generator's model came from, when known (built-in model or a .gguf path)."""
-    from .models import BUILTIN_MODELS, builtin_gguf_path
+    from ..models import BUILTIN_MODELS, builtin_gguf_path
 
     key = gen.model_key or ""
     try:

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..machine import data_dir
 from .corpus import Corpus, default_corpus_dir
 from .data import MIX, Prompt, default_mix, read_fixed, read_prompts
 from .export import data_license
@@ -29,16 +30,6 @@ from .export import data_license
 log = logging.getLogger("eagle2")
 
 STAGES = ("responses", "features", "train", "export")
-
-
-def default_data_dir() -> Path:
-    """``<repo>/../shared/data`` (or $EAGLE2_DATA)."""
-    import os
-
-    env = os.environ.get("EAGLE2_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
 def default_run_dir(model_key: str) -> Path:
@@ -109,7 +100,7 @@ def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], l
             allp.extend(read_prompts(f))
             sources.append(data_license(Path(f).name))
     else:
-        d = opts.data_dir or default_data_dir()
+        d = opts.data_dir or data_dir()
         if not (d / "train").is_dir():
             raise ValueError(f"no training prompts: {d / 'train'} does not exist; pass --prompts FILE or --data-dir")
         allp = default_mix(d)
@@ -191,7 +182,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     if "responses" in opts.stages:
         t0 = time.time()
         if opts.fixed:
-            files = opts.prompts or [(opts.data_dir or default_data_dir()) / "train" / n
+            files = opts.prompts or [(opts.data_dir or data_dir()) / "train" / n
                                      for n in ("gsm8k_train.jsonl", "gpteacher_codegen_instruct.json")]
             recs = [r for f in files for r in read_fixed(f)]
             keep = {p.id for p in train_p} if opts.prompts else None
@@ -263,7 +254,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         if opts.mtbench:
             from ..api import load_head
 
-            q = (opts.data_dir or default_data_dir()) / "eval" / "mt_bench_question.jsonl"
+            q = (opts.data_dir or data_dir()) / "eval" / "mt_bench_question.jsonl"
             if not q.exists():
                 raise ValueError(f"MT-bench questions not found at {q}")
             head = load_head(src).to(next(model.parameters()).device)  # EAGLE-1/2 or EAGLE-3, as shipped
