@@ -282,9 +282,10 @@ class StaticCache:
 
 
 def exact_default(dtype: torch.dtype) -> bool:
-    """Row-invariant numerics are opt-in for now: measured on an AVX512-BF16 EPYC they cost ~11% of a
-    16-48-row verification forward (the hand-written attention is ~2x ATen's flash kernel there) and
-    nothing on a one-token step, so eagle2's lead over vanilla shrinks (README, "Row-invariant numerics").
+    """Row-invariant numerics are opt-in for now. On an AVX512-BF16 EPYC they cost ~11% of a 16-48-row
+    verification forward in isolation, yet a whole MT-bench run with them kept eagle2's lead over vanilla
+    (docs/results/2026-12-03-epyc-zen4.md); the default waits for an interleaved comparison in one run
+    and a check of the 64-row block-weight rule on an AMX CPU.
     ``exact=True`` is honoured in bf16 / fp16 only: in fp32 the contract is token equality with
     transformers, and MKL's fp32 products are not row-invariant anyway."""
     return False
