@@ -80,6 +80,16 @@ def _q4_blocks(n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tenso
     return (d * q + m).reshape(n, k)
 
 
+def as_gguf_blocks(model) -> None:
+    """Set a model's projection weights (not the embedding) to exact GGUF-style blocks, in place:
+    Q8_0 for the lm_head, Q4_1 elsewhere, scaled like the weights they replace."""
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.dim() == 2 and "embed" not in name:
+                make = _q8_blocks if "lm_head" in name else _q4_blocks
+                p.copy_(make(*p.shape, seed=i, scale=p.abs().max().item() / (0.127 if "lm_head" in name else 0.08)))
+
+
 def _q8_blocks(n: int, k: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     """fp32 [n, k] weights made as a Q8_0 GGUF dequantizes: d * q per block of 32, fp16 d, |q| <= 127."""
     g = torch.Generator().manual_seed(seed)
@@ -161,11 +171,7 @@ def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path, monkeypa
     from eagle2.fast import FastTarget
 
     model = make_tiny_model("llama", vocab_size=64, hidden_size=64, intermediate_size=128, head_dim=16)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            if p.dim() == 2 and "embed" not in name:
-                make = _q8_blocks if "lm_head" in name else _q4_blocks
-                p.copy_(make(*p.shape, seed=i, scale=p.abs().max().item() / (0.127 if "lm_head" in name else 0.08)))
+    as_gguf_blocks(model)
     model.save_pretrained(tmp_path)
     bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(3))

@@ -149,7 +149,7 @@ def test_greedy_speculation_equals_vanilla_in_bf16(bf16_generator, method):
 def test_block_weights_are_row_invariant_too(tmp_path):
     """A dequantized-GGUF model (4-bit layers, 8-bit lm_head) on the low-bit block kernel: rows of up
     to 64 stay on that kernel when exact, so a tree row equals the token decoded alone."""
-    from test_kernels import _q4_blocks, _q8_blocks, needs_lowbit  # noqa: F401
+    from test_kernels import as_gguf_blocks, needs_lowbit  # noqa: F401
 
     from eagle2 import kernels
 
@@ -158,11 +158,7 @@ def test_block_weights_are_row_invariant_too(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = wide_model(torch.float32)
-    with torch.no_grad():
-        for i, (name, p) in enumerate(model.named_parameters()):
-            if p.dim() == 2 and "embed" not in name:
-                make = _q8_blocks if "lm_head" in name else _q4_blocks
-                p.copy_(make(*p.shape, seed=i, scale=p.abs().max().item() / (0.127 if "lm_head" in name else 0.08)))
+    as_gguf_blocks(model)
     model.save_pretrained(tmp_path)
     tgt = FastTarget(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval(), exact=True)
     assert tgt.stack.layers[0].down.lowbit is not None
