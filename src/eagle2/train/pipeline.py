@@ -25,8 +25,7 @@ from pathlib import Path
 from ..config import Backend
 from ..machine import data_dir
 from .corpus import Corpus, default_corpus_dir
-from .data import MIX, Prompt, default_mix, read_fixed, read_prompts
-from .export import data_license
+from .data import MIX, Prompt, data_license, default_mix, read_fixed, read_prompts
 from .shards import load_shards, window_meta
 
 log = logging.getLogger("eagle2")
