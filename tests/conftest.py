@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from eagle2.machine import data_dir
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DATA = SHARED / "data"
+DATA = data_dir()  # the shared prompt and evaluation data ($EAGLE2_DATA, else <repo>/../shared/data)
 
 
 class ToyTokenizer:

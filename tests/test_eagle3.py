@@ -141,7 +141,7 @@ def test_greedy_equals_transformers(family, backend):
     if backend == "fast" and name not in LEAN:
         pytest.skip(f"{name} has no lean forward")
     gen = generator(model, head, backend)
-    assert gen.backend == backend and gen.target.feature_layers == (2, 4, 5)
+    assert gen.backend.forward == backend and gen.target.feature_layers == (2, 4, 5)
     taus = []
     for prompt in PROMPTS:
         for method, tree in (("eagle2", TREES[0]), ("eagle2", TREES[1]), ("eagle1", TREES[0])):
@@ -166,15 +166,15 @@ def test_sampling_runs_and_stops_at_eos(family):
 # ---- the pieces --------------------------------------------------------------------------------
 @pytest.mark.parametrize("python", [False, True])
 def test_lean_capture_equals_transformers_hidden_states(python):
+    from eagle2.config import Backend
     from eagle2.fast import FastTarget
     from eagle2.target import Target
 
     model = tiny_target("llama")
     ids = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
     layers = (2, 4, N_LAYERS)  # N_LAYERS: the last layer's output before the final norm
-    general, lean = Target(model), FastTarget(model)
-    if python:
-        lean.stack._native = None
+    general, lean = Target(model), FastTarget(model, backend=Backend(native=not python))
+    assert not (python and lean.stack.is_native)
     feats = {}
     for name, t in (("general", general), ("lean", lean)):
         t.capture(layers)

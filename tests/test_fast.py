@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import fit_head, make_generator, make_tiny_model
-from eagle2.api import make_target
+from eagle2.batch import generate_batch
+from eagle2.config import Backend
 from eagle2.draft_head import DraftHead
-from eagle2.fast import FastTarget, supports
+from eagle2.fast import FastTarget, make_target, supports
 from eagle2.target import Target
-from eagle2.train.responses import fast_generate
 from test_engine import PROMPTS, TREES, hf_greedy
 
 
@@ -64,6 +64,28 @@ def test_unsupported_models_take_the_general_path():
         make_target(mistral, "fast")
     with pytest.raises(ValueError, match="backend must be one of"):
         make_target(gemma, "turbo")
+    assert type(make_target(make_tiny_model("llama"), Backend(forward="transformers"))) is Target
+
+
+def test_backend_comes_from_the_environment_once():
+    """The three switches are read by ``Backend.from_env`` (on unless "0"); a Backend value passes as it is."""
+    env = {"EAGLE2_NATIVE": "0", "EAGLE2_PACKED_LINEAR": "1"}
+    assert Backend.from_env("fast", environ=env) == Backend(forward="fast", native=False)
+    assert Backend.of(Backend(lowbit=False), exact=True) == Backend(lowbit=False, exact=True)
+    with pytest.raises(ValueError, match="backend must be a Backend"):
+        Backend.of(3)
+    with pytest.raises(ValueError, match="native must be True or False"):
+        Backend(native="no")
+
+
+def test_switches_reach_the_stacks_and_gen_backend_says_what_runs():
+    model = make_tiny_model("llama", vocab_size=32)
+    off = Backend(native=False, packed_linear=False)
+    tgt = FastTarget(model, backend=off)
+    assert not tgt.stack.is_native and not tgt.stack.packed and not tgt._lm.packed
+    gen = make_generator(model, backend=off)
+    assert gen.backend == Backend(forward="fast", native=False, packed_linear=False, lowbit=False, exact=False)
+    assert not gen.drafter.stack.is_native and not gen.drafter.stack.packed and not gen.drafter.fc.packed
 
 
 @pytest.mark.parametrize("method", ["eagle2", "eagle1", "vanilla"])
@@ -71,7 +93,8 @@ def test_both_backends_give_the_same_tokens(method):
     model = make_tiny_model("llama", vocab_size=16)
     head = fit_head(model)
     fast, general = make_generator(model, head=head), make_generator(model, head=head, backend="transformers")
-    assert fast.backend == "fast" and general.backend == "transformers"
+    assert fast.backend.forward == "fast" and general.backend.forward == "transformers"
+    assert not general.backend.exact and not general.backend.lowbit  # only the lean forward reads block weights
     for prompt in PROMPTS:
         ref = hf_greedy(model, prompt, 30)
         for tree in TREES[:2]:
@@ -83,7 +106,7 @@ def test_batched_generation_equals_generate():
     model = make_tiny_model("qwen2", vocab_size=16, seed=1)
     prompts = [[1, 2, 3], list(range(16)) + [4], [5] * 9, [9, 8]]
     eos = {3}
-    out = fast_generate(FastTarget(model), prompts, 12, eos)
+    out = generate_batch(FastTarget(model), prompts, 12, eos)
     for p, o in zip(prompts, out):
         ref = hf_greedy(model, p, 12, eos=3)
         assert o == ref, p
@@ -139,8 +162,28 @@ def _native_or_skip():
 
     if native.load() is None:
         # Where a compiler and ninja exist (this project's machines, CI) the build must work.
-        assert not (shutil.which("c++") and shutil.which("ninja") and native.ENABLED), "native forward failed to build"
+        assert not (shutil.which("c++") and shutil.which("ninja")), "native forward failed to build"
         pytest.skip("no C++ toolchain: the native forward is unavailable here")
+
+
+def test_native_layout_is_named_and_checked():
+    """C++ and Python agree on a layer's tensors and the activation codes by name; a build that reads
+    another layout is refused with a message naming both sides."""
+    from types import SimpleNamespace
+
+    from eagle2 import native
+
+    _native_or_skip()
+    built = native.load()
+    assert tuple(built.layer_layout()) == native.LayerTensors._fields
+    assert native.layout_mismatch(built) is None
+    assert {native.activation_code(a) for a in native.ACTIVATION_KINDS} == set(built.activation_codes().values())
+    swapped = list(native.LayerTensors._fields)
+    swapped[1], swapped[3] = swapped[3], swapped[1]
+    other = SimpleNamespace(layer_layout=lambda: swapped, activation_codes=built.activation_codes)
+    assert "o, qkv_bias, qkv" in native.layout_mismatch(other)
+    no_gelu = SimpleNamespace(layer_layout=built.layer_layout, activation_codes=lambda: {"silu": 0})
+    assert "no activation gelu, gelu_tanh" in native.layout_mismatch(no_gelu)
 
 
 @pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
@@ -165,9 +208,8 @@ def test_native_stack_is_bit_identical_to_the_python_loop(family, dtype):
             mask = torch.ones(2, t, past + t, dtype=torch.bool).tril(past)
             mask[1, :, :3] = False
         x = torch.randn(2, t, 32, generator=g).to(dtype)
-        tgt._rope_tables(past + t)
         pos = torch.arange(past, past + t).expand(2, t)
-        cos, sin = tgt._cos[pos][:, None], tgt._sin[pos][:, None]
+        cos, sin = (r[:, None] for r in tgt.rope.rows(pos))
         outs = []
         for cache, python in zip(caches, (True, False)):
             outs.append(tgt.stack(x, cos, sin, additive_mask(mask, dtype), cache, past, python=python))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle2 import kernels
+from eagle2.config import Backend
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -26,7 +27,7 @@ def test_fp32_linear_equals_f_linear_to_rounding(with_bias):
     w = torch.randn(576, 1536, generator=g) * 0.05
     b = torch.randn(576, generator=g) if with_bias else None
     fn = kernels.linear(w, b)
-    assert fn.packed == (kernels.ENABLED and kernels.packing_works(torch.float32))
+    assert fn.packed == kernels.packing_works(torch.float32)
     for shape in ((1, 1536), (4, 1536), (16, 1536), (3, 9, 1536)):
         x = torch.randn(*shape, generator=g)
         ref = F.linear(x, w, b)
@@ -36,23 +37,21 @@ def test_fp32_linear_equals_f_linear_to_rounding(with_bias):
         assert not torch.equal(got, ref + 1e-2)  # a check that can fail
 
 
-def test_fp32_packing_off_runs_transformers_kernel(monkeypatch):
-    """EAGLE2_PACKED_LINEAR=0 gives the reference arithmetic: the plain weight and F.linear."""
-    monkeypatch.setattr(kernels, "ENABLED", False)
+def test_fp32_packing_off_runs_transformers_kernel():
+    """Packing off (EAGLE2_PACKED_LINEAR=0) gives the reference arithmetic: the plain weight and F.linear."""
     w = torch.randn(8, 4)
-    fn = kernels.linear(w)
+    fn = kernels.linear(w, pack=False)
     assert not fn.packed and fn.weight.data_ptr() == w.data_ptr()
     x = torch.randn(3, 4)
     assert torch.equal(fn(x), F.linear(x, w))
 
 
-def test_disabled_falls_back(monkeypatch):
-    monkeypatch.setattr(kernels, "ENABLED", False)
-    fn = kernels.linear(torch.randn(8, 4, dtype=torch.bfloat16))
+def test_disabled_falls_back():
+    fn = kernels.linear(torch.randn(8, 4, dtype=torch.bfloat16), pack=False)
     assert not fn.packed
 
 
-def test_fast_target_packed_logits_equal_unpacked(monkeypatch):
+def test_fast_target_packed_logits_equal_unpacked():
     """The lean forward gives the same bf16 logits with and without packing."""
     from conftest import make_tiny_model
     from eagle2.fast import FastTarget
@@ -61,8 +60,8 @@ def test_fast_target_packed_logits_equal_unpacked(monkeypatch):
     tokens = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(3))
     outs = []
     for enabled in (False, True):
-        monkeypatch.setattr(kernels, "ENABLED", enabled)
-        tgt = FastTarget(model)
+        tgt = FastTarget(model, backend=Backend(packed_linear=enabled))
+        assert tgt.stack.packed == (enabled and kernels.packing_works(torch.bfloat16))
         cache = tgt.new_cache(capacity=32)
         outs.append(tgt.forward(cache, tokens, torch.arange(12), None)[0])
     assert torch.equal(outs[0], outs[1])
@@ -163,7 +162,7 @@ def test_lowbit_only_with_an_exact_source():
 
 
 @needs_lowbit
-def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path, monkeypatch):
+def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path):
     """A model stored in fp32 with 4-bit layers and an 8-bit lm_head (a dequantized GGUF), loaded
     in bf16: the lean forward's logits with the block kernel equal those without it."""
     from conftest import make_tiny_model
@@ -177,8 +176,7 @@ def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path, monkeypa
     tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(3))
     outs = []
     for enabled in (False, True):
-        monkeypatch.setattr(kernels, "LOWBIT_ENABLED", enabled)
-        tgt = FastTarget(bf16)
+        tgt = FastTarget(bf16, backend=Backend(lowbit=enabled))
         assert all((L.qkv.lowbit is not None) == enabled for L in tgt.stack.layers)
         assert (tgt._lm.lowbit is not None) == enabled
         assert (tgt.float_weight(bf16.lm_head.weight) is not None) == enabled  # rows for the drafter's FR-Spec lm_head

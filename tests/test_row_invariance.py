@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import fit_head, make_generator, make_tiny_model
+from eagle2.config import Backend
 from eagle2.fast import FastTarget, additive_mask, exact_attention, exact_attention_rows, exact_default
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -48,8 +49,7 @@ def _row_checks(tgt: FastTarget, python: bool, seed: int = 0) -> list[str]:
     def run(cache, tokens, depths, tree):
         allowed = torch.cat([torch.ones(tokens.shape[0], cache.length, dtype=torch.bool), tree], dim=1)
         pos = cache.length + depths
-        tgt._rope_tables(int(pos.max()) + 1)
-        cos, sin = tgt._cos[pos][None, None], tgt._sin[pos][None, None]
+        cos, sin = (r[None, None] for r in tgt.rope.rows(pos))
         past = cache.length
         h = tgt.stack(tgt.embed(tokens[None]), cos, sin, additive_mask(allowed[None], tgt.dtype), cache, past,
                       python=python)
@@ -85,7 +85,7 @@ def _copy(cache):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("python", [False, True])
 def test_a_row_is_the_same_alone_or_in_a_tree(dtype, python):
-    tgt = FastTarget(wide_model(dtype), exact=True)
+    tgt = FastTarget(wide_model(dtype), backend=Backend(exact=True))
     assert tgt.exact
     if not python and not tgt.stack.is_native:
         pytest.skip("native forward unavailable")
@@ -93,10 +93,10 @@ def test_a_row_is_the_same_alone_or_in_a_tree(dtype, python):
 
 
 def test_exact_only_in_reduced_precision():
-    assert FastTarget(wide_model(torch.bfloat16), exact=True).exact
-    assert FastTarget(wide_model(torch.float16), exact=True).exact
-    assert not FastTarget(wide_model(torch.float32), exact=True).exact  # fp32: the contract with transformers
-    assert not FastTarget(wide_model(torch.bfloat16), exact=False).exact
+    assert FastTarget(wide_model(torch.bfloat16), backend=Backend(exact=True)).exact
+    assert FastTarget(wide_model(torch.float16), backend=Backend(exact=True)).exact
+    assert not FastTarget(wide_model(torch.float32), backend=Backend(exact=True)).exact  # fp32: the contract with hf
+    assert not FastTarget(wide_model(torch.bfloat16), backend=Backend(exact=False)).exact
     assert FastTarget(wide_model(torch.bfloat16)).exact == exact_default(torch.bfloat16)
 
 
@@ -160,6 +160,7 @@ def test_block_weights_are_row_invariant_too(tmp_path):
     model = wide_model(torch.float32)
     as_gguf_blocks(model)
     model.save_pretrained(tmp_path)
-    tgt = FastTarget(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval(), exact=True)
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    tgt = FastTarget(bf16, backend=Backend(exact=True))
     assert tgt.stack.layers[0].down.lowbit is not None
     assert _row_checks(tgt, python=False) == []

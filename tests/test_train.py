@@ -15,7 +15,8 @@ from eagle2.api import Eagle2Generator
 from eagle2.draft_head import DraftHead, HeadConfig, init_head, rope_theta_of
 from eagle2.train.corpus import Corpus
 from eagle2.train.export import check_released_format, expected_keys, export_head
-from eagle2.train.features import build_features, load_shards, window_meta
+from eagle2.train.features import build_features
+from eagle2.train.shards import load_shards, window_meta
 from eagle2.train.pipeline import PipelineOptions, run_pipeline
 from eagle2.train.responses import read_responses
 from eagle2.train.trainer import TrainConfig, Trainer
@@ -317,17 +318,17 @@ def test_loss_over_the_draft_vocabulary(tiny, run, tmp_path):
 def test_training_windows_hold_the_whole_prompt():
     """context None: the window starts at the first prompt token; max_len drops the oldest prompt
     tokens first (keeping one before the answer), then cuts the answer."""
-    from eagle2.train.features import _windows
+    from eagle2.train.shards import windows
 
     rec = dict(prompt_ids=list(range(10, 16)), response_ids=[1, 2, 3, 4])  # prompt 6, answer 4
-    assert _windows([rec], None, 100) == [(rec["prompt_ids"] + rec["response_ids"], 0, 6)]
-    assert _windows([rec], 3, 100)[0][1:] == (3, 6)
-    ids, s, p = _windows([rec], None, 8)[0]
+    assert windows([rec], None, 100) == [(rec["prompt_ids"] + rec["response_ids"], 0, 6)]
+    assert windows([rec], 3, 100)[0][1:] == (3, 6)
+    ids, s, p = windows([rec], None, 8)[0]
     assert (s, p, len(ids) - s) == (2, 6, 8)
     long = dict(prompt_ids=list(range(10, 16)), response_ids=list(range(12)))
-    ids, s, p = _windows([long], None, 8)[0]
+    ids, s, p = windows([long], None, 8)[0]
     assert (s, p, len(ids) - s, ids[-1]) == (5, 6, 8, 6)  # one prompt token, then the first 7 answer tokens
-    assert _windows([dict(prompt_ids=[1, 2], response_ids=[3])], None, 100)[0][2] == -1  # nothing to learn
+    assert windows([dict(prompt_ids=[1, 2], response_ids=[3])], None, 100)[0][2] == -1  # nothing to learn
 
 
 def test_corpus_round_trips_ids_and_import_is_idempotent(tmp_path):

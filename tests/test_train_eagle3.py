@@ -15,7 +15,7 @@ from eagle2.api import Eagle2Generator, load_head
 from eagle2.eagle3_head import Eagle3Config, Eagle3Head, init_eagle3_head
 from eagle2.train.eagle3 import (Eagle3Trainer, _labels, capture_features, eagle3_loss, feature_dir,
                                  ttt_forward, ttt_mask)
-from eagle2.train.features import load_shards
+from eagle2.train.shards import load_shards
 from eagle2.train.pipeline import PipelineOptions, run_pipeline
 from eagle2.train.trainer import TrainConfig, collate
 from test_train import VOCAB, one_thread, prompt_file  # noqa: F401  (fixtures: one CPU thread; 16 random prompts)

@@ -11,13 +11,12 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 import eagle2
+from eagle2.machine import data_dir
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> int:
@@ -29,7 +28,7 @@ def main() -> int:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     gen = eagle2.load("smollm2-135m", head=args.head, dtype=args.dtype)
-    qs = [json.loads(l) for l in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
+    qs = [json.loads(l) for l in (data_dir() / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
     qs = qs[:: max(1, len(qs) // args.limit)][: args.limit]
     same, rows = 0, []
     eos = sorted(gen.eos_ids)

@@ -11,14 +11,13 @@ import json
 import statistics
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
 import eagle2
 from eagle2.api import Eagle2Generator
+from eagle2.machine import data_dir
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> int:
@@ -36,7 +35,8 @@ def main() -> int:
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.dtype}, "
           f"exact targets: {on.target.exact}/{off.target.exact}", flush=True)
     methods = args.methods.split(",")
-    qs = [json.loads(line) for line in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()][: args.limit]
+    lines = (data_dir() / "eval" / "mt_bench_question.jsonl").read_text().splitlines()
+    qs = [json.loads(line) for line in lines][: args.limit]
     for g in gens.values():
         g.generate("warm up", max_new_tokens=8)
         g.cost_model()

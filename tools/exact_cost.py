@@ -15,6 +15,7 @@ import warnings
 import torch
 
 import eagle2
+from eagle2.config import Backend
 from eagle2.fast import FastTarget
 
 
@@ -30,7 +31,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     model = eagle2.load("smollm2-135m", dtype=getattr(torch, args.dtype)).model
-    targets = {"exact": FastTarget(model, exact=True), "aten": FastTarget(model, exact=False)}
+    targets = {"exact": FastTarget(model, backend=Backend(exact=True)),
+               "aten": FastTarget(model, backend=Backend(exact=False))}
     g = torch.Generator().manual_seed(0)
     n = args.past
     prompt = torch.randint(0, model.config.vocab_size, (n,), generator=g)

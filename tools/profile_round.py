@@ -27,9 +27,8 @@ import warnings
 from pathlib import Path
 
 import eagle2
-from eagle2 import kernels, native
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from eagle2.config import Backend
+from eagle2.machine import data_dir
 
 
 def main() -> int:
@@ -72,9 +71,9 @@ def main() -> int:
                                                   ("fast+packed+native", "fast", True, True, False),
                                                   ("fast+packed+native+q4", "fast", True, True, True)):
         if any(v[0] == name for v in configs.values()):
-            kernels.ENABLED, native.ENABLED, kernels.LOWBIT_ENABLED = packed, use_native, q4  # read when a generator is built
-            gens[name] = eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=backend)
-    qs = [json.loads(l) for l in (DATA / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
+            switches = Backend(forward=backend, native=use_native, packed_linear=packed, lowbit=q4)
+            gens[name] = eagle2.load(args.model, head=args.head, dtype=args.dtype, backend=switches)
+    qs = [json.loads(l) for l in (data_dir() / "eval" / "mt_bench_question.jsonl").read_text().splitlines()]
     qs = qs[:: max(1, len(qs) // args.limit)][: args.limit]
     for g in gens.values():
         g.generate("warm up", max_new_tokens=16)

@@ -21,6 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from eagle2.config import Backend
 from eagle2.draft_head import ACTIVATIONS
 from eagle2.fast import FastTarget, _rms, _rotate, additive_mask, exact_attention
 
@@ -39,8 +40,7 @@ def tree_mask(m: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 def tables(tgt: FastTarget, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, D] rows of the target's rotary tables at ``positions``."""
-    tgt._rope_tables(int(positions.max()) + 1)
-    return tgt._cos[positions], tgt._sin[positions]
+    return tgt.rope.rows(positions)
 
 
 def op_by_op(tgt: FastTarget, cache, past: int, tokens: torch.Tensor, positions: torch.Tensor,
@@ -63,8 +63,7 @@ def op_by_op(tgt: FastTarget, cache, past: int, tokens: torch.Tensor, positions:
     hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
     act = ACTIVATIONS[dm.act]
     ex = st.exact
-    tgt._rope_tables(int(positions.max()) + 1)
-    cos, sin = tgt._cos[positions][None, None], tgt._sin[positions][None, None]
+    cos, sin = (r[None, None] for r in tgt.rope.rows(positions))
     bias = additive_mask(allowed[None], tgt.dtype)
     x = tgt.embed(tokens[None])
     for i, L in enumerate(st.layers):
@@ -131,7 +130,7 @@ def main() -> int:
         sys.path.insert(0, "tests")
         from conftest import make_tiny_model
 
-        tgt = FastTarget(make_tiny_model("llama", vocab_size=64, seed=1).to(dtype), exact=args.exact)
+        tgt = FastTarget(make_tiny_model("llama", vocab_size=64, seed=1).to(dtype), backend=Backend(exact=args.exact))
     else:
         import eagle2
 

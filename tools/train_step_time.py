@@ -18,7 +18,7 @@ from eagle2.machine import cpu_name
 from eagle2.models import load_target
 from eagle2.train.corpus import Corpus, repo_corpus_root
 from eagle2.train.export import draft_vocabulary
-from eagle2.train.features import _examples_for
+from eagle2.train.features import _examples_for, last_hidden
 from eagle2.train.trainer import TrainConfig, Trainer, _plan, collate, head_loss
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     recs = Corpus(repo_corpus_root() / "smollm2-135m").records()
     vocab = draft_vocabulary(recs, model.config.vocab_size, a.draft_vocab)
     sample = recs[:: max(1, len(recs) // a.conversations)][: a.conversations]
-    exs = [e for e in _examples_for(model, sample, None, 1024, 4) if e is not None]
+    exs = [e for e in _examples_for(last_hidden(model), sample, None, 1024, 4) if e is not None]
     cfg = TrainConfig(ckpt_minutes=60, eval_every=0)
     trainers = {"full": Trainer(model, tok, exs, f"{a.run_dir}/full", cfg, progress=False),
                 "draft": Trainer(model, tok, exs, f"{a.run_dir}/draft", cfg, progress=False, vocab=vocab)}

@@ -7,8 +7,9 @@
 """
 
 from .api import Eagle2Generator, load
-from .config import DecodeSettings, SamplingConfig, TreeConfig
+from .config import Backend, DecodeSettings, SamplingConfig, TreeConfig
 from .engine import GenerationResult, RoundEvent, Stats
 
-__all__ = ["load", "Eagle2Generator", "DecodeSettings", "TreeConfig", "SamplingConfig", "GenerationResult", "RoundEvent", "Stats"]
+__all__ = ["load", "Eagle2Generator", "Backend", "DecodeSettings", "TreeConfig", "SamplingConfig", "GenerationResult",
+           "RoundEvent", "Stats"]
 __version__ = "0.1.0"

@@ -15,15 +15,15 @@ from typing import Iterator
 
 import torch
 
-from . import cost, kernels, native
-from .config import DecodeSettings, TreeConfig
+from . import cost
+from .config import Backend, DecodeSettings, TreeConfig
 from .cost import Calibration, CostModel
 from .draft import make_drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
 from .engine import Engine, GenerationResult, RoundEvent
-from .fast import FastTarget, supports
-from .models import builtin_head_dir, cache_dir, load_target
+from .fast import in_force, make_target
+from .models import builtin_head_dir, cache_dir, file_name, load_target
 from .target import Target
 
 log = logging.getLogger("eagle2")
@@ -41,8 +41,7 @@ def eos_ids_of(model, tokenizer) -> set[int]:
 
 
 def tuned_path(model_key: str) -> Path:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key)
-    return cache_dir() / "tune" / f"{safe}.json"
+    return cache_dir() / "tune" / f"{file_name(model_key)}.json"
 
 
 def load_tuned(model_key: str) -> TreeConfig | None:
@@ -60,52 +59,30 @@ def load_tuned(model_key: str) -> TreeConfig | None:
         return None
 
 
-BACKENDS = ("auto", "fast", "transformers")
-
-
-def make_target(model, backend: str = "auto", exact: bool | None = None) -> Target:
-    """The target adapter: our lean forward (fast.py) where it supports the model, else transformers'.
-
-    backend: "auto" (lean when supported and the model sits on one device), "fast" (lean or a
-    ValueError saying why not), "transformers" (always the general path). exact: the lean forward's
-    row-invariant numerics (fast.FastTarget; None: fast.exact_default)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if backend == "transformers":
-        return Target(model)
-    ok, why = supports(model)
-    if ok and len({p.device for p in model.parameters()}) > 1:
-        ok, why = False, "the model is spread over several devices"
-    if not ok:
-        if backend == "fast":
-            raise ValueError(f"backend 'fast' is unavailable: {why}")
-        return Target(model)
-    return FastTarget(model, exact=exact)
-
-
 class Eagle2Generator:
     """A target model + draft head ready to generate. Not thread-safe: one sequence at a time."""
 
     def __init__(self, model, tokenizer, head: DraftHead | Eagle3Head, *, model_key: str = "",
-                 tree: TreeConfig | None = None, head_source: str = "", backend: str = "auto",
+                 tree: TreeConfig | None = None, head_source: str = "", backend: Backend | str = "auto",
                  draft_vocab: int | None = None, cost_model: CostModel | None = None, exact: bool | None = None):
         """head: an EAGLE-1/2 ``DraftHead`` or an ``Eagle3Head`` (whose features are three target
-        layers, captured in the target's forward). cost_model: this machine's round costs for the
-        dynamic tree; None measures them on first use. exact: row-invariant numerics on the lean
-        forward (see ``load``)."""
+        layers, captured in the target's forward). backend, exact: as for ``load``; ``self.backend`` is
+        the ``Backend`` in force. cost_model: this machine's round costs for the dynamic tree; None
+        measures them on first use."""
         self.model = model
         self.tokenizer = tokenizer
         if isinstance(head, Eagle3Head):
             check_eagle3_fits(head.config, model.config)
         else:
             check_head_fits(head.config, model.config)
-        self.target = make_target(model, backend, exact)
-        self.backend = "fast" if isinstance(self.target, FastTarget) else "transformers"
+        requested = Backend.of(backend, exact)
+        self.target: Target = make_target(model, requested)
+        self.backend = in_force(requested, self.target)  # what runs here: forward, switches, exact
         if isinstance(head, Eagle3Head):
             self.target.capture(head.config.feature_layers(self.target.n_layers))
         self.head = head
         self.head_source = head_source
-        self.drafter = make_drafter(head, self.target, draft_vocab)
+        self.drafter = make_drafter(head, self.target, draft_vocab, self.backend)
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self.model_key = model_key
@@ -119,10 +96,10 @@ class Eagle2Generator:
         probe the first time (a few seconds) and cached under ``$EAGLE2_CACHE/cost``."""
         if self._cost is not None and not refit:
             return self._cost
+        b = self.backend
         key = cost.fingerprint(dict(model=self.model_key or id(self.model), head=self.head_source,
-                                    dtype=str(self.dtype), device=str(self.device), backend=self.backend,
-                                    native=native.ENABLED, packed=kernels.ENABLED, lowbit=kernels.LOWBIT_ENABLED,
-                                    exact=getattr(self.target, "exact", False)))
+                                    dtype=str(self.dtype), device=str(self.device), backend=b.forward,
+                                    native=b.native, packed=b.packed_linear, lowbit=b.lowbit, exact=b.exact))
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
@@ -222,7 +199,7 @@ def load_head(directory: str | Path) -> DraftHead | Eagle3Head:
 
 def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torch.dtype = "auto",
          device: str = "auto", device_map=None, tree: TreeConfig | None = None,
-         backend: str = "auto", draft_vocab: int | None = None, exact: bool | None = None) -> Eagle2Generator:
+         backend: Backend | str = "auto", draft_vocab: int | None = None, exact: bool | None = None) -> Eagle2Generator:
     """Load a target and its draft head.
 
     model: a built-in name (``smollm2-135m``), a local Hugging Face model directory, a ``.gguf``
@@ -231,7 +208,9 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     initialised head (with a warning) otherwise.
     backend: "auto" runs Llama / Qwen2 / Mistral-style targets on the lean forward (fast.py,
     logits equal to transformers'), everything else through transformers; "transformers" forces
-    the general path; "fast" demands the lean one.
+    the general path; "fast" demands the lean one. A name takes the fast-path switches from the
+    environment (``Backend.from_env``: EAGLE2_NATIVE, EAGLE2_PACKED_LINEAR, EAGLE2_LOWBIT); a
+    ``config.Backend`` sets them all. ``gen.backend`` is what then runs on this machine.
     draft_vocab: how many of the head's draft-vocabulary tokens the drafter may propose (FR-Spec;
     None: the head's whole list, 0: the full vocabulary; an EAGLE-3 head's is fixed: leave it None).
     Output is exact either way.
@@ -240,8 +219,7 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     output token for token in bf16 / fp16 too (fp32 is covered by the contract with transformers).
     None: ``fast.exact_default`` (off for now: it costs ~11% of a verification forward); False: ATen's
     kernels, where a near-tie may flip between a tree row and a one-token step."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    backend = Backend.of(backend, exact)  # the environment is read here, once; bad values fail before the load
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
         raise ValueError(f"head directory not found: {head}")
     hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map)
@@ -258,4 +236,4 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
         draft = init_head(HeadConfig.from_target(hf.config))
         source = "random-init"
     return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source,
-                           backend=backend, draft_vocab=draft_vocab, exact=exact)
+                           backend=backend, draft_vocab=draft_vocab)

@@ -2,14 +2,63 @@
 
 Every knob a caller can turn lives here, with a comment per field. Invalid values raise
 ``ValueError`` with a one-line message; the CLI turns those into a clean error and exit code.
-Nothing in this module imports torch.
+``Backend.from_env`` is the one place that reads the fast-path environment variables. Nothing in
+this module imports torch.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, replace
+from typing import Mapping
 
 METHODS = ("eagle2", "eagle1", "chain", "vanilla")
+FORWARDS = ("auto", "fast", "transformers")
+_SWITCHES = {"native": "EAGLE2_NATIVE", "packed_linear": "EAGLE2_PACKED_LINEAR", "lowbit": "EAGLE2_LOWBIT"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which target forward and which fast paths a generator runs: decided once at load (``from_env``
+    for the switches), passed down to the target, the drafter and the kernels, shown as
+    ``Eagle2Generator.backend`` (there with what this machine actually runs) and recorded by the bench.
+
+    Every switch only *allows* its path: each is used where its own check passes (the lean forward
+    supports the model, the extension builds, a packed product is exact in that dtype, a weight is
+    made of low-bit blocks on a CPU with AMX). Output is exact with any combination.
+    """
+
+    forward: str = "auto"  # auto: the lean forward (fast.py) where it fits the model; fast: it or refuse; transformers
+    native: bool = True  # decoder stacks from C++ (native.py); EAGLE2_NATIVE=0 turns it off
+    packed_linear: bool = True  # weights prepacked for oneDNN where exact (kernels.py); EAGLE2_PACKED_LINEAR=0
+    lowbit: bool = True  # GGUF low-bit block weights on AMX (kernels.py; needs native); EAGLE2_LOWBIT=0
+    exact: bool | None = None  # row-invariant numerics on the lean forward, bf16 / fp16 (None: fast.exact_default)
+
+    def __post_init__(self) -> None:
+        if self.forward not in FORWARDS:
+            raise ValueError(f"backend must be one of {', '.join(FORWARDS)}; got {self.forward!r}")
+        for name in ("native", "packed_linear", "lowbit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        if self.exact is not None and not isinstance(self.exact, bool):
+            raise ValueError(f"exact must be True, False or None; got {self.exact!r}")
+
+    @classmethod
+    def from_env(cls, forward: str = "auto", exact: bool | None = None,
+                 environ: Mapping[str, str] | None = None) -> "Backend":
+        """The switches the environment sets (each on unless its variable is "0") with this forward."""
+        env = os.environ if environ is None else environ
+        return cls(forward=forward, exact=exact, **{k: env.get(v, "1") != "0" for k, v in _SWITCHES.items()})
+
+    @classmethod
+    def of(cls, backend: "str | Backend | None" = None, exact: bool | None = None) -> "Backend":
+        """A ``Backend`` from what a caller passed: a value as it is, a forward name (or None: "auto") with
+        the environment's switches. ``exact``, when not None, overrides the value's."""
+        if isinstance(backend, Backend):
+            return backend if exact is None else replace(backend, exact=exact)
+        if backend is not None and not isinstance(backend, str):
+            raise ValueError(f"backend must be a Backend or one of {', '.join(FORWARDS)}; got {backend!r}")
+        return cls.from_env("auto" if backend is None else backend, exact)
 
 
 @dataclass(frozen=True)

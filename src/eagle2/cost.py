@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from . import masks
 from .machine import cpu_name
 from .models import cache_dir
 
@@ -139,8 +140,7 @@ def verify_steps(target, cached: int, query_lens) -> list:
     for q in query_lens:
         toks = torch.randint(0, target.vocab_size, (q,), generator=g).to(dev)
         pos = torch.arange(cached, cached + q, device=dev)
-        allowed = torch.cat([torch.ones(q, cached, dtype=torch.bool, device=dev),
-                             torch.ones(q, q, dtype=torch.bool, device=dev).tril()], dim=1)
+        allowed = masks.causal(q, cached, device=dev)
 
         def step(toks=toks, pos=pos, allowed=allowed):
             target.forward(cache, toks, pos, allowed)

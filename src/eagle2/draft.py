@@ -27,12 +27,13 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from .config import TreeConfig
+from . import masks
+from .config import Backend, TreeConfig
 from .draft_head import ACTIVATIONS, DraftHead
 from .eagle3_head import Eagle3Head
-from .fast import Dims, Layer, Stack, StaticCache, _rms, additive_mask, attend
+from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, _rms, additive_mask, attend
 from .kernels import Linear, linear
-from .target import Target
+from .target import Target, cap_logits
 from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, select_frontier,
                    static_tree_parents, static_tree_paths)
 
@@ -51,16 +52,19 @@ def _static_layout(method: str, total_tokens: int, depth: int, top_k: int):
 
 
 class Drafter:
-    def __init__(self, head: DraftHead, target: Target, draft_vocab: int | None = None, capacity: int = 1024):
+    def __init__(self, head: DraftHead, target: Target, draft_vocab: int | None = None, capacity: int = 1024,
+                 backend: Backend | None = None):
         """draft_vocab: propose only the first N tokens of the head's draft vocabulary (None:
-        all of it; 0: the full vocabulary). Heads without one draft over the full vocabulary."""
+        all of it; 0: the full vocabulary). Heads without one draft over the full vocabulary.
+        backend: the fast paths the head's layer and linears may take (``Backend()``: all)."""
         self.target = target
         self.head = head
-        self.stack, self.fc = _lean_head(head, target)  # the head's layer on fast.Stack, in the target's dtype
+        self.backend = backend or Backend()
+        self.stack, self.fc = _lean_head(head, target, self.backend)  # the head's layer on fast.Stack, target dtype
         self.feature_width = head.config.hidden_size  # width of a committed feature: the target's last hidden
         self.cache = StaticCache(1, 1, head.config.num_key_value_heads, head.config.head_dim, capacity,
                                  target.dtype, target.device)
-        self._cos = self._sin = None  # [P, D] the head's rotary tables (its own theta, no scaling)
+        self.rope = RotaryTable(self._rope_rows)  # the head's own theta, no scaling
         self.vocab_ids: Tensor | None = None  # [N] token id of each draft logit column
         self.set_draft_vocab(draft_vocab)
         self.length = 0  # committed true pairs; tree entries sit after them for one ``grow``
@@ -79,19 +83,21 @@ class Drafter:
         b = getattr(self.target.lm_head, "bias", None)
         src = self.target.float_weight(w)  # fp32 rows for the low-bit kernel where the lm_head has them
         self._lm = linear(w[self.vocab_ids], None if b is None else b[self.vocab_ids],
-                          None if src is None else src[self.vocab_ids.cpu()])  # the draft's own [N, H] lm_head
+                          None if src is None else src[self.vocab_ids.cpu()],
+                          self.backend.packed_linear)  # the draft's own [N, H] lm_head
 
     def reset(self) -> None:
         self.length = 0
 
+    def _rope_rows(self, n: int) -> tuple[Tensor, Tensor]:
+        """cos, sin [n, D] for positions 0..n-1, as ``DraftHead.rope`` computes them."""
+        cos, sin = self.head.rope(torch.arange(n, device=self.head.inv_freq.device)[None], self.target.dtype)
+        return cos[0, 0].to(self.target.device), sin[0, 0].to(self.target.device)
+
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """positions [T] -> cos, sin [1, 1, T, D], rows of a table computed as ``DraftHead.rope`` does."""
-        top = int(positions.max()) + 1
-        if self._cos is None or self._cos.shape[0] < top:
-            n = max(top, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
-            cos, sin = self.head.rope(torch.arange(n, device=self.head.inv_freq.device)[None], self.target.dtype)
-            self._cos, self._sin = cos[0, 0].to(positions.device), sin[0, 0].to(positions.device)
-        return self._cos[positions][None, None], self._sin[positions][None, None]
+        """positions [T] -> cos, sin [1, 1, T, D]."""
+        cos, sin = self.rope.rows(positions)
+        return cos[None, None], sin[None, None]
 
     def _run(self, feats: Tensor, tokens: Tensor, positions: Tensor, at: int, mask: Tensor) -> Tensor:
         """Feed T (feature, token) pairs, their keys/values written at cache index ``at``.. :
@@ -111,7 +117,7 @@ class Drafter:
         n = tokens.shape[0]
         dev = tokens.device
         positions = torch.arange(self.length, self.length + n, device=dev)
-        mask = torch.ones(n, self.length + n, dtype=torch.bool, device=dev).tril(self.length)  # causal
+        mask = masks.causal(n, self.length, device=dev)
         out = self._run(features, tokens, positions, self.length, mask)
         self.length += n
         return out[-1]
@@ -121,10 +127,7 @@ class Drafter:
         token ``self._token(j)``)."""
         if self.vocab_ids is None:
             return torch.log_softmax(self.target.logits(out), dim=-1)  # [.., V]
-        logits = self._lm(out).float()
-        if self.target.softcap:
-            logits = torch.tanh(logits / self.target.softcap) * self.target.softcap
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(cap_logits(self._lm(out).float(), self.target.softcap), dim=-1)
 
     def _token(self, cols: Tensor) -> Tensor:
         return cols if self.vocab_ids is None else self.vocab_ids[cols]
@@ -214,7 +217,7 @@ class Drafter:
                 continue
             idx = torch.tensor(feed, device=dev)
             own = anc[idx][:, fed + feed] if fed else torch.eye(len(feed), dtype=torch.bool, device=dev)
-            mask = torch.cat([torch.ones(len(feed), self.length, dtype=torch.bool, device=dev), own], dim=1)
+            mask = masks.after_prefix(own, self.length)
             feats = torch.stack([out_of[parents[i]] for i in feed])
             toks = torch.tensor([tokens[i] for i in feed], device=dev)
             out = self._run(feats, toks, torch.full((len(feed),), pos_root + d, device=dev), self.length + len(fed), mask)
@@ -254,7 +257,7 @@ class _Levels:
         if n_fed:
             parent_rows[has_parent] = self.fed_anc[self.f_parent_fed[has_parent]]
         own = torch.cat([parent_rows, torch.eye(nf, dtype=torch.bool, device=dev)], dim=1)  # [nf, n_fed + nf]
-        mask = torch.cat([torch.ones(nf, dr.length, dtype=torch.bool, device=dev), own], dim=1)
+        mask = masks.after_prefix(own, dr.length)
         positions = torch.full((nf,), dr.length - 1 + d, device=dev)  # the root's pair sits at length - 1
         out = dr._run(self.f_feat, self.f_tok, positions, dr.length + n_fed, mask)  # tree entries after true pairs
         grown = torch.zeros(n_fed + nf, n_fed + nf, dtype=torch.bool, device=dev)
@@ -302,9 +305,9 @@ class _Levels:
         return level_pays(probs, predicted, budget.verify_ms, self._spent_ms(budget, self.levels), budget.level_ms)
 
 
-def _lean_head(head: DraftHead, target: Target) -> tuple[Stack, Linear]:
+def _lean_head(head: DraftHead, target: Target, backend: Backend) -> tuple[Stack, Linear]:
     """The head's decoder layer as a one-layer ``fast.Stack`` (no input norm, no final norm) and
-    its fc, in the target's dtype and device with prepacked linears where exact (kernels.py).
+    its fc, in the target's dtype and device with the fast paths ``backend`` allows (kernels.py).
     The caller's head object is left as it was; the lean layer equals its forward (tested)."""
     cfg = head.config
     sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()}
@@ -312,46 +315,51 @@ def _lean_head(head: DraftHead, target: Target) -> tuple[Stack, Linear]:
     qkv_b = tuple(sd[a + f"{n}_proj.bias"] for n in "qkv") if cfg.attention_bias else None
     layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], sd[a + "o_proj.weight"],
                        sd["layers.0.post_attention_layernorm.weight"], sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"],
-                       sd[m + "down_proj.weight"], qkv_b)
+                       sd[m + "down_proj.weight"], qkv_b, pack=backend.packed_linear)
     dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                 float(cfg.rms_norm_eps), cfg.hidden_act)
-    return Stack([layer], None, dims), linear(sd["fc.weight"], sd.get("fc.bias"))
+    fc = linear(sd["fc.weight"], sd.get("fc.bias"), pack=backend.packed_linear)
+    return Stack([layer], None, dims, use_native=backend.native), fc
 
 
-def make_drafter(head: DraftHead | Eagle3Head, target: Target, draft_vocab: int | None = None) -> Drafter:
-    """The drafter for this kind of head (EAGLE-1/2 or EAGLE-3)."""
+def make_drafter(head: DraftHead | Eagle3Head, target: Target, draft_vocab: int | None = None,
+                 backend: Backend | None = None) -> Drafter:
+    """The drafter for this kind of head (EAGLE-1/2 or EAGLE-3), with the fast paths ``backend`` allows."""
     if isinstance(head, Eagle3Head):
-        return Eagle3Drafter(head, target, draft_vocab)
-    return Drafter(head, target, draft_vocab)
+        return Eagle3Drafter(head, target, draft_vocab, backend=backend)
+    return Drafter(head, target, draft_vocab, backend=backend)
 
 
 class Eagle3Drafter(Drafter):
     """``Drafter`` for an EAGLE-3 head: same commit / grow protocol and tree code; its own step
     (fc only on the target's 3H features, the midlayer, logits over the draft vocabulary)."""
 
-    def __init__(self, head: Eagle3Head, target: Target, draft_vocab: int | None = None, capacity: int = 1024):
+    def __init__(self, head: Eagle3Head, target: Target, draft_vocab: int | None = None, capacity: int = 1024,
+                 backend: Backend | None = None):
         """draft_vocab: must be None (the head drafts over its own vocabulary, fixed by its lm_head)."""
         cfg = head.config
         if draft_vocab is not None and draft_vocab != cfg.draft_vocab_size:
             raise ValueError(f"an EAGLE-3 head drafts over its own {cfg.draft_vocab_size}-token vocabulary; "
                              f"draft_vocab={draft_vocab} cannot change it (leave it unset)")
-        self.target, self.head = target, head
+        self.target, self.head, self.backend = target, head, backend or Backend()
+        pack = self.backend.packed_linear
         self.feature_width = 3 * cfg.hidden_size  # the target's three captured layers
         sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()
               if k not in ("d2t", "t2d")}
         a, m = "midlayer.self_attn.", "midlayer.mlp."
         self.layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
                                 sd[a + "o_proj.weight"], sd["midlayer.post_attention_layernorm.weight"],
-                                sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"])
+                                sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"],
+                                pack=pack)
         self.n_in, self.n_hid = sd["midlayer.input_layernorm.weight"], sd["midlayer.hidden_norm.weight"]
         self.norm = sd["norm.weight"]
         self.dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                          float(cfg.rms_norm_eps), cfg.hidden_act)
-        self.fc = linear(sd["fc.weight"], sd.get("fc.bias"))
-        self._lm = linear(sd["lm_head.weight"])  # [Vd, H]
+        self.fc = linear(sd["fc.weight"], sd.get("fc.bias"), pack=pack)
+        self._lm = linear(sd["lm_head.weight"], pack=pack)  # [Vd, H]
         self.vocab_ids = head.target_ids.to(target.device)  # [Vd] token id of each draft logit column (d2t applied)
         self.cache = StaticCache(1, 1, cfg.num_key_value_heads, cfg.head_dim, capacity, target.dtype, target.device)
-        self._cos = self._sin = None
+        self.rope = RotaryTable(self._rope_rows)
         self.length = 0
 
     def set_draft_vocab(self, n: int | None) -> None:
@@ -372,7 +380,8 @@ class Eagle3Drafter(Drafter):
         hn = _rms(self.n_hid, h, dm.eps)
         residual = hn if self.head.config.norm_before_residual else h
         x = torch.cat([_rms(self.n_in, emb, dm.eps), hn], dim=-1)  # [1, T, 2H]
-        x = residual + attend(L, x, cos, sin, additive_mask(mask[None], emb.dtype), cache.k[0], cache.v[0], at, dm)
+        x = residual + attend(L, x, cos, sin, additive_mask(mask[None], emb.dtype), cache.k[0], cache.v[0], at, dm,
+                              use_native=self.backend.native)
         gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
         return (x + L.down(ACTIVATIONS[dm.act](gate) * up))[0]
 

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from . import masks
 from .config import SamplingConfig, TreeConfig
 from .draft import Drafter
 from .target import Target
@@ -189,7 +190,7 @@ class Engine:
         Returns (path [A + 1] node indices, bonus token, hidden [N, H])."""
         t0 = time.perf_counter()
         tgt = self.target
-        allowed = torch.cat([torch.ones(draft.size, length, dtype=torch.bool, device=tgt.device), draft.mask], dim=1)
+        allowed = masks.after_prefix(draft.mask, length)  # [N, length + N]
         logits, hidden = tgt.forward(cache, draft.tokens, length + draft.depths, allowed)
         if sampling.greedy:
             path, bonus = greedy_accept(draft, logits)

@@ -22,23 +22,29 @@ returns the residual streams at chosen layer inputs (an EAGLE-3 head's features,
 ``Target.capture``) by running the layers in segments between them — natively too, one C++ call
 per segment, so the extension needs no change; without a capture the stack runs as before. ``FastTarget`` has the same
 interface as ``Target`` (forward / keep / new_cache / logits), so the engine does not know which
-one it drives; ``batch_forward`` serves batched generation in the training pipeline. The weights
-are shared with (or, for the fused matrices, copied once from) the transformers model; a test
-checks the logits against transformers'.
+one it drives; ``batch_forward`` serves batched generation (batch.py). The weights are shared with
+(or, for the fused matrices, copied once from) the transformers model; a test checks the logits
+against transformers'.
+
+``make_target`` is the one place that decides which forward a model runs (lean or general), for
+inference and training alike, from a ``config.Backend``; ``in_force`` says what that backend then
+runs on this machine. Every switch reaches the stack, the kernels and the extension as an explicit
+argument.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import native
+from . import masks, native
+from .config import Backend
 from .draft_head import ACTIVATIONS
-from .kernels import Linear, linear, lowbit_usable
+from .kernels import Linear, linear, lowbit_runs, lowbit_usable, packing_works
 from .models import float_weights
 from .target import Target
 
@@ -111,9 +117,9 @@ class Layer:
     @classmethod
     def fuse(cls, n1: Tensor | None, q: Tensor, k: Tensor, v: Tensor, o: Tensor, n2: Tensor, gate: Tensor, up: Tensor,
              down: Tensor, qkv_bias: tuple[Tensor, Tensor, Tensor] | None = None, o_bias: Tensor | None = None,
-             source: "Callable[[Tensor], Tensor | None] | None" = None) -> "Layer":
+             source: "Callable[[Tensor], Tensor | None] | None" = None, pack: bool = True) -> "Layer":
         """A layer from separate [out, in] projection weights: q/k/v and gate/up are concatenated
-        once, every projection goes through ``kernels.linear`` (prepacked where exact).
+        once, every projection goes through ``kernels.linear`` (prepacked where exact and ``pack``).
         ``source``: weight -> the fp32 tensor it was rounded from, or None (low-bit blocks, kernels.py)."""
 
         def src(*ws: Tensor) -> Tensor | None:
@@ -121,29 +127,39 @@ class Layer:
             return None if any(p is None for p in parts) else torch.cat(parts)
 
         qkv_b = None if qkv_bias is None else torch.cat(qkv_bias)
-        return cls(n1=n1, qkv=linear(torch.cat([q, k, v]), qkv_b, src(q, k, v)), o=linear(o, o_bias, src(o)), n2=n2,
-                   gu=linear(torch.cat([gate, up]), None, src(gate, up)), down=linear(down, None, src(down)))
+        return cls(n1=n1, qkv=linear(torch.cat([q, k, v]), qkv_b, src(q, k, v), pack),
+                   o=linear(o, o_bias, src(o), pack), n2=n2, gu=linear(torch.cat([gate, up]), None, src(gate, up), pack),
+                   down=linear(down, None, src(down), pack))
+
+    def native_tensors(self) -> native.LayerTensors:
+        """This layer as the native stack takes it."""
+        return native.LayerTensors(self.n1, self.qkv.weight, self.qkv.bias, self.o.weight, self.o.bias, self.n2,
+                                   self.gu.weight, self.down.weight, self.qkv.lowbit, self.o.lowbit, self.gu.lowbit,
+                                   self.down.lowbit)
 
 
 class Stack:
     """A stack of Llama-style decoder layers over a static KV cache: the lean forward's core,
     shared by the target (all its layers + final norm) and the drafter (the head's one layer).
 
-    Runs natively (native.py: the same ATen calls from C++, bit-identical) on a CPU when the
-    extension is available, else as the Python loop below."""
+    Runs natively (native.py: the same ATen calls from C++, bit-identical) on a CPU when
+    ``use_native`` and the extension is available, else as the Python loop below."""
 
-    def __init__(self, layers: list[Layer], final_norm: Tensor | None, dims: Dims, exact: bool = False):
-        """exact: row-invariant numerics for steps of up to ``EXACT_ROWS`` rows (see ``exact_attention``)."""
+    def __init__(self, layers: list[Layer], final_norm: Tensor | None, dims: Dims, exact: bool = False,
+                 use_native: bool = True):
+        """exact: row-invariant numerics for steps of up to ``EXACT_ROWS`` rows (see ``exact_attention``).
+        use_native: allow the extension (``Backend.native``), for the whole stack and for exact attention."""
         self.layers, self.final_norm, self.dims, self.exact = layers, final_norm, dims, exact
+        self.use_native = use_native
         linears = [lin for L in layers for lin in (L.qkv, L.o, L.gu, L.down)]
         self.packed = linears[0].packed if linears else False
-        self._flat = [w for L in layers for w in (L.n1, L.qkv.weight, L.qkv.bias, L.o.weight, L.o.bias, L.n2,
-                                                  L.gu.weight, L.down.weight, L.qkv.lowbit, L.o.lowbit, L.gu.lowbit,
-                                                  L.down.lowbit)]
+        self._flat = [w for L in layers for w in L.native_tensors()]  # native.LayerTensors, layer after layer
         same = all(lin.packed == self.packed for lin in linears) and all(L.gu.bias is None and L.down.bias is None
                                                                          for L in layers)
         self.device = layers[0].n2.device
-        self._native = native.load() if same and native.usable(self.device, dims.act) else None
+        runs = use_native and same and native.usable(self.device, dims.act)
+        self._native = native.load() if runs else None
+        self._act = native.activation_code(dims.act) if runs else None
 
     @property
     def is_native(self) -> bool:
@@ -176,25 +192,27 @@ class Stack:
         """Layers lo..hi-1 (cache layers lo..hi-1), then ``final_norm`` if given."""
         dm = self.dims
         if self._native is not None and not python:
-            return self._native.decoder_forward(x, cos, sin, bias, self._flat[12 * lo:12 * hi], final_norm,
+            per = len(native.LayerTensors._fields)
+            return self._native.decoder_forward(x, cos, sin, bias, self._flat[per * lo:per * hi], final_norm,
                                                 cache.k[lo:hi], cache.v[lo:hi], past, dm.n_heads, dm.kv_heads,
-                                                dm.head_dim, dm.inter, dm.eps, dm.scale, self.packed,
-                                                native.ACTS[dm.act], self.exact)
+                                                dm.head_dim, dm.inter, dm.eps, dm.scale, self.packed, self._act,
+                                                self.exact)
         act = ACTIVATIONS[dm.act]
         for i in range(lo, hi):
             L = self.layers[i]
             h = x if L.n1 is None else _rms(L.n1, x, dm.eps)
-            x = x + attend(L, h, cos, sin, bias, cache.k[i], cache.v[i], past, dm, self.exact)
+            x = x + attend(L, h, cos, sin, bias, cache.k[i], cache.v[i], past, dm, self.exact, self.use_native)
             gate, up = L.gu(_rms(L.n2, x, dm.eps), self.exact).split(dm.inter, dim=-1)
             x = x + L.down(act(gate) * up, self.exact)
         return x if final_norm is None else _rms(final_norm, x, dm.eps)
 
 
 def attend(L: Layer, h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, k_cache: Tensor, v_cache: Tensor, past: int,
-           dm: Dims, exact: bool = False) -> Tensor:
+           dm: Dims, exact: bool = False, use_native: bool = True) -> Tensor:
     """A layer's attention block: h [B, T, in] (the normed input) -> o(attention) [B, T, H]. Writes the T
     new keys/values into k_cache, v_cache [B, Hkv, C, D] at past.. and attends over 0..past + T.
-    ``exact``: row-invariant numerics for steps of up to ``EXACT_ROWS`` rows (``exact_attention``)."""
+    ``exact``: row-invariant numerics for steps of up to ``EXACT_ROWS`` rows (``exact_attention``, natively
+    when ``use_native``)."""
     b, t, _ = h.shape
     s = past + t
     hq, hk, d = dm.n_heads, dm.kv_heads, dm.head_dim
@@ -204,7 +222,7 @@ def attend(L: Layer, h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, k_cache:
     k_cache[:, :, past:s] = k
     v_cache[:, :, past:s] = v.view(b, t, hk, d).transpose(1, 2)
     if exact and b * t <= EXACT_ROWS:
-        o = exact_attention(q, k_cache, v_cache, bias, s, dm.scale)
+        o = exact_attention(q, k_cache, v_cache, bias, s, dm.scale, use_native)
     else:
         keys, vals = k_cache[:, :, :s], v_cache[:, :, :s]  # [B, Hkv, S, D]
         o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=bias, scale=dm.scale, enable_gqa=hq > hk)  # [B, Hq, T, D]
@@ -214,16 +232,17 @@ def attend(L: Layer, h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, k_cache:
 EXACT_ROWS = 64  # the row counts (decode, verify and draft steps) the exact numerics cover; prefills take ATen's kernels
 
 
-def exact_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, s: int, scale: float) -> Tensor:
+def exact_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, s: int, scale: float,
+                    use_native: bool = True) -> Tensor:
     """Attention whose every row is reduced in one order fixed by the keys that row may see, whatever
     the number of rows in the call or where the masked columns sit (csrc/lean_forward.cpp says which
     order and why ATen's SDPA does not give it). q [B, Hq, T, D]; caches [B, Hkv, C, D], the first s
     entries valid; bias [B, 1, T, s] additive -> [B, Hq, T, D].
 
-    Without the native extension (no compiler, not a CPU), each row is computed by its own call of
-    ATen ops over just the keys it may see: the same calls a one-token step makes for that token, so
-    rows are invariant there too (bit-identical to the native kernel they are not)."""
-    mod = native.load() if q.device.type == "cpu" else None
+    Without the native extension (not ``use_native``, no compiler, not a CPU), each row is computed by its
+    own call of ATen ops over just the keys it may see: the same calls a one-token step makes for that
+    token, so rows are invariant there too (bit-identical to the native kernel they are not)."""
+    mod = native.load() if use_native and q.device.type == "cpu" else None
     if mod is not None:
         return mod.exact_attention(q, k_cache, v_cache, bias, s, scale)
     return exact_attention_rows(q, k_cache, v_cache, bias, scale)
@@ -234,10 +253,9 @@ def exact_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tens
     b, hq, t, d = q.shape
     g = hq // k_cache.shape[1]
     out = torch.empty_like(q)
-    cut = torch.finfo(bias.dtype).min / 2
     for bi in range(b):
         for ti in range(t):
-            seen = (bias[bi, 0, ti] > cut).nonzero()[:, 0]  # [n] keys this row may see, in order
+            seen = masks.allowed_by(bias[bi, 0, ti]).nonzero()[:, 0]  # [n] keys this row may see, in order
             keys = k_cache[bi, :, seen].float().repeat_interleave(g, 0)  # [Hq, n, D]
             vals = v_cache[bi, :, seen].float().repeat_interleave(g, 0)
             scores = (q[bi, :, ti, None].float() * keys).sum(-1) * scale + bias[bi, 0, ti, seen].float()  # [Hq, n]
@@ -247,8 +265,7 @@ def exact_attention_rows(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tens
 
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """[B, T, S] bool (True = attend) -> [B, 1, T, S] bias: 0 where allowed, dtype's min elsewhere."""
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return bias[:, None]
+    return masks.additive(mask, dtype)[:, None]
 
 
 class StaticCache:
@@ -291,13 +308,36 @@ def exact_default(dtype: torch.dtype) -> bool:
     return False
 
 
+class RotaryTable:
+    """cos, sin rows by position from ``compute(n) -> (cos, sin)``, each [n, D] for positions 0..n-1, grown
+    by doubling (at least 1024 rows; never past ``limit`` unless a position needs it) so that a growing
+    sequence recomputes it rarely. Row p does not depend on n, so growth never changes a value."""
+
+    def __init__(self, compute: Callable[[int], tuple[Tensor, Tensor]], limit: int | None = None):
+        self.compute, self.limit = compute, limit
+        self.cos = self.sin = None  # [P, D]
+
+    def rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [...] -> cos, sin [..., D]."""
+        top = int(positions.max()) + 1
+        have = 0 if self.cos is None else self.cos.shape[0]
+        if have < top:
+            n = max(top, 2 * have, 1024)
+            if self.limit is not None:
+                n = min(n, max(self.limit, top))
+            self.cos, self.sin = self.compute(n)
+        return self.cos[positions], self.sin[positions]
+
+
 class FastTarget(Target):
     """``Target`` with the lean forward. Construct only when ``supports(model)`` holds."""
 
-    def __init__(self, model, capacity: int = 1024, exact: bool | None = None):
-        """exact: row-invariant numerics (each logit row as a one-token step would give it, so greedy
-        speculative decoding equals vanilla decoding bit for bit), bf16 / fp16 only; None: ``exact_default``."""
+    def __init__(self, model, capacity: int = 1024, backend: Backend | None = None):
+        """backend: the switches (``Backend()``: every fast path allowed). Its ``exact``: row-invariant
+        numerics (each logit row as a one-token step would give it, so greedy speculative decoding equals
+        vanilla decoding bit for bit), bf16 / fp16 only; None: ``exact_default``."""
         super().__init__(model)
+        backend = backend or Backend()
         ok, why = supports(model)
         if not ok:
             raise ValueError(f"the lean forward does not support this model: {why}")
@@ -308,7 +348,7 @@ class FastTarget(Target):
         self.capacity = capacity
         self.norm = self.decoder.norm
         source = None  # the fp32 weights a bf16 model was rounded from, for exact low-bit blocks (kernels.py)
-        if lowbit_usable(self.decoder.layers[0].mlp.down_proj.weight):
+        if backend.lowbit and backend.native and lowbit_usable(self.decoder.layers[0].mlp.down_proj.weight):
             names = {id(p): n for n, p in model.named_parameters()}
             floats = float_weights(model)
             source = lambda w: floats(names.get(id(w), ""))  # noqa: E731
@@ -319,27 +359,26 @@ class FastTarget(Target):
             qkv_b = None if a.q_proj.bias is None else (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
             layers.append(Layer.fuse(layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
                                      a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight,
-                                     m.up_proj.weight, m.down_proj.weight, qkv_b, a.o_proj.bias, source))
+                                     m.up_proj.weight, m.down_proj.weight, qkv_b, a.o_proj.bias, source,
+                                     backend.packed_linear))
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
+        exact = backend.exact
         self.exact = exact_default(self.dtype) if exact is None else bool(exact) and self.dtype != torch.float32
-        self.stack = Stack(layers, self.norm.weight, dims, self.exact)
+        self.stack = Stack(layers, self.norm.weight, dims, self.exact, backend.native)
         lm = self.lm_head.weight
-        self._lm = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm))  # used by Target.logits
-        self._cos = self._sin = None  # [P, D] rotary tables in the model dtype
+        self._lm = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm),
+                          backend.packed_linear)  # used by Target.logits
+        self.rope = RotaryTable(self._rope_rows, limit=self.max_len)  # in the model dtype
 
     def _project(self, hidden: Tensor) -> Tensor:
         return self._lm(hidden, self.exact)
 
-    def _rope_tables(self, upto: int) -> None:
-        if self._cos is not None and self._cos.shape[0] >= upto:
-            return
-        n = max(upto, 2 * (0 if self._cos is None else self._cos.shape[0]), 1024)
-        n = min(max(n, upto), max(self.max_len, upto))
+    def _rope_rows(self, n: int) -> tuple[Tensor, Tensor]:
         pos = torch.arange(n, device=self.device)[None]
         x = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.decoder.rotary_emb(x, pos)  # [1, n, D] each, as transformers computes them
-        self._cos, self._sin = cos[0], sin[0]
+        return cos[0], sin[0]
 
     def new_cache(self, capacity: int | None = None, batch: int = 1) -> StaticCache:
         return StaticCache(len(self.stack.layers), batch, self.kv_heads, self.head_dim, capacity or self.capacity,
@@ -358,10 +397,8 @@ class FastTarget(Target):
         """``batch_forward`` plus the residual streams of the ``capture`` layers, [B, T, H] each."""
         past = cache.length
         cache.reserve(tokens.shape[1])
-        self._rope_tables(int(positions.max()) + 1)
-        cos = self._cos[positions][:, None]  # [B, 1, T, D]
-        sin = self._sin[positions][:, None]
-        args = (self.embed(tokens), cos, sin, additive_mask(mask, self.dtype), cache, past)
+        cos, sin = self.rope.rows(positions)  # [B, T, D]
+        args = (self.embed(tokens), cos[:, None], sin[:, None], additive_mask(mask, self.dtype), cache, past)
         hidden, seen = self.stack.capturing(*args, capture) if capture else (self.stack(*args), [])
         cache.length = past + tokens.shape[1]
         return hidden, seen
@@ -370,11 +407,8 @@ class FastTarget(Target):
     def forward(self, cache: StaticCache, tokens: Tensor, positions: Tensor, allowed: Tensor | None,
                 logits_rows: Tensor | slice | None = None) -> tuple[Tensor, Tensor]:
         """Same contract as ``Target.forward`` (batch of one), captured layers included."""
-        past = cache.length
-        t = tokens.shape[0]
         if allowed is None:
-            causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
-            allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), causal], dim=1)
+            allowed = masks.causal(tokens.shape[0], cache.length, device=tokens.device)
         hidden, seen = self._run(cache, tokens[None], positions[None], allowed[None], self.feature_layers)
         hidden = hidden[0]  # [T, H] after the final norm
         rows = hidden if logits_rows is None else hidden[logits_rows]
@@ -391,3 +425,35 @@ class FastTarget(Target):
             cache.k[:, :, :, start:start + n] = cache.k[:, :, :, src]
             cache.v[:, :, :, start:start + n] = cache.v[:, :, :, src]
         cache.length = start + n
+
+
+def make_target(model, backend: Backend | str | None = None) -> Target:
+    """The target adapter for ``model``, the one place that chooses it: the lean forward where the backend
+    allows it, the model sits on one device and ``supports(model)`` holds, else transformers' forward.
+
+    backend: a ``Backend``, or its ``forward`` name ("auto", "fast": lean or a ValueError saying why
+    not, "transformers") with the environment's switches; None: "auto"."""
+    backend = Backend.of(backend)
+    if backend.forward == "transformers":
+        return Target(model)
+    ok, why = supports(model)
+    if ok and len({p.device for p in model.parameters()}) > 1:
+        ok, why = False, "the model is spread over several devices"
+    if not ok:
+        if backend.forward == "fast":
+            raise ValueError(f"backend 'fast' is unavailable: {why}")
+        return Target(model)
+    return FastTarget(model, backend=backend)
+
+
+def in_force(backend: Backend, target: Target) -> Backend:
+    """What ``backend`` runs for ``target`` (from ``make_target``) and its drafter on this machine: the
+    forward taken, exact as the target resolved it, and each switch on only where its path can run here
+    (the extension built, oneDNN packing exact in this dtype, the block kernel on this CPU)."""
+    lean = isinstance(target, FastTarget)
+    cpu = target.device.type == "cpu"
+    built = backend.native and cpu and native.load() is not None
+    return replace(backend, forward="fast" if lean else "transformers", native=built,
+                   packed_linear=backend.packed_linear and cpu and packing_works(target.dtype),
+                   lowbit=lean and backend.lowbit and built and lowbit_runs(target.dtype, target.device),
+                   exact=bool(target.exact) if lean else False)

@@ -15,24 +15,24 @@ bit, and stores them as records for the native AMX kernel (csrc/lean_forward.cpp
 1.06 bytes per weight instead of 2, the same bf16 weights, fp32 accumulation. Decode and
 tree-verify steps are bound by how fast weights stream in, so they run faster; inputs of more
 than 32 rows (prefills) keep oneDNN's kernel. A weight not exactly of that form, a CPU without AMX-BF16,
-or ``EAGLE2_LOWBIT=0`` keeps the bf16 path.
+or a caller that passes no ``source`` (``Backend.lowbit`` off: ``EAGLE2_LOWBIT=0``) keeps the bf16 path.
 
 Exactness: in bf16 / fp16 the packed product is used only where a probe shows it bit-identical
 to ``F.linear`` (a CPU with oneDNN). In fp32 it is used where it agrees to fp32 rounding (another
 summation order, ~1e-6 relative): on a CPU without fast bf16 fp32 is the dtype users run, and there
 ``F.linear`` re-lays out every fp32 weight for inputs of 2-32 rows (SmolLM2's gate/up at 4 rows:
 1.39 ms plain, 0.34 ms packed, on an AVX2 EPYC). Greedy output in fp32 stays token-identical to
-transformers (the real-model contract test runs with it); ``EAGLE2_PACKED_LINEAR=0`` gives
-transformers' own kernels. CUDA and other back ends run plain ``F.linear``. The
-low-bit kernel rebuilds the identical bf16 weights; its products equal oneDNN's in the tests
-(both accumulate bf16 products in fp32 on the tile unit), and it is used in bf16 only.
+transformers (the real-model contract test runs with it); ``linear(..., pack=False)``
+(``Backend.packed_linear`` off: ``EAGLE2_PACKED_LINEAR=0``) gives transformers' own kernels. CUDA
+and other back ends run plain ``F.linear``. The low-bit kernel rebuilds the identical bf16 weights;
+its products equal oneDNN's in the tests (both accumulate bf16 products in fp32 on the tile unit),
+and it is used in bf16 only.
 This module knows nothing of models: callers hand it weights.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +40,6 @@ from torch import Tensor
 
 from . import native
 
-# Set EAGLE2_PACKED_LINEAR=0 (or assign False here before loading) to use plain F.linear everywhere,
-# e.g. to measure what packing buys (tools/profile_round.py does).
-ENABLED = os.environ.get("EAGLE2_PACKED_LINEAR", "1") != "0"
-LOWBIT_ENABLED = os.environ.get("EAGLE2_LOWBIT", "1") != "0"  # EAGLE2_LOWBIT=0: never use the block-weight kernel
 Q4_RECORD = 16 * 16 + 32 + 32  # bytes per (16 outputs, 32 inputs): 4-bit codes, fp16 d, fp16 m (lean_forward.cpp)
 Q8_RECORD = 16 * 32 + 32  # 8-bit codes, fp16 d
 _POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # None on builds without oneDNN
@@ -104,28 +100,34 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-def linear(weight: Tensor, bias: Tensor | None = None, source: Tensor | None = None) -> Linear:
-    """``x [..., K] -> [..., N]`` for ``weight [N, K]``: prepacked where that is exact, else ``F.linear``.
-    ``source``: the fp32 weight a bf16 ``weight`` was rounded from; when it is made of low-bit
+def linear(weight: Tensor, bias: Tensor | None = None, source: Tensor | None = None, pack: bool = True) -> Linear:
+    """``x [..., K] -> [..., N]`` for ``weight [N, K]``: prepacked where that is exact (and ``pack``), else
+    ``F.linear``. ``source``: the fp32 weight a bf16 ``weight`` was rounded from; when it is made of low-bit
     blocks (see the module docstring) and the block kernel runs here, short inputs use it."""
     weight = weight.detach()
     bias = None if bias is None else bias.detach()
     lowbit = None
     if source is not None and lowbit_usable(weight):
         lowbit = pack_lowbit(weight, source)
-    if ENABLED and weight.device.type == "cpu" and packing_works(weight.dtype):
+    if pack and weight.device.type == "cpu" and packing_works(weight.dtype):
         return Linear(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None), bias, True, lowbit)
     return Linear(weight, bias, False, lowbit)
 
 
-def lowbit_usable(weight: Tensor) -> bool:
-    """Whether the block kernel can serve ``weight`` here: a bf16 CPU tensor of whole 16 x 32 tiles,
-    a CPU with AMX-BF16 and the native extension built."""
-    if not (LOWBIT_ENABLED and weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.shape[0] % 16 == 0 and weight.shape[1] % 32 == 0):
+def lowbit_runs(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the block kernel runs here for ``dtype`` weights on ``device``: bf16 on a CPU with
+    AMX-BF16, the native extension built."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
         return False
     mod = native.load()
     return mod is not None and bool(mod.amx_ready())
+
+
+def lowbit_usable(weight: Tensor) -> bool:
+    """Whether the block kernel can serve ``weight`` here: a 2-D tensor of whole 16 x 32 tiles where
+    ``lowbit_runs``."""
+    return (weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 32 == 0
+            and lowbit_runs(weight.dtype, weight.device))
 
 
 def _blocks(weight: Tensor, source: Tensor) -> Tensor | None:

@@ -56,6 +56,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EAGLE2_CACHE", Path.home() / ".cache" / "eagle2"))
 
 
+def file_name(key: str) -> str:
+    """A model key (a built-in name, a path, a hub id) as one file name: anything but letters, digits and
+    ``-_.`` becomes ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
     try:

@@ -9,22 +9,28 @@ fp32 and bf16). It is used on CPU tensors only; elsewhere the Python loop runs. 
 extension holds the low-bit block-weight kernel on AMX (``block_linear``; kernels.py packs for
 it), which both the native stack and the Python loop call.
 
+The interface between the two languages is named here: ``LayerTensors`` (the tensors of one layer,
+in the order ``decoder_forward`` reads them) and ``ACTIVATION_KINDS`` (a model's activation name ->
+the name of the C++ activation, whose code the extension reports). A build whose layout or
+activation table differs from these is refused with a message saying how.
+
 The first ``load()`` on a machine compiles the extension with the C++ compiler torch was set up
-for (~30 s on 2 cores; needs a compiler and ninja) into ``$EAGLE2_CACHE/native`` (default ``~/.cache/eagle2/native``); later
-processes load it in well under a second. If anything is missing the Python loop is used and a
-single warning says why. ``EAGLE2_NATIVE=0`` (or ``native.ENABLED = False`` before loading a
-model) turns it off. This module knows nothing of models.
+for (~30 s on 2 cores; needs a compiler and ninja) into ``$EAGLE2_CACHE/native`` (default
+``~/.cache/eagle2/native``); later processes load it in well under a second. If anything is missing
+the Python loop is used and a single warning says why. Whether a model uses it is the caller's
+choice (``config.Backend.native``; ``EAGLE2_NATIVE=0`` turns it off at load). This module knows
+nothing of models.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import sys
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +38,31 @@ from .models import cache_dir
 
 log = logging.getLogger("eagle2")
 
-ENABLED = os.environ.get("EAGLE2_NATIVE", "1") != "0"
-ACTS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2, "gelu_new": 2}  # activation -> code in the C++
 SOURCE = Path(__file__).with_name("csrc") / "lean_forward.cpp"
+
+
+class LayerTensors(NamedTuple):
+    """One decoder layer as ``decoder_forward`` takes it (the ``Slot`` enum of lean_forward.cpp): a flat
+    list of these, layer after layer. Weights are [out, in]; ``packed`` weights are oneDNN's copies."""
+
+    input_norm: torch.Tensor | None  # [H] | None (EAGLE's draft layer has no input norm)
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H] fused q/k/v projection
+    qkv_bias: torch.Tensor | None  # [(Hq + 2 Hkv) D] | None
+    o: torch.Tensor  # [H, Hq D]
+    o_bias: torch.Tensor | None  # [H] | None
+    post_norm: torch.Tensor  # [H] post-attention RMSNorm
+    gate_up: torch.Tensor  # [2 I, H] fused gate / up projection
+    down: torch.Tensor  # [H, I]
+    qkv_blocks: torch.Tensor | None  # low-bit block records (kernels.py) of each projection | None
+    o_blocks: torch.Tensor | None
+    gate_up_blocks: torch.Tensor | None
+    down_blocks: torch.Tensor | None
+
+
+# A model's MLP activation (transformers' hidden_act) -> the C++ activation computing it; the codes are the
+# extension's own (``activation_codes``).
+ACTIVATION_KINDS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                    "gelu_new": "gelu_tanh"}
 
 _lock = threading.Lock()
 _module = None
@@ -42,29 +70,49 @@ _tried = False
 
 
 def load():
-    """The compiled extension (with ``decoder_forward``), or None when it is off or cannot be built."""
+    """The compiled extension (with ``decoder_forward``), or None when it cannot be built or its layout
+    disagrees with ``LayerTensors`` / ``ACTIVATION_KINDS``."""
     global _module, _tried
-    if not ENABLED:
-        return None
     with _lock:
         if _tried:
             return _module
         _tried = True
-        base = ["-O3", "-ffp-contract=off"] + _vector_flags()  # no fused multiply-adds: round as ATen does
-        # at::parallel_for is OpenMP in torch's Linux builds: without -fopenmp the extension's loops run on one
-        # thread. A toolchain that cannot link it (clang without libomp, say) still gets the serial build.
-        attempts = [(base + ["-fopenmp"], ["-fopenmp"]), (base, [])] if sys.platform.startswith("linux") else [(base, [])]
-        for i, (flags, ldflags) in enumerate(attempts):
-            try:
-                _module = _build(flags, ldflags)
-                break
-            except Exception as e:  # no compiler, no ninja, a failed build: the Python loop is exact too
-                if i + 1 < len(attempts):
-                    continue
-                log.warning("native forward unavailable (%s: %s); using the Python loop", type(e).__name__,
-                            str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")
-                _module = None
+        module = _build_any()
+        why = None if module is None else layout_mismatch(module)
+        if why is not None:
+            log.warning("native forward refused: %s; using the Python loop", why)
+            module = None
+        _module = module
         return _module
+
+
+def _build_any():
+    """The extension built with the best flags this toolchain takes, or None (with a warning)."""
+    base = ["-O3", "-ffp-contract=off"] + _vector_flags()  # no fused multiply-adds: round as ATen does
+    # at::parallel_for is OpenMP in torch's Linux builds: without -fopenmp the extension's loops run on one
+    # thread. A toolchain that cannot link it (clang without libomp, say) still gets the serial build.
+    attempts = [(base + ["-fopenmp"], ["-fopenmp"]), (base, [])] if sys.platform.startswith("linux") else [(base, [])]
+    for i, (flags, ldflags) in enumerate(attempts):
+        try:
+            return _build(flags, ldflags)
+        except Exception as e:  # no compiler, no ninja, a failed build: the Python loop is exact too
+            if i + 1 < len(attempts):
+                continue
+            log.warning("native forward unavailable (%s: %s); using the Python loop", type(e).__name__,
+                        str(e).strip().splitlines()[-1][:200] if str(e).strip() else "")
+    return None
+
+
+def layout_mismatch(module) -> str | None:
+    """Why ``module``'s tensor layout or activation table disagrees with this file's, or None."""
+    theirs = tuple(module.layer_layout())
+    if theirs != LayerTensors._fields:
+        return (f"lean_forward.cpp reads layer tensors ({', '.join(theirs)}) but native.LayerTensors hands it "
+                f"({', '.join(LayerTensors._fields)}); change both together")
+    missing = sorted(set(ACTIVATION_KINDS.values()) - set(module.activation_codes()))
+    if missing:
+        return f"lean_forward.cpp has no activation {', '.join(missing)} (native.ACTIVATION_KINDS names it)"
+    return None
 
 
 def _build(flags: list[str], ldflags: list[str]):
@@ -96,4 +144,9 @@ def _vector_flags() -> list[str]:
 
 def usable(device: torch.device, act: str) -> bool:
     """Whether a stack on ``device`` with activation ``act`` can run natively here."""
-    return ENABLED and device.type == "cpu" and act in ACTS and load() is not None
+    return device.type == "cpu" and act in ACTIVATION_KINDS and load() is not None
+
+
+def activation_code(act: str) -> int:
+    """``decoder_forward``'s code for the model activation ``act`` (``usable`` must hold)."""
+    return int(load().activation_codes()[ACTIVATION_KINDS[act]])

@@ -21,6 +21,8 @@ import logging
 import torch
 from torch import Tensor
 
+from . import masks
+
 log = logging.getLogger("eagle2")
 
 _MASKABLE = ("sdpa", "eager")
@@ -29,6 +31,12 @@ _LAYER_TYPES_OK = ("full_attention", "sliding_attention")
 
 class UnsupportedModelError(ValueError):
     pass
+
+
+def cap_logits(logits: Tensor, cap: float | None) -> Tensor:
+    """Final-logit soft-capping (Gemma's ``final_logit_softcapping``): cap * tanh(logits / cap); None or 0:
+    the logits as they are. The target, the drafter and training all apply it this one way."""
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class Target:
@@ -100,8 +108,7 @@ class Target:
 
     def _additive(self, allowed: Tensor) -> Tensor:
         # [T, S] bool -> [1, 1, T, S] additive mask in the model dtype
-        neg = torch.finfo(self.dtype).min
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(~allowed, neg)[None, None]
+        return masks.additive(allowed, self.dtype)[None, None]
 
     def _masks(self, allowed: Tensor, positions: Tensor, past_len: int):
         if self.window is None and self.layer_types is None:
@@ -114,10 +121,7 @@ class Target:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[..., H] features -> [..., V] fp32 logits, as the model's own forward computes them."""
-        out = self._project(hidden).float()
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return cap_logits(self._project(hidden).float(), self.softcap)
 
     def _project(self, hidden: Tensor) -> Tensor:
         """[..., H] -> [..., V] in the model dtype (FastTarget: with its exact numerics)."""
@@ -133,10 +137,8 @@ class Target:
         all). Returns (logits [R, V] fp32, features [T, H] after the final norm — or [T, 3H], the
         captured layers, after ``capture``)."""
         past = cache.get_seq_length()
-        t = tokens.shape[0]
         if allowed is None:
-            causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
-            allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), causal], dim=1)
+            allowed = masks.causal(tokens.shape[0], past, device=tokens.device)
         mask = self._masks(allowed, positions, past)
         seen: dict[int, Tensor] = {}
         hooks = self._hooks(seen) if self.feature_layers else []

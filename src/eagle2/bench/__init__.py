@@ -53,11 +53,9 @@ __all__ = ["ALL_METHODS", "DEFAULT_METHODS", "ENGINE_METHODS", "FIELDS", "HF_MET
 
 
 def backend_info(gen) -> dict:
-    """The forward path the run measured: target backend and the kernel switches in force."""
-    from .. import kernels, native
-
-    return dict(target=gen.backend, native=native.ENABLED and native.load() is not None,
-                packed_linear=kernels.ENABLED, lowbit=kernels.LOWBIT_ENABLED)
+    """The forward path the run measured: the generator's ``Backend`` in force (``target``: its forward)."""
+    b = gen.backend
+    return dict(target=b.forward, native=b.native, packed_linear=b.packed_linear, lowbit=b.lowbit, exact=b.exact)
 
 
 def _size_curve(gen, questions, sweep, tree, s: RunSettings) -> dict:

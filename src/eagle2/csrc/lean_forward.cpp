@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <limits>
 #include <cstring>
+#include <map>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
@@ -523,17 +525,49 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
   return out.transpose(1, 2);
 }
 
+// The MLP activations decoder_forward computes, by code. native.py maps a model's activation name to one of
+// these names and reads the code from ``activation_codes``, so the table lives here only.
+enum Act : int64_t { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
+
 at::Tensor activation(const at::Tensor& x, int64_t act) {
-  if (act == 0) return at::silu(x);
-  return at::gelu(x, act == 1 ? "none" : "tanh");
+  if (act == kSilu) return at::silu(x);
+  return at::gelu(x, act == kGelu ? "none" : "tanh");
+}
+
+// One decoder layer as decoder_forward takes it: kLayerSlots tensors in this order, each slot that may be
+// absent (|None) passed as None. native.LayerTensors names the same fields in the same order; native.py
+// reads ``layer_layout`` at load and refuses a build whose names differ, so the two cannot drift apart.
+enum Slot : int64_t {
+  kInputNorm,     // input RMSNorm weight [H] | None (EAGLE's draft layer has none)
+  kQkv,           // fused q/k/v weight [(Hq + 2 Hkv) D, H] (oneDNN-packed when ``packed``)
+  kQkvBias,       // its bias | None
+  kO,             // output projection [H, Hq D]
+  kOBias,         // its bias | None
+  kPostNorm,      // post-attention RMSNorm weight [H]
+  kGateUp,        // fused gate/up weight [2 I, H]
+  kDown,          // down projection [H, I]
+  kQkvBlocks,     // low-bit block records of qkv | None (kernels.py)
+  kOBlocks,       // ... of o | None
+  kGateUpBlocks,  // ... of gate_up | None
+  kDownBlocks,    // ... of down | None
+  kLayerSlots
+};
+const char* const kSlotNames[] = {"input_norm", "qkv",  "qkv_bias",   "o",        "o_bias",         "post_norm",
+                                  "gate_up",    "down", "qkv_blocks", "o_blocks", "gate_up_blocks", "down_blocks"};
+static_assert(sizeof(kSlotNames) / sizeof(kSlotNames[0]) == kLayerSlots, "one name per layer slot");
+
+std::vector<std::string> layer_layout() { return std::vector<std::string>(std::begin(kSlotNames), std::end(kSlotNames)); }
+
+std::map<std::string, int64_t> activation_codes() {
+  return {{"silu", kSilu}, {"gelu", kGelu}, {"gelu_tanh", kGeluTanh}};
 }
 
 }  // namespace
 
 // x: [B, T, H] layer input; cos, sin: [B, 1, T, D]; bias: [B, 1, T, S] additive mask (S = past + T);
-// weights: 12 per layer (input norm|None, qkv, qkv bias|None, o, o bias|None, post-attention norm,
-// gate_up, down, then the block records of qkv, o, gate_up, down, each |None); k_cache, v_cache: [L, B, Hkv, C, D], written at past..S-1; act: 0 silu, 1 gelu,
-// 2 gelu (tanh); exact: row-invariant numerics for steps of up to 64 rows (exact_attention, linear's 1-row rule).
+// weights: kLayerSlots per layer, in Slot order (native.LayerTensors); k_cache, v_cache: [L, B, Hkv, C, D],
+// written at past..S-1; act: an Act code; exact: row-invariant numerics for steps of up to 64 rows
+// (exact_attention, linear's 1-row rule).
 // Returns the last layer's output, after final_norm unless it is None, [B, T, H].
 at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
                            const std::vector<c10::optional<at::Tensor>>& weights,
@@ -543,13 +577,15 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
   c10::InferenceMode guard;
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const int64_t b = x.size(0), t = x.size(1), s = past + t, g = hq / hk;
-  const int64_t n_layers = static_cast<int64_t>(weights.size() / 12);
+  TORCH_CHECK(weights.size() % kLayerSlots == 0, "decoder_forward: ", kLayerSlots, " tensors per layer (layer_layout), got ",
+              weights.size());
+  const int64_t n_layers = static_cast<int64_t>(weights.size() / kLayerSlots);
   const bool fused = b * t <= 64;  // decode, verify and draft steps; a prefill takes ATen's kernels
   auto norm = [&](const at::Tensor& v, const at::Tensor& weight) { return fused ? rms(v, weight, eps) : rms_aten(v, weight, eps); };
   for (int64_t i = 0; i < n_layers; ++i) {
-    const auto* w = &weights[12 * i];
-    at::Tensor h = w[0].has_value() ? norm(x, *w[0]) : x;  // EAGLE's draft layer has no input norm
-    at::Tensor qkv = linear(h, *w[1], w[2], packed, w[8], exact);  // [B, T, (Hq + 2 Hkv) D]
+    const auto* w = &weights[kLayerSlots * i];
+    at::Tensor h = w[kInputNorm].has_value() ? norm(x, *w[kInputNorm]) : x;  // EAGLE's draft layer has no input norm
+    at::Tensor qkv = linear(h, *w[kQkv], w[kQkvBias], packed, w[kQkvBlocks], exact);  // [B, T, (Hq + 2 Hkv) D]
     at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);  // [B, Hkv, C, D]
     at::Tensor q;  // [B, Hq, T, D], with k and v written to the cache at past ..
     if (fused) {
@@ -567,11 +603,11 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
       at::Tensor keys = kc.slice(2, 0, s), vals = vc.slice(2, 0, s);  // [B, Hkv, S, D]
       o = at::scaled_dot_product_attention(q, keys, vals, bias, 0.0, false, scale, g > 1);
     }
-    x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[3], w[4], packed, w[9], exact);
-    h = norm(x, *w[5]);
-    at::Tensor gu = linear(h, *w[6], c10::nullopt, packed, w[10], exact);
-    x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[7], c10::nullopt, packed, w[11],
-                   exact);
+    x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[kO], w[kOBias], packed, w[kOBlocks], exact);
+    h = norm(x, *w[kPostNorm]);
+    at::Tensor gu = linear(h, *w[kGateUp], c10::nullopt, packed, w[kGateUpBlocks], exact);
+    x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[kDown], c10::nullopt, packed,
+                   w[kDownBlocks], exact);
   }
   return final_norm.has_value() ? norm(x, *final_norm) : x;
 }
@@ -591,4 +627,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exact_attention", &exact_attention, "row-invariant attention over a static cache (see exact_attention)",
         release());
   m.def("amx_ready", &amx_ready, "whether block_linear can run here");
+  m.def("layer_layout", &layer_layout, "the names of decoder_forward's tensors per layer, in order");
+  m.def("activation_codes", &activation_codes, "activation name -> decoder_forward's act code");
 }

@@ -36,6 +36,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import data_license
+
 FORMAT = 1
 PENDING = "pending.jsonl"
 MANIFEST = "manifest.json"
@@ -308,8 +310,6 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def corpus_readme(manifest: dict) -> str:
     """README.md of a corpus directory, generated from its manifest."""
-    from .export import data_license
-
     lines = [f"# Self-distilled corpus of {manifest.get('model', '?')}", "",
              "The target model's own greedy answers to the training prompts, as token ids (prompt ids, chat template "
              "applied, and response ids exactly as generated). Multi-turn conversations: each later turn was asked "

@@ -1,4 +1,5 @@
-"""Training prompts: read the prompt files this project trains on into chat messages.
+"""Training prompts: read the prompt files this project trains on into chat messages, and name
+their sources and licenses (``data_license``, for model cards and the corpus README).
 
 Formats (see ../shared/data/SOURCES.md):
 - ShareGPT json: a list of {id, conversations: [{from: human|gpt|system, value}]}.
@@ -99,6 +100,30 @@ MIX = (("sharegpt_en_first_prompts_2978.json", None), ("sharegpt_v3_filtered_100
        ("gsm8k_train.jsonl", 1500), ("gpteacher_codegen_instruct.json", 1500),
        ("dolly15k_en.jsonl", None), ("oasst1_en.jsonl", None), ("gpteacher_roleplay.jsonl", None),
        ("awesome_chatgpt_persona.jsonl", None))
+
+
+# The source and license of each prompt file this project trains on, by a key of its file name.
+DATA_LICENSES = {
+    "sharegpt": "ShareGPT first prompts via ml-energy/leaderboard-v2 (repo Apache-2.0; ShareGPT content has no "
+                "clear license: it is what EAGLE itself trained on)",
+    "gsm8k": "GSM8K train questions, openai/grade-school-math (MIT)",
+    "gpteacher_roleplay": "GPTeacher role-play instructions, teknium1/GPTeacher (MIT; GPT-4-generated text)",
+    "gpteacher": "GPTeacher codegen-instruct, teknium1/GPTeacher (MIT)",
+    "dolly15k": "Dolly-15k English prompts, Databricks via TurkuNLP/dolly-fi (CC-BY-SA 3.0: attribute, keep the "
+                "license when redistributing the prompts)",
+    "oasst1": "OpenAssistant oasst1 English prompts, via TurkuNLP/oasst-fi and Open-Assistant/oasst-model-eval "
+              "(Apache-2.0)",
+    "awesome_chatgpt": "awesome-chatgpt-prompts persona prompts, f/awesome-chatgpt-prompts (CC0-1.0)",
+}
+
+
+def data_license(name: str) -> str:
+    """The source and license line of a prompt file or corpus source (its name or stem)."""
+    low = name.lower()
+    for k, v in DATA_LICENSES.items():  # the more specific keys come first
+        if k in low:
+            return v
+    return f"{name} (user-supplied; check its license)"
 
 
 def default_mix(data_dir: str | Path, limit: int | None = None, seed: int = 0) -> list[Prompt]:

@@ -43,9 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import masks
 from ..draft_head import rotate_half
 from ..eagle3_head import Eagle3Config, Eagle3Head, check_eagle3_fits, default_layers, init_eagle3_head
-from .features import pad_batch
+from ..target import cap_logits
+from .features import FeatureFn, pad_batch
 from .trainer import Trainer, collate
 
 
@@ -78,9 +80,9 @@ def capture_features(model, batch_ids: list[list[int]], layers: tuple[int, ...])
     return [rows[i, : len(x)].to(torch.bfloat16).cpu() for i, x in enumerate(batch_ids)]
 
 
-def features_fn(model):
+def features_fn(model) -> FeatureFn:
     """``build_features(features=...)`` for this target's EAGLE-3 capture points."""
-    return partial(capture_features, layers=feature_layers(model))
+    return partial(capture_features, model, layers=feature_layers(model))
 
 
 # ---- training-time test ------------------------------------------------------------------------
@@ -93,9 +95,8 @@ def ttt_mask(t: int, k: int, device=None) -> Tensor:
         1 1 0 | 0 1 0 | 0 1 0
         1 1 1 | 0 0 1 | 0 0 1
     """
-    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
     eye = torch.eye(t, dtype=torch.bool, device=device)
-    return torch.cat([causal] + [eye] * k, dim=1)
+    return torch.cat([masks.causal(t, device=device)] + [eye] * k, dim=1)
 
 
 def _ttt_attention(q: Tensor, keys: list[Tensor], vals: list[Tensor], dense: bool) -> Tensor:
@@ -107,8 +108,7 @@ def _ttt_attention(q: Tensor, keys: list[Tensor], vals: list[Tensor], dense: boo
         return F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(vals, 2),
                                               attn_mask=ttt_mask(t, k, q.device))
     scale = q.shape[-1] ** -0.5
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    s0 = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))  # [B, Hq, T, T]
+    s0 = masks.masked_scores(q @ keys[0].transpose(-1, -2) * scale, masks.causal(t, device=q.device))  # [B, Hq, T, T]
     diag = [(q * kj).sum(-1, keepdim=True) * scale for kj in keys[1:]]  # k x [B, Hq, T, 1]
     p = torch.softmax(torch.cat([s0, *diag], dim=-1).float(), dim=-1).to(q.dtype)  # [B, Hq, T, T + k]
     out = p[..., :t] @ vals[0]  # [B, Hq, T, D]
@@ -163,9 +163,7 @@ def _labels(head: Eagle3Head, batch: dict[str, Tensor], lm_w: Tensor, softcap: f
     tokens = batch["tokens"].to(dev)  # [B, T]
     hidden = batch["hidden"].to(dev)
     final = hidden[..., 3 * (hidden.shape[-1] // 4):].float()  # [B, T, H] after the target's final norm
-    logits = F.linear(final, lm_w.float())  # [B, T, Vd]
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = cap_logits(F.linear(final, lm_w.float()), softcap)  # [B, T, Vd]
     j = torch.arange(tokens.shape[1], device=dev)[None]  # [1, T]
     nxt = torch.zeros_like(tokens, dtype=torch.bool)
     nxt[:, :-1] = head.t2d.to(dev)[tokens[:, 1:]]

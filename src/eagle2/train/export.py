@@ -26,28 +26,6 @@ REQUIRED_CONFIG = ("architectures", "model_type", "hidden_size", "intermediate_s
                    "num_key_value_heads", "num_hidden_layers", "vocab_size", "rms_norm_eps", "rope_theta",
                    "max_position_embeddings", "hidden_act", "bias", "torch_dtype")
 
-DATA_LICENSES = {
-    "sharegpt": "ShareGPT first prompts via ml-energy/leaderboard-v2 (repo Apache-2.0; ShareGPT content has no "
-                "clear license: it is what EAGLE itself trained on)",
-    "gsm8k": "GSM8K train questions, openai/grade-school-math (MIT)",
-    "gpteacher_roleplay": "GPTeacher role-play instructions, teknium1/GPTeacher (MIT; GPT-4-generated text)",
-    "gpteacher": "GPTeacher codegen-instruct, teknium1/GPTeacher (MIT)",
-    "dolly15k": "Dolly-15k English prompts, Databricks via TurkuNLP/dolly-fi (CC-BY-SA 3.0: attribute, keep the "
-                "license when redistributing the prompts)",
-    "oasst1": "OpenAssistant oasst1 English prompts, via TurkuNLP/oasst-fi and Open-Assistant/oasst-model-eval "
-              "(Apache-2.0)",
-    "awesome_chatgpt": "awesome-chatgpt-prompts persona prompts, f/awesome-chatgpt-prompts (CC0-1.0)",
-}
-
-
-def data_license(name: str) -> str:
-    """The source and license line of a prompt file or corpus source (its name or stem)."""
-    low = name.lower()
-    for k, v in DATA_LICENSES.items():  # the more specific keys come first
-        if k in low:
-            return v
-    return f"{name} (user-supplied; check its license)"
-
 FC_BIAS_NOTE = ("This head has an fc bias (`\"bias\": true`). Some vLLM versions build the EAGLE fc without a "
                 "bias and silently skip `fc.bias`, which mis-loads the head (lower acceptance, output still exact); "
                 "the official EAGLE code and SGLang read it. Train with `--no-fc-bias` for those vLLM versions.")

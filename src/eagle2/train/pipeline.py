@@ -22,10 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import Backend
 from ..machine import data_dir
 from .corpus import Corpus, default_corpus_dir
-from .data import MIX, Prompt, default_mix, read_fixed, read_prompts
-from .export import data_license
+from .data import MIX, Prompt, data_license, default_mix, read_fixed, read_prompts
+from .shards import load_shards, window_meta
 
 log = logging.getLogger("eagle2")
 
@@ -33,10 +34,9 @@ STAGES = ("responses", "features", "train", "export")
 
 
 def default_run_dir(model_key: str) -> Path:
-    from ..models import cache_dir
+    from ..models import cache_dir, file_name
 
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model_key.strip("/").replace("/", "--"))
-    return cache_dir() / "runs" / safe
+    return cache_dir() / "runs" / file_name(model_key.strip("/").replace("/", "--"))
 
 
 @dataclass
@@ -69,6 +69,7 @@ class PipelineOptions:
     base_model: str = ""
     model_arg: str = ""
     train_cfg: object = None  # TrainConfig
+    backend: Backend | None = None  # forward and fast paths of responses / features (None: from the environment)
     extra: dict = field(default_factory=dict)
 
 
@@ -153,11 +154,51 @@ def _shown_path(p: Path) -> str:
         return str(p)
 
 
+@dataclass
+class _Run:
+    """What every stage of one run reads, decided once at its start (``_start``)."""
+
+    model: object
+    tokenizer: object
+    opts: PipelineOptions
+    dir: Path
+    eagle3: bool  # the head type is EAGLE-3 (its own features and training directory)
+    feat_dir: Path
+    train_dir: Path
+    backend: Backend  # the target forward and fast paths of the responses and features stages
+    train_p: list[Prompt]
+    dev_ids: set[str]
+    dev_inputs: list[list[int]]  # the dev prompts' chat ids, for the trainer's acceptance evaluation
+    corpus: Corpus | None  # None: --fixed-responses
+    sources: list  # the data sources the model card names
+    max_seconds: float | None  # per stage
+
+    def data(self) -> Path:
+        return self.opts.data_dir or data_dir()
+
+
 def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     """Run the requested stages in order; returns a summary dict (also merged into stats.json)."""
-    from .features import StreamedExamples, build_features, load_shards, window_meta
-    from .responses import encode_chat, fixed_responses, generate_responses
-    from .trainer import TrainConfig, Trainer
+    run = _start(model, tokenizer, opts)
+    summary: dict = {}
+    if "responses" in opts.stages:
+        summary["responses"] = _responses_stage(run)
+    records, trained_on = _training_records(opts, run.corpus, run.train_p, run.dev_ids)
+    if trained_on is not None:
+        run.sources = [data_license(s) for s in trained_on["sources"]] or run.sources
+    if "features" in opts.stages and not opts.stream:
+        summary["features"] = _features_stage(run, records)
+    vocab = _loss_vocab(opts, records, int(model.config.vocab_size)) if {"train", "export"} & set(opts.stages) else None
+    if "train" in opts.stages:
+        summary["train"] = _train_stage(run, records, trained_on, vocab)
+    if "export" in opts.stages:
+        summary["export"] = _export_stage(run, vocab)
+    return summary
+
+
+def _start(model, tokenizer, opts: PipelineOptions) -> _Run:
+    """Check the options, choose the prompts, open the corpus: the run every stage reads."""
+    from .responses import encode_chat
 
     for s in opts.stages:
         if s not in STAGES:
@@ -170,118 +211,152 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         feat_dir, train_dir = eagle3.feature_dir(run, model), run / "train-eagle3"
     else:
         feat_dir, train_dir = run / "features", run / "train"
-    cfg = opts.train_cfg or TrainConfig()
     train_p, dev_p, sources = choose_prompts(opts)
-    dev_ids = {p.id for p in dev_p}
     dev_inputs = [ids for ids in (encode_chat(tokenizer, p.messages) for p in dev_p)
                   if len(ids) <= opts.max_prompt_tokens]
     corpus = None if opts.fixed else Corpus(opts.corpus or default_corpus_dir(opts.model_arg, run))
-    summary: dict = {}
-    secs = opts.max_minutes * 60 if opts.max_minutes else None
+    return _Run(model=model, tokenizer=tokenizer, opts=opts, dir=run, eagle3=e3, feat_dir=feat_dir, train_dir=train_dir,
+                backend=Backend.of(opts.backend), train_p=train_p, dev_ids={p.id for p in dev_p}, dev_inputs=dev_inputs,
+                corpus=corpus, sources=sources, max_seconds=opts.max_minutes * 60 if opts.max_minutes else None)
 
-    if "responses" in opts.stages:
-        t0 = time.time()
-        if opts.fixed:
-            files = opts.prompts or [(opts.data_dir or data_dir()) / "train" / n
-                                     for n in ("gsm8k_train.jsonl", "gpteacher_codegen_instruct.json")]
-            recs = [r for f in files for r in read_fixed(f)]
-            keep = {p.id for p in train_p} if opts.prompts else None
-            recs = [r for r in recs if r[0].id not in dev_ids and (keep is None or r[0].id in keep)]
-            if opts.limit:
-                recs = recs[: opts.limit]
-            if not recs:
-                raise ValueError("--fixed-responses: none of the prompt files has reference answers")
-            eos = getattr(tokenizer, "eos_token_id", None)
-            r = fixed_responses(tokenizer, [(p, a) for p, a in recs], run / "responses.jsonl",
-                                max_prompt_tokens=opts.max_prompt_tokens, eos_id=eos)
-        else:
-            r = generate_responses(model, tokenizer, train_p, corpus, max_new_tokens=opts.max_new_tokens,
-                                   max_prompt_tokens=opts.max_prompt_tokens, batch_size=opts.gen_batch_size,
-                                   temperature=opts.temperature, progress=opts.progress, max_seconds=secs,
-                                   features_dir=None if opts.stream or e3 else feat_dir, context=opts.context,
-                                   max_len=opts.max_len, model_name=opts.model_arg or opts.base_model)
-        _add_time(run, "responses", time.time() - t0, data=sources, responses=r["done"],
-                  fixed_responses=opts.fixed)
-        summary["responses"] = r
 
-    records, trained_on = _training_records(opts, corpus, train_p, dev_ids)
-    if trained_on is not None:
-        sources = [data_license(s) for s in trained_on["sources"]] or sources
-    window = window_meta(opts.context, opts.max_len)
-    examples = None
-    if "features" in opts.stages and not opts.stream:
-        t0 = time.time()
-        r = build_features(model, records, feat_dir, shard_size=opts.shard_size, context=opts.context,
-                           max_len=opts.max_len, batch_size=opts.feature_batch_size, progress=opts.progress,
-                           max_seconds=secs, **({"features": eagle3.features_fn(model)} if e3 else {}))
-        _add_time(run, "features", time.time() - t0)
-        summary["features"] = r
+def _responses_stage(run: _Run) -> dict:
+    """Stage 1: the target's answers into the corpus (or --fixed-responses' reference answers)."""
+    from .responses import generate_responses
 
-    vocab = _loss_vocab(opts, records, int(model.config.vocab_size)) if {"train", "export"} & set(opts.stages) else None
-    if "train" in opts.stages:
-        t0 = time.time()
-        if opts.stream:
-            examples = StreamedExamples(model, records, context=opts.context, max_len=opts.max_len)
-        else:
-            examples = load_shards(feat_dir, window=window, only={r["id"] for r in records})
-        if opts.max_minutes and cfg.max_minutes is None:
-            from dataclasses import replace
+    opts, t0 = run.opts, time.time()
+    if opts.fixed:
+        r = _fixed_responses(run)
+    else:
+        r = generate_responses(run.model, run.tokenizer, run.train_p, run.corpus, max_new_tokens=opts.max_new_tokens,
+                               max_prompt_tokens=opts.max_prompt_tokens, batch_size=opts.gen_batch_size,
+                               temperature=opts.temperature, progress=opts.progress, max_seconds=run.max_seconds,
+                               backend=run.backend, features_dir=None if opts.stream or run.eagle3 else run.feat_dir,
+                               context=opts.context, max_len=opts.max_len,
+                               model_name=opts.model_arg or opts.base_model)
+    _add_time(run.dir, "responses", time.time() - t0, data=run.sources, responses=r["done"], fixed_responses=opts.fixed)
+    return r
 
-            cfg = replace(cfg, max_minutes=opts.max_minutes)
-        trainer = eagle3.Eagle3Trainer if e3 else Trainer
-        tr = trainer(model, tokenizer, examples, train_dir, cfg, dev_prompts=dev_inputs, progress=opts.progress,
-                     vocab=vocab if opts.vocab_loss else None)
-        res = tr.train()
-        _add_time(run, "train", time.time() - t0, examples=len(tr.lengths), tokens_seen=res.tokens_seen,
-                  data=sources, corpus=trained_on, corpus_total=corpus.summary()["total"] if corpus is not None else None,
-                  loss_vocab=int(vocab.numel()) if vocab is not None and opts.vocab_loss else None,
-                  train_status=res.status, best_tau=res.best_tau, best_step=res.best_step, steps=res.step,
-                  hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()})
-        summary["train"] = dict(status=res.status, step=res.step, tokens_seen=res.tokens_seen,
-                                best_tau=res.best_tau, best_step=res.best_step)
 
-    if "export" in opts.stages:
-        from .export import export_head, mtbench_acceptance
+def _fixed_responses(run: _Run) -> dict:
+    """--fixed-responses: the prompt files' reference answers as ``<run-dir>/responses.jsonl``."""
+    from .responses import fixed_responses
 
-        t0 = time.time()
-        src = train_dir / "best"
-        if not (src / "config.json").exists():
-            src = train_dir / "last"
-        if not (src / "config.json").exists():
-            raise ValueError(f"nothing to export: no trained head in {train_dir} (run the train stage)")
-        st = _stats(run)
-        mt = None
-        if opts.mtbench:
-            from ..api import load_head
+    opts = run.opts
+    files = opts.prompts or [run.data() / "train" / n for n in ("gsm8k_train.jsonl", "gpteacher_codegen_instruct.json")]
+    recs = [r for f in files for r in read_fixed(f)]
+    keep = {p.id for p in run.train_p} if opts.prompts else None
+    recs = [r for r in recs if r[0].id not in run.dev_ids and (keep is None or r[0].id in keep)]
+    if opts.limit:
+        recs = recs[: opts.limit]
+    if not recs:
+        raise ValueError("--fixed-responses: none of the prompt files has reference answers")
+    eos = getattr(run.tokenizer, "eos_token_id", None)
+    return fixed_responses(run.tokenizer, [(p, a) for p, a in recs], run.dir / "responses.jsonl",
+                           max_prompt_tokens=opts.max_prompt_tokens, eos_id=eos)
 
-            q = (opts.data_dir or data_dir()) / "eval" / "mt_bench_question.jsonl"
-            if not q.exists():
-                raise ValueError(f"MT-bench questions not found at {q}")
-            head = load_head(src).to(next(model.parameters()).device)  # EAGLE-1/2 or EAGLE-3, as shipped
-            mt = mtbench_acceptance(model, tokenizer, head, q, opts.mtbench, opts.mtbench_max_new_tokens,
-                                    progress=opts.progress)
-            st["mtbench"] = mt
-        _add_time(run, "export", time.time() - t0, **({"mtbench": mt} if mt else {}))
-        st = _stats(run)
-        out = Path(opts.out) if opts.out else run / "head"
-        info = dict(base_model=opts.base_model, model_arg=opts.model_arg, data=st.get("data", sources),
-                    tokens_seen=st.get("tokens_seen"), examples=st.get("examples"),
-                    hyperparameters=st.get("hyperparameters"), stage_seconds=st.get("stage_seconds"),
-                    mtbench=st.get("mtbench"), mtbench_max_new_tokens=opts.mtbench_max_new_tokens,
-                    dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None,
-                    corpus=st.get("corpus"), corpus_total=st.get("corpus_total"),
-                    corpus_path=_shown_path(corpus.path) if corpus is not None else None,
-                    loss_vocab=st.get("loss_vocab"))
-        from ..draft_head import DRAFT_VOCAB_FILE
 
-        if e3:  # the official EAGLE-3 layout; the draft vocabulary is the head's own d2t / t2d
-            eagle3.export_eagle3(src, out, {**info, "steps": st.get("steps")}, int(model.config.num_hidden_layers))
-            summary["export"] = dict(out=str(out), mtbench=mt)
-            return summary
-        if (src / DRAFT_VOCAB_FILE).exists():  # trained over it: ship exactly that one, even if the corpus grew since
-            vocab = None
-        elif vocab is not None:
-            info["draft_vocab"] = int(vocab.numel())
-        export_head(src, out, info, draft_vocab=vocab)
-        summary["export"] = dict(out=str(out), mtbench=mt)
-    return summary
+def _features_stage(run: _Run, records: list[dict]) -> dict:
+    """Stage 2: feature shards for the records the responses stage did not capture."""
+    from .features import build_features, last_hidden
+
+    opts, t0 = run.opts, time.time()
+    if run.eagle3:
+        from . import eagle3
+        features = eagle3.features_fn(run.model)
+    else:
+        features = last_hidden(run.model, run.backend)
+    r = build_features(run.model, records, run.feat_dir, shard_size=opts.shard_size, context=opts.context,
+                       max_len=opts.max_len, batch_size=opts.feature_batch_size, progress=opts.progress,
+                       max_seconds=run.max_seconds, features=features)
+    _add_time(run.dir, "features", time.time() - t0)
+    return r
+
+
+def _train_stage(run: _Run, records: list[dict], trained_on: dict | None, vocab) -> dict:
+    """Stage 3: train the head on the records' examples (shards, or streamed)."""
+    from dataclasses import replace
+
+    from .features import StreamedExamples
+    from .trainer import TrainConfig, Trainer
+
+    opts, t0 = run.opts, time.time()
+    if opts.stream:
+        examples = StreamedExamples(run.model, records, context=opts.context, max_len=opts.max_len, backend=run.backend)
+    else:
+        examples = load_shards(run.feat_dir, window=window_meta(opts.context, opts.max_len),
+                               only={r["id"] for r in records})
+    cfg = opts.train_cfg or TrainConfig()
+    if opts.max_minutes and cfg.max_minutes is None:
+        cfg = replace(cfg, max_minutes=opts.max_minutes)
+    if run.eagle3:
+        from .eagle3 import Eagle3Trainer as trainer
+    else:
+        trainer = Trainer
+    tr = trainer(run.model, run.tokenizer, examples, run.train_dir, cfg, dev_prompts=run.dev_inputs,
+                 progress=opts.progress, vocab=vocab if opts.vocab_loss else None)
+    res = tr.train()
+    corpus_total = run.corpus.summary()["total"] if run.corpus is not None else None
+    _add_time(run.dir, "train", time.time() - t0, examples=len(tr.lengths), tokens_seen=res.tokens_seen,
+              data=run.sources, corpus=trained_on, corpus_total=corpus_total,
+              loss_vocab=int(vocab.numel()) if vocab is not None and opts.vocab_loss else None,
+              train_status=res.status, best_tau=res.best_tau, best_step=res.best_step, steps=res.step,
+              hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()})
+    return dict(status=res.status, step=res.step, tokens_seen=res.tokens_seen, best_tau=res.best_tau,
+                best_step=res.best_step)
+
+
+def _export_stage(run: _Run, vocab) -> dict:
+    """Stage 4: the best (else last) checkpoint as a head directory with its model card."""
+    from ..draft_head import DRAFT_VOCAB_FILE
+    from .export import export_head
+
+    t0 = time.time()
+    src = run.train_dir / "best"
+    if not (src / "config.json").exists():
+        src = run.train_dir / "last"
+    if not (src / "config.json").exists():
+        raise ValueError(f"nothing to export: no trained head in {run.train_dir} (run the train stage)")
+    mt = _export_mtbench(run, src) if run.opts.mtbench else None
+    _add_time(run.dir, "export", time.time() - t0, **({"mtbench": mt} if mt else {}))
+    st = _stats(run.dir)
+    out = Path(run.opts.out) if run.opts.out else run.dir / "head"
+    info = _model_card(run, st)
+    if run.eagle3:  # the official EAGLE-3 layout; the draft vocabulary is the head's own d2t / t2d
+        from .eagle3 import export_eagle3
+
+        export_eagle3(src, out, {**info, "steps": st.get("steps")}, int(run.model.config.num_hidden_layers))
+        return dict(out=str(out), mtbench=mt)
+    if (src / DRAFT_VOCAB_FILE).exists():  # trained over it: ship exactly that one, even if the corpus grew since
+        vocab = None
+    elif vocab is not None:
+        info["draft_vocab"] = int(vocab.numel())
+    export_head(src, out, info, draft_vocab=vocab)
+    return dict(out=str(out), mtbench=mt)
+
+
+def _export_mtbench(run: _Run, src: Path) -> dict:
+    """Acceptance of the exported head on ``mtbench`` prompts per MT-bench category (recorded in stats.json)."""
+    from ..api import load_head
+    from .export import mtbench_acceptance
+
+    opts = run.opts
+    q = run.data() / "eval" / "mt_bench_question.jsonl"
+    if not q.exists():
+        raise ValueError(f"MT-bench questions not found at {q}")
+    head = load_head(src).to(next(run.model.parameters()).device)  # EAGLE-1/2 or EAGLE-3, as shipped
+    return mtbench_acceptance(run.model, run.tokenizer, head, q, opts.mtbench, opts.mtbench_max_new_tokens,
+                              progress=opts.progress)
+
+
+def _model_card(run: _Run, st: dict) -> dict:
+    """What the exported head's model card says about its training (from stats.json)."""
+    opts, corpus = run.opts, run.corpus
+    return dict(base_model=opts.base_model, model_arg=opts.model_arg, data=st.get("data", run.sources),
+                tokens_seen=st.get("tokens_seen"), examples=st.get("examples"),
+                hyperparameters=st.get("hyperparameters"), stage_seconds=st.get("stage_seconds"),
+                mtbench=st.get("mtbench"), mtbench_max_new_tokens=opts.mtbench_max_new_tokens,
+                dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None,
+                corpus=st.get("corpus"), corpus_total=st.get("corpus_total"),
+                corpus_path=_shown_path(corpus.path) if corpus is not None else None,
+                loss_vocab=st.get("loss_vocab"))

@@ -30,8 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..batch import generate_batch
+from ..config import Backend
+from ..fast import FastTarget, make_target
 from .corpus import Corpus, record_id
 from .data import Prompt
+from .shards import example_from_generation, write_shard
 
 log = logging.getLogger("eagle2")
 
@@ -118,18 +122,18 @@ def _turn_inputs(tokenizer, prompts: list[Prompt], corpus: Corpus, turn: int,
 def generate_responses(model, tokenizer, prompts: list[Prompt], corpus: Corpus, *, max_new_tokens: int = 256,
                        max_prompt_tokens: int = 320, batch_size: int = 16, sort_window: int = 1024,
                        temperature: float = 0.0, progress: bool = True, max_seconds: float | None = None,
-                       log_every: int = 0, use_fast: bool = True, features_dir: str | Path | None = None,
+                       log_every: int = 0, backend: Backend | str | None = None, features_dir: str | Path | None = None,
                        context: int | None = None, max_len: int = 1024, model_name: str = "",
                        seal_every: int = 4096) -> dict:
     """Answer every turn of ``prompts`` that ``corpus`` lacks, turn 0 of all prompts first, then
     the follow-up turns; seal the new answers into a corpus shard every ``seal_every`` turns and
     at the end.
 
-    Llama-style targets decode through the lean forward (fast.py) with a static cache,
-    about twice transformers' ``generate`` throughput here; other models use ``generate``.
-    With ``features_dir`` (lean forward only) the features computed while generating are saved
-    there as one shard per batch (features.py's format, ``context``/``max_len`` windows), so the
-    features stage has nothing left to do for these records.
+    Where ``fast.make_target`` picks the lean forward for ``backend`` (Llama-style targets), answers are
+    decoded through it in batches (batch.py), about twice transformers' ``generate`` throughput here;
+    other models use ``generate``. With ``features_dir`` (lean forward only) the features computed while
+    generating are saved there as one shard per batch (shards.py, ``context``/``max_len`` windows), so
+    the features stage has nothing left to do for these records.
 
     Returns {"done" (conversations in the corpus), "turns", "skipped_long", "new", "new_tokens",
     "seconds"} for this call."""
@@ -138,12 +142,8 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], corpus: Corpus, 
     settings = dict(temperature=temperature, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                     dtype=dtype_name(model.dtype), commit=git_commit())
     corpus.check_model(model_name, settings)
-    fast = None
-    if use_fast:
-        from ..fast import FastTarget, supports
-
-        if supports(model)[0]:
-            fast = FastTarget(model)
+    target = make_target(model, backend)
+    fast = target if isinstance(target, FastTarget) else None
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     t0, new, new_tokens, skipped = time.time(), 0, 0, 0
@@ -197,7 +197,7 @@ def _answer(model, fast, tokenizer, batch: list[tuple[str, list[int]]], max_new_
     """The target's answers to one batch of prompts, each cut after its first EOS, and (``capture``,
     lean forward only) the features computed on the way; else None."""
     if fast is not None:
-        rows = fast_generate(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature, return_hidden=capture)
+        rows = generate_batch(fast, [ids for _, ids in batch], max_new_tokens, eos, temperature, return_hidden=capture)
         return rows if capture else (rows, None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(ids) for _, ids in batch)
@@ -223,78 +223,11 @@ def _answer(model, fast, tokenizer, batch: list[tuple[str, list[int]]], max_new_
 
 
 def _write_features(features_dir, model, batch, rows, feats, turn: int, context: int | None, max_len: int) -> None:
-    from .features import example_from_generation, write_shard
-
     names = [record_id(cid, turn) for cid, _ in batch]
     exs = [(n, example_from_generation(ids, row, hid, context, max_len))  # rows end at their first EOS
            for n, (_, ids), row, hid in zip(names, batch, rows, feats)]
     write_shard(features_dir, names, [(n, e) for n, e in exs if e is not None], int(model.config.hidden_size), context,
                 max_len)
-
-
-@torch.inference_mode()
-def fast_generate(target, prompts: list[list[int]], max_new_tokens: int, eos: set[int],
-                  temperature: float = 0.0, generator: torch.Generator | None = None,
-                  return_hidden: bool = False):
-    """Batched decoding of left-padded prompts on a ``FastTarget``; rows leave the batch as they end.
-
-    Greedy at temperature 0 (the token-for-token reference), else plain sampling at
-    ``temperature``. Returns each prompt's new tokens, cut after its first EOS. With
-    ``return_hidden`` also each prompt's features (last hidden states after the final norm, bf16,
-    on the CPU) for the prompt and every new token that was fed back: [P_i + n_i, H] with
-    n_i = len(new tokens) or one less (the last token of a row is never fed)."""
-    dev = target.device
-    b, width = len(prompts), max(len(p) for p in prompts)
-    tokens = torch.zeros(b, width, dtype=torch.long, device=dev)  # [B, W] left padded
-    valid = torch.zeros(b, width, dtype=torch.bool, device=dev)  # [B, W] real (not pad) positions
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = torch.tensor(p, device=dev)
-        valid[i, width - len(p):] = True
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # [B, W]
-    cache = target.new_cache(batch=b, capacity=width + max_new_tokens)
-    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-    hidden = target.batch_forward(cache, tokens, positions, causal[None] & valid[:, None, :])  # [B, W, H]
-    feats: list[list[torch.Tensor]] = []
-    if return_hidden:
-        h = hidden.to(torch.bfloat16).cpu()
-        feats = [[h[i, width - len(p):]] for i, p in enumerate(prompts)]
-    logits = target.logits(hidden[:, -1])  # [B, V]
-    out: list[list[int]] = [[] for _ in prompts]
-    alive = torch.arange(b, device=dev)  # original prompt index of each batch row
-    ended = torch.zeros(b, dtype=torch.bool, device=dev)  # [B] rows whose answer is complete
-    key_ok = valid  # [B, S] which cache entries are real
-    pos = positions[:, -1]  # [B]
-    for step in range(max_new_tokens):
-        if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
-        else:
-            nxt = logits.argmax(-1)  # [B]
-        fed = []  # (batch row, prompt index) of the tokens appended this step
-        for j, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist())):
-            if not ended[j]:
-                out[r].append(t)
-                fed.append((j, r))
-                ended[j] = t in eos or len(out[r]) >= max_new_tokens
-        n_ended = int(ended.sum())
-        if n_ended == len(alive) or step == max_new_tokens - 1:
-            break
-        if 4 * n_ended >= len(alive):  # compact the batch now and then: a copy of the whole cache
-            keep = (~ended).nonzero().flatten()
-            row_of = {int(j): k for k, j in enumerate(keep.tolist())}
-            fed = [(row_of[j], r) for j, r in fed if j in row_of]
-            alive, nxt, pos, key_ok, ended = alive[keep], nxt[keep], pos[keep], key_ok[keep], ended[keep]
-            cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
-        pos = pos + 1
-        key_ok = torch.cat([key_ok, torch.ones(len(alive), 1, dtype=torch.bool, device=dev)], dim=1)
-        hidden = target.batch_forward(cache, nxt[:, None], pos[:, None], key_ok[:, None, :])  # [B', 1, H]
-        if return_hidden:
-            h = hidden[:, 0].to(torch.bfloat16).cpu()  # [B', H]
-            for j, r in fed:
-                feats[r].append(h[j:j + 1])
-        logits = target.logits(hidden[:, -1])
-    if return_hidden:
-        return out, [torch.cat(f) for f in feats]
-    return out
 
 
 def fixed_responses(tokenizer, records: list[tuple[Prompt, str]], out: str | Path, *,

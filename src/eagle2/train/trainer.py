@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from .. import masks
 from ..draft_head import DraftHead, HeadConfig, init_head, rotate_half
-from .features import Example
+from ..target import cap_logits
+from .shards import Example
 
 log = logging.getLogger("eagle2")
 
@@ -200,9 +202,9 @@ def unrolled_forward(head: DraftHead, features: Tensor, token_embeds: Tensor, po
         kk = kk * cos + rotate_half(kk) * sin
         keys.append(kk.repeat_interleave(rep, dim=1))
         vals.append(vv.repeat_interleave(rep, dim=1))
-        allowed = torch.ones(t, t, dtype=torch.bool, device=dev).tril(-k)  # true keys at <= i - k
+        allowed = masks.causal(t, shift=k, device=dev)  # [T, T]: true keys at <= i - k
         s0 = torch.matmul(q, keys[0].transpose(-1, -2)) * scale  # [B, Hq, T, T]
-        scores = [s0.masked_fill(~allowed, float("-inf"))]
+        scores = [masks.masked_scores(s0, allowed)]
         shifted_v = []
         for j in range(1, k + 1):  # step j's key at position i - (k - j), lined up with query i
             sh = k - j
@@ -251,9 +253,8 @@ def head_loss(head: DraftHead, embed, lm_head_weight: Tensor, batch: dict[str, T
             preds = unrolled_forward(head, f_in, emb, positions, cfg.ttt_steps)
         tgt_m = f_next[mask]  # [N, H]
         with torch.no_grad():
-            tgt_logits = F.linear(tgt_m.to(w.dtype) if not cfg.bf16 else tgt_m, w).float()  # [N, V]
-            if softcap:
-                tgt_logits = torch.tanh(tgt_logits / softcap) * softcap
+            tgt_logits = cap_logits(F.linear(tgt_m.to(w.dtype) if not cfg.bf16 else tgt_m, w).float(),
+                                    softcap)  # [N, V]
             p = tgt_logits.softmax(-1)  # [N, V]
             tgt_top = tgt_logits.argmax(-1)  # [N]
         rows = i.expand(b, -1)[mask]  # [N] window index of each masked row
@@ -263,9 +264,8 @@ def head_loss(head: DraftHead, embed, lm_head_weight: Tensor, batch: dict[str, T
                 continue
             pred_m = pred[mask][sel].float()  # [N_k, H]
             l1 = F.smooth_l1_loss(pred_m, tgt_m[sel])
-            pred_logits = F.linear(pred_m.to(w.dtype) if not cfg.bf16 else pred_m, w).float()  # [N_k, V]
-            if softcap:
-                pred_logits = torch.tanh(pred_logits / softcap) * softcap
+            pred_logits = cap_logits(F.linear(pred_m.to(w.dtype) if not cfg.bf16 else pred_m, w).float(),
+                                     softcap)  # [N_k, V]
             ce = -(p[sel] * pred_logits.log_softmax(-1)).sum(-1).mean()
             wk = cfg.ttt_decay ** k
             total = total + wk * (l1 + cfg.ce_weight * ce)
