@@ -154,7 +154,7 @@ def test_block_weights_are_row_invariant_too(tmp_path):
     from eagle2 import kernels
 
     if not kernels.lowbit_usable(torch.zeros(16, 32, dtype=torch.bfloat16)):
-        pytest.skip("the block-weight kernel needs AMX-BF16 and the native extension")
+        pytest.skip("the block-weight kernel needs AVX512-BF16 and the native extension")
     from transformers import AutoModelForCausalLM
 
     model = wide_model(torch.float32)

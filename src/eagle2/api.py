@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from . import cost
+from . import cost, kernels, native
 from .config import Backend, DecodeSettings, TreeConfig
 from .cost import Calibration, CostModel
 from .draft import make_drafter
@@ -99,7 +99,9 @@ class Eagle2Generator:
         b = self.backend
         key = cost.fingerprint(dict(model=self.model_key or id(self.model), head=self.head_source,
                                     dtype=str(self.dtype), device=str(self.device), backend=b.forward,
-                                    native=b.native, packed=b.packed_linear, lowbit=b.lowbit, exact=b.exact))
+                                    native=b.native, packed=b.packed_linear, lowbit=b.lowbit, exact=b.exact,
+                                    kernel=kernels.block_isa(self.dtype, self.device) if b.lowbit else "",
+                                    build=native.source_digest() if b.native else ""))
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")

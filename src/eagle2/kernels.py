@@ -116,11 +116,16 @@ def linear(weight: Tensor, bias: Tensor | None = None, source: Tensor | None = N
 
 def lowbit_runs(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the block kernel runs here for ``dtype`` weights on ``device``: bf16 on a CPU with
-    AMX-BF16, the native extension built."""
+    AMX-BF16 or AVX512-BF16, the native extension built."""
+    return bool(block_isa(dtype, device))
+
+
+def block_isa(dtype: torch.dtype = torch.bfloat16, device: torch.device = torch.device("cpu")) -> str:
+    """The block kernel that runs here for ``dtype`` weights on ``device``: "amx", "avx512_bf16", or ""."""
     if dtype != torch.bfloat16 or device.type != "cpu":
-        return False
+        return ""
     mod = native.load()
-    return mod is not None and bool(mod.amx_ready())
+    return "" if mod is None else str(mod.block_isa())
 
 
 def lowbit_usable(weight: Tensor) -> bool:

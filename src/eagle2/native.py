@@ -86,6 +86,11 @@ def load():
         return _module
 
 
+def source_digest() -> str:
+    """A short hash of the extension's source: timings measured with one build do not carry over to another."""
+    return hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def _build_any():
     """The extension built with the best flags this toolchain takes, or None (with a warning)."""
     base = ["-O3", "-ffp-contract=off"] + _vector_flags()  # no fused multiply-adds: round as ATen does

@@ -93,13 +93,31 @@ constexpr int64_t Q8_RECORD = 16 * 32 + 32;
 template <int BITS> constexpr int64_t RECORD = BITS == 4 ? Q4_RECORD : Q8_RECORD;
 
 #ifdef EAGLE2_AMX
+// Two kernels, chosen at run time from CPUID (never from compile flags): the tile unit where the CPU has
+// AMX-BF16, else AVX512-BF16's dot-product instruction (Zen 4, Ice Lake / Cooper Lake and later).
+#define EAGLE2_BF16_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c")))
 #define EAGLE2_AMX_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,f16c,amx-tile,amx-bf16")))
+
+bool bf16_ready() {  // AVX512 F/DQ/BW/VL + BF16 + F16C on this CPU, and the OS saves the zmm state
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1) || !((c >> 29) & 1)) return false;  // OSXSAVE, F16C
+    unsigned lo, hi;
+    asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xE6u) != 0xE6u) return false;  // XMM, YMM, opmask, ZMM state enabled by the OS
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const unsigned need = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);  // AVX512 F, DQ, BW, VL
+    if ((b & need) != need) return false;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);  // AVX512-BF16
+  }();
+  return ok;
+}
 
 bool amx_ready() {  // AMX-BF16 + AVX512-BF16 on this CPU, and the kernel let this process use the tiles
   static const bool ok = [] {
     unsigned a, b, c, d;
+    if (!bf16_ready()) return false;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return false;
-    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return false;  // AVX512-BF16
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   }();
   return ok;
@@ -131,42 +149,59 @@ EAGLE2_AMX_FN void tiles_configure(int64_t rows) {
 
 EAGLE2_AMX_FN void tiles_release() { _tile_release(); }
 
-// One record -> the 16 x 32 bf16 B tile in `out` (1 KB, 64-byte rows).
+// Decode steps stream the weights from memory: the kernels fetch records a few ahead of the one they
+// unpack (12 records, ~3.5 KB: faster than 6 or 20 on a Zen 4 EPYC), so that loads overlap the arithmetic.
+// A prefetch past the end of the weights is harmless: it never faults.
 template <int BITS>
-EAGLE2_AMX_FN inline void unpack(const uint8_t* rec, uint16_t* out);
-
-template <>
-EAGLE2_AMX_FN inline void unpack<8>(const uint8_t* rec, uint16_t* out) {
-  const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 512)));
-  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // element e -> output e / 2
-  const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, dv);
-  const __m512 d_hi = _mm512_permutexvar_ps(_mm512_add_epi32(lo_idx, _mm512_set1_epi32(8)), dv);
-  for (int r = 0; r < 16; ++r) {
-    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r));
-    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r + 16));
-    const __m512 w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), d_lo);  // exact: 11 x 8 bits
-    const __m512 w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), d_hi);
-    _mm512_store_si512(out + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w_hi, w_lo)));
-  }
+EAGLE2_BF16_FN inline void prefetch_record(const uint8_t* rec) {
+  for (int64_t line = 0; line < RECORD<BITS>; line += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + line), _MM_HINT_T0);
 }
 
-template <>
-EAGLE2_AMX_FN inline void unpack<4>(const uint8_t* rec, uint16_t* out) {
-  const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 256)));
-  const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 288)));
+// A record's scales spread over the VNNI elements of a row (element e belongs to output e / 2).
+struct Spread {
+  __m512 d_lo, d_hi, m_lo, m_hi;
+};
+
+template <int BITS>
+EAGLE2_BF16_FN inline Spread spread(const uint8_t* rec) {
   const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  // element e -> output e / 2
   const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
-  const __m512 d_lo = _mm512_permutexvar_ps(lo_idx, dv), d_hi = _mm512_permutexvar_ps(hi_idx, dv);
-  const __m512 m_lo = _mm512_permutexvar_ps(lo_idx, mv), m_hi = _mm512_permutexvar_ps(hi_idx, mv);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
-  for (int r = 0; r < 16; ++r) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * r));
-    const __m128i lo = _mm_and_si128(raw, nibble);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
-    const __m512 w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d_lo, m_lo);
-    const __m512 w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d_hi, m_hi);
-    _mm512_store_si512(out + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w_hi, w_lo)));
+  const uint8_t* scales = rec + 16 * 32 * BITS / 8;  // after the codes: 256 (4 bits) or 512 (8 bits) bytes
+  const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));
+  Spread sp{_mm512_permutexvar_ps(lo_idx, dv), _mm512_permutexvar_ps(hi_idx, dv), _mm512_setzero_ps(),
+            _mm512_setzero_ps()};
+  if (BITS == 4) {
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 32)));
+    sp.m_lo = _mm512_permutexvar_ps(lo_idx, mv);
+    sp.m_hi = _mm512_permutexvar_ps(hi_idx, mv);
   }
+  return sp;
+}
+
+// Row r of a record as 32 bf16 weights (64 bytes of a B tile).
+template <int BITS>
+EAGLE2_BF16_FN inline __m512i unpack_row(const uint8_t* rec, const Spread& sp, int r) {
+  if (BITS == 8) {
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r));
+    const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r + 16));
+    const __m512 w_lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)), sp.d_lo);  // exact: 11 x 8 bits
+    const __m512 w_hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)), sp.d_hi);
+    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w_hi, w_lo));
+  }
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * r));
+  const __m128i lo = _mm_and_si128(raw, nibble);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+  const __m512 w_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), sp.d_lo, sp.m_lo);
+  const __m512 w_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), sp.d_hi, sp.m_hi);
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(w_hi, w_lo));
+}
+
+// One record -> the 16 x 32 bf16 B tile in `out` (1 KB, 64-byte rows).
+template <int BITS>
+EAGLE2_BF16_FN inline void unpack(const uint8_t* rec, uint16_t* out) {
+  const Spread sp = spread<BITS>(rec);
+  for (int r = 0; r < 16; ++r) _mm512_store_si512(out + 32 * r, unpack_row<BITS>(rec, sp, r));
 }
 
 // y[0:rows, 0:16] = x[0:rows, :] @ W[n0:n0+16, :].T (+ bias) for one group of 16 outputs; rows <= 32,
@@ -212,14 +247,100 @@ EAGLE2_AMX_FN void block_group(const uint16_t* x, int64_t ldx, int64_t rows, con
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
   }
 }
+
+// The same product without tiles, for CPUs with AVX512-BF16 but no AMX. Rows go through in chunks of
+// R <= 6 whose accumulators stay in registers for the whole K. Each row sums in the same order whatever
+// the chunk or the number of rows (row r of a record feeds accumulator r % 4, combined as
+// (a0 + a1) + (a2 + a3) at the end), so every output row is bit-identical to the row computed alone:
+// the kernel is row-invariant by construction. Four accumulators per row hide the dot instruction's
+// latency on a single row (a decode step).
+//
+// The weights of a group come either straight from its records (FROM_RECORDS: one chunk of rows, each
+// record unpacked once, in registers) or from `wbuf`, the group unpacked once (kblocks x 1 KB) for
+// several chunks.
+template <int R, bool FROM_RECORDS, int BITS>
+EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, const uint16_t* wbuf, int64_t kblocks, const uint16_t* x,
+                                    int64_t ldx, const uint16_t* bias, uint16_t* y, int64_t ldy) {
+  __m512 acc[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  // inputs 2 r and 2 r + 1 of row i, broadcast to the 16 outputs
+  auto pair = [&](const uint16_t* xk, int i, int r) {
+    uint32_t v;
+    std::memcpy(&v, xk + i * ldx + 2 * r, 4);
+    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v)));
+  };
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint8_t* rec = recs + kb * RECORD<BITS>;
+    const uint16_t* w = wbuf + kb * 512;
+    const uint16_t* xk = x + kb * 32;
+    Spread sp{};
+    if (FROM_RECORDS) {
+      prefetch_record<BITS>(rec + 12 * RECORD<BITS>);
+      sp = spread<BITS>(rec);
+    }
+    auto row = [&](int r) {
+      return reinterpret_cast<__m512bh>(FROM_RECORDS ? unpack_row<BITS>(rec, sp, r) : _mm512_load_si512(w + 32 * r));
+    };
+    for (int r = 0; r < 16; r += 4) {  // spelled out per accumulator: a computed index would keep them in memory
+      const __m512bh w0 = row(r), w1 = row(r + 1), w2 = row(r + 2), w3 = row(r + 3);
+#pragma GCC unroll 6
+      for (int i = 0; i < R; ++i) {
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], pair(xk, i, r), w0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], pair(xk, i, r + 1), w1);
+        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], pair(xk, i, r + 2), w2);
+        acc[i][3] = _mm512_dpbf16_ps(acc[i][3], pair(xk, i, r + 3), w3);
+      }
+    }
+  }
+  const __m512 b = bias == nullptr ? _mm512_setzero_ps() : _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias))), 16));
+  for (int i = 0; i < R; ++i) {
+    __m512 v = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+    if (bias != nullptr) v = _mm512_add_ps(v, b);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i * ldy), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+}
+
+template <int BITS, bool FROM_RECORDS>
+EAGLE2_BF16_FN void dot_chunk(int64_t rows, const uint8_t* recs, const uint16_t* wbuf, int64_t kblocks,
+                              const uint16_t* x, int64_t ldx, const uint16_t* bias, uint16_t* y, int64_t ldy) {
+  switch (rows) {
+    case 1: return dot_rows<1, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 2: return dot_rows<2, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 3: return dot_rows<3, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 4: return dot_rows<4, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 5: return dot_rows<5, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    default: return dot_rows<6, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+  }
+}
+
+// y[0:rows, 0:16] = x[0:rows, :] @ W[n0:n0+16, :].T (+ bias) for one group of 16 outputs, any rows.
+template <int BITS>
+EAGLE2_BF16_FN void block_group_dp(const uint16_t* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
+                                   const uint16_t* bias, uint16_t* y, int64_t ldy, uint16_t* wbuf) {
+  if (rows <= 6) return dot_chunk<BITS, true>(rows, recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    prefetch_record<BITS>(recs + (kb + 12) * RECORD<BITS>);
+    unpack<BITS>(recs + kb * RECORD<BITS>, wbuf + kb * 512);
+  }
+  for (int64_t m0 = 0; m0 < rows; m0 += 6) {
+    dot_chunk<BITS, false>(std::min<int64_t>(6, rows - m0), recs, wbuf, kblocks, x + m0 * ldx, ldx, bias,
+                           y + m0 * ldy, ldy);
+  }
+}
 #else
+bool bf16_ready() { return false; }
 bool amx_ready() { return false; }
 #endif
+
+// Which block kernel runs here: "amx", "avx512_bf16", or "" (none: kernels.py keeps the bf16 weights).
+std::string block_isa() { return amx_ready() ? "amx" : bf16_ready() ? "avx512_bf16" : ""; }
 
 // x [..., K] bf16 @ W.T (+ bias [N] bf16) -> [..., N] bf16 from W's records [N / 16, K / 32, R];
 // R (Q4_RECORD or Q8_RECORD) says the format.
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_ready(), "block_linear needs AMX-BF16 (kernels.py only packs block weights where it is usable)");
+  TORCH_CHECK(bf16_ready(), "block_linear needs AVX512-BF16 (kernels.py only packs block weights where it is usable)");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && recs.scalar_type() == at::kByte && recs.dim() == 3 &&
               (recs.size(2) == Q4_RECORD || recs.size(2) == Q8_RECORD) && recs.is_contiguous() &&
               x.size(-1) == recs.size(1) * 32,
@@ -238,6 +359,19 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
   const uint8_t* rp = recs.const_data_ptr<uint8_t>();
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  if (!amx_ready()) {
+    auto group = rec == Q4_RECORD ? &block_group_dp<4> : &block_group_dp<8>;
+    at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+      std::vector<uint16_t> buf(kblocks * 512 + 32);  // one group's bf16 weights, 64-byte aligned below
+      uint16_t* wbuf = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+      for (int64_t g = g0; g < g1; ++g) {
+        group(xp, K, M, rp + g * kblocks * rec, kblocks, bp == nullptr ? nullptr : bp + 16 * g, yp + 16 * g, N, wbuf);
+      }
+    });
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = N;
+    return y.view(sizes);
+  }
   auto group = rec == Q4_RECORD ? &block_group<4> : &block_group<8>;
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
     for (int64_t m0 = 0; m0 < M; m0 += 32) {  // tile configuration is per thread
@@ -271,6 +405,7 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, bool packed,
                   const c10::optional<at::Tensor>& recs, bool exact) {
   const int64_t rows = x.numel() / std::max<int64_t>(x.size(-1), 1);
+  if (recs.has_value() && rows <= (exact ? 64 : 32)) return block_linear(x, *recs, b);
   if (exact && rows == 1) {
     const at::Tensor one = x.reshape({1, x.size(-1)});
     at::Tensor y = linear(at::cat({one, one}, 0), w, b, packed, recs, true).narrow(0, 0, 1);
@@ -278,7 +413,6 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
     sizes.back() = y.size(-1);
     return y.reshape(sizes);
   }
-  if (recs.has_value() && rows <= (exact ? 64 : 32)) return block_linear(x, *recs, b);
   return packed ? packed_linear(x, w, b) : at::linear(x, w, b);
 }
 
@@ -621,12 +755,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decoder_forward", &decoder_forward, "the lean decoder stack (see fast.py)", release());
   m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)", release());
   m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops", release());
-  m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX)", release());
+  m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX or AVX512-BF16)",
+        release());
   m.def("linear", &linear, "x @ W.T (+ b): the block kernel for up to 32 rows (exact: 64), else oneDNN / ATen",
         release());
   m.def("exact_attention", &exact_attention, "row-invariant attention over a static cache (see exact_attention)",
         release());
-  m.def("amx_ready", &amx_ready, "whether block_linear can run here");
+  m.def("amx_ready", &amx_ready, "whether block_linear runs on the AMX tile unit here");
+  m.def("block_isa", &block_isa, "the block kernel that runs here: amx, avx512_bf16, or empty (none)");
   m.def("layer_layout", &layer_layout, "the names of decoder_forward's tensors per layer, in order");
   m.def("activation_codes", &activation_codes, "activation name -> decoder_forward's act code");
 }
