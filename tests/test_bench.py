@@ -49,6 +49,7 @@ def test_bench_tiny_all_methods(tiny_chat_generator, questions, tmp_path, monkey
     # exact at T = 0 (fp32): every method reproduces transformers' greedy output token for token
     assert saved["greedy_reference"] == "hf"
     assert saved["greedy_identical"] == {m: 1.0 for m in METHODS if m != "hf"}
+    assert saved["greedy_identical_vanilla"] == {m: 1.0 for m in METHODS if m != "vanilla"}
     assert {"cpu", "torch", "transformers", "torch_threads"} <= saved["machine"].keys()
     assert saved["dtype"] == "float32"
     assert {"total_tokens", "depth", "tree_top_k", "adaptive"} <= set(saved["tree"])
@@ -58,7 +59,7 @@ def test_bench_tiny_all_methods(tiny_chat_generator, questions, tmp_path, monkey
     assert [p["total_tokens"] for p in saved["total_tokens_curve"]["points"]] == [4, 8]
     assert saved["total_tokens_curve"]["vanilla_tokens_per_s"] > 0
     assert r["methods"]["eagle2"]["tokens_per_s"] == saved["methods"]["eagle2"]["tokens_per_s"]
-    assert "| eagle2 |" in (out / "results.md").read_text()
+    assert "| eagle2 |" in (out / "results.md").read_text() and "identical to vanilla" in (out / "results.md").read_text()
     prof = saved["methods"]["eagle2"]["round_profile_ms"]
     assert prof["rounds"] > 0 and prof["verify"] > 0 and prof["draft"] > 0
     assert abs(prof["draft"] + prof["verify"] + prof["other"] - prof["total"]) < 0.05

@@ -178,13 +178,41 @@ def test_lowbit_only_with_an_exact_source():
     assert kernels.linear(src.to(torch.bfloat16), None, source=src).lowbit.shape[-1] == kernels.Q4_RECORD
     src8 = _q8_blocks(32, 64)
     assert kernels.linear(src8.to(torch.bfloat16), None, source=src8).lowbit.shape[-1] == kernels.Q8_RECORD
-    assert kernels.linear(src, None, source=src).lowbit is None  # fp32 never takes it
+    if not kernels.lowbit_runs(torch.float32, torch.device("cpu")):
+        assert kernels.linear(src, None, source=src).lowbit is None  # no fp32 kernel on this CPU
 
 
-@needs_lowbit
-def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path):
+needs_lowbit_f32 = pytest.mark.skipif(not kernels.lowbit_runs(torch.float32, torch.device("cpu")),
+                                      reason="the fp32 block-weight kernel needs AVX2 + FMA and the native extension")
+
+
+@needs_lowbit_f32
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_lowbit_fp32_matches_f_linear_and_is_row_invariant(fmt):
+    """fp32 activations on the blocks (AVX2): the rebuilt weights are the fp32 weights themselves, so the
+    product equals F.linear's up to fp32 summation order (stated: 1e-5 of the outputs' scale), and every
+    row equals, bit for bit, that row computed alone."""
+    make, record = BLOCKS[fmt]
+    n, k = 80, 192
+    src = make(n, k, seed=3)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    fn = kernels.linear(src, b, source=src)
+    assert fn.lowbit is not None and fn.lowbit.shape == (n // 16, k // 32, record)
+    assert kernels.linear(src + 1e-3, b, source=src + 1e-3).lowbit is None  # off the block grid: plain weights
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(5))
+    got, ref = fn(x), F.linear(x, src, b)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().mean()
+    alone = torch.cat([fn(x[i:i + 1]) for i in range(40)])
+    for rows in (2, 3, 5, 17, 32):
+        assert torch.equal(fn(x[:rows]), alone[:rows]), rows
+
+
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.bfloat16, marks=needs_lowbit),
+    pytest.param(torch.float32, marks=needs_lowbit_f32)])
+def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path, dtype):
     """A model stored in fp32 with 4-bit layers and an 8-bit lm_head (a dequantized GGUF), loaded
-    in bf16: the lean forward's logits with the block kernel equal those without it."""
+    in bf16 or fp32: the lean forward's logits with the block kernel equal those without it."""
     from conftest import make_tiny_model
     from transformers import AutoModelForCausalLM
     from eagle2.fast import FastTarget
@@ -192,7 +220,7 @@ def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path):
     model = make_tiny_model("llama", vocab_size=64, hidden_size=64, intermediate_size=128, head_dim=16)
     as_gguf_blocks(model)
     model.save_pretrained(tmp_path)
-    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
     tokens = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(3))
     outs = []
     for enabled in (False, True):

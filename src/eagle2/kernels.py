@@ -115,17 +115,20 @@ def linear(weight: Tensor, bias: Tensor | None = None, source: Tensor | None = N
 
 
 def lowbit_runs(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the block kernel runs here for ``dtype`` weights on ``device``: bf16 on a CPU with
-    AMX-BF16 or AVX512-BF16, the native extension built."""
+    """Whether the block kernel runs here for ``dtype`` weights on ``device``: bf16 on a CPU with AMX-BF16
+    or AVX512-BF16, fp32 on one with AVX2 + FMA; the native extension built."""
     return bool(block_isa(dtype, device))
 
 
 def block_isa(dtype: torch.dtype = torch.bfloat16, device: torch.device = torch.device("cpu")) -> str:
-    """The block kernel that runs here for ``dtype`` weights on ``device``: "amx", "avx512_bf16", or ""."""
-    if dtype != torch.bfloat16 or device.type != "cpu":
+    """The block kernel that runs here for ``dtype`` weights on ``device``: "amx", "avx512_bf16" (bf16),
+    "avx2" (fp32), or ""."""
+    if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         return ""
     mod = native.load()
-    return "" if mod is None else str(mod.block_isa())
+    if mod is None:
+        return ""
+    return str(mod.block_isa() if dtype == torch.bfloat16 else mod.block_isa_f32())
 
 
 def lowbit_usable(weight: Tensor) -> bool:

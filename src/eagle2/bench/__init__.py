@@ -20,8 +20,10 @@ total seconds of a method divided by the same for ``hf`` (or ``vanilla``), over 
 ``mean_accept_len`` (tau) is new tokens per target forward, prefill included: exactly what the
 engine's stats report; for ``hf``/``pld`` the target forwards are counted with a forward hook.
 ``greedy_identical`` (T = 0 only) is the fraction of prompts whose new token ids equal ``hf``'s.
-In fp32 every lossless method should score 1.0; in bf16 tiny numeric differences between
-transformers' own forward and the tree forward can flip a near-tie and the outputs then diverge.
+In fp32 every lossless method should score 1.0; in bf16 transformers' own forward rounds differently
+from ours, so a near-tie can flip and the outputs then diverge. ``greedy_identical_vanilla`` (when
+``hf`` and ``vanilla`` both run) compares with our own vanilla decode instead: with the row-invariant
+numerics (``exact``, the CPU default in bf16) every greedy engine method should score 1.0 there.
 
 The package is collect (collect.py, runners.py) -> score (score.py) -> report (report.py); results.json
 is the source of truth, and ``eagle2 bench --report`` regenerates pages and plots from it. Outputs in
@@ -44,7 +46,7 @@ from .inputs import (ALL_METHODS, DEFAULT_METHODS, ENGINE_METHODS, HF_METHODS, S
 from .report import regenerate, render_markdown, summary_line, summary_page, write_run
 from .runners import Answer, gguf_of, make_runners
 from .score import (FIELDS, accept_rate_per_depth, aggregate, calibration_bins, calibration_per_depth, exactness,
-                    round_profile, speculation_stats, tree_per_round)
+                    identical_fraction, round_profile, speculation_stats, tree_per_round)
 
 __all__ = ["ALL_METHODS", "DEFAULT_METHODS", "ENGINE_METHODS", "FIELDS", "HF_METHODS", "SPECULATIVE", "Answer",
            "RunSettings", "accept_rate_per_depth", "backend_info", "calibration_bins", "calibration_per_depth",
@@ -102,6 +104,9 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     records, answers = collect(runners, questions, s, progress)
 
     greedy, reference = exactness(answers, records, active, len(questions)) if temperature == 0 else ({}, None)
+    # speculation's own promise: the engine's greedy methods give our vanilla decode's text
+    vs_vanilla = (identical_fraction(answers, active, len(questions), "vanilla")
+                  if temperature == 0 and "vanilla" in active and reference != "vanilla" else {})
     overall = aggregate(records, active)
     cats = list(dict.fromkeys(q["category"] for q in questions))
     per_category = {c: aggregate([r for r in records if r["category"] == c], active) for c in cats}
@@ -111,7 +116,7 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
         backend=backend_info(gen), command=command, tree=tree, max_new_tokens=max_new_tokens,
         temperature=temperature, turns=turns, questions_file=questions_file, n_questions=len(questions),
         n_prompts=len(records) // max(len(active), 1), methods=overall, per_category=per_category,
-        greedy_identical=greedy, greedy_reference=reference, skipped=notes, machine=machine_info(),
+        greedy_identical=greedy, greedy_reference=reference, greedy_identical_vanilla=vs_vanilla, skipped=notes, machine=machine_info(),
         calibration=calib, total_tokens_curve=_size_curve(gen, questions, sweep, tree, s), prompts=records,
         wall_seconds=None, plots={})
     with (out / "answers.jsonl").open("w") as f:

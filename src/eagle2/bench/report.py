@@ -89,6 +89,7 @@ def _tree_lines(m: dict) -> list[str]:
 
 def render_markdown(r: dict) -> str:
     m = r["methods"]
+    vs_vanilla = r.get("greedy_identical_vanilla") or {}  # absent in runs recorded before it existed
     lines = [f"# eagle2 bench: {r['model']}", "",
              f"{r['n_questions']} questions ({r['n_prompts']} prompts, up to {r['turns']} turns), "
              f"max {r['max_new_tokens']} new tokens, temperature {r['temperature']}, dtype {r['dtype']}, "
@@ -99,14 +100,16 @@ def render_markdown(r: dict) -> str:
              f"commit {r['machine'].get('commit') or '?'}. Wall time {r['wall_seconds']} s.",
              f"Command: `{r.get('command') or '(not recorded)'}`", "",
              "| method | tokens/s | speedup vs hf | speedup vs vanilla | tau (tokens/forward) | new tokens | seconds "
-             "| greedy identical |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| greedy identical |" + (" identical to vanilla |" if vs_vanilla else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if vs_vanilla else "")]
     for name, s in m.items():
         gi = r["greedy_identical"].get(name)
         lines.append(f"| {name} | {s['tokens_per_s']:.2f} | {_f(s['speedup_vs_hf'])} | {_f(s['speedup_vs_vanilla'])} "
-                     f"| {_f(s['mean_accept_len'])} | {s['new_tokens']} | {s['seconds']:.2f} | {_f(gi)} |")
+                     f"| {_f(s['mean_accept_len'])} | {s['new_tokens']} | {s['seconds']:.2f} | {_f(gi)} |"
+                     + (f" {_f(vs_vanilla.get(name))} |" if vs_vanilla else ""))
     if r["greedy_reference"]:
-        lines += ["", f"Greedy identical: fraction of prompts whose new token ids equal `{r['greedy_reference']}`'s."]
+        lines += ["", f"Greedy identical: fraction of prompts whose new token ids equal `{r['greedy_reference']}`'s."
+                  + (" Identical to vanilla: the same against our own vanilla decode." if vs_vanilla else "")]
     prof = {n: s["round_profile_ms"] for n, s in m.items() if s.get("round_profile_ms")}
     if prof:
         lines += ["", "## One round, ms (draft = head commit + tree growth; verify = target forward + acceptance "
@@ -152,13 +155,22 @@ def summary_line(r: dict, out_dir) -> str:
                        "tokens_per_s": {k: v["tokens_per_s"] for k, v in r["methods"].items()},
                        "speedup_vs_hf": {k: v["speedup_vs_hf"] for k, v in r["methods"].items()},
                        "mean_accept_len": {k: v["mean_accept_len"] for k, v in r["methods"].items()},
-                       "greedy_identical": r["greedy_identical"]})
+                       "greedy_identical": r["greedy_identical"],
+                       "greedy_identical_vanilla": r.get("greedy_identical_vanilla") or {}})
+
+
+def _vs_vanilla(r: dict) -> dict:
+    """Per method, the fraction identical to vanilla (T = 0): its own column, or the reference's when that
+    is vanilla."""
+    if r.get("greedy_reference") == "vanilla":
+        return r.get("greedy_identical") or {}
+    return r.get("greedy_identical_vanilla") or {}
 
 
 def runs_table(runs: dict[str, dict]) -> list[str]:
     """One markdown table over several runs (name -> results dict): a row per method and run."""
-    lines = ["| run | method | tokens/s | vs vanilla | tau | draft ms | verify ms | nodes | depth | greedy = ref |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | method | tokens/s | vs vanilla | tau | draft ms | verify ms | nodes | depth | greedy = ref "
+             "| = vanilla |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in runs.items():
         run = f"{name} (T={r['temperature']:g}, {r['n_prompts']} prompts)"
         for m, s in r["methods"].items():
@@ -166,7 +178,7 @@ def runs_table(runs: dict[str, dict]) -> list[str]:
             cells = [run, m, f"{s['tokens_per_s']:.1f}", _f(s.get("speedup_vs_vanilla")), _f(s.get("mean_accept_len")),
                      _f(prof.get("draft"), "{:.1f}"), _f(prof.get("verify"), "{:.1f}"),
                      _f(tree.get("size_mean"), "{:.1f}"), _f(tree.get("depth_mean"), "{:.1f}"),
-                     _f((r.get("greedy_identical") or {}).get(m))]
+                     _f((r.get("greedy_identical") or {}).get(m)), _f(_vs_vanilla(r).get(m))]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -186,7 +198,8 @@ def summary_page(run_dirs: list, page: Path, title: str | None = None) -> str:
              f"Model {first['model']}, dtype {first['dtype']}, head {first['head']}.", "",
              *runs_table(runs), "",
              "tau = new tokens per target forward; draft / verify = ms per round; nodes / depth = mean verified "
-             "tree per round; greedy = ref: fraction of prompts identical to the reference method (T = 0).", "",
+             "tree per round; greedy = ref: fraction of prompts identical to the reference method (T = 0); = vanilla: "
+             "the same against our own vanilla decode.", "",
              "## Runs", ""]
     for name, r in runs.items():
         cmd = r.get("command") or "(not recorded)"

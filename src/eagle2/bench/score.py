@@ -99,12 +99,9 @@ def calibration_per_depth(triples: list) -> list[dict]:
     return out
 
 
-def exactness(answers: dict, records: list[dict], active: list[str], n_questions: int) -> tuple[dict, str | None]:
-    """At T = 0: per method, the fraction of prompts whose new token ids equal the reference's
-    (``hf`` if run, else ``vanilla``); marks each record ``identical``. Returns (fractions, reference)."""
-    reference = "hf" if "hf" in active else ("vanilla" if "vanilla" in active else None)
-    if reference is None:
-        return {}, None
+def identical_fraction(answers: dict, active: list[str], n_questions: int, reference: str) -> dict:
+    """At T = 0: per method other than ``reference``, the fraction of answers (turns) whose new token ids
+    equal ``reference``'s."""
     greedy = {}
     for m in active:
         if m == reference:
@@ -112,6 +109,16 @@ def exactness(answers: dict, records: list[dict], active: list[str], n_questions
         pairs = [(ra.token_ids, ga.token_ids) for qi in range(n_questions)
                  for ra, ga in zip(answers[(qi, reference)], answers[(qi, m)])]
         greedy[m] = round(sum(a == b for a, b in pairs) / len(pairs), 4) if pairs else None
+    return greedy
+
+
+def exactness(answers: dict, records: list[dict], active: list[str], n_questions: int) -> tuple[dict, str | None]:
+    """At T = 0: per method, the fraction of prompts whose new token ids equal the reference's
+    (``hf`` if run, else ``vanilla``); marks each record ``identical``. Returns (fractions, reference)."""
+    reference = "hf" if "hf" in active else ("vanilla" if "vanilla" in active else None)
+    if reference is None:
+        return {}, None
+    greedy = identical_fraction(answers, active, n_questions, reference)
     for r in records:
         if r["method"] != reference:
             ra = answers[(r["index"], reference)][r["turn"] - 1]

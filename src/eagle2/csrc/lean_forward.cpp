@@ -153,7 +153,7 @@ EAGLE2_AMX_FN void tiles_release() { _tile_release(); }
 // unpack (12 records, ~3.5 KB: faster than 6 or 20 on a Zen 4 EPYC), so that loads overlap the arithmetic.
 // A prefetch past the end of the weights is harmless: it never faults.
 template <int BITS>
-EAGLE2_BF16_FN inline void prefetch_record(const uint8_t* rec) {
+inline void prefetch_record(const uint8_t* rec) {  // baseline x86-64: callable from every kernel's ISA
   for (int64_t line = 0; line < RECORD<BITS>; line += 64) _mm_prefetch(reinterpret_cast<const char*>(rec + line), _MM_HINT_T0);
 }
 
@@ -329,22 +329,187 @@ EAGLE2_BF16_FN void block_group_dp(const uint16_t* x, int64_t ldx, int64_t rows,
                            y + m0 * ldy, ldy);
   }
 }
+
+// ---- the same records for fp32 activations, on AVX2 + FMA (Zen 2 and every later x86 CPU) ----------
+// Where bf16 is not native, dtype="auto" is fp32, whose weights stream 4 bytes each: reading the blocks
+// instead (0.625 or 1.06 bytes) is what makes a decode step fast there. The weight rebuilt is the fp32
+// weight itself (d * q is exact in fp32, so one fused multiply-add rounds once, as fp32 d * q + m does;
+// kernels.py checks it bit for bit), multiplied in fp32 with fused multiply-adds: another summation order
+// than MKL's fp32 product, the same latitude as oneDNN's packed fp32 linear.
+//
+// A record row's 32 elements (16 outputs x inputs 2 r, 2 r + 1) are four 8-lane vectors; lane e of the row
+// accumulates x[2 r + e % 2] * W[e / 2][2 r + e % 2] over the whole K, and output o is lane 2 o + lane
+// 2 o + 1 at the end. Each row sums in this order whatever the number of rows in the call.
+#define EAGLE2_AVX2_FN __attribute__((target("avx2,fma,f16c")))
+
+bool avx2_ready() {  // AVX2, FMA, F16C on this CPU and the ymm state enabled by the OS
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    const unsigned need = (1u << 12) | (1u << 27) | (1u << 28) | (1u << 29);  // FMA, OSXSAVE, AVX, F16C
+    if ((c & need) != need) return false;
+    unsigned lo, hi;
+    asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0x6u) != 0x6u) return false;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((b >> 5) & 1);  // AVX2
+  }();
+  return ok;
+}
+
+// The record's scales over the four vectors of a row: vector j holds outputs 4 j .. 4 j + 3, each twice.
+template <int BITS>
+EAGLE2_AVX2_FN inline void spread_f32(const uint8_t* rec, __m256* d, __m256* m) {
+  const uint8_t* scales = rec + 16 * 32 * BITS / 8;
+  const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+  for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
+    __m256* out = h == 0 ? d : m;
+    const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 * h)));
+    const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 * h + 16)));
+    out[0] = _mm256_permutevar8x32_ps(v0, lo);
+    out[1] = _mm256_permutevar8x32_ps(v0, hi);
+    out[2] = _mm256_permutevar8x32_ps(v1, lo);
+    out[3] = _mm256_permutevar8x32_ps(v1, hi);
+  }
+  if (BITS == 8)
+    for (int j = 0; j < 4; ++j) m[j] = _mm256_setzero_ps();
+}
+
+// Row r of a record as 32 fp32 weights in four vectors.
+template <int BITS>
+EAGLE2_AVX2_FN inline void unpack_row_f32(const uint8_t* rec, const __m256* d, const __m256* m, int r, __m256* w) {
+  __m128i a, b;  // elements 0..15 and 16..31, one byte each
+  if (BITS == 8) {
+    a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r));
+    b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r + 16));
+  } else {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * r)), nibble = _mm_set1_epi8(0x0F);
+    a = _mm_and_si128(raw, nibble);
+    b = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+  }
+  const __m128i parts[4] = {a, _mm_srli_si128(a, 8), b, _mm_srli_si128(b, 8)};
+  for (int j = 0; j < 4; ++j) {
+    const __m256i q = BITS == 8 ? _mm256_cvtepi8_epi32(parts[j]) : _mm256_cvtepu8_epi32(parts[j]);
+    w[j] = BITS == 8 ? _mm256_mul_ps(_mm256_cvtepi32_ps(q), d[j]) : _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d[j], m[j]);
+  }
+}
+
+// R <= 2 rows of one group (registers: 4 R accumulators, 4 weight vectors, the scales), weights from the
+// records (FROM_RECORDS) or from `wbuf` (the group unpacked once: kblocks x 16 rows x 32 floats).
+template <int R, bool FROM_RECORDS, int BITS>
+EAGLE2_AVX2_FN void dot_rows_f32(const uint8_t* recs, const float* wbuf, int64_t kblocks, const float* x, int64_t ldx,
+                                 const float* bias, float* y, int64_t ldy) {
+  __m256 acc[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint8_t* rec = recs + kb * RECORD<BITS>;
+    __m256 d[4], m[4];
+    if (FROM_RECORDS) {
+      prefetch_record<BITS>(rec + 12 * RECORD<BITS>);
+      spread_f32<BITS>(rec, d, m);
+    }
+    for (int r = 0; r < 16; ++r) {
+      __m256 w[4];
+      if (FROM_RECORDS) {
+        unpack_row_f32<BITS>(rec, d, m, r, w);
+      } else {
+        for (int j = 0; j < 4; ++j) w[j] = _mm256_load_ps(wbuf + (kb * 16 + r) * 32 + 8 * j);
+      }
+      for (int i = 0; i < R; ++i) {  // inputs 2 r, 2 r + 1 of row i, repeated over the lanes
+        double pair;
+        std::memcpy(&pair, x + i * ldx + kb * 32 + 2 * r, 8);
+        const __m256 xp = _mm256_castpd_ps(_mm256_set1_pd(pair));
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xp, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    alignas(32) float lanes[32];
+    for (int j = 0; j < 4; ++j) _mm256_store_ps(lanes + 8 * j, acc[i][j]);
+    for (int o = 0; o < 16; ++o) {
+      const float v = lanes[2 * o] + lanes[2 * o + 1];
+      y[i * ldy + o] = bias == nullptr ? v : v + bias[o];
+    }
+  }
+}
+
+template <int BITS>
+EAGLE2_AVX2_FN void block_group_f32(const float* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
+                                    const float* bias, float* y, int64_t ldy, float* wbuf) {
+  if (rows <= 2) {
+    return rows == 1 ? dot_rows_f32<1, true, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy)
+                     : dot_rows_f32<2, true, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+  }
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint8_t* rec = recs + kb * RECORD<BITS>;
+    prefetch_record<BITS>(rec + 12 * RECORD<BITS>);
+    __m256 d[4], m[4], w[4];
+    spread_f32<BITS>(rec, d, m);
+    for (int r = 0; r < 16; ++r) {
+      unpack_row_f32<BITS>(rec, d, m, r, w);
+      for (int j = 0; j < 4; ++j) _mm256_store_ps(wbuf + (kb * 16 + r) * 32 + 8 * j, w[j]);
+    }
+  }
+  int64_t m0 = 0;
+  for (; m0 + 2 <= rows; m0 += 2)
+    dot_rows_f32<2, false, BITS>(recs, wbuf, kblocks, x + m0 * ldx, ldx, bias, y + m0 * ldy, ldy);
+  if (m0 < rows) dot_rows_f32<1, false, BITS>(recs, wbuf, kblocks, x + m0 * ldx, ldx, bias, y + m0 * ldy, ldy);
+}
 #else
 bool bf16_ready() { return false; }
 bool amx_ready() { return false; }
+bool avx2_ready() { return false; }
 #endif
 
-// Which block kernel runs here: "amx", "avx512_bf16", or "" (none: kernels.py keeps the bf16 weights).
+// Which block kernel runs here for bf16 activations: "amx", "avx512_bf16", or "" (none); for fp32 ones
+// "avx2" or "". Without one, kernels.py keeps the plain weights.
 std::string block_isa() { return amx_ready() ? "amx" : bf16_ready() ? "avx512_bf16" : ""; }
+std::string block_isa_f32() { return avx2_ready() ? "avx2" : ""; }
 
-// x [..., K] bf16 @ W.T (+ bias [N] bf16) -> [..., N] bf16 from W's records [N / 16, K / 32, R];
-// R (Q4_RECORD or Q8_RECORD) says the format.
+// The fp32 records product (see dot_rows_f32): x2 [M, K] contiguous.
+at::Tensor block_linear_f32(const at::Tensor& x2, const at::Tensor& recs, const c10::optional<at::Tensor>& bias) {
+#ifdef EAGLE2_AMX
+  const int64_t K = x2.size(1), M = x2.size(0), groups = recs.size(0), kblocks = recs.size(1), N = groups * 16;
+  const int64_t rec = recs.size(2);
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == N, "block_linear: bias must be fp32 [N]");
+  }
+  at::Tensor y = at::empty({M, N}, x2.options());
+  const float* xp = x2.const_data_ptr<float>();
+  const float* bp = bias.has_value() ? b.const_data_ptr<float>() : nullptr;
+  const uint8_t* rp = recs.const_data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  auto group = rec == Q4_RECORD ? &block_group_f32<4> : &block_group_f32<8>;
+  at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
+    std::vector<float> buf(kblocks * 512 + 8);  // one group's fp32 weights, 32-byte aligned below
+    float* wbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
+    for (int64_t g = g0; g < g1; ++g) {
+      group(xp, K, M, rp + g * kblocks * rec, kblocks, bp == nullptr ? nullptr : bp + 16 * g, yp + 16 * g, N, wbuf);
+    }
+  });
+  return y;
+#else
+  return at::Tensor();
+#endif
+}
+
+// x [..., K] @ W.T (+ bias [N]) -> [..., N] from W's records [N / 16, K / 32, R]; R (Q4_RECORD or Q8_RECORD)
+// says the format. bf16 x (and bias) on AMX or AVX512-BF16; fp32 on AVX2.
 at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(bf16_ready(), "block_linear needs AVX512-BF16 (kernels.py only packs block weights where it is usable)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && recs.scalar_type() == at::kByte && recs.dim() == 3 &&
+  TORCH_CHECK(recs.scalar_type() == at::kByte && recs.dim() == 3 &&
               (recs.size(2) == Q4_RECORD || recs.size(2) == Q8_RECORD) && recs.is_contiguous() &&
               x.size(-1) == recs.size(1) * 32,
-              "block_linear: bf16 x [..., K] and records [N / 16, K / 32, ", Q4_RECORD, " or ", Q8_RECORD, "] expected");
+              "block_linear: x [..., K] and records [N / 16, K / 32, ", Q4_RECORD, " or ", Q8_RECORD, "] expected");
+  if (x.scalar_type() == at::kFloat) {
+    TORCH_CHECK(avx2_ready(), "block_linear in fp32 needs AVX2 + FMA (kernels.py only packs block weights where usable)");
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = recs.size(0) * 16;
+    return block_linear_f32(x.reshape({-1, x.size(-1)}).contiguous(), recs, bias).view(sizes);
+  }
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "block_linear: bf16 or fp32 x expected");
+  TORCH_CHECK(bf16_ready(), "block_linear in bf16 needs AVX512-BF16 (kernels.py only packs block weights where usable)");
 #ifdef EAGLE2_AMX
   const int64_t K = x.size(-1), groups = recs.size(0), kblocks = recs.size(1), N = groups * 16, rec = recs.size(2);
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
@@ -359,6 +524,8 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
   const uint8_t* rp = recs.const_data_ptr<uint8_t>();
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
   if (!amx_ready()) {
     auto group = rec == Q4_RECORD ? &block_group_dp<4> : &block_group_dp<8>;
     at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
@@ -368,8 +535,6 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
         group(xp, K, M, rp + g * kblocks * rec, kblocks, bp == nullptr ? nullptr : bp + 16 * g, yp + 16 * g, N, wbuf);
       }
     });
-    std::vector<int64_t> sizes = x.sizes().vec();
-    sizes.back() = N;
     return y.view(sizes);
   }
   auto group = rec == Q4_RECORD ? &block_group<4> : &block_group<8>;
@@ -384,8 +549,6 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
     }
     tiles_release();
   });
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = N;
   return y.view(sizes);
 #else
   return at::Tensor();
@@ -762,7 +925,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("exact_attention", &exact_attention, "row-invariant attention over a static cache (see exact_attention)",
         release());
   m.def("amx_ready", &amx_ready, "whether block_linear runs on the AMX tile unit here");
-  m.def("block_isa", &block_isa, "the block kernel that runs here: amx, avx512_bf16, or empty (none)");
+  m.def("block_isa", &block_isa, "the bf16 block kernel that runs here: amx, avx512_bf16, or empty (none)");
+  m.def("block_isa_f32", &block_isa_f32, "the fp32 block kernel that runs here: avx2, or empty (none)");
   m.def("layer_layout", &layer_layout, "the names of decoder_forward's tensors per layer, in order");
   m.def("activation_codes", &activation_codes, "activation name -> decoder_forward's act code");
 }
