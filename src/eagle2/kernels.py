@@ -6,16 +6,18 @@ out the weight on every call (bf16: always; fp32: for inputs of more than one ro
 that skips that work: on an Intel machine with AMX the 120 bf16 linears of SmolLM2-135M went
 from 19.0 to 13.1 ms per forward and the 49k-row lm_head from 1.9 to 1.3 ms.
 
-**Low-bit block weights.** A model converted from a GGUF has bf16 weights that are exactly
-``bf16(d * q + m)`` per block of 32 inputs: 4-bit ``q`` with fp16 ``d``, ``m`` for Q4_1 (our
-default SmolLM2's layers), 8-bit ``q`` with fp16 ``d`` and ``m = 0`` for Q8_0 (its embedding,
+**Low-bit block weights.** A model converted from a GGUF has weights that are exactly
+``d * q + m`` (rounded once to the dtype) per block of 32 inputs: 4-bit ``q`` with fp16 ``d``, ``m`` for
+Q4_1 (our default SmolLM2's layers), 8-bit ``q`` with fp16 ``d`` and ``m = 0`` for Q8_0 (its embedding,
 tied to the lm_head). Given the fp32 weights such a model was converted from (``source``),
-``linear(..., source=)`` finds ``d``, ``m``, ``q``, checks that they rebuild the bf16 weight bit for
-bit, and stores them as records for the native AMX kernel (csrc/lean_forward.cpp): 0.625 or
-1.06 bytes per weight instead of 2, the same bf16 weights, fp32 accumulation. Decode and
-tree-verify steps are bound by how fast weights stream in, so they run faster; inputs of more
-than 32 rows (prefills) keep oneDNN's kernel. A weight not exactly of that form, a CPU without AMX-BF16,
-or a caller that passes no ``source`` (``Backend.lowbit`` off: ``EAGLE2_LOWBIT=0``) keeps the bf16 path.
+``linear(..., source=)`` finds ``d``, ``m``, ``q``, checks that they rebuild the loaded weight bit for bit,
+and stores them as records for the native kernels (csrc/lean_forward.cpp): 0.625 or 1.06 bytes per
+weight instead of 2 or 4, the same weights, fp32 accumulation. Decode and tree-verify steps are bound by
+how fast weights stream in, so they run faster; inputs of more than 32 rows (prefills) keep oneDNN's
+kernel. Which kernel runs is chosen from CPUID at run time (``block_isa``): bf16 on AMX-BF16 (tile unit)
+or AVX512-BF16 (dot-product instruction), fp32 on AVX2 + FMA. A weight not exactly of that form, a CPU
+without a kernel for the dtype, or a caller that passes no ``source`` (``Backend.lowbit`` off:
+``EAGLE2_LOWBIT=0``) keeps the plain weights.
 
 Exactness: in bf16 / fp16 the packed product is used only where a probe shows it bit-identical
 to ``F.linear`` (a CPU with oneDNN). In fp32 it is used where it agrees to fp32 rounding (another
@@ -24,9 +26,9 @@ summation order, ~1e-6 relative): on a CPU without fast bf16 fp32 is the dtype u
 1.39 ms plain, 0.34 ms packed, on an AVX2 EPYC). Greedy output in fp32 stays token-identical to
 transformers (the real-model contract test runs with it); ``linear(..., pack=False)``
 (``Backend.packed_linear`` off: ``EAGLE2_PACKED_LINEAR=0``) gives transformers' own kernels. CUDA
-and other back ends run plain ``F.linear``. The low-bit kernel rebuilds the identical bf16 weights;
-its products equal oneDNN's in the tests (both accumulate bf16 products in fp32 on the tile unit),
-and it is used in bf16 only.
+and other back ends run plain ``F.linear``. The low-bit kernels rebuild the identical weights and compute
+each row alone, in an order independent of the number of rows (row-invariant, tested bit for bit); in
+bf16 their products match oneDNN's up to a rare last-bit step, in fp32 MKL's up to summation order.
 This module knows nothing of models: callers hand it weights.
 """
 

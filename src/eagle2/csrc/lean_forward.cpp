@@ -466,34 +466,34 @@ bool avx2_ready() { return false; }
 std::string block_isa() { return amx_ready() ? "amx" : bf16_ready() ? "avx512_bf16" : ""; }
 std::string block_isa_f32() { return avx2_ready() ? "avx2" : ""; }
 
-// The fp32 records product (see dot_rows_f32): x2 [M, K] contiguous.
-at::Tensor block_linear_f32(const at::Tensor& x2, const at::Tensor& recs, const c10::optional<at::Tensor>& bias) {
 #ifdef EAGLE2_AMX
+// The frame of the register kernels (AVX512-BF16, AVX2): x2 [M, K] contiguous in T's dtype, bias [N] in the
+// same, one call of `group` per 16 outputs with a per-thread, 64-byte aligned buffer for one group's
+// weights unpacked (kblocks records of 512 values).
+template <typename T, typename Group>
+at::Tensor run_groups(const at::Tensor& x2, const at::Tensor& recs, const c10::optional<at::Tensor>& bias, Group group) {
   const int64_t K = x2.size(1), M = x2.size(0), groups = recs.size(0), kblocks = recs.size(1), N = groups * 16;
   const int64_t rec = recs.size(2);
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
-    TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == N, "block_linear: bias must be fp32 [N]");
+    TORCH_CHECK(b.scalar_type() == x2.scalar_type() && b.numel() == N, "block_linear: bias must be [N] in x's dtype");
   }
   at::Tensor y = at::empty({M, N}, x2.options());
-  const float* xp = x2.const_data_ptr<float>();
-  const float* bp = bias.has_value() ? b.const_data_ptr<float>() : nullptr;
+  const T* xp = reinterpret_cast<const T*>(x2.const_data_ptr());
+  const T* bp = bias.has_value() ? reinterpret_cast<const T*>(b.const_data_ptr()) : nullptr;
   const uint8_t* rp = recs.const_data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
-  auto group = rec == Q4_RECORD ? &block_group_f32<4> : &block_group_f32<8>;
+  T* yp = reinterpret_cast<T*>(y.data_ptr());
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
-    std::vector<float> buf(kblocks * 512 + 8);  // one group's fp32 weights, 32-byte aligned below
-    float* wbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
+    std::vector<T> buf(kblocks * 512 + 64 / sizeof(T));
+    T* wbuf = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     for (int64_t g = g0; g < g1; ++g) {
       group(xp, K, M, rp + g * kblocks * rec, kblocks, bp == nullptr ? nullptr : bp + 16 * g, yp + 16 * g, N, wbuf);
     }
   });
   return y;
-#else
-  return at::Tensor();
-#endif
 }
+#endif
 
 // x [..., K] @ W.T (+ bias [N]) -> [..., N] from W's records [N / 16, K / 32, R]; R (Q4_RECORD or Q8_RECORD)
 // says the format. bf16 x (and bias) on AMX or AVX512-BF16; fp32 on AVX2.
@@ -502,18 +502,19 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
               (recs.size(2) == Q4_RECORD || recs.size(2) == Q8_RECORD) && recs.is_contiguous() &&
               x.size(-1) == recs.size(1) * 32,
               "block_linear: x [..., K] and records [N / 16, K / 32, ", Q4_RECORD, " or ", Q8_RECORD, "] expected");
-  if (x.scalar_type() == at::kFloat) {
-    TORCH_CHECK(avx2_ready(), "block_linear in fp32 needs AVX2 + FMA (kernels.py only packs block weights where usable)");
-    std::vector<int64_t> sizes = x.sizes().vec();
-    sizes.back() = recs.size(0) * 16;
-    return block_linear_f32(x.reshape({-1, x.size(-1)}).contiguous(), recs, bias).view(sizes);
-  }
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "block_linear: bf16 or fp32 x expected");
-  TORCH_CHECK(bf16_ready(), "block_linear in bf16 needs AVX512-BF16 (kernels.py only packs block weights where usable)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "block_linear: bf16 or fp32 x expected");
+  const bool f32 = x.scalar_type() == at::kFloat;
+  TORCH_CHECK(f32 ? avx2_ready() : bf16_ready(), "block_linear needs ", f32 ? "AVX2 + FMA in fp32" : "AVX512-BF16 in bf16",
+              " (kernels.py only packs block weights where they are usable)");
 #ifdef EAGLE2_AMX
   const int64_t K = x.size(-1), groups = recs.size(0), kblocks = recs.size(1), N = groups * 16, rec = recs.size(2);
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  const bool q4 = rec == Q4_RECORD;
+  if (f32) return run_groups<float>(x2, recs, bias, q4 ? &block_group_f32<4> : &block_group_f32<8>).view(sizes);
+  if (!amx_ready()) return run_groups<uint16_t>(x2, recs, bias, q4 ? &block_group_dp<4> : &block_group_dp<8>).view(sizes);
   at::Tensor b;
   if (bias.has_value()) {
     b = bias->contiguous();
@@ -524,19 +525,6 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
   const uint16_t* bp = bias.has_value() ? reinterpret_cast<const uint16_t*>(b.const_data_ptr()) : nullptr;
   const uint8_t* rp = recs.const_data_ptr<uint8_t>();
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = N;
-  if (!amx_ready()) {
-    auto group = rec == Q4_RECORD ? &block_group_dp<4> : &block_group_dp<8>;
-    at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
-      std::vector<uint16_t> buf(kblocks * 512 + 32);  // one group's bf16 weights, 64-byte aligned below
-      uint16_t* wbuf = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-      for (int64_t g = g0; g < g1; ++g) {
-        group(xp, K, M, rp + g * kblocks * rec, kblocks, bp == nullptr ? nullptr : bp + 16 * g, yp + 16 * g, N, wbuf);
-      }
-    });
-    return y.view(sizes);
-  }
   auto group = rec == Q4_RECORD ? &block_group<4> : &block_group<8>;
   at::parallel_for(0, groups, 4, [&](int64_t g0, int64_t g1) {
     for (int64_t m0 = 0; m0 < M; m0 += 32) {  // tile configuration is per thread
