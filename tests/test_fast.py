@@ -243,3 +243,27 @@ def test_drafter_runs_the_head_as_its_module_does():
         ref3, _ = head(nodes[None], emb(ntok[None]), torch.full((1, 2), 9), past=past, mask=mask[None, None])
         got = drafter._run(nodes, ntok, torch.full((2,), 9), drafter.length, mask)
         torch.testing.assert_close(got, ref3[0], atol=1e-5, rtol=1e-5)
+
+
+def test_native_builds_for_every_x86_isa(tmp_path, monkeypatch):
+    """The extension is compiled with the vector flags of the ISA torch detects (native._vector_flags),
+    and its AVX512-BF16 / AMX kernels carry their own target attributes: a build with AVX2 flags only
+    (a Zen 2 machine's) must compile too, and its fp32 block kernel must agree with F.linear."""
+    import platform
+
+    import torch.nn.functional as F
+
+    from eagle2 import kernels, native
+    from test_kernels import _q4_blocks
+
+    _native_or_skip()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 only")
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path))
+    mod = native._build(["-O3", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c"], [])
+    if not mod.block_isa_f32():
+        pytest.skip("this CPU has no AVX2 + FMA")
+    src = _q4_blocks(32, 64, seed=1)
+    recs = kernels.pack_lowbit(src.to(torch.bfloat16), src)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    assert (mod.block_linear(x, recs, None) - F.linear(x, src)).abs().max() <= 1e-5 * F.linear(x, src).abs().mean()

@@ -258,18 +258,26 @@ EAGLE2_AMX_FN void block_group(const uint16_t* x, int64_t ldx, int64_t rows, con
 // The weights of a group come either straight from its records (FROM_RECORDS: one chunk of rows, each
 // record unpacked once, in registers) or from `wbuf`, the group unpacked once (kblocks x 1 KB) for
 // several chunks.
+// Inputs p[0], p[1] (a row's 2 r and 2 r + 1), broadcast to the 16 outputs. (Helpers, not lambdas: a
+// lambda does not take its function's target attribute, so a build without global AVX-512 flags fails.)
+EAGLE2_BF16_FN inline __m512bh input_pair(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v)));
+}
+
+// Row r of a record's weights: unpacked from the record, or loaded from the group's buffer.
+template <bool FROM_RECORDS, int BITS>
+EAGLE2_BF16_FN inline __m512bh weight_row(const uint8_t* rec, const Spread& sp, const uint16_t* w, int r) {
+  return reinterpret_cast<__m512bh>(FROM_RECORDS ? unpack_row<BITS>(rec, sp, r) : _mm512_load_si512(w + 32 * r));
+}
+
 template <int R, bool FROM_RECORDS, int BITS>
 EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, const uint16_t* wbuf, int64_t kblocks, const uint16_t* x,
                                     int64_t ldx, const uint16_t* bias, uint16_t* y, int64_t ldy) {
   __m512 acc[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-  // inputs 2 r and 2 r + 1 of row i, broadcast to the 16 outputs
-  auto pair = [&](const uint16_t* xk, int i, int r) {
-    uint32_t v;
-    std::memcpy(&v, xk + i * ldx + 2 * r, 4);
-    return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v)));
-  };
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint8_t* rec = recs + kb * RECORD<BITS>;
     const uint16_t* w = wbuf + kb * 512;
@@ -279,17 +287,18 @@ EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, const uint16_t* wbuf, i
       prefetch_record<BITS>(rec + 12 * RECORD<BITS>);
       sp = spread<BITS>(rec);
     }
-    auto row = [&](int r) {
-      return reinterpret_cast<__m512bh>(FROM_RECORDS ? unpack_row<BITS>(rec, sp, r) : _mm512_load_si512(w + 32 * r));
-    };
     for (int r = 0; r < 16; r += 4) {  // spelled out per accumulator: a computed index would keep them in memory
-      const __m512bh w0 = row(r), w1 = row(r + 1), w2 = row(r + 2), w3 = row(r + 3);
+      const __m512bh w0 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r);
+      const __m512bh w1 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r + 1);
+      const __m512bh w2 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r + 2);
+      const __m512bh w3 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r + 3);
 #pragma GCC unroll 6
       for (int i = 0; i < R; ++i) {
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], pair(xk, i, r), w0);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], pair(xk, i, r + 1), w1);
-        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], pair(xk, i, r + 2), w2);
-        acc[i][3] = _mm512_dpbf16_ps(acc[i][3], pair(xk, i, r + 3), w3);
+        const uint16_t* xi = xk + i * ldx + 2 * r;
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], input_pair(xi), w0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], input_pair(xi + 2), w1);
+        acc[i][2] = _mm512_dpbf16_ps(acc[i][2], input_pair(xi + 4), w2);
+        acc[i][3] = _mm512_dpbf16_ps(acc[i][3], input_pair(xi + 6), w3);
       }
     }
   }
