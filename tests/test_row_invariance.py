@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import fit_head, make_generator, make_tiny_model
+from eagle2 import native
 from eagle2.config import Backend
 from eagle2.fast import FastTarget, additive_mask, exact_attention, exact_attention_rows, exact_default
 
@@ -92,12 +93,15 @@ def test_a_row_is_the_same_alone_or_in_a_tree(dtype, python):
     assert _row_checks(tgt, python) == []
 
 
-def test_exact_only_in_reduced_precision():
-    assert FastTarget(wide_model(torch.bfloat16), backend=Backend(exact=True)).exact
-    assert FastTarget(wide_model(torch.float16), backend=Backend(exact=True)).exact
-    assert not FastTarget(wide_model(torch.float32), backend=Backend(exact=True)).exact  # fp32: the contract with hf
-    assert not FastTarget(wide_model(torch.bfloat16), backend=Backend(exact=False)).exact
-    assert FastTarget(wide_model(torch.bfloat16)).exact == exact_default(torch.bfloat16)
+def test_exact_setting_and_default():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert FastTarget(wide_model(dtype), backend=Backend(exact=True)).exact
+        assert not FastTarget(wide_model(dtype), backend=Backend(exact=False)).exact
+    built = native.load() is not None
+    assert FastTarget(wide_model(torch.bfloat16)).exact == exact_default(torch.bfloat16, native_ok=built) == built
+    assert FastTarget(wide_model(torch.float32)).exact == built  # fp32 too: the contract tests run with it
+    assert not FastTarget(wide_model(torch.bfloat16), backend=Backend(native=False)).exact  # slow fallback: off
+    assert not exact_default(torch.bfloat16, torch.device("meta"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

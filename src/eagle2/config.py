@@ -25,14 +25,14 @@ class Backend:
 
     Every switch only *allows* its path: each is used where its own check passes (the lean forward
     supports the model, the extension builds, a packed product is exact in that dtype, a weight is
-    made of low-bit blocks on a CPU with AMX). Output is exact with any combination.
+    made of low-bit blocks on a CPU with a kernel for its dtype). Output is exact with any combination.
     """
 
     forward: str = "auto"  # auto: the lean forward (fast.py) where it fits the model; fast: it or refuse; transformers
     native: bool = True  # decoder stacks from C++ (native.py); EAGLE2_NATIVE=0 turns it off
     packed_linear: bool = True  # weights prepacked for oneDNN where exact (kernels.py); EAGLE2_PACKED_LINEAR=0
-    lowbit: bool = True  # GGUF low-bit block weights on AMX (kernels.py; needs native); EAGLE2_LOWBIT=0
-    exact: bool | None = None  # row-invariant numerics on the lean forward, bf16 / fp16 (None: fast.exact_default)
+    lowbit: bool = True  # GGUF low-bit block weights (AMX, AVX512-BF16, AVX2; kernels.py; needs native); EAGLE2_LOWBIT=0
+    exact: bool | None = None  # row-invariant numerics on the lean forward (None: fast.exact_default)
 
     def __post_init__(self) -> None:
         if self.forward not in FORWARDS:

@@ -6,7 +6,7 @@ weights in the way gpt-fast writes a model: fused q/k/v and gate/up projections,
 grouped-query SDPA straight over a preallocated cache, no per-step allocation of the cache.
 Every projection and the lm_head go through ``kernels.linear`` (bf16 weights prepacked for
 oneDNN on a CPU, bit-identical to ``F.linear``; for a model converted from a GGUF, the exact
-low-bit blocks its bf16 weights are made of, on AMX). It covers the families whose layers are exactly
+low-bit blocks its weights are made of, on AMX, AVX512-BF16 or AVX2). It covers the families whose layers are exactly
 
     x = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))));  x = x + down(act(gate(n2(x))) * up(n2(x)))
 
@@ -298,16 +298,18 @@ class StaticCache:
             setattr(self, name, new)
 
 
-def exact_default(dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> bool:
-    """Row-invariant numerics are the default in bf16 / fp16 on a CPU: greedy eagle2 / eagle1 / chain then
-    give vanilla's text token for token, and they are faster, not slower. Their attention
-    (``exact_attention``) is a plain loop over the cached keys, while ATen's attention with a mask costs
-    several milliseconds per step of 1-64 rows (on a Zen 4 EPYC: a one-token step at 128 cached tokens
-    7.0 ms exact against 11.4 ms; at 1024, 11.3 against 30.3). Other devices run the Python loop, where
-    ATen's attention is the fast one.
-    ``exact=True`` is honoured in bf16 / fp16 only: in fp32 the contract is token equality with
-    transformers, and MKL's fp32 products are not row-invariant anyway."""
-    return dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cpu"
+def exact_default(dtype: torch.dtype, device: torch.device = torch.device("cpu"), native_ok: bool = True) -> bool:
+    """Row-invariant numerics are the default on a CPU with the native extension (``native_ok``): greedy
+    eagle2 / eagle1 / chain then give vanilla's text token for token in bf16 / fp16, and they are faster,
+    not slower. Their attention (``exact_attention``) is a plain loop over the cached keys, while ATen's
+    attention with a mask costs several milliseconds per step of 1-64 rows (on a Zen 4 EPYC in bf16: a
+    one-token step at 128 cached tokens 7.0 ms exact against 11.4 ms; at 1024, 11.3 against 30.3; in fp32
+    greedy vanilla decoding 82.2 against 69.5 tokens/s, the same tokens). In fp32 the linears stay MKL's
+    where the weights are not low-bit blocks, which are not row-invariant; there the contract is token
+    equality with transformers, which the fp32 tests check with this default. Without the extension the
+    attention falls back to a slow row-by-row loop, and other devices run ATen's attention: off there."""
+    return (dtype in (torch.bfloat16, torch.float16, torch.float32) and torch.device(device).type == "cpu"
+            and native_ok)
 
 
 class RotaryTable:
@@ -337,7 +339,8 @@ class FastTarget(Target):
     def __init__(self, model, capacity: int = 1024, backend: Backend | None = None):
         """backend: the switches (``Backend()``: every fast path allowed). Its ``exact``: row-invariant
         numerics (each logit row as a one-token step would give it, so greedy speculative decoding equals
-        vanilla decoding bit for bit), bf16 / fp16 only; None: ``exact_default``."""
+        vanilla decoding bit for bit where every linear is row-invariant: always in bf16 / fp16, for low-bit
+        blocks in fp32); None: ``exact_default``."""
         super().__init__(model)
         backend = backend or Backend()
         ok, why = supports(model)
@@ -366,7 +369,8 @@ class FastTarget(Target):
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
         exact = backend.exact
-        self.exact = exact_default(self.dtype, self.device) if exact is None else bool(exact) and self.dtype != torch.float32
+        native_ok = backend.native and native.load() is not None
+        self.exact = exact_default(self.dtype, self.device, native_ok) if exact is None else bool(exact)
         self.stack = Stack(layers, self.norm.weight, dims, self.exact, backend.native)
         lm = self.lm_head.weight
         self._lm = linear(lm, getattr(self.lm_head, "bias", None), None if source is None else source(lm),
