@@ -47,8 +47,9 @@ def pad_batch(batch_ids: list[list[int]]) -> tuple[Tensor, Tensor]:
 
 def last_hidden(model, backend: Backend | str | None = None) -> FeatureFn:
     """The EAGLE-1/2 features: last hidden states after the final norm, on the forward ``fast.make_target``
-    picks for ``model`` (built here, once)."""
-    target = make_target(model, backend)
+    picks for ``model`` (built here, once). Features are prefills, batched or not: they take ATen's attention
+    (``exact=False``) whatever the batch, so a sequence's features do not depend on what it was batched with."""
+    target = make_target(model, Backend.of(backend, exact=False))
     return partial(_last_hidden, model, target if isinstance(target, FastTarget) else None)
 
 
