@@ -219,9 +219,9 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     exact: row-invariant numerics on the lean forward — every logit row of a tree verification is
     bit for bit what a one-token step gives, so greedy eagle2 / eagle1 / chain output equals vanilla
     output token for token in bf16 / fp16 too (fp32 is covered by the contract with transformers).
-    None: ``fast.exact_default`` (on on a CPU with the native extension, where it is also the faster
-    path, fp32 included); False:
-    ATen's kernels, where a near-tie may flip between a tree row and a one-token step."""
+    None: ``fast.exact_default`` (on for a CPU with the native extension, where it is also the faster
+    path, fp32 included); False: ATen's kernels, where a near-tie may flip between a tree row and a
+    one-token step."""
     backend = Backend.of(backend, exact)  # the environment is read here, once; bad values fail before the load
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
         raise ValueError(f"head directory not found: {head}")

@@ -302,9 +302,8 @@ def exact_default(dtype: torch.dtype, device: torch.device = torch.device("cpu")
     """Row-invariant numerics are the default on a CPU with the native extension (``native_ok``): greedy
     eagle2 / eagle1 / chain then give vanilla's text token for token in bf16 / fp16, and they are faster,
     not slower. Their attention (``exact_attention``) is a plain loop over the cached keys, while ATen's
-    attention with a mask costs several milliseconds per step of 1-64 rows (on a Zen 4 EPYC in bf16: a
-    one-token step at 128 cached tokens 7.0 ms exact against 11.4 ms; at 1024, 11.3 against 30.3; in fp32
-    greedy vanilla decoding 82.2 against 69.5 tokens/s, the same tokens). In fp32 the linears stay MKL's
+    attention with a mask costs several milliseconds per step of 1-64 rows (docs/design.md, "Row-invariant
+    numerics", has the measurements). In fp32 the linears stay MKL's
     where the weights are not low-bit blocks, which are not row-invariant; there the contract is token
     equality with transformers, which the fp32 tests check with this default. Without the extension the
     attention falls back to a slow row-by-row loop, and other devices run ATen's attention: off there."""

@@ -124,7 +124,7 @@ def _build(flags: list[str], ldflags: list[str]):
     """Compile (or load the cached build of) the extension with these flags."""
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
+    digest = hashlib.sha1((source_digest() + torch.__version__ + " ".join(flags)).encode()).hexdigest()[:12]
     name = f"eagle2_lean_{digest}"
     where = cache_dir() / "native" / name
     where.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ engine's stats report; for ``hf``/``pld`` the target forwards are counted with a
 In fp32 every lossless method should score 1.0; in bf16 transformers' own forward rounds differently
 from ours, so a near-tie can flip and the outputs then diverge. ``greedy_identical_vanilla`` (when
 ``hf`` and ``vanilla`` both run) compares with our own vanilla decode instead: with the row-invariant
-numerics (``exact``, the CPU default in bf16) every greedy engine method should score 1.0 there.
+numerics (``exact``, the CPU default) every greedy engine method should score 1.0 there in bf16 / fp16.
 
 The package is collect (collect.py, runners.py) -> score (score.py) -> report (report.py); results.json
 is the source of truth, and ``eagle2 bench --report`` regenerates pages and plots from it. Outputs in
@@ -116,8 +116,9 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
         backend=backend_info(gen), command=command, tree=tree, max_new_tokens=max_new_tokens,
         temperature=temperature, turns=turns, questions_file=questions_file, n_questions=len(questions),
         n_prompts=len(records) // max(len(active), 1), methods=overall, per_category=per_category,
-        greedy_identical=greedy, greedy_reference=reference, greedy_identical_vanilla=vs_vanilla, skipped=notes, machine=machine_info(),
-        calibration=calib, total_tokens_curve=_size_curve(gen, questions, sweep, tree, s), prompts=records,
+        greedy_identical=greedy, greedy_reference=reference, greedy_identical_vanilla=vs_vanilla, skipped=notes,
+        machine=machine_info(), calibration=calib, total_tokens_curve=_size_curve(gen, questions, sweep, tree, s),
+        prompts=records,
         wall_seconds=None, plots={})
     with (out / "answers.jsonl").open("w") as f:
         for (qi, m), al in answers.items():

@@ -25,7 +25,7 @@ def _model_args(p: argparse.ArgumentParser, draft_vocab: bool = True) -> None:
                         "(default: %(default)s)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
                    help="row-invariant numerics on the lean forward: in bf16 / fp16 greedy eagle2 / eagle1 / chain "
-                        "then equal vanilla token for token; its attention is also the faster one on a CPU (default: on on "
+                        "then equal vanilla token for token; its attention is also the faster one on a CPU (default: on for "
                         "a CPU with the native extension; --no-exact takes ATen's kernels)")
     if not draft_vocab:
         return

@@ -248,16 +248,6 @@ EAGLE2_AMX_FN void block_group(const uint16_t* x, int64_t ldx, int64_t rows, con
   }
 }
 
-// The same product without tiles, for CPUs with AVX512-BF16 but no AMX. Rows go through in chunks of
-// R <= 6 whose accumulators stay in registers for the whole K. Each row sums in the same order whatever
-// the chunk or the number of rows (row r of a record feeds accumulator r % 4, combined as
-// (a0 + a1) + (a2 + a3) at the end), so every output row is bit-identical to the row computed alone:
-// the kernel is row-invariant by construction. Four accumulators per row hide the dot instruction's
-// latency on a single row (a decode step).
-//
-// The weights of a group come either straight from its records (FROM_RECORDS: one chunk of rows, each
-// record unpacked once, in registers) or from `wbuf`, the group unpacked once (kblocks x 1 KB) for
-// several chunks.
 // Inputs p[0], p[1] (a row's 2 r and 2 r + 1), broadcast to the 16 outputs. (Helpers, not lambdas: a
 // lambda does not take its function's target attribute, so a build without global AVX-512 flags fails.)
 EAGLE2_BF16_FN inline __m512bh input_pair(const uint16_t* p) {
@@ -272,6 +262,16 @@ EAGLE2_BF16_FN inline __m512bh weight_row(const uint8_t* rec, const Spread& sp, 
   return reinterpret_cast<__m512bh>(FROM_RECORDS ? unpack_row<BITS>(rec, sp, r) : _mm512_load_si512(w + 32 * r));
 }
 
+// The same product without tiles, for CPUs with AVX512-BF16 but no AMX. Rows go through in chunks of
+// R <= 6 whose accumulators stay in registers for the whole K. Each row sums in the same order whatever
+// the chunk or the number of rows (row r of a record feeds accumulator r % 4, combined as
+// (a0 + a1) + (a2 + a3) at the end), so every output row is bit-identical to the row computed alone:
+// the kernel is row-invariant by construction. Four accumulators per row hide the dot instruction's
+// latency on a single row (a decode step).
+//
+// The weights of a group come either straight from its records (FROM_RECORDS: one chunk of rows, each
+// record unpacked once, in registers) or from `wbuf`, the group unpacked once (kblocks x 1 KB) for
+// several chunks.
 template <int R, bool FROM_RECORDS, int BITS>
 EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, const uint16_t* wbuf, int64_t kblocks, const uint16_t* x,
                                     int64_t ldx, const uint16_t* bias, uint16_t* y, int64_t ldy) {
