@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle2.api import Eagle2Generator, load_head
+from eagle2.config import Backend
 from eagle2.eagle3_head import (Eagle3Config, Eagle3Head, default_layers, init_eagle3_head, is_eagle3,
                                 layers_from_config_ids, vocab_maps)
 
@@ -210,7 +211,7 @@ def test_lean_drafter_equals_reference_forward():
 
     model = tiny_target("llama")
     head = init_eagle3_head(Eagle3Config.from_target(model.config, VD), seed=3, draft_ids=torch.arange(2, 14))
-    drafter = make_drafter(head, Target(model))
+    drafter = make_drafter(head, Target(model), backend=Backend(lowbit=False))  # the head's own weights
     g = torch.Generator().manual_seed(0)
     feats, toks = torch.randn(6, 3 * H, generator=g), torch.randint(0, V, (6,), generator=g)
     out = drafter.commit(feats, toks)
@@ -282,7 +283,7 @@ def test_head_reads_the_layers_its_config_names(tmp_path, backend):
     with torch.no_grad():
         head.fc.weight.mul_(10.0)  # make the features dominate the draft distribution
     d = write_official(tmp_path, head, "st", {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 4]}})
-    gen = generator(model, load_head(d), backend)
+    gen = generator(model, load_head(d), Backend(forward=backend, lowbit=False))  # the head's own weights
     ids = torch.tensor(PROMPTS[2])
     _, feats = gen.target.forward(gen.target.new_cache(64), ids, torch.arange(ids.shape[0]), None)
     logp = gen.drafter._logp(gen.drafter.commit(feats[:-1], ids[1:]))

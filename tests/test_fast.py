@@ -4,6 +4,8 @@ The lean forward must give transformers' logits (it is the default for Llama-sty
 the static cache consistent through tree rounds, and decode batches exactly as ``generate`` does;
 a restricted draft vocabulary must change what is drafted and never what is emitted."""
 
+import copy
+
 import pytest
 import torch
 
@@ -226,7 +228,7 @@ def test_drafter_runs_the_head_as_its_module_does():
 
     model = make_tiny_model("llama", vocab_size=32, seed=6)
     head = fit_head(model, steps=5).eval()
-    drafter = Drafter(head, FastTarget(model))
+    drafter = Drafter(head, FastTarget(model), backend=Backend(lowbit=False))  # the head's own weights
     g = torch.Generator().manual_seed(1)
     feats, toks = torch.randn(9, 32, generator=g), torch.randint(0, 32, (9,), generator=g)
     emb = model.get_input_embeddings()
@@ -243,6 +245,35 @@ def test_drafter_runs_the_head_as_its_module_does():
         ref3, _ = head(nodes[None], emb(ntok[None]), torch.full((1, 2), 9), past=past, mask=mask[None, None])
         got = drafter._run(nodes, ntok, torch.full((2,), 9), drafter.length, mask)
         torch.testing.assert_close(got, ref3[0], atol=1e-5, rtol=1e-5)
+
+
+def test_drafter_reads_its_head_as_8_bit_blocks():
+    """Where the block kernel runs, the drafter reads the head's projections as 8-bit blocks: its
+    outputs equal the module's with every projection rounded by ``round_to_q8``, and stay near the
+    module's own."""
+    from eagle2.draft import Drafter
+    from eagle2.kernels import lowbit_runs, round_to_q8
+
+    if not lowbit_runs(torch.float32, torch.device("cpu")):
+        pytest.skip("no fp32 block kernel on this CPU")
+    model = make_tiny_model("llama", vocab_size=32, seed=6)
+    head = fit_head(model, steps=5).eval()
+    drafter = Drafter(head, FastTarget(model))
+    assert drafter.fc.lowbit is not None and drafter.stack.layers[0].gu.lowbit is not None
+    rounded = copy.deepcopy(head)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if name.endswith("proj.weight") or name == "fc.weight":
+                p.copy_(round_to_q8(p))
+    g = torch.Generator().manual_seed(1)
+    feats, toks = torch.randn(9, 32, generator=g), torch.randint(0, 32, (9,), generator=g)
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        got = drafter.commit(feats, toks)
+        ref = rounded(feats[None], emb(toks[None]), torch.arange(9)[None])[0][0, -1]
+        own = head(feats[None], emb(toks[None]), torch.arange(9)[None])[0][0, -1]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert 0 < float((got - own).abs().max()) < 0.05 * float(own.abs().max())
 
 
 def test_native_builds_for_every_x86_isa(tmp_path, monkeypatch):

@@ -236,3 +236,21 @@ def test_fast_target_with_block_weights_gives_the_same_logits(tmp_path, dtype):
     # random tiny model such a step moves a logit by up to a few percent of the logits' scale, never more.
     assert (outs[0] - outs[1]).abs().max() <= outs[0].abs().mean() * 2.0 ** -4
     assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_round_to_q8_gives_blocks_find_q8_recovers(dtype):
+    """A weight rounded by ``round_to_q8`` is Q8_0 blocks bit for bit in either dtype, within half a
+    step of the original."""
+    from eagle2.kernels import find_q8, round_to_q8
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(32, 96, generator=g) * 0.05).to(dtype)
+    w[3, :32] = 0  # an all-zero block
+    v = round_to_q8(w)
+    found = find_q8(v.to(dtype), v)
+    assert found is not None
+    q, d = found
+    assert torch.equal((d.repeat_interleave(32, 1) * q.float()).to(dtype), v.to(dtype))
+    step = d.repeat_interleave(32, 1)
+    assert bool(((v - w.float()).abs() <= step / 2 + 1e-12).all())

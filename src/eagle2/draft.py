@@ -32,7 +32,7 @@ from .config import Backend, TreeConfig
 from .draft_head import ACTIVATIONS, DraftHead
 from .eagle3_head import Eagle3Head
 from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, _rms, additive_mask, attend
-from .kernels import Linear, linear
+from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
 from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, select_frontier,
                    static_tree_parents, static_tree_paths)
@@ -308,18 +308,41 @@ class _Levels:
 def _lean_head(head: DraftHead, target: Target, backend: Backend) -> tuple[Stack, Linear]:
     """The head's decoder layer as a one-layer ``fast.Stack`` (no input norm, no final norm) and
     its fc, in the target's dtype and device with the fast paths ``backend`` allows (kernels.py).
-    The caller's head object is left as it was; the lean layer equals its forward (tested)."""
+    The caller's head object is left as it was; the lean layer equals its forward (tested).
+
+    Where the block kernel runs (``backend.lowbit``), the layer's and the fc's weights are rounded to
+    8-bit blocks (``kernels.round_to_q8``, ~0.3% of a weight at most) and read as such. Each round's
+    target forward streams the whole model through the caches, so the head's weights come back from
+    memory at every commit: a 1.06-byte weight is what makes that cheap. Draft numerics never change
+    what the target accepts, only how often it accepts."""
     cfg = head.config
     sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()}
+    source = _q8_weights(sd, target, backend)
     a, m = "layers.0.self_attn.", "layers.0.mlp."
     qkv_b = tuple(sd[a + f"{n}_proj.bias"] for n in "qkv") if cfg.attention_bias else None
     layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], sd[a + "o_proj.weight"],
                        sd["layers.0.post_attention_layernorm.weight"], sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"],
-                       sd[m + "down_proj.weight"], qkv_b, pack=backend.packed_linear)
+                       sd[m + "down_proj.weight"], qkv_b, source=source, pack=backend.packed_linear)
     dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                 float(cfg.rms_norm_eps), cfg.hidden_act)
-    fc = linear(sd["fc.weight"], sd.get("fc.bias"), pack=backend.packed_linear)
-    return Stack([layer], None, dims, use_native=backend.native), fc
+    fc = linear(sd["fc.weight"], sd.get("fc.bias"), source(sd["fc.weight"]), pack=backend.packed_linear)
+    # The target's numerics choice: where it is row-invariant its attention is also the faster one on
+    # the few rows a draft step has (ATen's flash kernel costs ~0.1 ms even on 1 row).
+    return Stack([layer], None, dims, exact=bool(backend.exact), use_native=backend.native), fc
+
+
+def _q8_weights(sd: dict[str, Tensor], target: Target, backend: Backend):
+    """Round the head's projection weights in ``sd`` to 8-bit blocks in place where the block kernel
+    serves them here; returns weight -> its fp32 block values (None for any other tensor)."""
+    sources: dict[int, Tensor] = {}
+    if backend.lowbit and backend.native:
+        for name, w in sd.items():
+            if name.endswith("proj.weight") or name in ("fc.weight", "lm_head.weight"):
+                if lowbit_usable(w):
+                    v = round_to_q8(w)
+                    sd[name] = v.to(w.dtype)
+                    sources[id(sd[name])] = v
+    return lambda w: sources.get(id(w))
 
 
 def make_drafter(head: DraftHead | Eagle3Head, target: Target, draft_vocab: int | None = None,
@@ -346,17 +369,18 @@ class Eagle3Drafter(Drafter):
         self.feature_width = 3 * cfg.hidden_size  # the target's three captured layers
         sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()
               if k not in ("d2t", "t2d")}
+        source = _q8_weights(sd, target, self.backend)  # 8-bit blocks where the kernel runs, as _lean_head
         a, m = "midlayer.self_attn.", "midlayer.mlp."
         self.layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
                                 sd[a + "o_proj.weight"], sd["midlayer.post_attention_layernorm.weight"],
                                 sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"],
-                                pack=pack)
+                                source=source, pack=pack)
         self.n_in, self.n_hid = sd["midlayer.input_layernorm.weight"], sd["midlayer.hidden_norm.weight"]
         self.norm = sd["norm.weight"]
         self.dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                          float(cfg.rms_norm_eps), cfg.hidden_act)
-        self.fc = linear(sd["fc.weight"], sd.get("fc.bias"), pack=pack)
-        self._lm = linear(sd["lm_head.weight"], pack=pack)  # [Vd, H]
+        self.fc = linear(sd["fc.weight"], sd.get("fc.bias"), source(sd["fc.weight"]), pack=pack)
+        self._lm = linear(sd["lm_head.weight"], None, source(sd["lm_head.weight"]), pack=pack)  # [Vd, H]
         self.vocab_ids = head.target_ids.to(target.device)  # [Vd] token id of each draft logit column (d2t applied)
         self.cache = StaticCache(1, 1, cfg.num_key_value_heads, cfg.head_dim, capacity, target.dtype, target.device)
         self.rope = RotaryTable(self._rope_rows)

@@ -176,11 +176,25 @@ def find_q8(weight: Tensor, source: Tensor) -> tuple[Tensor, Tensor] | None:
     v = _blocks(weight, source)
     if v is None:
         return None
-    d = (v.abs().amax(-1, keepdim=True) / 127).half().float()
-    q = torch.round(v / torch.where(d == 0, torch.ones_like(d), d)).clamp_(-127, 127)
+    d, q = _q8_codes(v)
     if not _rebuilds(weight, d, q, None):
         return None
     return q.to(torch.int8).reshape(weight.shape), d[..., 0]
+
+
+def round_to_q8(weight: Tensor) -> Tensor:
+    """``weight [N, K]`` rounded to Q8_0 blocks: fp32 ``d * q`` per block of 32 inputs, ``d`` the fp16 of the
+    block's largest magnitude / 127 and ``q = round(w / d)`` in -127..127. The result cast to the weight's
+    dtype is a weight ``find_q8`` recovers bit for bit (the largest code is always +-127, so ``d`` comes
+    back exactly), so ``linear(result.to(dtype), source=result)`` runs on the block kernel."""
+    d, q = _q8_codes(weight.detach().to(torch.float32).reshape(weight.shape[0], -1, 32))
+    return (d * q).reshape(weight.shape)
+
+
+def _q8_codes(v: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 blocks [N, K / 32, 32] -> Q8_0 scales d [N, K / 32, 1] (fp16 values) and codes q (-127..127)."""
+    d = (v.abs().amax(-1, keepdim=True) / 127).half().float()
+    return d, torch.round(v / torch.where(d == 0, torch.ones_like(d), d)).clamp_(-127, 127)
 
 
 def pack_lowbit(weight: Tensor, source: Tensor) -> Tensor | None:
