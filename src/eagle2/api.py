@@ -101,7 +101,8 @@ class Eagle2Generator:
                                     dtype=str(self.dtype), device=str(self.device), backend=b.forward,
                                     native=b.native, packed=b.packed_linear, lowbit=b.lowbit, exact=b.exact,
                                     kernel=kernels.block_isa(self.dtype, self.device) if b.lowbit else "",
-                                    build=native.source_digest() if b.native else ""))
+                                    build=native.source_digest() if b.native else "",
+                                    draft_blocks=self.drafter.fc.lowbit is not None))
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
