@@ -280,4 +280,5 @@ def _record_tree(stats: Stats, draft, path: torch.Tensor, scale: torch.Tensor) -
     stats.tree_sizes.append(draft.size)
     stats.tree_depths.append(int(depths.max()))
     stats.expected_accepts.append((round(float(calibrated[1:].clamp(max=1.0).sum()), 4), int(path.shape[0]) - 1))
-    stats.draft_confidence.extend((int(depths[i]), float(probs[i]), i in on_path) for i in range(1, draft.size))
+    d, p = depths.tolist(), probs.tolist()  # lists: a tensor index per node costs more than the round's tree code
+    stats.draft_confidence.extend((d[i], p[i], i in on_path) for i in range(1, draft.size))
