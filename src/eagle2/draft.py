@@ -308,16 +308,17 @@ class _Levels:
 def _lean_head(head: DraftHead, target: Target, backend: Backend) -> tuple[Stack, Linear]:
     """The head's decoder layer as a one-layer ``fast.Stack`` (no input norm, no final norm) and
     its fc, in the target's dtype and device with the fast paths ``backend`` allows (kernels.py).
-    The caller's head object is left as it was; the lean layer equals its forward (tested).
+    The caller's head object is left as it was; the lean layer equals its forward (tested), with its
+    projections rounded as below where they are.
 
     Where the block kernel runs (``backend.lowbit``), the layer's and the fc's weights are rounded to
-    8-bit blocks (``kernels.round_to_q8``, ~0.3% of a weight at most) and read as such. Each round's
+    8-bit blocks (``kernels.round_to_q8``: at most 1/254 of a block's largest magnitude) and read as such. Each round's
     target forward streams the whole model through the caches, so the head's weights come back from
     memory at every commit: a 1.06-byte weight is what makes that cheap. Draft numerics never change
     what the target accepts, only how often it accepts."""
     cfg = head.config
     sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()}
-    source = _q8_weights(sd, target, backend)
+    source = _q8_weights(sd, backend)
     a, m = "layers.0.self_attn.", "layers.0.mlp."
     qkv_b = tuple(sd[a + f"{n}_proj.bias"] for n in "qkv") if cfg.attention_bias else None
     layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"], sd[a + "o_proj.weight"],
@@ -331,7 +332,7 @@ def _lean_head(head: DraftHead, target: Target, backend: Backend) -> tuple[Stack
     return Stack([layer], None, dims, exact=bool(backend.exact), use_native=backend.native), fc
 
 
-def _q8_weights(sd: dict[str, Tensor], target: Target, backend: Backend):
+def _q8_weights(sd: dict[str, Tensor], backend: Backend):
     """Round the head's projection weights in ``sd`` to 8-bit blocks in place where the block kernel
     serves them here; returns weight -> its fp32 block values (None for any other tensor)."""
     sources: dict[int, Tensor] = {}
@@ -369,7 +370,7 @@ class Eagle3Drafter(Drafter):
         self.feature_width = 3 * cfg.hidden_size  # the target's three captured layers
         sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()
               if k not in ("d2t", "t2d")}
-        source = _q8_weights(sd, target, self.backend)  # 8-bit blocks where the kernel runs, as _lean_head
+        source = _q8_weights(sd, self.backend)  # 8-bit blocks where the kernel runs, as _lean_head
         a, m = "midlayer.self_attn.", "midlayer.mlp."
         self.layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
                                 sd[a + "o_proj.weight"], sd["midlayer.post_attention_layernorm.weight"],
