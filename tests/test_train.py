@@ -228,6 +228,28 @@ def test_sampled_responses_stage(tiny, prompt_file, tmp_path):
     assert sum(sampled[k] != greedy[k] for k in greedy) >= len(greedy) // 2  # a hot temperature changes answers
 
 
+def test_schedule_steps_anneals_by_that_step(tiny, run, tmp_path):
+    """--schedule-steps: the lr falls linearly from its peak after warm-up to lr x min_lr_ratio at that step,
+    then stays there; without it the floor comes only at the end of the planned epochs."""
+    exs = load_shards(run / "features")
+    cfg = _cfg(schedule_steps=5, warmup_steps=1, min_lr_ratio=0.1)
+    tr = Trainer(tiny, ToyTokenizer(), exs, tmp_path / "s", cfg, progress=False)
+    assert tr.total_steps > 6  # the epochs alone would decay much later
+    lrs = []
+    for _ in range(7):
+        lrs.append(tr.opt.param_groups[0]["lr"])
+        tr.opt.step()
+        tr.sched.step()
+    assert lrs[1] == pytest.approx(cfg.lr)
+    assert lrs[3] == pytest.approx(cfg.lr * (1 - 0.9 * 2 / 4))
+    assert lrs[5] == pytest.approx(cfg.lr * 0.1) and lrs[6] == pytest.approx(cfg.lr * 0.1)
+    plain = Trainer(tiny, ToyTokenizer(), exs, tmp_path / "p", _cfg(warmup_steps=1), progress=False)
+    for _ in range(5):
+        plain.opt.step()
+        plain.sched.step()
+    assert plain.opt.param_groups[0]["lr"] > 0.5 * cfg.lr
+
+
 def test_train_resumes_exactly_and_loss_goes_down(tiny, run, tmp_path):
     exs = load_shards(run / "features")
     tok = ToyTokenizer()

@@ -113,6 +113,10 @@ def register(sub) -> None:
     p.add_argument("--no-fc-bias", action="store_true", help="train fc without a bias (what some vLLM versions load)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps in total (resumable)")
+    p.add_argument("--schedule-steps", type=int, default=None, metavar="N",
+                   help="the learning rate decays linearly to its floor (0.1 x --lr) at step N instead of at the end "
+                        "of the last epoch: a run that --max-steps / --max-minutes will stop early still anneals "
+                        "(default: all planned steps)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop each stage after this long (resumable)")
     p.add_argument("--mtbench", type=int, default=0, help="MT-bench prompts per category measured at export (default: 0)")
     p.add_argument("--draft-vocab", type=int, default=8192,
@@ -145,7 +149,7 @@ def cmd_train(args) -> int:
         raise ValueError(f"--max-len must be >= 16; got {args.max_len}")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
                       noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
-                      eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
+                      eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps, schedule_steps=args.schedule_steps,
                       max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias,
                       ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,

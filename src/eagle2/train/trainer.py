@@ -72,6 +72,8 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int | None = None  # stop (with a checkpoint) once this many steps are done in total
     max_minutes: float | None = None  # stop (with a checkpoint) after this long in this call
+    schedule_steps: int | None = None  # the lr reaches its floor at this step (None: all planned epochs' steps);
+    #                                    a run that will be stopped early still anneals before it stops
     fc_bias: bool = True  # the released "bias" field; vLLM's EAGLE loader may drop fc.bias
     ttt_steps: int = 3  # training-time test: steps the head is unrolled on its own predicted features
     #                     (1 = plain EAGLE training on the target's features only)
@@ -90,6 +92,7 @@ class TrainConfig:
                   (self.ce_weight >= 0, "ce_weight must be >= 0"), (self.ckpt_minutes > 0, "ckpt_minutes must be > 0"),
                   (self.eval_every >= 0, "eval_every must be >= 0"),
                   (self.max_steps is None or self.max_steps >= 0, "max_steps must be >= 0"),
+                  (self.schedule_steps is None or self.schedule_steps >= 1, "schedule_steps must be >= 1"),
                   (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
                   (self.head_intermediate >= 0, "head_intermediate must be >= 0"),
                   (self.ttt_steps >= 1, "ttt_steps must be >= 1"), (0 < self.ttt_decay <= 1, "ttt_decay must be in (0, 1]")]
@@ -339,7 +342,7 @@ class Trainer:
                                       {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
         self.steps_per_epoch = len(_plan(self.lengths, 0, cfg))
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        warm, total, floor = cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio
+        warm, total, floor = cfg.warmup_steps, cfg.schedule_steps or self.total_steps, cfg.min_lr_ratio
 
         def lr_at(step: int) -> float:
             if step < warm:
