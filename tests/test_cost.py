@@ -44,3 +44,15 @@ def test_probe_measures_and_caches(tmp_path, monkeypatch):
     again = make_generator(model, model_key="tiny-cost-test")
     assert again.cost_model() == cost  # read back, not re-measured
     assert again.generate([1, 2, 3], max_new_tokens=8).stats.new_tokens == 8
+
+
+def test_monotone_envelope_lowers_a_slow_short_query_instead_of_raising_the_rest():
+    """A slow spell during the q = 1 measurement must not make 2..16 rows look as dear as it: the curve
+    is non-decreasing, and each point is at most what it measured and what any longer query measured."""
+    from eagle2.cost import _monotone
+
+    measured = [40.0, 20.0, 21.0, 25.0, 24.0, 30.0]  # q = 1 hit by interference; q = 16 dipped below q = 8
+    curve = _monotone(measured)
+    assert curve == [20.0, 20.0, 21.0, 24.0, 24.0, 30.0]
+    assert all(b >= a for a, b in zip(curve, curve[1:]))
+    assert all(c <= m for c, m in zip(curve, measured))
