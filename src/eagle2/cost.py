@@ -31,7 +31,7 @@ log = logging.getLogger("eagle2")
 
 PROBE_QUERY_LENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 PROBE_CACHED = (128, 1024)  # cached lengths the verify curve is measured at; interpolated linearly between
-COST_VERSION = 2  # bump when the probe or the file layout changes (2: the envelope lowers slow short queries)
+COST_VERSION = 2  # bump when the probe or the file layout changes
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,8 @@ def _monotone(ms: list[float]) -> list[float]:
     """More rows never cost less, so the curve is made non-decreasing from the right: when q rows were
     measured slower than some q' > q rows, the q measurement was inflated (interference only adds
     time) and q costs at most what q' did. Raising the later points instead would let one slow call at
-    q = 1 flatten the curve over every length below it, and the rule would then verify big trees as if
-    they were free."""
+    q = 1 lift every longer query up to its time, and the rule would then verify big trees as if they
+    were free."""
     out = list(ms)
     for i in range(len(out) - 2, -1, -1):
         out[i] = min(out[i], out[i + 1])

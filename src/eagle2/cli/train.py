@@ -149,7 +149,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"--max-len must be >= 16; got {args.max_len}")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
                       noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
-                      eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps, schedule_steps=args.schedule_steps,
+                      eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
+                      schedule_steps=args.schedule_steps,
                       max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias,
                       ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,
