@@ -270,6 +270,39 @@ def test_train_resumes_exactly_and_loss_goes_down(tiny, run, tmp_path):
     assert all(0.0 <= h["acc"] <= 1.0 for h in res.history if "acc" in h)
 
 
+def test_a_signal_stops_after_the_step_checkpoints_and_resumes_exactly(tiny, run, tmp_path):
+    """SIGINT / SIGTERM while training: the step in flight completes, the checkpoint is written at once
+    (ckpt_minutes is an hour here) and the run ends "interrupted"; rerunning continues bit-identically."""
+    import os
+    import signal
+
+    exs = load_shards(run / "features")
+    tok = ToyTokenizer()
+    straight = Trainer(tiny, tok, exs, tmp_path / "a", _cfg(max_steps=5), progress=False)
+    straight.train()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        d = tmp_path / f"s{int(sig)}"
+        first = Trainer(tiny, tok, exs, d, _cfg(max_steps=5), progress=False)
+        plain_loss = first.batch_loss
+
+        def loss_then_signal(batch, sig=sig):
+            out = plain_loss(batch)
+            if first.step == 2:  # the third step's loss is computed, then the signal arrives
+                os.kill(os.getpid(), sig)
+            return out
+
+        first.batch_loss = loss_then_signal
+        before = signal.getsignal(sig)
+        res = first.train()
+        assert (res.status, res.step) == ("interrupted", 3)
+        assert signal.getsignal(sig) is before  # the previous handler is back
+        again = Trainer(tiny, tok, exs, d, _cfg(max_steps=5), progress=False)
+        assert again.step == 3
+        assert again.train().status == "stopped"
+        for k, v in straight.head.state_dict().items():
+            assert torch.equal(v, again.head.state_dict()[k]), (sig, k)
+
+
 def test_train_export_load_generate_round_trip(tiny, run, prompt_file, tmp_path):
     tok = ToyTokenizer()
     out = tmp_path / "head"

@@ -177,6 +177,10 @@ def cmd_train(args) -> int:
     summary = run_pipeline(model, tok, opts)
     for stage, r in summary.items():
         print(f"{stage}: {r}", file=sys.stderr)
+    if summary.get("train", {}).get("status") == "interrupted":
+        print(f"interrupted at step {summary['train']['step']}; the checkpoint is saved in {run_dir}: "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
     if "export" in summary:
         print(summary["export"]["out"])
     return 0

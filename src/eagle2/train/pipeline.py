@@ -191,6 +191,8 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     vocab = _loss_vocab(opts, records, int(model.config.vocab_size)) if {"train", "export"} & set(opts.stages) else None
     if "train" in opts.stages:
         summary["train"] = _train_stage(run, records, trained_on, vocab)
+        if summary["train"]["status"] == "interrupted":  # the user asked to stop: no export after it
+            return summary
     if "export" in opts.stages:
         summary["export"] = _export_stage(run, vocab)
     return summary

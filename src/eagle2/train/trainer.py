@@ -20,7 +20,8 @@ has native bf16 (CUDA, AVX512-BF16 / AMX; fp32 elsewhere), fp32 master weights; 
 fine-tunes a trained head instead of starting from random.
 
 Checkpoints (``ckpt.pt``: head, optimizer, scheduler, noise RNG, data position, history) are
-written every ``ckpt_minutes`` and whenever training stops, so a later call resumes exactly:
+written every ``ckpt_minutes`` and whenever training stops (also on SIGINT / SIGTERM, after the step
+in flight: ``_StopRequests``), so a later call resumes exactly:
 same batches, same noise, bit-identical weights. Every ``eval_every`` steps the head decodes a
 few held-out prompts with EAGLE-2 (greedy) and the mean acceptance length (tau) is recorded;
 the head with the best tau is kept in ``best/`` (released layout). The target stays frozen;
@@ -33,6 +34,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -103,13 +106,42 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    status: str  # "done" (all epochs) or "stopped" (max_steps / max_minutes; resumable)
+    status: str  # "done" (all epochs), "stopped" (max_steps / max_minutes) or "interrupted" (a signal); resumable
     step: int
     tokens_seen: int
     best_tau: float
     best_step: int
     seconds: float
     history: list = field(default_factory=list)
+
+
+class _StopRequests:
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM while training: the step in flight finishes, then the
+    loop checkpoints and returns "interrupted", so a stop never loses the minutes since the last
+    checkpoint. A second Ctrl-C aborts at once. Handlers go in only on the main thread (Python allows
+    no other) and not over a signal the process ignores (a job started with ``&`` ignores SIGINT);
+    the previous handlers come back on exit."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step: the checkpoint is written first (Ctrl-C again aborts at once)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def widen_mlp(state: dict[str, Tensor], fresh: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -439,6 +471,24 @@ class Trainer:
             self.save_head(self.dir / "best", extra={"eagle2_train_step": self.step, "eagle2_dev_tau": round(tau, 4)})
         return tau
 
+    def _log_window(self, window: list[dict], grad_norm: float, bar) -> None:
+        """One metrics.jsonl record: the means over the steps since the last one."""
+        n = len(window)
+        rec = dict(step=self.step, epoch=self.epoch, lr=self.sched.get_last_lr()[0],
+                   **{k: round(sum(x[k] for x in window) / n, 5)
+                      for k in ("loss", "l1", "ce") if k in window[0]},  # (EAGLE-3: no l1)
+                   acc=round(sum(x["acc"] for x in window) / n, 4), grad_norm=round(grad_norm, 4),
+                   tokens_seen=self.tokens_seen)
+        for k in range(1, self.cfg.ttt_steps):  # top-1 agreement at each unrolled step
+            got = [x[f"acc_{k}"] for x in window if f"acc_{k}" in x]
+            if got:
+                rec[f"acc_{k}"] = round(sum(got) / len(got), 4)
+        self.history.append(rec)
+        self._metric(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
+                        tau=f"{self.best_tau:.2f}" if self.best_tau >= 0 else "-")
+        log.info("step %d loss %.4f acc %.3f", self.step, rec["loss"], rec["acc"])
+
     def _metric(self, rec: dict) -> None:
         with (self.dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -448,16 +498,32 @@ class Trainer:
 
     # ---- the loop --------------------------------------------------------------------------
     def train(self) -> TrainResult:
-        cfg = self.cfg
         t_call = time.time()
-        last_ckpt = time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
+        with _StopRequests() as stop:
+            status = self._loop(bar, stop)
+        bar.close()
+        if status == "done" and not any(h.get("eval") and h["step"] == self.step for h in self.history):
+            self._evaluate()
+        if not self.dev_prompts and status == "done":
+            self.save_head(self.dir / "best", extra={"eagle2_train_step": self.step})
+        self._save()
+        self.save_head(self.dir / "last", extra={"eagle2_train_step": self.step})
+        return TrainResult(status, self.step, self.tokens_seen, self.best_tau, self.best_step, time.time() - t_call,
+                           self.history)
+
+    def _loop(self, bar, stop: _StopRequests) -> str:
+        """Steps until the epochs end ("done"), a limit is reached ("stopped") or a signal ("interrupted")."""
+        cfg, t_call, last_ckpt = self.cfg, time.time(), time.time()
         status = "done"
         acc_window: list[dict] = []
         while self.epoch < cfg.epochs:
             plan = _plan(self.lengths, self.epoch, cfg)
             while self.batch_in_epoch < len(plan):
+                if stop.requested:
+                    status = "interrupted"
+                    break
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     status = "stopped"
                     break
@@ -478,40 +544,18 @@ class Trainer:
                 acc_window.append(m)
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == 1:
-                    n = len(acc_window)
-                    rec = dict(step=self.step, epoch=self.epoch, lr=self.sched.get_last_lr()[0],
-                               **{k: round(sum(x[k] for x in acc_window) / n, 5)
-                                  for k in ("loss", "l1", "ce") if k in acc_window[0]},  # (EAGLE-3: no l1)
-                               acc=round(sum(x["acc"] for x in acc_window) / n, 4), grad_norm=round(float(gn), 4),
-                               tokens_seen=self.tokens_seen)
-                    for k in range(1, cfg.ttt_steps):  # top-1 agreement at each unrolled step
-                        got = [x[f"acc_{k}"] for x in acc_window if f"acc_{k}" in x]
-                        if got:
-                            rec[f"acc_{k}"] = round(sum(got) / len(got), 4)
-                    self.history.append(rec)
-                    self._metric(rec)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
-                                    tau=f"{self.best_tau:.2f}" if self.best_tau >= 0 else "-")
-                    log.info("step %d loss %.4f acc %.3f", self.step, rec["loss"], rec["acc"])
+                    self._log_window(acc_window, float(gn), bar)
                     acc_window = []
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self._evaluate()
                 if time.time() - last_ckpt > cfg.ckpt_minutes * 60:
                     self._save()
                     last_ckpt = time.time()
-            if status == "stopped":
+            if status != "done":
                 break
             self.epoch += 1
             self.batch_in_epoch = 0
-        bar.close()
-        if status == "done" and not any(h.get("eval") and h["step"] == self.step for h in self.history):
-            self._evaluate()
-        if not self.dev_prompts and status == "done":
-            self.save_head(self.dir / "best", extra={"eagle2_train_step": self.step})
-        self._save()
-        self.save_head(self.dir / "last", extra={"eagle2_train_step": self.step})
-        return TrainResult(status, self.step, self.tokens_seen, self.best_tau, self.best_step, time.time() - t_call,
-                           self.history)
+        return status
 
 
 def loss_curve(history: list[dict]) -> list[float]:
