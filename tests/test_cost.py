@@ -1,11 +1,10 @@
-"""The cost model: interpolation of the verify curve, the calibration's depth scales, the probe and its cache."""
+"""The cost model: interpolation of the verify curve, the probe and its cache, the sampled-draft acceptance rates."""
 
-import json
-
+import pytest
 import torch
 
 from conftest import make_generator, make_tiny_model
-from eagle2.cost import Calibration, CostModel
+from eagle2.cost import CostModel
 
 
 def test_verify_curve_interpolates_in_rows_and_cached_length():
@@ -16,19 +15,6 @@ def test_verify_curve_interpolates_in_rows_and_cached_length():
     assert torch.isclose(at_short[20], torch.tensor(29.0))  # past the last point: the last segment's slope
     mid = c.verify_curve(600, 16)  # halfway between the probe lengths
     assert torch.allclose(mid[[1, 16]], torch.tensor([15.0, 30.0]))
-
-
-def test_calibration_scales_by_temperature_and_depth(tmp_path):
-    cal = Calibration((0.8, 0.6))
-    assert torch.allclose(cal.scales(0.0, 3), torch.ones(4))
-    assert torch.allclose(cal.scales(1.0, 3), torch.tensor([1.0, 0.8, 0.6, 0.6]))
-    assert torch.allclose(cal.scales(0.5, 2), torch.tensor([1.0, 0.9, 0.8]))
-    assert torch.allclose(cal.scales(2.0, 2), cal.scales(1.0, 2))
-    (tmp_path / "calibration.json").write_text(json.dumps({"scale_t1": [0.7, 0.5]}))
-    assert Calibration.load(tmp_path / "calibration.json").scale_t1 == (0.7, 0.5)
-    (tmp_path / "calibration.json").write_text("{not json")
-    assert Calibration.load(tmp_path / "calibration.json") == Calibration()
-    assert Calibration.load(tmp_path / "missing.json") == Calibration()
 
 
 def test_probe_measures_and_caches(tmp_path, monkeypatch):
@@ -56,3 +42,19 @@ def test_monotone_envelope_lowers_a_slow_short_query_instead_of_raising_the_rest
     assert curve == [20.0, 20.0, 21.0, 24.0, 24.0, 30.0]
     assert all(b >= a for a, b in zip(curve, curve[1:]))
     assert all(c <= m for c, m in zip(curve, measured))
+
+
+def test_sampled_acceptance_counts_the_children_tried_on_the_accepted_path():
+    """Root children 1, 2 (ranks 0, 1), node 1's child 3. Path root -> 2: child 1 was tried and
+    rejected, child 2 tried and accepted; node 3 was never tried (its parent was rejected)."""
+    from eagle2.cost import SampledAcceptance
+
+    acc = SampledAcceptance(max_depth=2, max_rank=2, weight=1.0)
+    before = acc.table().clone()
+    assert before[0].tolist() == pytest.approx([0.4, 0.25])
+    acc.update([-1, 0, 0, 1], [0, 1, 1, 2], [0, 2])
+    assert acc.tried.tolist() == [[2.0, 2.0], [1.0, 1.0]]
+    assert acc.accepted.flatten().tolist() == pytest.approx([0.4, 1.25, 0.4, 0.25])
+    acc.update([-1, 0, 1], [0, 1, 2], [0, 1, 2])  # a chain accepted whole
+    assert acc.tried.tolist() == [[3.0, 2.0], [2.0, 1.0]]
+    assert acc.accepted.flatten().tolist() == pytest.approx([1.4, 1.25, 1.4, 0.25])

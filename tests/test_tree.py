@@ -1,5 +1,6 @@
 """Tree functions on hand-drawn trees: masks, depths, positions, retrieve indices, rerank ties."""
 
+import pytest
 import torch
 
 from eagle2.tree import (ancestor_mask, build_tree, expand, rerank, select_frontier, static_tree_parents,
@@ -144,3 +145,47 @@ def test_path_probs():
     t = build_tree(torch.tensor([5, 6, 7, 8]), torch.tensor([-1, 0, 0, 1]),
                    torch.tensor([1.0, 0.5, 0.25, 0.5]).log())
     assert torch.allclose(path_probs(t), torch.tensor([1.0, 0.5, 0.25, 0.25]))
+
+
+def test_sampled_tree_paths_follow_the_acceptance_rates():
+    """Reach = parent's reach x (1 - earlier siblings' rates) x own rate; parents and earlier
+    siblings come first; depth and rank bounds hold."""
+    from eagle2.tree import sampled_tree_paths
+
+    accept = torch.tensor([[0.5, 0.4], [0.3, 0.2]])  # depth 1, then depth >= 2
+    paths, probs = sampled_tree_paths(accept, 6, 3, 2)
+    reach = dict(zip(paths, probs))
+    assert reach[(0,)] == pytest.approx(0.5) and reach[(1,)] == pytest.approx(0.5 * 0.4)
+    assert reach[(0, 0)] == pytest.approx(0.5 * 0.3)
+    assert paths[:3] == [(0,), (1,), (0, 0)]
+    for i, path in enumerate(paths):
+        assert len(path) <= 3 and max(path) < 2
+        before = set(paths[:i])
+        assert len(path) == 1 or path[:-1] in before
+        assert path[-1] == 0 or path[:-1] + (path[-1] - 1,) in before
+    assert len(sampled_tree_paths(accept, 100, 2, 2)[0]) == 2 + 2 * 2  # the whole depth-2 binary tree
+
+
+def test_sampled_size_pays_for_levels_and_rows():
+    from eagle2.tree import Budget, sampled_size
+
+    flat = Budget(torch.tensor([0.0, 10, 10, 10, 10, 10]), level_ms=1.0, fixed_ms=2.0)
+    assert sampled_size([0.5, 0.3, 0.2, 0.1], [1, 2, 3, 1], flat) == 4  # free rows: all, levels are cheap
+    steep = Budget(torch.tensor([0.0, 10, 20, 30, 40, 50]), level_ms=1.0, fixed_ms=2.0)
+    assert sampled_size([0.5, 0.3, 0.2, 0.1], [1, 2, 3, 1], steep) == 0  # a row costs a whole vanilla step
+    dear_levels = Budget(torch.tensor([0.0, 10, 10, 10, 10, 10]), level_ms=20.0, fixed_ms=2.0)
+    assert sampled_size([0.5, 0.3, 0.2, 0.1], [1, 2, 3, 1], dear_levels) == 1
+
+
+def test_sampled_reach_matches_the_best_first_paths():
+    from eagle2.tree import sampled_reach, sampled_tree_paths
+
+    accept = torch.tensor([[0.5, 0.4], [0.3, 0.2]])
+    paths, probs = sampled_tree_paths(accept, 6, 3, 2)
+    paths_sorted = sorted(paths, key=lambda p: (len(p), p))
+    parents = [-1] + static_tree_parents(paths_sorted)
+    depths = [0] + [len(p) for p in paths_sorted]
+    reach = sampled_reach(parents, depths, accept)
+    want = dict(zip(paths, probs))
+    assert reach[0] == 1.0
+    assert reach[1:] == pytest.approx([want[p] for p in paths_sorted])

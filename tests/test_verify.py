@@ -90,6 +90,47 @@ def test_sample_accept_on_a_fixed_tree_matches_p():
     assert chisquare(counts.numpy(), (p * n).numpy()).pvalue > 1e-3
 
 
+def _sampled_tree(q, n_children, g):
+    """A one-level tree whose children are drawn from q without replacement (Gumbel top-k)."""
+    from dataclasses import replace
+
+    from eagle2.draft import _gumbel_top
+
+    kids = _gumbel_top(q.log()[None], n_children, g)[0]
+    tree = build_tree(torch.cat([torch.tensor([0]), kids]), torch.tensor([-1] + [0] * n_children))
+    rows = torch.zeros(n_children + 1, q.shape[0])
+    rows[0] = q
+    return replace(tree, draft_q=rows)
+
+
+@pytest.mark.parametrize("n_children", [1, 2, 3])
+def test_sample_accept_with_sampled_children_matches_p(n_children):
+    """Children drawn from q (far from p), accepted by min(1, p / q) with the residual: the first
+    emitted token is distributed as p."""
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.05, 0.15, 0.2, 0.3, 0.3])
+    probs = p.expand(n_children + 1, -1)
+    g = torch.Generator().manual_seed(1)
+    n, counts = 20000, torch.zeros(5)
+    for _ in range(n):
+        tree = _sampled_tree(q, n_children, g)
+        path, bonus = sample_accept(tree, probs, g)
+        counts[int(tree.tokens[path[1]]) if len(path) > 1 else bonus] += 1
+    assert counts[4] == 0
+    assert chisquare(counts[:4].numpy(), (p[:4] * n).numpy()).pvalue > 1e-3
+
+
+def test_a_sampled_child_from_q_equal_p_is_always_accepted():
+    """Why drafts are sampled at T > 0: with q = p uniform over 4 tokens a drawn child is accepted
+    every time, where the deterministic rule accepts a fixed child a quarter of the time."""
+    p = torch.full((4,), 0.25)
+    g = torch.Generator().manual_seed(0)
+    sampled = sum(len(sample_accept(_sampled_tree(p, 1, g), p.expand(2, -1), g)[0]) - 1 for _ in range(400))
+    fixed = build_tree(torch.tensor([0, 2]), torch.tensor([-1, 0]))
+    deterministic = sum(len(sample_accept(fixed, p.expand(2, -1), g)[0]) - 1 for _ in range(400))
+    assert sampled == 400 and 50 < deterministic < 150
+
+
 # ---- end to end through the engine ------------------------------------------------------------
 
 V = 6
@@ -178,15 +219,18 @@ def test_sampled_cost_aware_tree_matches_target(sampling_gen):
 
 
 def _wrong_sample_accept(tree, probs, generator):
-    """A classic bug: on rejection, keep the original p instead of the renormalized residual."""
+    """A classic bug: on rejection, keep the original p instead of the residual norm(max(p - q, 0))."""
     kids = verify._children(tree.parents.tolist())
     tokens = tree.tokens.tolist()
     node, path = 0, [0]
     while True:
         p = probs[node]
+        q = verify._proposal(tree, node, p) if kids[node] else None
         nxt = None
         for c in kids[node]:
-            if bool(torch.rand((), generator=generator) < p[tokens[c]]):
+            x = tokens[c]
+            qx = 1.0 if q is None else float(q[x])
+            if bool(torch.rand((), generator=generator) * qx < p[x]):
                 nxt = c
                 break
         if nxt is None:

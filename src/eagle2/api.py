@@ -17,7 +17,7 @@ import torch
 
 from . import cost, kernels, native
 from .config import Backend, DecodeSettings, TreeConfig
-from .cost import Calibration, CostModel
+from .cost import CostModel
 from .draft import make_drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
@@ -87,8 +87,6 @@ class Eagle2Generator:
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self.model_key = model_key
         self.tree = tree or load_tuned(model_key) or TreeConfig(adaptive=True)
-        self.calibration = Calibration.load(Path(head_source) / "calibration.json" if head_source and
-                                            Path(head_source).is_dir() else None)
         self._cost = cost_model
 
     def cost_model(self, refit: bool = False) -> CostModel:
@@ -166,7 +164,7 @@ class Eagle2Generator:
         result = GenerationResult([], "", None, "length", ids)
         cost_model = self.cost_model() if tree.dynamic else None
         events = self.engine.decode(ids, tree, settings.sampling, settings.max_new_tokens, settings.stop, result,
-                                    cost_model, self.calibration)
+                                    cost_model)
         return events, result
 
     # ---- generation ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ query length at two cached lengths, one draft level and the fixed part of a roun
 the result as JSON under ``$EAGLE2_CACHE/cost`` keyed by everything that changes the timings
 (model, head, dtype, backend, CPU, torch, thread count). ``eagle2 tune`` refits it on demand.
 
-It also holds the acceptance calibration used at T > 0 (see ``Calibration``). The decision rules
+It also learns how often sampled drafts are accepted at T > 0 (``SampledAcceptance``). The decision rules
 themselves are pure functions in ``tree.py``; this module only supplies the numbers they weigh.
 Nothing here knows the engine's round loop.
 """
@@ -71,38 +71,48 @@ class CostModel:
                          float(d["draft_level_ms"]), float(d["round_fixed_ms"]))
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """Maps the draft's path probability of a node to the probability the target accepts it.
+class SampledAcceptance:
+    """How often a sampled draft is accepted (T > 0), by depth and draw rank, learnt from the rounds.
 
-    At T = 0 the shipped head is calibrated (a node drafted with path probability p lies on the
-    accepted path with frequency ~p), so greedy rounds use p as it is. At T > 0 acceptance is the
-    target's own probability of each candidate under rejection sampling, which the draft
-    over-estimates; ``scale_t1[d - 1]`` is the measured ratio accepted / predicted for depth-d
-    nodes at T = 1 (``eagle2 bench --temperature 1`` reports it). Between T = 0 and 1 the scale is
-    interpolated linearly; above 1 the T = 1 value holds."""
+    With sampled drafting a child is accepted with probability min(1, p(x) / q(x)), whose mean is
+    1 - TV(p, q) whatever token was drawn, so the draft's confidence in a token says little about its
+    chances; what predicts them is the depth and the draw rank. ``table()[d - 1, r]`` is the rate at
+    which the rank-r draw at depth d was accepted when it was tried (its parent reached, its earlier
+    siblings rejected), from prior pseudo-counts plus every verified round of this generator; counts
+    are halved past ``horizon`` tries so the rates follow the text being written. Runtime state of one
+    generator: ``Eagle2Generator`` owns it and the engine updates it after each sampled round."""
 
-    scale_t1: tuple[float, ...] = (1.0,)
+    PRIOR = (0.4, 0.25, 0.15)  # by rank, every depth: near what a trained head measures at T = 1
 
-    def scales(self, temperature: float, max_depth: int) -> torch.Tensor:
-        """[max_depth + 1] fp32 multipliers by depth (index 0, the root, unused)."""
-        s = list(self.scale_t1) + [self.scale_t1[-1]] * max(0, max_depth - len(self.scale_t1))
-        t = min(max(float(temperature), 0.0), 1.0)
-        return torch.tensor([1.0] + [1.0 + t * (x - 1.0) for x in s[:max_depth]], dtype=torch.float32)
+    def __init__(self, max_depth: int = 8, max_rank: int = 8, weight: float = 8.0, horizon: float = 4000.0):
+        prior = torch.tensor([self.PRIOR[min(r, len(self.PRIOR) - 1)] for r in range(max_rank)])
+        self.tried = torch.full((max_depth, max_rank), weight, dtype=torch.float64)  # [D, R]
+        self.accepted = (prior * weight).expand(max_depth, max_rank).to(torch.float64).clone()  # [D, R]
+        self.horizon = horizon
 
-    @staticmethod
-    def load(path: Path | None) -> "Calibration":
-        """The head's ``calibration.json`` (written by ``eagle2 bench``), or the identity."""
-        if path is None or not Path(path).is_file():
-            return Calibration()
-        try:
-            vals = tuple(float(x) for x in json.loads(Path(path).read_text())["scale_t1"])
-            if not vals or not all(0 < v <= 2 for v in vals):
-                raise ValueError("scale_t1 must hold numbers in (0, 2]")
-            return Calibration(vals)
-        except (ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable calibration %s: %s", path, e)
-            return Calibration()
+    def table(self) -> torch.Tensor:
+        """[D, R] fp32 acceptance rates."""
+        return (self.accepted / self.tried).float()
+
+    def update(self, parents: list[int], depths: list[int], path: list[int]) -> None:
+        """Count one verified round: every child tried at a node on the accepted ``path`` (in index =
+        draw order, up to and including the accepted one)."""
+        on_path = set(path)
+        kids: dict[int, list[int]] = {}
+        for i, p in enumerate(parents):
+            if p >= 0 and p in on_path:
+                kids.setdefault(p, []).append(i)
+        rows, cols = self.tried.shape
+        for node in path:
+            for r, c in enumerate(kids.get(node, ())):
+                d, rr = min(depths[c], rows) - 1, min(r, cols - 1)
+                self.tried[d, rr] += 1
+                if c in on_path:
+                    self.accepted[d, rr] += 1
+                    break
+        if float(self.tried.sum()) > self.horizon:
+            self.tried /= 2
+            self.accepted /= 2
 
 
 # ---- the probe ------------------------------------------------------------------------------------

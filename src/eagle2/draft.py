@@ -22,6 +22,7 @@ native stack has no slot for the midlayer's 2H-wide attention input). ``make_dra
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -34,8 +35,8 @@ from .eagle3_head import Eagle3Head
 from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, _rms, additive_mask, attend
 from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
-from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, select_frontier,
-                   static_tree_parents, static_tree_paths)
+from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, sampled_size,
+                   sampled_tree_paths, select_frontier, static_tree_parents, static_tree_paths)
 
 
 @lru_cache(maxsize=64)
@@ -49,6 +50,33 @@ def _static_layout(method: str, total_tokens: int, depth: int, top_k: int):
     depths = [0] + [len(p) for p in paths]
     ranks = [0] + [p[-1] for p in paths]
     return tuple(paths), tuple(parents), tuple(depths), tuple(ranks)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Sampled drafting, for T > 0: each expanded node's children are drawn from the draft's
+    distribution at ``temperature`` without replacement (Gumbel top-k, in draw order) instead of
+    taken as its top-k, and the tree carries those distributions for verification. A sampled child
+    is accepted with probability min(1, p / q), on average 1 - TV(p, q), where a deterministic
+    top-1 child gets only p(x). ``accept`` ([D, R] rates by depth and draw rank,
+    ``cost.SampledAcceptance``) shapes the ``eagle2`` tree."""
+
+    temperature: float
+    generator: torch.Generator
+    accept: Tensor  # [D, R]
+
+
+def _sampled_layout(draw: Draw, cfg: TreeConfig, max_depth: int, budget: Budget | None, vocab: int):
+    """(paths, parents, depths, ranks) of a sampled round's eagle2 tree: the best-first paths under
+    the acceptance rates, as many as the cost rule pays for (with a budget) or ``total_tokens - 1``;
+    at most ``vocab`` (the draft vocabulary's size) draws per node."""
+    cap = (budget.max_nodes - 1) if (cfg.dynamic and budget is not None) else cfg.total_tokens - 1
+    depth = min(cfg.depth_cap, max_depth)
+    paths, probs = sampled_tree_paths(draw.accept, cap, depth, min(cfg.top_k, vocab))
+    if cfg.dynamic and budget is not None:
+        paths = paths[: sampled_size(probs, [len(p) for p in paths], budget)]
+    paths = sorted(paths, key=lambda p: (len(p), p))
+    return paths, [-1] + static_tree_parents(paths), [0] + [len(p) for p in paths], [0] + [p[-1] for p in paths]
 
 
 class Drafter:
@@ -122,19 +150,30 @@ class Drafter:
         self.length += n
         return out[-1]
 
-    def _logp(self, out: Tensor) -> Tensor:
-        """[.., H] head outputs -> [.., N] fp32 log-probs over the draft vocabulary (column j is
-        token ``self._token(j)``)."""
+    def _logp(self, out: Tensor, temperature: float = 1.0) -> Tensor:
+        """[.., H] head outputs -> [.., N] fp32 log-probs over the draft vocabulary at ``temperature``
+        (column j is token ``self._token(j)``)."""
         if self.vocab_ids is None:
-            return torch.log_softmax(self.target.logits(out), dim=-1)  # [.., V]
-        return torch.log_softmax(cap_logits(self._lm(out).float(), self.target.softcap), dim=-1)
+            logits = self.target.logits(out)  # [.., V]
+        else:
+            logits = cap_logits(self._lm(out).float(), self.target.softcap)
+        return torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
 
     def _token(self, cols: Tensor) -> Tensor:
         return cols if self.vocab_ids is None else self.vocab_ids[cols]
 
     @torch.inference_mode()
-    def grow(self, root: Tensor, root_out: Tensor, cfg: TreeConfig, max_depth: int, budget: Budget | None = None) -> Tree:
-        """The round's tree. ``budget`` (with ``cfg.dynamic``) lets the cost rule pick its depth and size."""
+    def grow(self, root: Tensor, root_out: Tensor, cfg: TreeConfig, max_depth: int, budget: Budget | None = None,
+             draw: Draw | None = None) -> Tree:
+        """The round's tree. ``budget`` (with ``cfg.dynamic``) lets the cost rule pick its depth and size;
+        ``draw`` (T > 0) draws the children instead of taking the top-k."""
+        if draw is not None:
+            vocab = self.target.vocab_size if self.vocab_ids is None else self.vocab_ids.shape[0]
+            layout = (_sampled_layout(draw, cfg, max_depth, budget, vocab) if cfg.method == "eagle2"
+                      else _static_layout(cfg.method, cfg.total_tokens, min(cfg.depth, max_depth), cfg.top_k))
+            if len(layout[1]) == 1:
+                return build_tree(root.view(1), torch.full((1,), -1, dtype=torch.long, device=root.device))
+            return self._grow_static(root, root_out, *layout[1:], draw=draw)
         if cfg.method == "eagle2":
             if cfg.dynamic and budget is not None:
                 return self._grow_dynamic(root, root_out, min(cfg.max_depth, max_depth), cfg.top_k, budget.max_nodes,
@@ -186,8 +225,10 @@ class Drafter:
         self.reset()
         return max(0.0, (four - one) / 3), one
 
-    def _grow_static(self, root: Tensor, root_out: Tensor, parents: tuple, depths: tuple, ranks: tuple) -> Tree:
-        """EAGLE-1 / chain: a fixed shape; node tokens are the parent's rank-r draft choices."""
+    def _grow_static(self, root: Tensor, root_out: Tensor, parents: tuple, depths: tuple, ranks: tuple,
+                     draw: Draw | None = None) -> Tree:
+        """EAGLE-1 / chain (and any tree at T > 0): a fixed shape; node tokens are the parent's rank-r
+        draft choices, or with ``draw`` its r-th draw."""
         dev = root.device
         n = len(parents)
         tokens = [int(root)] + [0] * (n - 1)
@@ -198,17 +239,24 @@ class Drafter:
         for p in parents[1:]:
             has_child[p] = True
         out_of: dict[int, Tensor] = {0: root_out}  # node -> head output (its children's feature)
+        q_of: dict[int, Tensor] = {}  # node -> [Vq] the distribution its children were drawn from
         fed: list[int] = []
         pos_root = self.length - 1
         max_d = max(depths)
         for d in range(1, max_d + 1):
             level = [i for i in range(n) if depths[i] == d]
             owners = sorted({parents[i] for i in level})
-            lp = self._logp(torch.stack([out_of[o] for o in owners]))  # [F, V]
+            lp = self._logp(torch.stack([out_of[o] for o in owners]), draw.temperature if draw else 1.0)  # [F, V]
             width = max(ranks[i] for i in level) + 1
-            top = lp.topk(width, dim=-1)
             row = {o: j for j, o in enumerate(owners)}
-            ti, tv = self._token(top.indices).tolist(), top.values.tolist()
+            if draw is None:
+                top = lp.topk(width, dim=-1)
+                ti, tv = self._token(top.indices).tolist(), top.values.tolist()
+            else:
+                idx = _gumbel_top(lp, width, draw.generator)  # [F, width] in draw order
+                ti, tv = self._token(idx).tolist(), lp.gather(-1, idx).tolist()
+                for j, o in enumerate(owners):
+                    q_of[o] = lp[j].exp()
             for i in level:
                 tokens[i] = ti[row[parents[i]]][ranks[i]]
                 logp[i] = tv[row[parents[i]]][ranks[i]]
@@ -224,7 +272,21 @@ class Drafter:
             fed += feed
             for j, i in enumerate(feed):
                 out_of[i] = out[j]
-        return build_tree(torch.tensor(tokens, device=dev), par_t, torch.tensor(logp, device=dev))
+        tree = build_tree(torch.tensor(tokens, device=dev), par_t, torch.tensor(logp, device=dev))
+        if draw is None:
+            return tree
+        vq = next(iter(q_of.values())).shape[0]
+        q = torch.zeros(n, vq, dtype=torch.float32, device=dev)  # [N, Vq]
+        for o, row in q_of.items():
+            q[o] = row
+        return replace(tree, draft_q=q, q_ids=self.vocab_ids)
+
+
+def _gumbel_top(logp: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """[F, V] log-probs -> [F, k] column indices drawn without replacement, in draw order: the top-k of
+    log-prob + Gumbel noise is distributed as k successive draws, each renormalized over the rest."""
+    u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(min=1e-20)
+    return (logp - (-u.log()).log()).topk(k, dim=-1).indices
 
 
 class _Levels:
@@ -239,7 +301,6 @@ class _Levels:
         tok = drafter._token(tok)
         self.cand_tok, self.cand_lp, self.cand_val = [tok[0]], [lp[0]], [val[0]]
         self.cand_par = [torch.full((k,), -1, device=self.dev)]
-        self.cand_depth = [torch.ones(k, dtype=torch.long, device=self.dev)]
         self.n_cand = k
         self.frontier = torch.arange(k, device=self.dev)  # candidate indices of the nodes to feed next
         self.f_tok, self.f_val, self.f_feat = tok[0], val[0], root_out.expand(k, -1)
@@ -270,7 +331,6 @@ class _Levels:
         self.cand_par.append(self.frontier.repeat_interleave(k))
         self.cand_val.append(val.flatten())
         self.cand_lp.append(lp.flatten())
-        self.cand_depth.append(torch.full((nf * k,), d + 1, dtype=torch.long, device=dev))
         sel = select_frontier(val, k)  # [k'] flat indices
         self.frontier = self.n_cand + sel
         self.n_cand += nf * k
@@ -281,9 +341,9 @@ class _Levels:
         self.top1 = float((lp[:, 0].exp()[sel // k] * w).sum() / w.sum().clamp(min=1e-12))
         self.levels += 1
 
-    def _probs(self, values: Tensor, depths: Tensor, budget: Budget) -> Tensor:
-        scale = budget.depth_scale[depths.clamp(max=budget.depth_scale.shape[0] - 1)]
-        return (values.exp() * scale.to(values.device)).clamp(max=1.0)
+    @staticmethod
+    def _probs(values: Tensor) -> Tensor:
+        return values.exp().clamp(max=1.0)  # path probabilities: the expected acceptance at T = 0
 
     def _spent_ms(self, budget: Budget, levels: int) -> float:
         return budget.fixed_ms + levels * budget.level_ms
@@ -291,7 +351,7 @@ class _Levels:
     def best_keep(self, values: Tensor, budget: Budget) -> int:
         """Drafts to verify: the prefix of the rerank order with the best expected tokens per ms."""
         order = values.sort(descending=True, stable=True).indices
-        probs = self._probs(values[order], torch.cat(self.cand_depth)[order], budget)
+        probs = self._probs(values[order])
         return best_size(probs.float().cpu(), budget.verify_ms, self._spent_ms(budget, self.levels))[0]
 
     def next_level_pays(self, budget: Budget) -> bool:
@@ -299,9 +359,8 @@ class _Levels:
         node's best child is predicted at the last level's top-1 confidence (``tree.level_pays``)."""
         values = torch.cat(self.cand_val)
         order = values.sort(descending=True, stable=True).indices
-        probs = self._probs(values[order], torch.cat(self.cand_depth)[order], budget).float().cpu()
-        depth = int(self.cand_depth[-1][0])
-        predicted = self._probs(self.f_val, torch.full_like(self.f_tok, depth + 1), budget).float().cpu() * self.top1
+        probs = self._probs(values[order]).float().cpu()
+        predicted = self._probs(self.f_val).float().cpu() * self.top1
         return level_pays(probs, predicted, budget.verify_ms, self._spent_ms(budget, self.levels), budget.level_ms)
 
 
@@ -410,6 +469,6 @@ class Eagle3Drafter(Drafter):
         gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
         return (x + L.down(ACTIVATIONS[dm.act](gate) * up))[0]
 
-    def _logp(self, out: Tensor) -> Tensor:
-        """[.., H] head outputs -> [.., Vd] fp32 log-probs (column j is token ``vocab_ids[j]``)."""
-        return torch.log_softmax(self._lm(_rms(self.norm, out, self.dims.eps)).float(), dim=-1)
+    def _logp(self, out: Tensor, temperature: float = 1.0) -> Tensor:
+        """[.., H] head outputs -> [.., Vd] fp32 log-probs at ``temperature`` (column j is token ``vocab_ids[j]``)."""
+        return torch.log_softmax(self._lm(_rms(self.norm, out, self.dims.eps)).float() / temperature, dim=-1)

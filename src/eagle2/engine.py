@@ -21,10 +21,10 @@ import torch
 
 from . import masks
 from .config import SamplingConfig, TreeConfig
-from .draft import Drafter
+from .draft import Drafter, Draw
 from .target import Target
-from .cost import Calibration, CostModel
-from .tree import Budget, path_probs, single_node_tree
+from .cost import CostModel, SampledAcceptance
+from .tree import Budget, path_probs, sampled_reach, single_node_tree
 from .verify import greedy_accept, sample_accept, target_probs
 
 
@@ -138,16 +138,18 @@ class Engine:
 
     def decode(self, prompt_ids: list[int], tree: TreeConfig, sampling: SamplingConfig, max_new_tokens: int,
                stop: tuple[str, ...] = (), result: GenerationResult | None = None, cost: CostModel | None = None,
-               calibration: Calibration = Calibration()) -> Iterator[RoundEvent]:
+               acceptance: SampledAcceptance | None = None) -> Iterator[RoundEvent]:
         """Yield one event per target forward; fills ``result`` (if given) as it goes. ``cost`` lets a
-        dynamic tree (``tree.dynamic``) size each round; without it the fixed shape is grown."""
+        dynamic tree (``tree.dynamic``) size each round; without it the fixed shape is grown. At T > 0
+        the drafts are sampled (``draft.Draw``) and ``acceptance`` (a fresh one if None) learns from
+        every round how often they are accepted, which shapes the next rounds' trees."""
         tgt, dev = self.target, self.target.device
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         n_prompt = len(prompt_ids)
         use_draft = tree.method != "vanilla" and self.drafter is not None
         # Prefill: the whole prompt in one causal forward; its last logits give the first token.
         cache = tgt.new_cache(capacity=n_prompt + run.budget + tree.node_cap + 1)
-        budgets = _Budgets(tree, cost, calibration, sampling.temperature)
+        budgets = _Budgets(tree, cost)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         logits, hidden = tgt.forward(cache, prompt, torch.arange(n_prompt, device=dev), None,
                                      logits_rows=slice(n_prompt - 1, n_prompt))
@@ -160,14 +162,17 @@ class Engine:
             feats = hidden  # [n, H] features not yet paired in the draft cache ...
             pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
+        if use_draft and not sampling.greedy and acceptance is None:
+            acceptance = SampledAcceptance()
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1
             t_round = time.perf_counter()
             root_t = torch.tensor(root, dtype=torch.long, device=dev)
             if grown:
+                draw = None if sampling.greedy else Draw(sampling.temperature, run.rng, acceptance.table())
                 draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth,
-                                          budgets.at(length))
+                                          budgets.at(length), draw)
             else:
                 draft = single_node_tree(root_t)
             run.stats.draft_seconds += time.perf_counter() - t_round
@@ -175,7 +180,10 @@ class Engine:
             accepted = draft.tokens[path[1:]].tolist()
             run.stats.accept_lengths.append(len(accepted))
             if grown:
-                _record_tree(run.stats, draft, path, budgets.scale)
+                rates = None if draft.draft_q is None else acceptance.table()  # what this round's shape assumed
+                _record_tree(run.stats, draft, path, rates)
+                if rates is not None:
+                    acceptance.update(draft.parents.tolist(), draft.depths.tolist(), path.tolist())
             length += path.shape[0]
             if use_draft:  # (a round with max_depth < 1 is the last one: nothing left to pair)
                 feats, pair_tokens = hidden[path], torch.tensor(accepted + [bonus], device=dev)
@@ -255,11 +263,10 @@ class _Run:
 
 class _Budgets:
     """Per-round budgets of a dynamic tree: the verify-cost curve at the cache's length (reused
-    within 32-token buckets) and the calibration's depth scales at this temperature."""
+    within 32-token buckets)."""
 
-    def __init__(self, tree: TreeConfig, cost: CostModel | None, calibration: Calibration, temperature: float):
+    def __init__(self, tree: TreeConfig, cost: CostModel | None):
         self.tree, self.cost = tree, cost
-        self.scale = calibration.scales(temperature, tree.depth_cap)  # [depth_cap + 1]
         self._curves: dict[int, torch.Tensor] = {}
 
     def at(self, cached: int) -> Budget | None:
@@ -268,17 +275,19 @@ class _Budgets:
         bucket = cached // 32
         if bucket not in self._curves:
             self._curves[bucket] = self.cost.verify_curve(32 * bucket + 16, self.tree.max_nodes)
-        return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms, self.scale)
+        return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms)
 
 
-def _record_tree(stats: Stats, draft, path: torch.Tensor, scale: torch.Tensor) -> None:
-    """Per-round tree statistics: size, depth, expected accept length and per-node calibration data."""
+def _record_tree(stats: Stats, draft, path: torch.Tensor, rates: torch.Tensor | None) -> None:
+    """Per-round tree statistics: size, depth, expected accept length and per-node calibration data.
+    Expected: the path probabilities (greedy: the draft is calibrated), or with sampled drafts the
+    reach probabilities under the acceptance ``rates`` the round was shaped with."""
     probs = path_probs(draft).float().cpu()  # [N]
     depths = draft.depths.cpu()
     on_path = set(path.tolist())
-    calibrated = probs * scale[depths.clamp(max=scale.shape[0] - 1)]
-    stats.tree_sizes.append(draft.size)
-    stats.tree_depths.append(int(depths.max()))
-    stats.expected_accepts.append((round(float(calibrated[1:].clamp(max=1.0).sum()), 4), int(path.shape[0]) - 1))
     d, p = depths.tolist(), probs.tolist()  # lists: a tensor index per node costs more than the round's tree code
+    expected = p if rates is None else sampled_reach(draft.parents.tolist(), d, rates)
+    stats.tree_sizes.append(draft.size)
+    stats.tree_depths.append(max(d))
+    stats.expected_accepts.append((round(sum(min(1.0, x) for x in expected[1:]), 4), int(path.shape[0]) - 1))
     stats.draft_confidence.extend((d[i], p[i], i in on_path) for i in range(1, draft.size))

@@ -16,6 +16,9 @@ Glossary (used by every module of the package):
 - retrieve indices: one row per leaf listing node indices on the root -> leaf path, -1 padded.
 - accept length: drafted nodes accepted in a round; the round also emits one bonus token,
   sampled (or argmax-ed) from the target at the last accepted node.
+- sampled draft (T > 0): a child drawn from the draft's distribution q rather than taken as its
+  top-k; its draw rank is its place among its siblings in draw order (index order). Its reach
+  probability is the chance it is accepted, from acceptance rates by depth and draw rank.
 
 Worked example: tokens [r, a, b, c] with parents [-1, 0, 0, 1] (a, b children of the root,
 c child of a) and a prefix of 7 tokens give depths [0, 1, 1, 2], positions [7, 8, 8, 9],
@@ -39,6 +42,11 @@ class Tree:
     mask: Tensor  # [N, N] bool, ancestor-or-self
     retrieve: Tensor  # [P, D + 1] long, root -> leaf node indices, -1 padded
     draft_logp: Tensor  # [N] float, draft log-prob of each node given its parent (root: 0)
+    # Sampled drafting (T > 0) only: row i is the draft distribution node i's children were drawn
+    # from, without replacement in index order (zeros for a leaf); column j is token q_ids[j]
+    # (q_ids None: column j is token j). None: the children are deterministic choices.
+    draft_q: Tensor | None = None  # [N, Vq] fp32
+    q_ids: Tensor | None = None  # [Vq] long
 
     @property
     def size(self) -> int:
@@ -136,8 +144,8 @@ def path_probs(tree: Tree) -> Tensor:
 
 
 # ---- how much of the tree pays (the cost-aware rule) --------------------------------------------
-# A node drafted with path probability p lies on the accepted path with probability ~p (after
-# calibration), so a round verifying the root plus drafts with probabilities p_1..p_j yields
+# At T = 0 a node drafted with path probability p lies on the accepted path with probability ~p (the
+# draft is calibrated), so a round verifying the root plus drafts with probabilities p_1..p_j yields
 # 1 + p_1 + ... + p_j tokens in expectation (the accepted drafts plus the bonus token).
 
 
@@ -148,7 +156,6 @@ class Budget:
     verify_ms: Tensor  # [max_nodes + 1] fp32: verifying n nodes (root included) over this round's cache
     level_ms: float  # one more draft level
     fixed_ms: float  # the round's cost whatever its tree (commit, root logits, accept, cache keep)
-    depth_scale: Tensor  # [max_depth + 1] fp32: acceptance per unit of draft probability, by depth
 
     @property
     def max_nodes(self) -> int:
@@ -202,6 +209,71 @@ def static_tree_paths(total_tokens: int, depth: int, top_k: int) -> list[tuple[i
         if len(path) < depth:  # first child
             heapq.heappush(heap, (-(score * _RANK_PRIOR[0]), path + (0,)))
     return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def sampled_tree_paths(accept: Tensor, max_nodes: int, max_depth: int, top_k: int
+                       ) -> tuple[list[tuple[int, ...]], list[float]]:
+    """The best static tree for sampled drafting, best first: (paths of draw ranks, reach probabilities).
+
+    accept[d - 1, r]: probability that the rank-r draw at depth d is accepted, given that its parent
+    was reached and its ranks < r were rejected (``cost.SampledAcceptance`` measures it). A node's
+    reach probability is then its parent's x (1 - accept of each earlier sibling) x its own accept,
+    which depends on ranks and depths only, never on the drawn tokens: the shape is fixed before
+    any token is drawn, which is what keeps sampled verification exact (verify.py). Up to
+    ``max_nodes`` paths; every path's parent and earlier siblings come before it."""
+    rows, cols = accept.shape
+    a = accept.tolist()
+
+    def rate(depth: int, r: int) -> float:
+        return a[min(depth, rows) - 1][min(r, cols - 1)]
+
+    # (-reach, path, reach of its parent, probability that its earlier siblings were all rejected)
+    heap: list[tuple[float, tuple[int, ...], float, float]] = [(-rate(1, 0), (0,), 1.0, 1.0)]
+    paths: list[tuple[int, ...]] = []
+    probs: list[float] = []
+    while heap and len(paths) < max_nodes:
+        neg, path, parent, miss = heapq.heappop(heap)
+        paths.append(path)
+        probs.append(-neg)
+        d, r = len(path), path[-1]
+        if r + 1 < top_k:  # the next draw at the same parent
+            m = miss * (1.0 - rate(d, r))
+            heapq.heappush(heap, (-parent * m * rate(d, r + 1), path[:-1] + (r + 1,), parent, m))
+        if d < max_depth:  # this node's first draw
+            heapq.heappush(heap, (neg * rate(d + 1, 0), path + (0,), -neg, 1.0))
+    return paths, probs
+
+
+def sampled_reach(parents: list[int], depths: list[int], accept: Tensor) -> list[float]:
+    """[N] each node's probability of being accepted in a sampled tree (root: 1), by the rule of
+    ``sampled_tree_paths``; siblings are in draw order (index order)."""
+    rows, cols = accept.shape
+    a = accept.tolist()
+    reach = [1.0] * len(parents)
+    miss: dict[int, float] = {}  # parent -> probability that its children so far were all rejected
+    rank: dict[int, int] = {}
+    for i, p in enumerate(parents):
+        if p < 0:
+            continue
+        r = rank.get(p, 0)
+        rate = a[min(depths[i], rows) - 1][min(r, cols - 1)]
+        reach[i] = reach[p] * miss.get(p, 1.0) * rate
+        miss[p], rank[p] = miss.get(p, 1.0) * (1.0 - rate), r + 1
+    return reach
+
+
+def sampled_size(probs: list[float], depths: list[int], budget: Budget) -> int:
+    """How many of the best-first sampled paths to verify: the prefix with the most expected tokens
+    per ms, paying one draft level for each level beyond the first that the prefix reaches."""
+    m = min(len(probs), budget.max_nodes - 1)
+    best_j, best_rate, expected, deepest = 0, 1.0 / (budget.fixed_ms + float(budget.verify_ms[1])), 1.0, 0
+    for j in range(1, m + 1):
+        expected += probs[j - 1]
+        deepest = max(deepest, depths[j - 1])
+        rate = expected / (budget.fixed_ms + (deepest - 1) * budget.level_ms + float(budget.verify_ms[j + 1]))
+        if rate > best_rate:
+            best_j, best_rate = j, rate
+    return best_j
 
 
 def static_tree_parents(paths: list[tuple[int, ...]]) -> list[int]:

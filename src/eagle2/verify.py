@@ -6,12 +6,16 @@ follows the node). Output is the accepted path (node indices, root first) and th
 - Greedy: a child is accepted when its token equals the target's argmax at its parent; the
   accepted root -> leaf prefix is followed down; bonus = argmax at the last accepted node. The
   output is then exactly the target's greedy decoding.
-- Sampling: multi-candidate rejection sampling (SpecInfer / EAGLE). The draft proposes each
-  child deterministically, so its proposal distribution is one-hot: child x of the current
-  node is accepted with probability p(x) under the current residual p; on rejection p(x) is
-  set to 0 and p renormalized before trying the next sibling (in draft-rank order). If every
-  child is rejected the bonus is sampled from the residual. Each emitted token is then
-  distributed exactly as the target's p (after temperature / top-k / top-p).
+- Sampling: multi-candidate rejection sampling (SpecInfer). Siblings are tried in index order;
+  child x, proposed from q, is accepted with probability min(1, p(x) / q(x)) under the current
+  residual p; on rejection p becomes norm(max(p - q, 0)) and, the draws being without
+  replacement, q loses x and is renormalized before the next sibling. If every child is rejected
+  the bonus is sampled from the residual. Each emitted token is then distributed exactly as the
+  target's p (after temperature / top-k / top-p), for any q, provided each child really was
+  drawn from its q and whether it is verified did not depend on which token it is
+  (``tree.sampled_tree_paths`` fixes the shape before the draws). A tree without ``draft_q``
+  proposes deterministically: q is one-hot at x, so x is accepted with probability p(x) and a
+  rejection zeroes p(x).
 """
 
 from __future__ import annotations
@@ -76,22 +80,43 @@ def sample_accept(tree: Tree, probs: Tensor, generator: torch.Generator | None) 
     node, path = 0, [0]
     while True:
         p = probs[node]
+        q = _proposal(tree, node, p) if kids[node] else None  # [V]
         accepted = None
         for c in kids[node]:
             x = tokens[c]
             u = torch.rand((), generator=generator, device=p.device)
-            if bool(u < p[x]):  # accept with prob min(1, p(x) / q(x)); q is one-hot at x
-                accepted = c
-                break
-            p = p.clone()  # reject: residual norm(max(p - q, 0)) zeroes x
-            p[x] = 0.0
-            total = p.sum()
+            if q is None:  # deterministic child: q is one-hot at x
+                if bool(u < p[x]):
+                    accepted = c
+                    break
+                residual = p.clone()
+                residual[x] = 0.0
+            else:
+                if bool(u * q[x] < p[x]):  # u < p(x) / q(x), without dividing by a tiny q(x)
+                    accepted = c
+                    break
+                residual = (p - q).clamp(min=0.0)
+                q = q.clone()
+                q[x] = 0.0
+                q = q / q.sum().clamp(min=1e-30)
+            total = residual.sum()
             if not bool(total > 0):  # all mass rejected: reachable only through fp rounding
                 p = probs[node]
                 break
-            p = p / total
+            p = residual / total
         if accepted is None:  # every child rejected (or a leaf): bonus from the residual
             bonus = int(torch.multinomial(p, 1, generator=generator))
             return torch.tensor(path, device=tree.tokens.device), bonus
         node = accepted
         path.append(node)
+
+
+def _proposal(tree: Tree, node: int, like: Tensor) -> Tensor | None:
+    """[V] the draft distribution ``node``'s children were drawn from, on the target's vocabulary
+    (None for deterministic children)."""
+    if tree.draft_q is None:
+        return None
+    row = tree.draft_q[node].to(like.dtype)  # [Vq]
+    if tree.q_ids is None:
+        return row.clone()
+    return torch.zeros_like(like).index_copy_(0, tree.q_ids, row)

@@ -88,7 +88,7 @@ def tree_per_round(answers: list) -> dict:
 
 def calibration_per_depth(triples: list) -> list[dict]:
     """(depth, draft path prob, accepted) -> per depth: nodes, mean predicted, accept rate and their
-    ratio (``scale``: what ``Calibration.scale_t1`` holds when measured at T = 1)."""
+    ratio (``scale``; 1 = calibrated)."""
     out = []
     for d in sorted({t[0] for t in triples}):
         sel = [(p, a) for dd, p, a in triples if dd == d]
