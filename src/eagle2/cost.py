@@ -78,9 +78,10 @@ class SampledAcceptance:
     1 - TV(p, q) whatever token was drawn, so the draft's confidence in a token says little about its
     chances; what predicts them is the depth and the draw rank. ``table()[d - 1, r]`` is the rate at
     which the rank-r draw at depth d was accepted when it was tried (its parent reached, its earlier
-    siblings rejected), from prior pseudo-counts plus every verified round of this generator; counts
-    are halved past ``horizon`` tries so the rates follow the text being written. Runtime state of one
-    generator: ``Eagle2Generator`` owns it and the engine updates it after each sampled round."""
+    siblings rejected), from prior pseudo-counts plus every verified round so far; counts are halved
+    past ``horizon`` tries so the rates follow the text being written. Runtime state of one generation:
+    the engine starts one from the prior per ``decode`` call (so a seeded run is reproducible) and
+    updates it after each sampled round."""
 
     PRIOR = (0.4, 0.25, 0.15)  # by rank, every depth: near what a trained head measures at T = 1
 

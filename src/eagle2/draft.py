@@ -36,7 +36,7 @@ from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, _rms, additive_m
 from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
 from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, sampled_size,
-                   sampled_tree_paths, select_frontier, static_tree_parents, static_tree_paths)
+                   sampled_tree_paths, select_frontier, single_node_tree, static_tree_parents, static_tree_paths)
 
 
 @lru_cache(maxsize=64)
@@ -172,7 +172,7 @@ class Drafter:
             layout = (_sampled_layout(draw, cfg, max_depth, budget, vocab) if cfg.method == "eagle2"
                       else _static_layout(cfg.method, cfg.total_tokens, min(cfg.depth, max_depth), cfg.top_k))
             if len(layout[1]) == 1:
-                return build_tree(root.view(1), torch.full((1,), -1, dtype=torch.long, device=root.device))
+                return single_node_tree(root)
             return self._grow_static(root, root_out, *layout[1:], draw=draw)
         if cfg.method == "eagle2":
             if cfg.dynamic and budget is not None:

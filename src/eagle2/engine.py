@@ -137,12 +137,12 @@ class Engine:
         return int(torch.multinomial(target_probs(logits, s.temperature, s.top_k, s.top_p), 1, generator=gen))
 
     def decode(self, prompt_ids: list[int], tree: TreeConfig, sampling: SamplingConfig, max_new_tokens: int,
-               stop: tuple[str, ...] = (), result: GenerationResult | None = None, cost: CostModel | None = None,
-               acceptance: SampledAcceptance | None = None) -> Iterator[RoundEvent]:
+               stop: tuple[str, ...] = (), result: GenerationResult | None = None,
+               cost: CostModel | None = None) -> Iterator[RoundEvent]:
         """Yield one event per target forward; fills ``result`` (if given) as it goes. ``cost`` lets a
         dynamic tree (``tree.dynamic``) size each round; without it the fixed shape is grown. At T > 0
-        the drafts are sampled (``draft.Draw``) and ``acceptance`` (a fresh one if None) learns from
-        every round how often they are accepted, which shapes the next rounds' trees."""
+        the drafts are sampled (``draft.Draw``) and a ``SampledAcceptance`` learns from every round how
+        often they are accepted, which shapes the next rounds' trees."""
         tgt, dev = self.target, self.target.device
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         n_prompt = len(prompt_ids)
@@ -162,8 +162,7 @@ class Engine:
             feats = hidden  # [n, H] features not yet paired in the draft cache ...
             pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
-        if use_draft and not sampling.greedy and acceptance is None:
-            acceptance = SampledAcceptance()
+        acceptance = SampledAcceptance() if use_draft and not sampling.greedy else None
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1
@@ -180,7 +179,7 @@ class Engine:
             accepted = draft.tokens[path[1:]].tolist()
             run.stats.accept_lengths.append(len(accepted))
             if grown:
-                rates = None if draft.draft_q is None else acceptance.table()  # what this round's shape assumed
+                rates = None if draft.draft_q is None else draw.accept  # what this round's shape assumed
                 _record_tree(run.stats, draft, path, rates)
                 if rates is not None:
                     acceptance.update(draft.parents.tolist(), draft.depths.tolist(), path.tolist())

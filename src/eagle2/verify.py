@@ -116,7 +116,7 @@ def _proposal(tree: Tree, node: int, like: Tensor) -> Tensor | None:
     (None for deterministic children)."""
     if tree.draft_q is None:
         return None
-    row = tree.draft_q[node].to(like.dtype)  # [Vq]
+    row = tree.draft_q[node].to(like.dtype)  # [Vq]; the caller copies before changing it
     if tree.q_ids is None:
-        return row.clone()
+        return row
     return torch.zeros_like(like).index_copy_(0, tree.q_ids, row)
