@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +101,9 @@ def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], l
                 raise ValueError(f"prompt file not found: {f}")
             allp.extend(read_prompts(f))
             sources.append(data_license(Path(f).name))
+        # Shuffled together, as the default mix is, so that --limit N and the held-out dev prompts are a fair
+        # sample of every file given rather than the head of the first one.
+        random.Random(0).shuffle(allp)
     else:
         d = opts.data_dir or data_dir()
         if not (d / "train").is_dir():
