@@ -292,10 +292,16 @@ def test_a_signal_stops_after_the_step_checkpoints_and_resumes_exactly(tiny, run
             return out
 
         first.batch_loss = loss_then_signal
-        before = signal.getsignal(sig)
-        res = first.train()
+        # The trainer leaves an ignored signal ignored (a job started with `&` ignores SIGINT), so the test
+        # gives the signal its default handling first, whatever shell started pytest.
+        inherited = signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        try:
+            before = signal.getsignal(sig)
+            res = first.train()
+            assert signal.getsignal(sig) is before  # the previous handler is back
+        finally:
+            signal.signal(sig, inherited)
         assert (res.status, res.step) == ("interrupted", 3)
-        assert signal.getsignal(sig) is before  # the previous handler is back
         again = Trainer(tiny, tok, exs, d, _cfg(max_steps=5), progress=False)
         assert again.step == 3
         assert again.train().status == "stopped"
@@ -439,6 +445,23 @@ def test_second_run_generates_nothing(tiny, prompt_file, tmp_path, monkeypatch):
     again = run_pipeline(tiny, ToyTokenizer(), opts)["responses"]
     assert again["new"] == 0 and again["done"] == 14
     assert sorted((tmp_path / "r" / "corpus").glob("turns-*")) == shards
+
+
+def test_limit_samples_every_prompt_file(tmp_path):
+    """--prompts A B --limit N takes a shuffled prefix of both files (not the head of A), and the
+    held-out dev prompts never train."""
+    from eagle2.train.pipeline import choose_prompts
+
+    files = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "prompt": f"{name} {i}"}) + "\n" for i in range(20)))
+        files.append(str(path))
+    train, dev, _ = choose_prompts(PipelineOptions(run_dir=tmp_path / "r", prompts=tuple(files), limit=10,
+                                                   dev_prompts=4))
+    first_words = [p.messages[-1]["content"].split()[0] for p in train]
+    assert len(train) == 10 and set(first_words) == {"a", "b"}
+    assert not {p.messages[-1]["content"] for p in dev} & {p.messages[-1]["content"] for p in train}
 
 
 def test_multi_turn_is_conditioned_on_the_first_answer(tiny, tmp_path):
