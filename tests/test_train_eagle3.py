@@ -165,7 +165,8 @@ def test_trained_head_exports_reloads_keeps_the_contract_and_drafts(tiny, run, p
     assert {k: tuple(v.shape) for k, v in state.items()} == official_shapes(head.config)
     card = (out / "README.md").read_text()
     assert "EAGLE-3 draft head for tiny-llama" in card and "## Training corpus" in card and "eagle3" in card
-    assert f"{summary['train']['step']} optimizer steps" in card and "over 5 steps" in card
+    assert f"optimizer step {cfg['eagle2_train_step']}." in card and "over 5 steps" in card  # the exported weights' step
+    assert "| noise |" not in card and "| ttt_steps | 5 |" in card  # only the hyperparameters an EAGLE-3 run uses
     gen = Eagle2Generator(tiny, ToyTokenizer(), head)
     taus = []
     for rec in [r for r in run_pipeline.__globals__["Corpus"](run / "corpus").records()][:6]:

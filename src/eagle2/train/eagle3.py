@@ -255,15 +255,18 @@ class Eagle3Trainer(Trainer):
 
 
 # ---- export ------------------------------------------------------------------------------------------
+EAGLE2_ONLY = ("noise", "noise_len_norm", "ce_weight", "fc_bias", "head_intermediate")  # TrainConfig fields an EAGLE-3 run ignores
+
+
 def model_card(info: dict, head: Eagle3Head, n_layers: int) -> str:
     """README.md of an exported EAGLE-3 head: what it is and how to serve it, then the data,
     corpus, hyperparameters, wall time and acceptance sections of the EAGLE-1/2 card."""
     from .export import model_card as eagle2_card
 
     cfg = head.config
-    body = eagle2_card({**info, "bias": False, "loss_vocab": None})
+    hp = {k: v for k, v in (info.get("hyperparameters") or {}).items() if k not in EAGLE2_ONLY}
+    body = eagle2_card({**info, "bias": False, "loss_vocab": None, "hyperparameters": hp})
     body = body[body.index("## Base model"):]
-    hp = info.get("hyperparameters") or {}
     return "\n".join([
         f"# EAGLE-3 draft head for {info.get('base_model', '?')}", "",
         f"An EAGLE-3 draft head (fc fusing the target's hidden states {list(cfg.feature_layers(n_layers))} "
@@ -271,7 +274,7 @@ def model_card(info: dict, head: Eagle3Head, n_layers: int) -> str:
         f"{cfg.draft_vocab_size} tokens mapped by `d2t`/`t2d`) trained with `eagle2 train --arch eagle3` by "
         "self-distillation. Loss: soft cross-entropy against the target's next-token distribution over the draft "
         f"vocabulary, with training-time test over {hp.get('ttt_steps', '?')} steps (diagonal mask); "
-        f"{info.get('steps', '?')} optimizer steps. Official EAGLE-3 layout: `config.json` + `model.safetensors` "
+        f"the weights of optimizer step {info.get('steps', '?')}. Official EAGLE-3 layout: `config.json` + `model.safetensors` "
         "(bf16 weights, int64 `d2t`, bool `t2d`).", "",
         "## Use", "", "```python", "import eagle2",
         f"gen = eagle2.load({info.get('model_arg', 'MODEL')!r}, head=\"THIS_DIR\")",
@@ -286,6 +289,7 @@ def export_eagle3(src: str | Path, out: str | Path, info: dict, n_layers: int) -
     head = Eagle3Head.load(src)
     extra = {k: v for k, v in json.loads((Path(src) / "config.json").read_text()).items() if k.startswith("eagle2_")}
     extra["eagle2_base_model"] = info.get("base_model")
+    info = {**info, "steps": extra.get("eagle2_train_step", info.get("steps"))}  # the step of these weights, not the run's last
     out = head.save(out, n_layers=n_layers, extra_config=extra)
     (out / "README.md").write_text(model_card(info, head, n_layers))
     return out
