@@ -120,7 +120,7 @@ def model_card(info: dict) -> str:
     if info.get("bias", True):
         lines += ["**fc bias:** " + FC_BIAS_NOTE, ""]
     lines += ["## Base model", "", f"- {info.get('base_model', '?')}", "", "## Training data and licenses", ""]
-    for d in info.get("data", []):
+    for d in dict.fromkeys(info.get("data", [])):  # two prompt files of one source share a line
         lines.append(f"- {d}")
     lines += ["", f"Examples: {info.get('examples', '?')}; assistant tokens seen in training: "
               f"{info.get('tokens_seen', '?')}.", ""]
