@@ -46,7 +46,7 @@ soft cross-entropy of the head's own logits over the draft vocabulary (--draft-v
 answer tokens, as d2t/t2d) against the target's distribution renormalised over it, no feature loss,
 no noise; training-time test over --ttt-steps steps (default 7), step k fed the head's own step k-1
 outputs under the diagonal mask. Export in the official EAGLE-3 layout (SGLang EAGLE3, vLLM eagle3).
---ce-weight, --noise, --no-fc-bias and --head-intermediate are EAGLE-1/2 options; --stream is eagle2 only.
+--ce-weight, --noise, --no-fc-bias and --head-intermediate are EAGLE-1/2 options.
 
 Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-head"""
 
@@ -82,7 +82,8 @@ def register(sub) -> None:
     p.add_argument("--corpus", default=None, metavar="DIR",
                    help="the corpus of self-distilled conversations (default: corpus/<model> in the repo for "
                         "built-in models, else <run-dir>/corpus)")
-    p.add_argument("--stream", action="store_true", help="compute features on the fly instead of caching them")
+    p.add_argument("--stream", action="store_true", help="compute features on the fly instead of caching them (no disk; the "
+                        "fast way on a GPU: --device cuda)")
     p.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per step (default: %(default)s)")
@@ -143,8 +144,6 @@ def cmd_train(args) -> int:
         raise ValueError(f"--temperature must be >= 0; got {args.temperature}")
     if (args.context or 0) < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
         raise ValueError("--context, --dev-prompts, --mtbench and --draft-vocab must be >= 0")
-    if args.arch == "eagle3" and args.stream:
-        raise ValueError("--stream is not available for --arch eagle3: its features are cached in shards")
     if args.max_len < 16:
         raise ValueError(f"--max-len must be >= 16; got {args.max_len}")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,

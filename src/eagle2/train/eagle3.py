@@ -68,21 +68,24 @@ def feature_dir(run_dir: str | Path, model) -> Path:
 
 
 @torch.inference_mode()
-def capture_features(model, batch_ids: list[list[int]], layers: tuple[int, ...]) -> list[Tensor]:
+def capture_features(model, batch_ids: list[list[int]], layers: tuple[int, ...], on_device: bool = False) -> list[Tensor]:
     """[T_i, 4H] bf16 per sequence: the residual streams at the inputs of ``layers`` (hidden_states
     indices, each < L), then the last hidden state after the final norm. One right-padded batch
-    through transformers' decoder (causal attention keeps the padding out of real rows)."""
+    through transformers' decoder (causal attention keeps the padding out of real rows). On the
+    CPU (for shards), or with ``on_device`` left on the model's device (streamed training on a GPU)."""
     dev = next(model.parameters()).device
     ids, attn = pad_batch(batch_ids)  # [B, W]
     out = model.get_decoder()(input_ids=ids.to(dev), attention_mask=attn.to(dev), output_hidden_states=True,
                               use_cache=False)
     rows = torch.cat([out.hidden_states[i] for i in layers] + [out.last_hidden_state], dim=-1)  # [B, W, 4H]
-    return [rows[i, : len(x)].to(torch.bfloat16).cpu() for i, x in enumerate(batch_ids)]
+    rows = rows.to(torch.bfloat16)
+    return [rows[i, : len(x)] if on_device else rows[i, : len(x)].cpu() for i, x in enumerate(batch_ids)]
 
 
-def features_fn(model) -> FeatureFn:
-    """``build_features(features=...)`` for this target's EAGLE-3 capture points."""
-    return partial(capture_features, model, layers=feature_layers(model))
+def features_fn(model, on_device: bool = False) -> FeatureFn:
+    """``build_features(features=...)`` (or ``StreamedExamples``, ``on_device``) for this target's
+    EAGLE-3 capture points."""
+    return partial(capture_features, model, layers=feature_layers(model), on_device=on_device)
 
 
 # ---- training-time test ------------------------------------------------------------------------

@@ -129,12 +129,15 @@ def build_features(model, responses: str | Path | list[dict], out_dir: str | Pat
 
 
 class StreamedExamples:
-    """Examples computed on the fly from the responses JSONL (no feature cache), one record at a
-    time, for targets whose features would not fit on disk. Indexable like a list."""
+    """Examples computed on the fly from the training records (no feature cache), for targets whose
+    features would not fit on disk, or on a GPU, where the target's forward costs less than reading a
+    cache. Indexable like a list; ``batch`` computes a whole training step's examples in one padded
+    forward. ``features``: the feature function (default: ``last_hidden``, EAGLE-1/2)."""
 
     def __init__(self, model, responses: str | Path | list[dict], *, context: int | None = None, max_len: int = 1024,
-                 exclude: set[str] | None = None, backend: Backend | str | None = None):
-        self.features = last_hidden(model, backend)
+                 exclude: set[str] | None = None, backend: Backend | str | None = None,
+                 features: FeatureFn | None = None):
+        self.features = features or last_hidden(model, backend)
         self.records = [r for r in _records(responses) if not exclude or r["id"] not in exclude]
         self.records = [r for r in self.records if len(r["response_ids"]) > 1]
         self.context, self.max_len = context, max_len
@@ -146,6 +149,12 @@ class StreamedExamples:
         ex = _examples_for(self.features, [self.records[i]], self.context, self.max_len, 1)[0]
         assert ex is not None
         return ex
+
+    def batch(self, idx: list[int]) -> list[Example]:
+        """The examples ``idx``, in that order, from one batched target forward."""
+        exs = _examples_for(self.features, [self.records[i] for i in idx], self.context, self.max_len, len(idx))
+        assert all(e is not None for e in exs)
+        return exs
 
     def lengths(self) -> list[int]:
         """Window length of every example, without running the target."""

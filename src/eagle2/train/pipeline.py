@@ -140,11 +140,9 @@ def _loss_vocab(opts: PipelineOptions, records: list[dict], vocab_size: int):
 
 
 def _check_arch(opts: PipelineOptions) -> bool:
-    """Whether the run trains an EAGLE-3 head; refuses an unknown head type or what it cannot do."""
+    """Whether the run trains an EAGLE-3 head; refuses an unknown head type."""
     if opts.arch not in ("eagle2", "eagle3"):
         raise ValueError(f"unknown head type {opts.arch!r}; use eagle2 (EAGLE-1/2) or eagle3")
-    if opts.arch == "eagle3" and opts.stream:
-        raise ValueError("--stream is not available for --arch eagle3: its features are cached in shards")
     return opts.arch == "eagle3"
 
 
@@ -287,8 +285,11 @@ def _train_stage(run: _Run, records: list[dict], trained_on: dict | None, vocab)
     from .trainer import TrainConfig, Trainer
 
     opts, t0 = run.opts, time.time()
-    if opts.stream:
-        examples = StreamedExamples(run.model, records, context=opts.context, max_len=opts.max_len, backend=run.backend)
+    if opts.stream:  # EAGLE-3: its three layers + final, left on the target's device (a GPU: no host copies)
+        from . import eagle3
+        feats = eagle3.features_fn(run.model, on_device=True) if run.eagle3 else None
+        examples = StreamedExamples(run.model, records, context=opts.context, max_len=opts.max_len, backend=run.backend,
+                                    features=feats)
     else:
         examples = load_shards(run.feat_dir, window=window_meta(opts.context, opts.max_len),
                                only={r["id"] for r in records})

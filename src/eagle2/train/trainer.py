@@ -186,10 +186,11 @@ def _plan(lengths: list[int], epoch: int, cfg: TrainConfig) -> list[list[int]]:
 
 
 def collate(examples: list[Example]) -> dict[str, Tensor]:
-    """Right-pad a batch. Returns hidden [B, T, H] bf16, tokens [B, T], lens [B], start [B], pos0 [B]."""
+    """Right-pad a batch. Returns hidden [B, T, H] bf16 (on the examples' device), tokens [B, T], lens [B],
+    start [B], pos0 [B]."""
     b, t = len(examples), max(len(e.tokens) for e in examples)
     h = examples[0].hidden.shape[-1]
-    hidden = torch.zeros(b, t, h, dtype=examples[0].hidden.dtype)
+    hidden = torch.zeros(b, t, h, dtype=examples[0].hidden.dtype, device=examples[0].hidden.device)
     tokens = torch.zeros(b, t, dtype=torch.long)
     for i, e in enumerate(examples):
         hidden[i, : len(e.tokens)] = e.hidden
@@ -403,6 +404,12 @@ class Trainer:
         self.head.draft_vocab = self.vocab  # saved with every head; the acceptance checks draft over it
         return self.head
 
+    def _fetch(self, idx: list[int]) -> list:
+        """One step's examples: one batched forward when they are streamed, else read one by one."""
+        if hasattr(self.examples, "batch"):
+            return self.examples.batch(idx)
+        return [self.examples[i] for i in idx]
+
     def batch_loss(self, examples: list) -> tuple[Tensor, dict]:
         """(loss, metrics) of one batch of examples; metrics has at least loss, tokens and acc."""
         return head_loss(self.head, self.embed, self.lm_w, collate(examples), self.cfg, self.noise_gen, self.softcap)
@@ -478,7 +485,7 @@ class Trainer:
                    **{k: round(sum(x[k] for x in window) / n, 5)
                       for k in ("loss", "l1", "ce") if k in window[0]},  # (EAGLE-3: no l1)
                    acc=round(sum(x["acc"] for x in window) / n, 4), grad_norm=round(grad_norm, 4),
-                   tokens_seen=self.tokens_seen)
+                   tokens_seen=self.tokens_seen, seconds=round(self.elapsed, 2))  # training time so far (no evaluations)
         for k in range(1, self.cfg.ttt_steps):  # top-1 agreement at each unrolled step
             got = [x[f"acc_{k}"] for x in window if f"acc_{k}" in x]
             if got:
@@ -531,7 +538,7 @@ class Trainer:
                     status = "stopped"
                     break
                 t0 = time.time()
-                loss, m = self.batch_loss([self.examples[i] for i in plan[self.batch_in_epoch]])
+                loss, m = self.batch_loss(self._fetch(plan[self.batch_in_epoch]))
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.head.parameters(), cfg.grad_clip)
