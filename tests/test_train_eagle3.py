@@ -210,3 +210,31 @@ def test_cli_train_arch(capsys):
     assert "--arch" in text and "eagle3" in text and "diagonal mask" in text
     with pytest.raises(SystemExit):
         main(["train", "--arch", "eagle4"])
+
+
+def test_a_larger_draft_vocab_widens_an_init_head_without_changing_its_drafts(tiny, run, tmp_path):
+    """--init-head with a larger --draft-vocab keeps every trained row (moved to its new draft id) and
+    adds the most frequent missing tokens as zero rows; a smaller one keeps the head's vocabulary."""
+    exs = load_shards(feature_dir(run, tiny))
+    tok = ToyTokenizer()
+    small = Eagle3Trainer(tiny, tok, exs, tmp_path / "s", _cfg(max_steps=2), progress=False,
+                          vocab=torch.arange(1, VOCAB, 4))  # 32 tokens
+    small.train()
+    src_dir = small.save_head(tmp_path / "src", None)
+    src = Eagle3Head.load(src_dir)
+    wanted = torch.arange(VOCAB).flip(0)[:48]  # most frequent first: 127, 126, ...
+    wide = Eagle3Trainer(tiny, tok, exs, tmp_path / "w", _cfg(max_steps=0, init_head=str(src_dir)),
+                         progress=False, vocab=wanted)
+    ids = wide.head.target_ids.tolist()
+    assert len(ids) == 48 and set(src.target_ids.tolist()) <= set(ids) and ids == sorted(ids)
+    kept = set(src.target_ids.tolist())
+    assert set(ids) - kept == set([t for t in wanted.tolist() if t not in kept][:16])  # the most frequent new ones
+    h = torch.randn(5, 32)
+    old, new = src.float().logits(h), wide.head.float().logits(h)  # [5, 32], [5, 48]
+    at = torch.tensor([ids.index(t) for t in src.target_ids.tolist()])
+    torch.testing.assert_close(new[:, at], old, rtol=0, atol=1e-2)  # bf16 round trip of the saved weights
+    rest = torch.tensor([i for i in range(48) if i not in set(at.tolist())])
+    assert torch.equal(new[:, rest], torch.zeros(5, 16))
+    same = Eagle3Trainer(tiny, tok, exs, tmp_path / "k", _cfg(max_steps=0, init_head=str(src_dir)),
+                         progress=False, vocab=wanted[:8])
+    assert torch.equal(same.head.target_ids, src.target_ids)

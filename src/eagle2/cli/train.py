@@ -104,7 +104,9 @@ def register(sub) -> None:
     p.add_argument("--ttt-decay", type=float, default=0.8,
                    help="loss weight of unrolled step k is DECAY**k (default: %(default)s)")
     p.add_argument("--init-head", default=None, metavar="DIR",
-                   help="start from this trained head (released layout) instead of random weights: fine-tuning")
+                   help="start from this trained head (released layout) instead of random weights: fine-tuning. "
+                        "An EAGLE-3 head keeps its draft vocabulary; a larger --draft-vocab adds the most frequent "
+                        "tokens it lacks (their rows start at zero)")
     p.add_argument("--head-intermediate", type=int, default=0, metavar="N",
                    help="MLP width of the head (0: the target's). Still the released layout; a narrower "
                         "--init-head is widened without changing its outputs (default: %(default)s)")

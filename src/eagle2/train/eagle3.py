@@ -10,7 +10,8 @@ What differs from the EAGLE-1/2 path (trainer.py), following docs/eagle3.md:
 - **Draft vocabulary.** The ``--draft-vocab`` most frequent answer tokens of the training
   conversations, as for EAGLE-1/2, sorted by token id: draft id i is the i-th kept token, so
   ``d2t[i] = token - i`` and ``t2d[token] = True`` (``eagle3_head.vocab_maps``). A fine-tuning
-  run (``init_head``) keeps its starting head's vocabulary instead (never regenerate d2t).
+  run (``init_head``) keeps its starting head's vocabulary (never regenerate d2t); a larger
+  ``--draft-vocab`` widens it with the most frequent tokens it lacks (``widened_vocab``).
 - **Training-time test (TTT), K = ``ttt_steps`` steps**, indexed as the official trainer does.
   Step 0 at window index i is the inference pair: fc(f_i) with the embedding of x_{i+1}, at
   position i. Step k at index i takes the head's own step k-1 output at index i (not detached),
@@ -224,8 +225,8 @@ class Eagle3Trainer(Trainer):
 
     def __init__(self, model, tokenizer, examples, run_dir: str | Path, cfg, dev_prompts: list | None = None,
                  progress: bool = True, vocab: Tensor | None = None):
-        if cfg.init_head:
-            vocab = Eagle3Head.load(cfg.init_head).target_ids  # fine-tuning keeps d2t (docs/eagle3.md pitfall 2)
+        if cfg.init_head:  # fine-tuning keeps d2t (docs/eagle3.md pitfall 2); a larger --draft-vocab widens it
+            vocab = widened_vocab(Eagle3Head.load(cfg.init_head).target_ids, vocab)
         elif vocab is None:
             vocab = torch.arange(int(model.config.vocab_size))
         super().__init__(model, tokenizer, examples, run_dir, cfg, dev_prompts, progress,
@@ -241,12 +242,7 @@ class Eagle3Trainer(Trainer):
         head = init_eagle3_head(hcfg, seed=self.cfg.seed, draft_ids=self.vocab)
         if self.cfg.init_head:
             src = Eagle3Head.load(self.cfg.init_head)
-            if src.config.feature_layers(mc.num_hidden_layers) != hcfg.feature_layers(mc.num_hidden_layers) or \
-                    src.state_dict().keys() != head.state_dict().keys() or \
-                    any(v.shape != head.state_dict()[k].shape for k, v in src.state_dict().items()):
-                raise ValueError(f"--init-head {self.cfg.init_head}: an EAGLE-3 head of another shape or capture "
-                                 f"points than this target's default head ({hcfg})")
-            head.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in src.state_dict().items()})
+            load_widened(head, src, self.cfg.init_head, mc.num_hidden_layers)
         return head.to(self.device)
 
     def batch_loss(self, examples: list) -> tuple[Tensor, dict]:
@@ -255,6 +251,37 @@ class Eagle3Trainer(Trainer):
 
     def save_head(self, directory: str | Path, extra: dict | None = None) -> Path:
         return self.head.save(directory, n_layers=int(self.model.config.num_hidden_layers), extra_config=extra)
+
+
+def widened_vocab(kept: Tensor, wanted: Tensor | None) -> Tensor:
+    """The draft vocabulary of a run that starts from a head drafting over ``kept`` (target ids): ``kept``
+    itself, unless ``wanted`` (most frequent first, as ``export.draft_vocabulary``) is larger; then
+    ``kept`` plus the most frequent tokens of ``wanted`` it lacks, up to ``len(wanted)`` tokens. A
+    trained head's tokens are never dropped: their rows are what the run starts from."""
+    if wanted is None or wanted.numel() <= kept.numel():
+        return kept
+    have = set(kept.tolist())
+    extra = [t for t in wanted.tolist() if t not in have][: wanted.numel() - kept.numel()]
+    return torch.cat([kept.cpu(), torch.tensor(extra, dtype=torch.long)])
+
+
+def load_widened(head: Eagle3Head, src: Eagle3Head, name, n_layers: int) -> None:
+    """Copy the trained head ``src`` into ``head`` (same shape and capture points; ``head``'s draft
+    vocabulary may be a superset of ``src``'s). Each kept token's lm_head row moves to its draft id in
+    ``head``; a token new to the vocabulary starts from a zero row (logit 0 everywhere), which the loss
+    then trains like any other row."""
+    old, new = src.state_dict(), head.state_dict()
+    same = src.config.feature_layers(n_layers) == head.config.feature_layers(n_layers) and old.keys() == new.keys() \
+        and all(v.shape == new[k].shape for k, v in old.items() if k not in ("lm_head.weight", "d2t"))
+    pos = {t: i for i, t in enumerate(head.target_ids.tolist())}
+    rows = [pos.get(t) for t in src.target_ids.tolist()]
+    if not same or None in rows:
+        raise ValueError(f"--init-head {name}: an EAGLE-3 head of another shape, capture points or draft vocabulary "
+                         f"than this run's ({head.config})")
+    lm = torch.zeros_like(new["lm_head.weight"], dtype=torch.float32)  # [Vd, H]
+    lm[torch.tensor(rows)] = old["lm_head.weight"].float()
+    state = {k: (v.float() if v.is_floating_point() else v) for k, v in old.items() if k not in ("d2t", "t2d")}
+    head.load_state_dict({**state, "lm_head.weight": lm, "d2t": new["d2t"], "t2d": new["t2d"]})
 
 
 # ---- export ------------------------------------------------------------------------------------------
