@@ -140,7 +140,7 @@ def generate_responses(model, tokenizer, prompts: list[Prompt], corpus: Corpus, 
     from ..machine import dtype_name, git_commit
 
     settings = dict(temperature=temperature, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                    dtype=dtype_name(model.dtype), commit=git_commit())
+                    dtype=dtype_name(model.dtype), device=model.device.type, commit=git_commit())
     corpus.check_model(model_name, settings)
     target = make_target(model, backend)
     fast = target if isinstance(target, FastTarget) else None
