@@ -58,29 +58,3 @@ def test_sampled_acceptance_counts_the_children_tried_on_the_accepted_path():
     acc.update([-1, 0, 1], [0, 1, 2], [0, 1, 2])  # a chain accepted whole
     assert acc.tried.tolist() == [[3.0, 2.0], [2.0, 1.0]]
     assert acc.accepted.flatten().tolist() == pytest.approx([1.4, 1.25, 1.4, 0.25])
-
-
-def test_depth_calibration_learns_the_accepted_over_predicted_ratio_per_depth():
-    from eagle2.cost import DepthCalibration
-
-    cal = DepthCalibration(max_depth=2, weight=1.0)
-    assert cal.factors().tolist() == [1.0, 1.0]  # the prior: take the head at its word
-    cal.update([(1, 0.5, True), (1, 0.5, True), (2, 0.25, False), (3, 0.25, True)])  # depth 3 counts at depth 2
-    assert cal.factors().tolist() == pytest.approx([3.0 / 2.0, 2.0 / 1.5])
-    for _ in range(50):
-        cal.update([(1, 0.9, False)])
-    assert cal.factors()[0] == pytest.approx(0.5)  # clamped: one bad spell cannot zero the trees
-
-
-def test_calibration_scales_what_a_round_expects_by_depth():
-    """An under-confident draft (factor > 1) makes the same candidates worth verifying: a larger prefix
-    pays; the order stays by raw path probability."""
-    from eagle2.tree import Budget, best_size
-
-    verify = torch.tensor([0.0, 10, 11, 12, 13, 14, 15, 16, 17])
-    raw = Budget(verify, level_ms=1.0, fixed_ms=2.0)
-    sure = Budget(verify, level_ms=1.0, fixed_ms=2.0, calibration=torch.tensor([1.0, 2.0]))
-    assert raw.factor(1) == 1.0 and sure.factor(1) == 1.0 and sure.factor(2) == 2.0 and sure.factor(7) == 2.0
-    probs = torch.tensor([0.5, 0.06, 0.06, 0.06])  # depth 1, then three depth-2 nodes
-    scaled = torch.tensor([0.5, 0.12, 0.12, 0.12])
-    assert best_size(probs, verify, 2.0)[0] < best_size(scaled, verify, 2.0)[0]

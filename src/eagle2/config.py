@@ -79,7 +79,6 @@ class TreeConfig:
     adaptive: bool = False  # eagle2 only: size and depth chosen per round by the cost rule
     max_nodes: int = 48  # adaptive: the most nodes a round verifies, root included
     max_depth: int = 8  # adaptive: the deepest level a round may draft
-    calibrate: bool = True  # adaptive, T = 0: correct the draft's confidence per depth by what the rounds accepted
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -71,34 +71,6 @@ class CostModel:
                          float(d["draft_level_ms"]), float(d["round_fixed_ms"]))
 
 
-class DepthCalibration:
-    """How often a greedy draft is accepted against how confident the draft was (T = 0), by depth,
-    learnt from the rounds.
-
-    At T = 0 a drafted node is accepted when the target's argmax agrees along its whole path, and
-    the draft's path probability p predicts that, but with a bias that depends on the head and grows
-    with depth: a head trained with a soft loss on a small target tends to be under-confident (more
-    accepted than predicted), so trees sized on raw p come out smaller than what pays. ``factors()[d - 1]``
-    is (accepted + w) / (predicted + w) over every node verified at depth d so far, prior w pseudo-counts
-    at ratio 1 (the first rounds take the head at its word), clamped to [0.5, 2]. Runtime state of one
-    generation, like ``SampledAcceptance``."""
-
-    def __init__(self, max_depth: int = 8, weight: float = 4.0):
-        self.accepted = torch.full((max_depth,), weight, dtype=torch.float64)  # [D]
-        self.predicted = torch.full((max_depth,), weight, dtype=torch.float64)  # [D]
-
-    def factors(self) -> torch.Tensor:
-        """[D] fp32: the factor on a depth-d path probability."""
-        return (self.accepted / self.predicted).clamp(0.5, 2.0).float()
-
-    def update(self, nodes: list[tuple[int, float, bool]]) -> None:
-        """Count one verified round: (depth, draft path probability, on the accepted path?) per drafted node."""
-        last = self.accepted.shape[0]
-        for d, p, hit in nodes:
-            self.predicted[min(d, last) - 1] += p
-            self.accepted[min(d, last) - 1] += float(hit)
-
-
 class SampledAcceptance:
     """How often a sampled draft is accepted (T > 0), by depth and draw rank, learnt from the rounds.
 

@@ -341,29 +341,26 @@ class _Levels:
         self.top1 = float((lp[:, 0].exp()[sel // k] * w).sum() / w.sum().clamp(min=1e-12))
         self.levels += 1
 
-    def _expected(self, budget: Budget) -> Tensor:
-        """[M] each candidate's chance of acceptance (generation order): its path probability times its
-        depth's calibration factor, at most 1. Chunk j of the candidates lies at depth j + 1."""
-        return torch.cat([v.exp() * budget.factor(d + 1) for d, v in enumerate(self.cand_val)]).clamp(max=1.0)
+    @staticmethod
+    def _probs(values: Tensor) -> Tensor:
+        return values.exp().clamp(max=1.0)  # path probabilities: the expected acceptance at T = 0
 
     def _spent_ms(self, budget: Budget, levels: int) -> float:
         return budget.fixed_ms + levels * budget.level_ms
 
     def best_keep(self, values: Tensor, budget: Budget) -> int:
-        """Drafts to verify: the prefix of the rerank order with the best expected tokens per ms. The order
-        stays by raw path probability (a parent before its children), only the expectations are calibrated."""
+        """Drafts to verify: the prefix of the rerank order with the best expected tokens per ms."""
         order = values.sort(descending=True, stable=True).indices
-        probs = self._expected(budget)[order]
+        probs = self._probs(values[order])
         return best_size(probs.float().cpu(), budget.verify_ms, self._spent_ms(budget, self.levels))[0]
 
     def next_level_pays(self, budget: Budget) -> bool:
         """Whether feeding the frontier is expected to raise the round's tokens per ms: each frontier
-        node's best child (at depth levels + 2) is predicted at the last level's top-1 confidence
-        (``tree.level_pays``)."""
+        node's best child is predicted at the last level's top-1 confidence (``tree.level_pays``)."""
         values = torch.cat(self.cand_val)
         order = values.sort(descending=True, stable=True).indices
-        probs = self._expected(budget)[order].float().cpu()
-        predicted = (self.f_val.exp() * self.top1 * budget.factor(self.levels + 2)).clamp(max=1.0).float().cpu()
+        probs = self._probs(values[order]).float().cpu()
+        predicted = self._probs(self.f_val).float().cpu() * self.top1
         return level_pays(probs, predicted, budget.verify_ms, self._spent_ms(budget, self.levels), budget.level_ms)
 
 

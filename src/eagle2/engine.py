@@ -23,7 +23,7 @@ from . import masks
 from .config import SamplingConfig, TreeConfig
 from .draft import Drafter, Draw
 from .target import Target
-from .cost import CostModel, DepthCalibration, SampledAcceptance
+from .cost import CostModel, SampledAcceptance
 from .tree import Budget, path_probs, sampled_reach, single_node_tree
 from .verify import greedy_accept, sample_accept, target_probs
 
@@ -149,7 +149,7 @@ class Engine:
         use_draft = tree.method != "vanilla" and self.drafter is not None
         # Prefill: the whole prompt in one causal forward; its last logits give the first token.
         cache = tgt.new_cache(capacity=n_prompt + run.budget + tree.node_cap + 1)
-        budgets = _Budgets(tree, cost, sampling.greedy)
+        budgets = _Budgets(tree, cost)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         logits, hidden = tgt.forward(cache, prompt, torch.arange(n_prompt, device=dev), None,
                                      logits_rows=slice(n_prompt - 1, n_prompt))
@@ -180,9 +180,7 @@ class Engine:
             run.stats.accept_lengths.append(len(accepted))
             if grown:
                 rates = None if draft.draft_q is None else draw.accept  # what this round's shape assumed
-                nodes = _record_tree(run.stats, draft, path, rates)
-                if budgets.calibration is not None:
-                    budgets.calibration.update(nodes)
+                _record_tree(run.stats, draft, path, rates)
                 if rates is not None:
                     acceptance.update(draft.parents.tolist(), draft.depths.tolist(), path.tolist())
             length += path.shape[0]
@@ -264,13 +262,11 @@ class _Run:
 
 class _Budgets:
     """Per-round budgets of a dynamic tree: the verify-cost curve at the cache's length (reused
-    within 32-token buckets) and, at T = 0, the calibration learnt from the rounds so far."""
+    within 32-token buckets)."""
 
-    def __init__(self, tree: TreeConfig, cost: CostModel | None, greedy: bool):
+    def __init__(self, tree: TreeConfig, cost: CostModel | None):
         self.tree, self.cost = tree, cost
         self._curves: dict[int, torch.Tensor] = {}
-        # T = 0: the draft's confidence, corrected per depth by what this generation's rounds accepted
-        self.calibration = DepthCalibration() if greedy and tree.dynamic and tree.calibrate and cost is not None else None
 
     def at(self, cached: int) -> Budget | None:
         if not self.tree.dynamic or self.cost is None:
@@ -278,15 +274,13 @@ class _Budgets:
         bucket = cached // 32
         if bucket not in self._curves:
             self._curves[bucket] = self.cost.verify_curve(32 * bucket + 16, self.tree.max_nodes)
-        calib = None if self.calibration is None else self.calibration.factors()
-        return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms, calib)
+        return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms)
 
 
-def _record_tree(stats: Stats, draft, path: torch.Tensor, rates: torch.Tensor | None) -> list:
+def _record_tree(stats: Stats, draft, path: torch.Tensor, rates: torch.Tensor | None) -> None:
     """Per-round tree statistics: size, depth, expected accept length and per-node calibration data.
     Expected: the path probabilities (greedy: the draft is calibrated), or with sampled drafts the
-    reach probabilities under the acceptance ``rates`` the round was shaped with. Returns the round's
-    (depth, path probability, accepted?) per drafted node."""
+    reach probabilities under the acceptance ``rates`` the round was shaped with."""
     probs = path_probs(draft).float().cpu()  # [N]
     depths = draft.depths.cpu()
     on_path = set(path.tolist())
@@ -295,6 +289,4 @@ def _record_tree(stats: Stats, draft, path: torch.Tensor, rates: torch.Tensor | 
     stats.tree_sizes.append(draft.size)
     stats.tree_depths.append(max(d))
     stats.expected_accepts.append((round(sum(min(1.0, x) for x in expected[1:]), 4), int(path.shape[0]) - 1))
-    nodes = [(d[i], p[i], i in on_path) for i in range(1, draft.size)]
-    stats.draft_confidence.extend(nodes)
-    return nodes
+    stats.draft_confidence.extend((d[i], p[i], i in on_path) for i in range(1, draft.size))

@@ -145,9 +145,8 @@ def path_probs(tree: Tree) -> Tensor:
 
 # ---- how much of the tree pays (the cost-aware rule) --------------------------------------------
 # At T = 0 a node drafted with path probability p lies on the accepted path with probability ~p (the
-# draft is roughly calibrated; ``Budget.calibration`` corrects what bias remains, per depth), so a round
-# verifying the root plus drafts with probabilities p_1..p_j yields 1 + p_1 + ... + p_j tokens in
-# expectation (the accepted drafts plus the bonus token).
+# draft is calibrated), so a round verifying the root plus drafts with probabilities p_1..p_j yields
+# 1 + p_1 + ... + p_j tokens in expectation (the accepted drafts plus the bonus token).
 
 
 @dataclass(frozen=True)
@@ -157,11 +156,6 @@ class Budget:
     verify_ms: Tensor  # [max_nodes + 1] fp32: verifying n nodes (root included) over this round's cache
     level_ms: float  # one more draft level
     fixed_ms: float  # the round's cost whatever its tree (commit, root logits, accept, cache keep)
-    calibration: Tensor | None = None  # [D] factor on a depth-d path probability (T = 0, cost.DepthCalibration); None: 1
-
-    def factor(self, depth: int) -> float:
-        c = self.calibration
-        return 1.0 if c is None else float(c[min(depth, int(c.shape[0])) - 1])
 
     @property
     def max_nodes(self) -> int:
