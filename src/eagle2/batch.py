@@ -50,8 +50,10 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos: s
         feats = [[h[i, width - len(p):]] for i, p in enumerate(prompts)]
     logits = target.logits(hidden[:, -1])  # [B, V]
     out: list[list[int]] = [[] for _ in prompts]
-    alive = torch.arange(b, device=dev)  # original prompt index of each batch row
-    ended = torch.zeros(b, dtype=torch.bool, device=dev)  # [B] rows whose answer is complete
+    # row bookkeeping stays on the host: on a GPU, reading or writing one element of a device tensor
+    # per row and step would be a synchronisation each
+    alive = torch.arange(b)  # original prompt index of each batch row
+    ended = torch.zeros(b, dtype=torch.bool)  # [B] rows whose answer is complete
     key_ok = valid  # [B, S] which cache entries are real
     pos = positions[:, -1]  # [B]
     for step in range(max_new_tokens):
@@ -72,7 +74,8 @@ def generate_batch(target, prompts: list[list[int]], max_new_tokens: int, eos: s
             keep = (~ended).nonzero().flatten()
             row_of = {int(j): k for k, j in enumerate(keep.tolist())}
             fed = [(row_of[j], r) for j, r in fed if j in row_of]
-            alive, nxt, pos, key_ok, ended = alive[keep], nxt[keep], pos[keep], key_ok[keep], ended[keep]
+            alive, ended, keep = alive[keep], ended[keep], keep.to(dev)
+            nxt, pos, key_ok = nxt[keep], pos[keep], key_ok[keep]
             cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
         pos = pos + 1
         key_ok = torch.cat([key_ok, torch.ones(len(alive), 1, dtype=torch.bool, device=dev)], dim=1)  # the new key

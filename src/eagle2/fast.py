@@ -368,7 +368,8 @@ class FastTarget(Target):
         dims = Dims(self.n_heads, self.kv_heads, self.head_dim, int(self.decoder.layers[0].mlp.gate_proj.weight.shape[0]),
                     float(self.norm.variance_epsilon), getattr(cfg, "hidden_act", "silu"))
         exact = backend.exact
-        native_ok = backend.native and native.load() is not None
+        # the extension is CPU code: a model on a GPU neither builds nor loads it
+        native_ok = backend.native and self.device.type == "cpu" and native.load() is not None
         self.exact = exact_default(self.dtype, self.device, native_ok) if exact is None else bool(exact)
         self.stack = Stack(layers, self.norm.weight, dims, self.exact, backend.native)
         lm = self.lm_head.weight
