@@ -212,7 +212,7 @@ def test_cli_train_arch(capsys):
         main(["train", "--arch", "eagle4"])
 
 
-def test_a_larger_draft_vocab_widens_an_init_head_without_changing_its_drafts(tiny, run, tmp_path):
+def test_a_larger_draft_vocab_widens_an_init_head_keeping_its_trained_rows(tiny, run, tmp_path):
     """--init-head with a larger --draft-vocab keeps every trained row (moved to its new draft id) and
     adds the most frequent missing tokens as zero rows; a smaller one keeps the head's vocabulary."""
     exs = load_shards(feature_dir(run, tiny))
@@ -232,7 +232,7 @@ def test_a_larger_draft_vocab_widens_an_init_head_without_changing_its_drafts(ti
     h = torch.randn(5, 32)
     old, new = src.float().logits(h), wide.head.float().logits(h)  # [5, 32], [5, 48]
     at = torch.tensor([ids.index(t) for t in src.target_ids.tolist()])
-    torch.testing.assert_close(new[:, at], old, rtol=0, atol=1e-2)  # bf16 round trip of the saved weights
+    torch.testing.assert_close(new[:, at], old, rtol=0, atol=1e-5)  # both read the same saved weights
     rest = torch.tensor([i for i in range(48) if i not in set(at.tolist())])
     assert torch.equal(new[:, rest], torch.zeros(5, 16))
     same = Eagle3Trainer(tiny, tok, exs, tmp_path / "k", _cfg(max_steps=0, init_head=str(src_dir)),
