@@ -671,6 +671,37 @@ at::Tensor rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tens
 }
 
 // ---- row-invariant attention ----------------------------------------------------------------------
+// 16 floats as one value: GCC/Clang lower it to the widest vectors the build targets (one AVX-512 register,
+// two AVX2 ones, or four SSE ones), so a loop over a few of them keeps its accumulators in registers.
+typedef float V16 __attribute__((vector_size(64)));
+inline V16 load16(const float* p) { V16 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+
+// out[h][e] = sum over k < nk, in order, of p[h * ps + k] * rows[kept[k]][e], for G query heads that share
+// the rows, 64 dims at a time: each row chunk is read once for the G heads (the rows of a long cache live
+// in L2, whose bandwidth bounds this loop) and its 4 x G accumulators stay in registers. Per head and dim
+// it is the scalar loop's operations in the scalar loop's order, so the result is the same bit for bit.
+template <int G>
+void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, const int64_t* kept, int64_t nk, float* out) {
+  for (int64_t e0 = 0; e0 < d; e0 += 64) {
+    V16 a[G][4] = {};
+    for (int64_t k = 0; k < nk; ++k) {
+      const float* r = rows + kept[k] * d + e0;
+      const V16 r0 = load16(r), r1 = load16(r + 16), r2 = load16(r + 32), r3 = load16(r + 48);
+      for (int h = 0; h < G; ++h) {
+        const V16 pk = V16{} + p[h * ps + k];
+        a[h][0] = a[h][0] + pk * r0;
+        a[h][1] = a[h][1] + pk * r1;
+        a[h][2] = a[h][2] + pk * r2;
+        a[h][3] = a[h][3] + pk * r3;
+      }
+    }
+    for (int h = 0; h < G; ++h) {
+      for (int c = 0; c < 4; ++c) store16(out + h * d + e0 + 16 * c, a[h][c]);
+    }
+  }
+}
+
 // exp(x) for x <= 0 in float: Cody-Waite reduction by ln 2 and a degree-7 Taylor polynomial (relative
 // error ~2e-7, 0 below -87). Only +, -, * and conversions, which round the same in a vector lane as in a
 // scalar (the build has -ffp-contract=off), so a value's exp does not depend on where it falls in a loop:
@@ -752,16 +783,23 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
           float* kb = kt.data() + key / KB * d * KB + key % KB;
           for (int64_t e = 0; e < d; ++e) kb[e * KB] = N::f(kr[e]);
         }
+        for (int64_t key = 0; key < s; ++key) {  // the value rows as floats, once per task: every row reads them
+          const scalar_t* vr = vbase + key * vs;
+          float* vf = vrows.data() + key * d;
+          for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
+        }
         for (int64_t ti = r0; ti < r1; ++ti) {
           for (int64_t h = 0; h < g; ++h) {
             const scalar_t* qr = qp + bi * q.stride(0) + (kh * g + h) * q.stride(1) + ti * q.stride(2);
             for (int64_t e = 0; e < d; ++e) qf[h * d + e] = N::f(qr[e]);
           }
-          for (int64_t h = 0; h < g; ++h) {  // score_j = (sum over d in order of q_d k_jd) * scale, one key per lane
-            const float* qh = qf.data() + h * d;
-            for (int64_t blk = 0; blk < sblocks; ++blk) {
+          // score_j = (sum over d in order of q_d k_jd) * scale, one key per lane. Blocks outside, heads
+          // inside: a block of keys (16 KB) is read from L2 once and serves the g heads from L1.
+          for (int64_t blk = 0; blk < sblocks; ++blk) {
+            const float* kb = kt.data() + blk * d * KB;
+            for (int64_t h = 0; h < g; ++h) {
+              const float* qh = qf.data() + h * d;
               float lane[KB] = {};
-              const float* kb = kt.data() + blk * d * KB;
               for (int64_t e = 0; e < d; ++e) {
                 const float qe = qh[e];
                 for (int64_t j = 0; j < KB; ++j) lane[j] += qe * kb[e * KB + j];
@@ -779,11 +817,13 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
           for (int64_t h = 0; h < g; ++h) {
             const float* srow = score.data() + h * sblocks * KB;
             float* ph = prob.data() + h * s;
-            float m = -std::numeric_limits<float>::infinity();
-            for (int64_t i = 0; i < nk; ++i) {
+            float mx[4] = {-std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
+            for (int64_t i = 0; i < nk; ++i) {  // four running maxima: no chain of dependent max ops (exact in any order)
               ph[i] = srow[kept[i]] + N::f(brow[kept[i] * bs]);
-              m = std::max(m, ph[i]);
+              mx[i & 3] = std::max(mx[i & 3], ph[i]);
             }
+            const float m = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
             for (int64_t i = 0; i < nk; ++i) ph[i] = exp_nonpositive(ph[i] - m);
             std::fill(part, part + L, 0.0f);  // l: 16 partial sums by rank mod 16, added in lane order
             int64_t i = 0;
@@ -793,19 +833,25 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
             for (int64_t l = 0; i + l < nk; ++l) part[l] += ph[i + l];
             for (int64_t l = 0; l < L; ++l) total[h] += part[l];
           }
-          for (int64_t k = 0; k < nk; ++k) {  // the kept value rows as floats, shared by the g heads
-            const scalar_t* vr = vbase + kept[k] * vs;
-            float* vf = vrows.data() + k * d;
-            for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
-          }
-          for (int64_t h = 0; h < g; ++h) {  // out_d = sum over kept keys in order of p v_d; one dim per lane
-            float* __restrict__ ah = acc.data() + h * d;
-            const float* __restrict__ ph = prob.data() + h * s;
-            std::fill(ah, ah + d, 0.0f);
-            for (int64_t k = 0; k < nk; ++k) {
-              const float pk = ph[k];
-              const float* __restrict__ vf = vrows.data() + k * d;
-              for (int64_t e = 0; e < d; ++e) ah[e] += pk * vf[e];
+          // out_d = sum over kept keys in order of p v_d, one dim per lane (weighted_rows).
+          if (d % 64 == 0) {  // up to 4 heads per pass over the rows
+            for (int64_t h = 0; h < g;) {
+              const int64_t nq = std::min<int64_t>(4, g - h);
+              const float* ph = prob.data() + h * s;
+              float* ah = acc.data() + h * d;
+              if (nq == 4) weighted_rows<4>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              else if (nq == 3) weighted_rows<3>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              else if (nq == 2) weighted_rows<2>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              else weighted_rows<1>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              h += nq;
+            }
+          } else {  // head dims not a multiple of 64: the same sums, one dim at a time
+            for (int64_t h = 0; h < g; ++h) {
+              for (int64_t e = 0; e < d; ++e) {
+                float a = 0.0f;
+                for (int64_t k = 0; k < nk; ++k) a += prob[h * s + k] * vrows[kept[k] * d + e];
+                acc[h * d + e] = a;
+              }
             }
           }
           for (int64_t h = 0; h < g; ++h) {

@@ -187,7 +187,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         summary["responses"] = _responses_stage(run)
     records, trained_on = _training_records(opts, run.corpus, run.train_p, run.dev_ids)
     if trained_on is not None:
-        run.sources = [data_license(s) for s in trained_on["sources"]] or run.sources
+        run.sources = list(dict.fromkeys(data_license(s) for s in trained_on["sources"])) or run.sources  # two ShareGPT files, one line
     if "features" in opts.stages and not opts.stream:
         summary["features"] = _features_stage(run, records)
     vocab = _loss_vocab(opts, records, int(model.config.vocab_size)) if {"train", "export"} & set(opts.stages) else None
