@@ -12,7 +12,7 @@
 #   run(carry=[".trip/b"], command="mv .trip/b/part /tmp/trip/partB", timeout_s=60)
 #   run(carry=[".trip/c"], command="bash .trip/c/gpu_trip.sh go 560", timeout_s=600)
 # and give_back. Then here:
-#   bash tools/gpu_trip.sh restore      # back to main, the orphan branch deleted
+#   bash .trip/c/gpu_trip.sh restore    # back to main, the orphan branch deleted (tools/ is gone until then)
 #   cat /work/.device/<n>/head.tar.* | tar x -C /tmp   # /tmp/trip-out/{head,metrics.jsonl,stats.json}
 # A/B the head against the shipped one on the CPU before shipping it.
 #
@@ -42,10 +42,11 @@ print(next(pathlib.Path(d).glob('*.gguf')))")  # located, not imported: the pack
 slim() {
   cd "$(git rev-parse --show-toplevel)"
   [ -z "$(git status --porcelain)" ] || { echo "commit or stash first" >&2; exit 1; }
+  [ -f .trip/c/gpu_trip.sh ] || { echo "run prepare first" >&2; exit 1; }
   local drop="docs tests tools checkpoints src/eagle2/heads .ci README.md CONTRIBUTING.md Makefile requirements.txt"
   git checkout -q --orphan gpu-trip
   git rm -r -q --cached $drop && rm -rf $drop && git commit -qm "gpu trip"
-  echo "travels: $(git ls-files | xargs du -cb | tail -1 | cut -f1) bytes tracked"
+  echo "travels: $(git ls-files | xargs du -cb | tail -1 | cut -f1) bytes tracked; undo: bash .trip/c/gpu_trip.sh restore"
 }
 
 restore() {
