@@ -671,33 +671,43 @@ at::Tensor rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tens
 }
 
 // ---- row-invariant attention ----------------------------------------------------------------------
-// 16 floats as one value: GCC/Clang lower it to the widest vectors the build targets (one AVX-512 register,
-// two AVX2 ones, or four SSE ones), so a loop over a few of them keeps its accumulators in registers.
-typedef float V16 __attribute__((vector_size(64)));
-inline V16 load16(const float* p) { V16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store16(float* p, V16 v) { std::memcpy(p, &v, sizeof v); }
+// One vector register of floats, as wide as the build's ISA (torch's detected capability picks the flags):
+// GCC and Clang lower arithmetic on it to single instructions, so a loop over a few of them keeps its
+// accumulators in registers. (A vector wider than the ISA's is lowered through memory: slower than scalar.)
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float VF __attribute__((vector_size(4 * kLanes)));
+inline VF loadv(const float* p) { VF v; std::memcpy(&v, p, sizeof v); return v; }
+inline void storev(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+// The weighted sum below keeps kPassHeads x kPassChunks accumulators in registers: 16 of AVX-512's 32,
+// 8 of AVX2's 16.
+constexpr int kPassHeads = kLanes == 16 ? 4 : 2, kPassChunks = 4;
 
 // out[h][e] = sum over k < nk, in order, of p[h * ps + k] * rows[kept[k]][e], for G query heads that share
-// the rows, 64 dims at a time: each row chunk is read once for the G heads (the rows of a long cache live
-// in L2, whose bandwidth bounds this loop) and its 4 x G accumulators stay in registers. Per head and dim
-// it is the scalar loop's operations in the scalar loop's order, so the result is the same bit for bit.
-template <int G>
+// the rows, C vectors of dims at a time: each row chunk is read once for the G heads (the rows of a long
+// cache live in L2, whose bandwidth bounds this loop) and the G x C accumulators stay in registers. Per
+// head and dim it is the scalar loop's operations in the scalar loop's order, so the result is the same
+// bit for bit.
+template <int G, int C>
 void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, const int64_t* kept, int64_t nk, float* out) {
-  for (int64_t e0 = 0; e0 < d; e0 += 64) {
-    V16 a[G][4] = {};
+  for (int64_t e0 = 0; e0 < d; e0 += kLanes * C) {
+    VF a[G][C] = {};
     for (int64_t k = 0; k < nk; ++k) {
       const float* r = rows + kept[k] * d + e0;
-      const V16 r0 = load16(r), r1 = load16(r + 16), r2 = load16(r + 32), r3 = load16(r + 48);
+      VF rc[C];
+      for (int c = 0; c < C; ++c) rc[c] = loadv(r + kLanes * c);
       for (int h = 0; h < G; ++h) {
-        const V16 pk = V16{} + p[h * ps + k];
-        a[h][0] = a[h][0] + pk * r0;
-        a[h][1] = a[h][1] + pk * r1;
-        a[h][2] = a[h][2] + pk * r2;
-        a[h][3] = a[h][3] + pk * r3;
+        const VF pk = VF{} + p[h * ps + k];
+        for (int c = 0; c < C; ++c) a[h][c] = a[h][c] + pk * rc[c];
       }
     }
     for (int h = 0; h < G; ++h) {
-      for (int c = 0; c < 4; ++c) store16(out + h * d + e0 + 16 * c, a[h][c]);
+      for (int c = 0; c < C; ++c) storev(out + h * d + e0 + kLanes * c, a[h][c]);
     }
   }
 }
@@ -834,18 +844,18 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
             for (int64_t l = 0; l < L; ++l) total[h] += part[l];
           }
           // out_d = sum over kept keys in order of p v_d, one dim per lane (weighted_rows).
-          if (d % 64 == 0) {  // up to 4 heads per pass over the rows
+          if (d % (kLanes * kPassChunks) == 0) {  // up to kPassHeads heads per pass over the rows
             for (int64_t h = 0; h < g;) {
-              const int64_t nq = std::min<int64_t>(4, g - h);
+              const int64_t nq = std::min<int64_t>(kPassHeads, g - h);
               const float* ph = prob.data() + h * s;
               float* ah = acc.data() + h * d;
-              if (nq == 4) weighted_rows<4>(ph, s, vrows.data(), d, kept.data(), nk, ah);
-              else if (nq == 3) weighted_rows<3>(ph, s, vrows.data(), d, kept.data(), nk, ah);
-              else if (nq == 2) weighted_rows<2>(ph, s, vrows.data(), d, kept.data(), nk, ah);
-              else weighted_rows<1>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              else if (nq == 3) weighted_rows<3, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              else if (nq == 2) weighted_rows<2, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              else weighted_rows<1, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
               h += nq;
             }
-          } else {  // head dims not a multiple of 64: the same sums, one dim at a time
+          } else {  // other head dims: the same sums, one dim at a time
             for (int64_t h = 0; h < g; ++h) {
               for (int64_t e = 0; e < d; ++e) {
                 float a = 0.0f;
