@@ -93,6 +93,24 @@ def test_a_row_is_the_same_alone_or_in_a_tree(dtype, python):
     assert _row_checks(tgt, python) == []
 
 
+@pytest.mark.parametrize("isa", ["avx2", "none"])
+def test_rows_stay_invariant_in_a_build_for_a_smaller_isa(isa, monkeypatch):
+    """The extension is compiled for the vector ISA torch detects, and its attention has code per vector
+    width (AVX-512, AVX2, SSE). On this CPU, build it as an AVX2-only CPU (Zen 2) or one with no vector
+    flags would, and check the same invariance with that build."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or native.load() is None:
+        pytest.skip("needs an x86-64 CPU and a working compiler")
+    flags = {"avx2": ["-mavx2", "-mfma", "-mf16c"], "none": []}[isa]
+    monkeypatch.setattr(native, "_vector_flags", lambda: flags)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_tried", False)
+    tgt = FastTarget(wide_model(torch.bfloat16), backend=Backend(exact=True))
+    assert tgt.stack.is_native and native.load() is not None
+    assert _row_checks(tgt, python=False) == []
+
+
 def test_exact_setting_and_default():
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         assert FastTarget(wide_model(dtype), backend=Backend(exact=True)).exact
