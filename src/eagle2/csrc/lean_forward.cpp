@@ -20,6 +20,7 @@
 #include <limits>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -712,6 +713,34 @@ void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, con
   }
 }
 
+// Keys [s, D] (row stride ks) -> floats as [block][D][kb]: key j's dim e at (j / kb) * D * kb + e * kb + j % kb,
+// zeros past the last key. Through a 16 x 16 tile, so that both the reads (a key's dims) and the writes (a
+// dim's keys) are runs of 16: a key at a time, every write is a lone float kb apart.
+template <typename T>
+void transpose_keys(const T* keys, int64_t ks, int64_t s, int64_t d, int64_t kb, float* out) {
+  using N = Num<T>;
+  const int64_t blocks = (s + kb - 1) / kb;
+  for (int64_t j = s; j < blocks * kb; ++j) {
+    for (int64_t e = 0; e < d; ++e) out[j / kb * d * kb + e * kb + j % kb] = 0.0f;
+  }
+  for (int64_t k0 = 0; k0 < s; k0 += 16) {
+    const int64_t nk = std::min<int64_t>(16, s - k0);
+    float* base = out + k0 / kb * d * kb + k0 % kb;
+    for (int64_t e0 = 0; e0 < d; e0 += 16) {
+      const int64_t ne = std::min<int64_t>(16, d - e0);
+      float tile[16][16];
+      for (int64_t j = 0; j < nk; ++j) {
+        const T* row = keys + (k0 + j) * ks + e0;
+        for (int64_t e = 0; e < ne; ++e) tile[j][e] = N::f(row[e]);
+      }
+      for (int64_t e = 0; e < ne; ++e) {
+        float* dst = base + (e0 + e) * kb;
+        for (int64_t j = 0; j < nk; ++j) dst[j] = tile[j][e];
+      }
+    }
+  }
+}
+
 // exp(x) for x <= 0 in float: Cody-Waite reduction by ln 2 and a degree-7 Taylor polynomial (relative
 // error ~2e-7, 0 below -87). Only +, -, * and conversions, which round the same in a vector lane as in a
 // scalar (the build has -ffp-contract=off), so a value's exp does not depend on where it falls in a loop:
@@ -778,7 +807,9 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
     const int64_t chunks = std::min<int64_t>(t, std::max<int64_t>(1, (2 * at::get_num_threads() + groups - 1) / groups));
     const int64_t per = (t + chunks - 1) / chunks;
     at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> kt(sblocks * d * KB), qf(g * d), score(g * sblocks * KB), prob(g * s), acc(g * d), vrows(s * d);
+      // Scratch, written before it is read (no zero-filling of ~0.5 MB per call on a long cache).
+      const std::unique_ptr<float[]> kt(new float[sblocks * d * KB]), vrows(new float[s * d]);
+      std::vector<float> qf(g * d), score(g * sblocks * KB), prob(g * s), acc(g * d);
       std::vector<int64_t> kept(s);
       float part[L];
       for (int64_t task = begin; task < end; ++task) {
@@ -787,15 +818,10 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
         if (r0 >= r1) continue;
         const scalar_t* kbase = kp + bi * kc.stride(0) + kh * kc.stride(1);
         const scalar_t* vbase = vp + bi * vc.stride(0) + kh * vc.stride(1);
-        std::fill(kt.begin(), kt.end(), 0.0f);  // keys as [block][D][64] floats, 0 past the last key
-        for (int64_t key = 0; key < s; ++key) {
-          const scalar_t* kr = kbase + key * ks;
-          float* kb = kt.data() + key / KB * d * KB + key % KB;
-          for (int64_t e = 0; e < d; ++e) kb[e * KB] = N::f(kr[e]);
-        }
+        transpose_keys<scalar_t>(kbase, ks, s, d, KB, kt.get());  // keys as [block][D][64] floats, 0 past the last
         for (int64_t key = 0; key < s; ++key) {  // the value rows as floats, once per task: every row reads them
           const scalar_t* vr = vbase + key * vs;
-          float* vf = vrows.data() + key * d;
+          float* vf = vrows.get() + key * d;
           for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
         }
         for (int64_t ti = r0; ti < r1; ++ti) {
@@ -806,7 +832,7 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
           // score_j = (sum over d in order of q_d k_jd) * scale, one key per lane. Blocks outside, heads
           // inside: a block of keys (16 KB) is read from L2 once and serves the g heads from L1.
           for (int64_t blk = 0; blk < sblocks; ++blk) {
-            const float* kb = kt.data() + blk * d * KB;
+            const float* kb = kt.get() + blk * d * KB;
             for (int64_t h = 0; h < g; ++h) {
               const float* qh = qf.data() + h * d;
               float lane[KB] = {};
@@ -849,10 +875,10 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
               const int64_t nq = std::min<int64_t>(kPassHeads, g - h);
               const float* ph = prob.data() + h * s;
               float* ah = acc.data() + h * d;
-              if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
-              else if (nq == 3) weighted_rows<3, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
-              else if (nq == 2) weighted_rows<2, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
-              else weighted_rows<1, kPassChunks>(ph, s, vrows.data(), d, kept.data(), nk, ah);
+              if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+              else if (nq == 3) weighted_rows<3, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+              else if (nq == 2) weighted_rows<2, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+              else weighted_rows<1, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
               h += nq;
             }
           } else {  // other head dims: the same sums, one dim at a time
