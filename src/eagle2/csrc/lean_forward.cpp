@@ -830,7 +830,7 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
             for (int64_t e = 0; e < d; ++e) qf[h * d + e] = N::f(qr[e]);
           }
           // score_j = (sum over d in order of q_d k_jd) * scale, one key per lane. Blocks outside, heads
-          // inside: a block of keys (16 KB) is read from L2 once and serves the g heads from L1.
+          // inside: a block of 64 keys (16 KB at head dim 64) is read from L2 once and serves the g heads from L1.
           for (int64_t blk = 0; blk < sblocks; ++blk) {
             const float* kb = kt.get() + blk * d * KB;
             for (int64_t h = 0; h < g; ++h) {
