@@ -690,13 +690,14 @@ inline void storev(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
 constexpr int kPassHeads = kLanes == 16 ? 4 : 2, kPassChunks = 4;
 
 // out[h][e] = sum over k < nk, in order, of p[h * ps + k] * rows[kept[k]][e], for G query heads that share
-// the rows, C vectors of dims at a time: each row chunk is read once for the G heads (the rows of a long
-// cache live in L2, whose bandwidth bounds this loop) and the G x C accumulators stay in registers. Per
-// head and dim it is the scalar loop's operations in the scalar loop's order, so the result is the same
-// bit for bit.
+// the rows, C vectors of dims at a time (dims past the last whole chunk one at a time): each row chunk is
+// read once for the G heads (the rows of a long cache live in L2, whose bandwidth bounds this loop) and
+// the G x C accumulators stay in registers. Per head and dim it is the scalar loop's operations in the
+// scalar loop's order, so the result is the same bit for bit.
 template <int G, int C>
 void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, const int64_t* kept, int64_t nk, float* out) {
-  for (int64_t e0 = 0; e0 < d; e0 += kLanes * C) {
+  int64_t e0 = 0;
+  for (; e0 + kLanes * C <= d; e0 += kLanes * C) {
     VF a[G][C] = {};
     for (int64_t k = 0; k < nk; ++k) {
       const float* r = rows + kept[k] * d + e0;
@@ -711,10 +712,17 @@ void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, con
       for (int c = 0; c < C; ++c) storev(out + h * d + e0 + kLanes * c, a[h][c]);
     }
   }
+  for (; e0 < d; ++e0) {
+    for (int h = 0; h < G; ++h) {
+      float a = 0.0f;
+      for (int64_t k = 0; k < nk; ++k) a += p[h * ps + k] * rows[kept[k] * d + e0];
+      out[h * d + e0] = a;
+    }
+  }
 }
 
 // Keys [s, D] (row stride ks) -> floats as [block][D][kb]: key j's dim e at (j / kb) * D * kb + e * kb + j % kb,
-// zeros past the last key. Through a 16 x 16 tile, so that both the reads (a key's dims) and the writes (a
+// zeros past the last key; kb a multiple of 16. Through a 16 x 16 tile, so that both the reads (a key's dims) and the writes (a
 // dim's keys) are runs of 16: a key at a time, every write is a lone float kb apart.
 template <typename T>
 void transpose_keys(const T* keys, int64_t ks, int64_t s, int64_t d, int64_t kb, float* out) {
@@ -869,26 +877,17 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
             for (int64_t l = 0; i + l < nk; ++l) part[l] += ph[i + l];
             for (int64_t l = 0; l < L; ++l) total[h] += part[l];
           }
-          // out_d = sum over kept keys in order of p v_d, one dim per lane (weighted_rows).
-          if (d % (kLanes * kPassChunks) == 0) {  // up to kPassHeads heads per pass over the rows
-            for (int64_t h = 0; h < g;) {
-              const int64_t nq = std::min<int64_t>(kPassHeads, g - h);
-              const float* ph = prob.data() + h * s;
-              float* ah = acc.data() + h * d;
-              if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
-              else if (nq == 3) weighted_rows<3, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
-              else if (nq == 2) weighted_rows<2, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
-              else weighted_rows<1, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
-              h += nq;
-            }
-          } else {  // other head dims: the same sums, one dim at a time
-            for (int64_t h = 0; h < g; ++h) {
-              for (int64_t e = 0; e < d; ++e) {
-                float a = 0.0f;
-                for (int64_t k = 0; k < nk; ++k) a += prob[h * s + k] * vrows[kept[k] * d + e];
-                acc[h * d + e] = a;
-              }
-            }
+          // out_d = sum over kept keys in order of p v_d, one dim per lane (weighted_rows), up to kPassHeads
+          // heads per pass over the rows.
+          for (int64_t h = 0; h < g;) {
+            const int64_t nq = std::min<int64_t>(kPassHeads, g - h);
+            const float* ph = prob.data() + h * s;
+            float* ah = acc.data() + h * d;
+            if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+            else if (nq == 3) weighted_rows<3, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+            else if (nq == 2) weighted_rows<2, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+            else weighted_rows<1, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+            h += nq;
           }
           for (int64_t h = 0; h < g; ++h) {
             scalar_t* orow = op + ((bi * t + ti) * hq + kh * g + h) * d;
