@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eagle2 import native as native_ext
 from eagle2.api import Eagle2Generator, load_head
 from eagle2.config import Backend
 from eagle2.eagle3_head import (Eagle3Config, Eagle3Head, default_layers, init_eagle3_head, is_eagle3,
@@ -205,13 +206,16 @@ def test_general_capture_equals_hidden_states_in_every_family(name):
     assert torch.allclose(feats, torch.cat([hs[1][0], hs[4][0], hs[6][0]], -1), atol=1e-5), name
 
 
-def test_lean_drafter_equals_reference_forward():
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_lean_drafter_equals_reference_forward(native):
     from eagle2.draft import make_drafter
     from eagle2.target import Target
 
     model = tiny_target("llama")
     head = init_eagle3_head(Eagle3Config.from_target(model.config, VD), seed=3, draft_ids=torch.arange(2, 14))
-    drafter = make_drafter(head, Target(model), backend=Backend(lowbit=False))  # the head's own weights
+    backend = Backend(lowbit=False, native=native)  # the head's own weights; its midlayer in C++ or in the Python loop
+    drafter = make_drafter(head, Target(model), backend=backend)
+    assert drafter.stack.is_native == (native and native_ext.load() is not None)
     g = torch.Generator().manual_seed(0)
     feats, toks = torch.randn(6, 3 * H, generator=g), torch.randint(0, V, (6,), generator=g)
     out = drafter.commit(feats, toks)

@@ -30,9 +30,9 @@ from torch import Tensor
 
 from . import masks
 from .config import Backend, TreeConfig
-from .draft_head import ACTIVATIONS, DraftHead
+from .draft_head import DraftHead
 from .eagle3_head import Eagle3Head
-from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, _rms, additive_mask, attend
+from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, additive_mask, rms
 from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
 from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, sampled_size,
@@ -431,14 +431,17 @@ class Eagle3Drafter(Drafter):
               if k not in ("d2t", "t2d")}
         source = _q8_weights(sd, self.backend)  # 8-bit blocks where the kernel runs, as _lean_head
         a, m = "midlayer.self_attn.", "midlayer.mlp."
-        self.layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
-                                sd[a + "o_proj.weight"], sd["midlayer.post_attention_layernorm.weight"],
-                                sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"],
-                                source=source, pack=pack)
+        layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
+                           sd[a + "o_proj.weight"], sd["midlayer.post_attention_layernorm.weight"],
+                           sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"],
+                           source=source, pack=pack)
         self.n_in, self.n_hid = sd["midlayer.input_layernorm.weight"], sd["midlayer.hidden_norm.weight"]
         self.norm = sd["norm.weight"]
         self.dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                          float(cfg.rms_norm_eps), cfg.hidden_act)
+        # One native call per step, as the EAGLE-1/2 head's layer: its attention reads the 2H-wide
+        # [embedding, feature] (``attn_input``) while the residual stream stays H wide.
+        self.stack = Stack([layer], None, self.dims, exact=bool(self.backend.exact), use_native=self.backend.native)
         self.fc = linear(sd["fc.weight"], sd.get("fc.bias"), source(sd["fc.weight"]), pack=pack)
         self._lm = linear(sd["lm_head.weight"], None, source(sd["lm_head.weight"]), pack=pack)  # [Vd, H]
         self.vocab_ids = head.target_ids.to(target.device)  # [Vd] token id of each draft logit column (d2t applied)
@@ -460,15 +463,13 @@ class Eagle3Drafter(Drafter):
         if h.shape[-1] != emb.shape[-1]:
             h = self.fc(h)  # [1, T, 3H] -> [1, T, H]
         cos, sin = self._rope(positions)
-        dm, L = self.dims, self.layer
-        hn = _rms(self.n_hid, h, dm.eps)
+        eps, nat = self.dims.eps, self.backend.native
+        hn = rms(self.n_hid, h, eps, nat)
         residual = hn if self.head.config.norm_before_residual else h
-        x = torch.cat([_rms(self.n_in, emb, dm.eps), hn], dim=-1)  # [1, T, 2H]
-        x = residual + attend(L, x, cos, sin, additive_mask(mask[None], emb.dtype), cache.k[0], cache.v[0], at, dm,
-                              use_native=self.backend.native)
-        gate, up = L.gu(_rms(L.n2, x, dm.eps)).split(dm.inter, dim=-1)
-        return (x + L.down(ACTIVATIONS[dm.act](gate) * up))[0]
+        x = torch.cat([rms(self.n_in, emb, eps, nat), hn], dim=-1)  # [1, T, 2H]
+        return self.stack(residual, cos, sin, additive_mask(mask[None], emb.dtype), cache, at, attn_input=x)[0]
 
     def _logp(self, out: Tensor, temperature: float = 1.0) -> Tensor:
         """[.., H] head outputs -> [.., Vd] fp32 log-probs at ``temperature`` (column j is token ``vocab_ids[j]``)."""
-        return torch.log_softmax(self._lm(_rms(self.norm, out, self.dims.eps)).float() / temperature, dim=-1)
+        return torch.log_softmax(self._lm(rms(self.norm, out, self.dims.eps, self.backend.native)).float() / temperature,
+                                 dim=-1)

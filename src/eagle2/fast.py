@@ -97,6 +97,13 @@ def _rms(weight: Tensor, x: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
+def rms(weight: Tensor, x: Tensor, eps: float, use_native: bool = True) -> Tensor:
+    """``_rms`` in one native call where the extension runs on x's device (bit-identical; a draft step's
+    few rows pay eight ATen dispatches from Python otherwise)."""
+    mod = native.load() if use_native and x.device.type == "cpu" else None
+    return _rms(weight, x, eps) if mod is None else mod.rms(x, weight, eps)
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -166,11 +173,13 @@ class Stack:
         return self._native is not None
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: "StaticCache", past: int,
-                 python: bool = False) -> Tensor:
+                 python: bool = False, attn_input: Tensor | None = None) -> Tensor:
         """x [B, T, H] layer input; cos, sin [B, 1, T, D]; bias [B, 1, T, S] additive mask with
         S = past + T. Writes the T new keys/values at cache index past.. and returns the last
-        layer's output (after the final norm, if any), [B, T, H]. ``python``: force the loop."""
-        return self._layers(x, cos, sin, bias, cache, past, 0, len(self.layers), self.final_norm, python)
+        layer's output (after the final norm, if any), [B, T, H]. ``python``: force the loop.
+        ``attn_input`` [B, T, H']: what the first layer's attention reads instead of its (normed) input
+        (an EAGLE-3 midlayer's [embedding, feature], 2 H wide; x is then its residual stream)."""
+        return self._layers(x, cos, sin, bias, cache, past, 0, len(self.layers), self.final_norm, python, attn_input)
 
     def capturing(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: "StaticCache", past: int,
                   capture: tuple[int, ...], python: bool = False) -> tuple[Tensor, list[Tensor]]:
@@ -184,23 +193,24 @@ class Stack:
         for lo, hi in zip(cuts, cuts[1:]):
             x = self._layers(x, cos, sin, bias, cache, past, lo, hi, None, python)
             seen[hi] = x
-        out = x if self.final_norm is None else _rms(self.final_norm, x, self.dims.eps)
+        out = x if self.final_norm is None else rms(self.final_norm, x, self.dims.eps, self._native is not None)
         return out, [seen[i] for i in capture]
 
     def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: "StaticCache", past: int, lo: int,
-                hi: int, final_norm: Tensor | None, python: bool) -> Tensor:
-        """Layers lo..hi-1 (cache layers lo..hi-1), then ``final_norm`` if given."""
+                hi: int, final_norm: Tensor | None, python: bool, attn_input: Tensor | None = None) -> Tensor:
+        """Layers lo..hi-1 (cache layers lo..hi-1), then ``final_norm`` if given; ``attn_input`` as in
+        ``__call__`` (for layer 0)."""
         dm = self.dims
         if self._native is not None and not python:
             per = len(native.LayerTensors._fields)
             return self._native.decoder_forward(x, cos, sin, bias, self._flat[per * lo:per * hi], final_norm,
                                                 cache.k[lo:hi], cache.v[lo:hi], past, dm.n_heads, dm.kv_heads,
                                                 dm.head_dim, dm.inter, dm.eps, dm.scale, self.packed, self._act,
-                                                self.exact)
+                                                self.exact, attn_input if lo == 0 else None)
         act = ACTIVATIONS[dm.act]
         for i in range(lo, hi):
             L = self.layers[i]
-            h = x if L.n1 is None else _rms(L.n1, x, dm.eps)
+            h = attn_input if i == 0 and attn_input is not None else x if L.n1 is None else _rms(L.n1, x, dm.eps)
             x = x + attend(L, h, cos, sin, bias, cache.k[i], cache.v[i], past, dm, self.exact, self.use_native)
             gate, up = L.gu(_rms(L.n2, x, dm.eps), self.exact).split(dm.inter, dim=-1)
             x = x + L.down(act(gate) * up, self.exact)

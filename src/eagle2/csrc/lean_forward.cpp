@@ -257,10 +257,14 @@ EAGLE2_BF16_FN inline __m512bh input_pair(const uint16_t* p) {
   return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v)));
 }
 
-// Row r of a record's weights: unpacked from the record, or loaded from the group's buffer.
-template <bool FROM_RECORDS, int BITS>
-EAGLE2_BF16_FN inline __m512bh weight_row(const uint8_t* rec, const Spread& sp, const uint16_t* w, int r) {
-  return reinterpret_cast<__m512bh>(FROM_RECORDS ? unpack_row<BITS>(rec, sp, r) : _mm512_load_si512(w + 32 * r));
+// Row r of a record's weights: unpacked from the record (and kept in the group's buffer when STORE), or
+// loaded from that buffer.
+template <bool FROM_RECORDS, int BITS, bool STORE>
+EAGLE2_BF16_FN inline __m512bh weight_row(const uint8_t* rec, const Spread& sp, uint16_t* w, int r) {
+  if (!FROM_RECORDS) return reinterpret_cast<__m512bh>(_mm512_load_si512(w + 32 * r));
+  const __m512i v = unpack_row<BITS>(rec, sp, r);
+  if (STORE) _mm512_store_si512(w + 32 * r, v);
+  return reinterpret_cast<__m512bh>(v);
 }
 
 // The same product without tiles, for CPUs with AVX512-BF16 but no AMX. Rows go through in chunks of
@@ -270,18 +274,19 @@ EAGLE2_BF16_FN inline __m512bh weight_row(const uint8_t* rec, const Spread& sp, 
 // the kernel is row-invariant by construction. Four accumulators per row hide the dot instruction's
 // latency on a single row (a decode step).
 //
-// The weights of a group come either straight from its records (FROM_RECORDS: one chunk of rows, each
-// record unpacked once, in registers) or from `wbuf`, the group unpacked once (kblocks x 1 KB) for
-// several chunks.
-template <int R, bool FROM_RECORDS, int BITS>
-EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, const uint16_t* wbuf, int64_t kblocks, const uint16_t* x,
+// The weights of a group come either straight from its records (FROM_RECORDS, each record unpacked
+// once, in registers) or from `wbuf` (kblocks x 1 KB), which the first of several chunks fills as it
+// unpacks (STORE): its arithmetic then overlaps the stream of records from memory, which a separate
+// unpacking pass would leave idle.
+template <int R, bool FROM_RECORDS, int BITS, bool STORE>
+EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, uint16_t* wbuf, int64_t kblocks, const uint16_t* x,
                                     int64_t ldx, const uint16_t* bias, uint16_t* y, int64_t ldy) {
   __m512 acc[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < kblocks; ++kb) {
     const uint8_t* rec = recs + kb * RECORD<BITS>;
-    const uint16_t* w = wbuf + kb * 512;
+    uint16_t* w = wbuf + kb * 512;
     const uint16_t* xk = x + kb * 32;
     Spread sp{};
     if (FROM_RECORDS) {
@@ -289,10 +294,10 @@ EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, const uint16_t* wbuf, i
       sp = spread<BITS>(rec);
     }
     for (int r = 0; r < 16; r += 4) {  // spelled out per accumulator: a computed index would keep them in memory
-      const __m512bh w0 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r);
-      const __m512bh w1 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r + 1);
-      const __m512bh w2 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r + 2);
-      const __m512bh w3 = weight_row<FROM_RECORDS, BITS>(rec, sp, w, r + 3);
+      const __m512bh w0 = weight_row<FROM_RECORDS, BITS, STORE>(rec, sp, w, r);
+      const __m512bh w1 = weight_row<FROM_RECORDS, BITS, STORE>(rec, sp, w, r + 1);
+      const __m512bh w2 = weight_row<FROM_RECORDS, BITS, STORE>(rec, sp, w, r + 2);
+      const __m512bh w3 = weight_row<FROM_RECORDS, BITS, STORE>(rec, sp, w, r + 3);
 #pragma GCC unroll 6
       for (int i = 0; i < R; ++i) {
         const uint16_t* xi = xk + i * ldx + 2 * r;
@@ -312,31 +317,35 @@ EAGLE2_BF16_FN inline void dot_rows(const uint8_t* recs, const uint16_t* wbuf, i
   }
 }
 
-template <int BITS, bool FROM_RECORDS>
-EAGLE2_BF16_FN void dot_chunk(int64_t rows, const uint8_t* recs, const uint16_t* wbuf, int64_t kblocks,
+template <int BITS, bool FROM_RECORDS, bool STORE>
+EAGLE2_BF16_FN void dot_chunk(int64_t rows, const uint8_t* recs, uint16_t* wbuf, int64_t kblocks,
                               const uint16_t* x, int64_t ldx, const uint16_t* bias, uint16_t* y, int64_t ldy) {
   switch (rows) {
-    case 1: return dot_rows<1, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
-    case 2: return dot_rows<2, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
-    case 3: return dot_rows<3, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
-    case 4: return dot_rows<4, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
-    case 5: return dot_rows<5, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
-    default: return dot_rows<6, FROM_RECORDS, BITS>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 1: return dot_rows<1, FROM_RECORDS, BITS, STORE>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 2: return dot_rows<2, FROM_RECORDS, BITS, STORE>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 3: return dot_rows<3, FROM_RECORDS, BITS, STORE>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 4: return dot_rows<4, FROM_RECORDS, BITS, STORE>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    case 5: return dot_rows<5, FROM_RECORDS, BITS, STORE>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    default: return dot_rows<6, FROM_RECORDS, BITS, STORE>(recs, wbuf, kblocks, x, ldx, bias, y, ldy);
   }
 }
 
-// y[0:rows, 0:16] = x[0:rows, :] @ W[n0:n0+16, :].T (+ bias) for one group of 16 outputs, any rows.
+// y[0:rows, 0:16] = x[0:rows, :] @ W[n0:n0+16, :].T (+ bias) for one group of 16 outputs, any rows: in
+// chunks of at most 6 rows, as even as they come (8 rows as 4 + 4: a 2-row chunk leaves the dot unit
+// waiting on its few accumulators), the first one unpacking the records.
 template <int BITS>
 EAGLE2_BF16_FN void block_group_dp(const uint16_t* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
                                    const uint16_t* bias, uint16_t* y, int64_t ldy, uint16_t* wbuf) {
-  if (rows <= 6) return dot_chunk<BITS, true>(rows, recs, wbuf, kblocks, x, ldx, bias, y, ldy);
-  for (int64_t kb = 0; kb < kblocks; ++kb) {
-    prefetch_record<BITS>(recs + (kb + 12) * RECORD<BITS>);
-    unpack<BITS>(recs + kb * RECORD<BITS>, wbuf + kb * 512);
-  }
-  for (int64_t m0 = 0; m0 < rows; m0 += 6) {
-    dot_chunk<BITS, false>(std::min<int64_t>(6, rows - m0), recs, wbuf, kblocks, x + m0 * ldx, ldx, bias,
-                           y + m0 * ldy, ldy);
+  if (rows <= 6) return dot_chunk<BITS, true, false>(rows, recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+  const int64_t chunks = (rows + 5) / 6;
+  for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+    const int64_t n = (rows - m0) / (chunks - c);  // the remaining rows over the remaining chunks
+    if (c == 0) {
+      dot_chunk<BITS, true, true>(n, recs, wbuf, kblocks, x, ldx, bias, y, ldy);
+    } else {
+      dot_chunk<BITS, false, false>(n, recs, wbuf, kblocks, x + m0 * ldx, ldx, bias, y + m0 * ldy, ldy);
+    }
+    m0 += n;
   }
 }
 
@@ -942,13 +951,16 @@ std::map<std::string, int64_t> activation_codes() {
 // x: [B, T, H] layer input; cos, sin: [B, 1, T, D]; bias: [B, 1, T, S] additive mask (S = past + T);
 // weights: kLayerSlots per layer, in Slot order (native.LayerTensors); k_cache, v_cache: [L, B, Hkv, C, D],
 // written at past..S-1; act: an Act code; exact: row-invariant numerics for steps of up to 64 rows
-// (exact_attention, linear's 1-row rule).
+// (exact_attention, linear's 1-row rule); attn_input: [B, T, H'] what the first layer's attention reads
+// instead of its (normed) input, or None: an EAGLE-3 midlayer attends over [embedding, feature] (2 H wide)
+// while its residual stream x stays H wide.
 // Returns the last layer's output, after final_norm unless it is None, [B, T, H].
 at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& bias,
                            const std::vector<c10::optional<at::Tensor>>& weights,
                            const c10::optional<at::Tensor>& final_norm,
                            at::Tensor k_cache, at::Tensor v_cache, int64_t past, int64_t hq, int64_t hk, int64_t d,
-                           int64_t inter, double eps, double scale, bool packed, int64_t act, bool exact) {
+                           int64_t inter, double eps, double scale, bool packed, int64_t act, bool exact,
+                           const c10::optional<at::Tensor>& attn_input) {
   c10::InferenceMode guard;
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   const int64_t b = x.size(0), t = x.size(1), s = past + t, g = hq / hk;
@@ -959,7 +971,9 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
   auto norm = [&](const at::Tensor& v, const at::Tensor& weight) { return fused ? rms(v, weight, eps) : rms_aten(v, weight, eps); };
   for (int64_t i = 0; i < n_layers; ++i) {
     const auto* w = &weights[kLayerSlots * i];
-    at::Tensor h = w[kInputNorm].has_value() ? norm(x, *w[kInputNorm]) : x;  // EAGLE's draft layer has no input norm
+    at::Tensor h = i == 0 && attn_input.has_value() ? *attn_input
+                   : w[kInputNorm].has_value()         ? norm(x, *w[kInputNorm])
+                                                       : x;  // EAGLE's draft layer has no input norm
     at::Tensor qkv = linear(h, *w[kQkv], w[kQkvBias], packed, w[kQkvBlocks], exact);  // [B, T, (Hq + 2 Hkv) D]
     at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);  // [B, Hkv, C, D]
     at::Tensor q;  // [B, Hq, T, D], with k and v written to the cache at past ..
