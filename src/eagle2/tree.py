@@ -28,6 +28,7 @@ retrieve [[0, 1, 3], [0, 2, -1]] and mask rows r:{r}, a:{r,a}, b:{r,b}, c:{r,a,c
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,23 +72,27 @@ def ancestor_mask(parents: Tensor) -> Tensor:
 
 
 def build_tree(tokens: Tensor, parents: Tensor, draft_logp: Tensor | None = None) -> Tree:
-    """Derive depths, mask and retrieve indices from tokens + parents (parents precede children)."""
-    n = tokens.shape[0]
-    if n and bool((parents >= torch.arange(n, device=parents.device)).any()):
+    """Derive depths, mask and retrieve indices from tokens + parents (parents precede children).
+
+    A round's tree has a few dozen nodes at most, so its structure is worked out on Python lists
+    (each node's root -> node path is its parent's plus itself) and turned into tensors once: a
+    handful of tensor calls where whole-tensor passes over the mask take ~40."""
+    n, dev = tokens.shape[0], tokens.device
+    par = parents.tolist()
+    if any(p >= i for i, p in enumerate(par)):
         raise ValueError("every node's parent must precede it (parents[i] < i)")
-    mask = ancestor_mask(parents)
-    depths = mask.sum(1) - 1  # [N]: ancestors excluding self
-    is_parent = torch.zeros(n, dtype=torch.bool, device=tokens.device)
-    is_parent[parents[parents >= 0]] = True
-    leaves = (~is_parent).nonzero().flatten()  # [P]
-    # Ancestors in index order are in depth order (parents precede children), so sorting the
-    # column indices of each leaf's mask row yields its root -> leaf path.
-    cols = torch.arange(n, device=tokens.device).expand(leaves.shape[0], n)
-    keyed = torch.where(mask[leaves], cols, n)  # [P, N]
-    paths = keyed.sort(dim=1).values[:, : int(depths.max()) + 1]
-    retrieve = torch.where(paths == n, -1, paths)
+    paths: list[list[int]] = []  # root -> node, node indices ascending
+    for i, p in enumerate(par):
+        paths.append([i] if p < 0 else paths[p] + [i])
+    mask = torch.zeros(n, n, dtype=torch.bool, device=dev)
+    mask[[i for i, a in enumerate(paths) for _ in a], [j for a in paths for j in a]] = True
+    depths = torch.tensor([len(a) - 1 for a in paths], dtype=torch.long, device=dev)
+    is_parent = set(par)
+    width = max((len(a) for a in paths), default=1)
+    retrieve = torch.tensor([a + [-1] * (width - len(a)) for i, a in enumerate(paths) if i not in is_parent],
+                            dtype=torch.long, device=dev).view(-1, width)
     if draft_logp is None:
-        draft_logp = torch.zeros(n, device=tokens.device)
+        draft_logp = torch.zeros(n, device=dev)
     return Tree(tokens, parents, depths, mask, retrieve, draft_logp)
 
 
@@ -124,18 +129,17 @@ def rerank(root: Tensor, tokens: Tensor, parents: Tensor, values: Tensor, logp: 
     back in generation order, so parents still precede children.
     """
     values = torch.nan_to_num(values, nan=float("-inf"))
-    order = values.sort(descending=True, stable=True).indices[:keep]
-    kept = order.sort().values  # [n] candidate indices in generation order
-    new_index = torch.full((tokens.shape[0] + 1,), -1, dtype=torch.long, device=tokens.device)
-    new_index[kept] = torch.arange(1, kept.shape[0] + 1, device=tokens.device)
-    par = parents[kept]
-    new_par = torch.where(par < 0, torch.zeros_like(par), new_index[par.clamp(min=0)])
-    if bool((new_par < 0).any()):  # impossible by the argument above; fail loudly if broken
+    kept = sorted(values.sort(descending=True, stable=True).indices[:keep].tolist())  # generation order
+    new_index = {c: i for i, c in enumerate(kept, 1)}
+    par = parents.tolist()
+    new_par = [0 if par[c] < 0 else new_index.get(par[c], -1) for c in kept]
+    if -1 in new_par:  # impossible by the argument above; fail loudly if broken
         raise AssertionError("rerank dropped the parent of a kept node")
-    all_tokens = torch.cat([root.view(1), tokens[kept]])
-    all_parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=tokens.device), new_par])
-    all_logp = torch.cat([torch.zeros(1, device=logp.device, dtype=logp.dtype), logp[kept]])
-    return build_tree(all_tokens, all_parents, all_logp)
+    dev = tokens.device
+    idx = torch.tensor(kept, dtype=torch.long, device=dev)
+    all_tokens = torch.cat([root.view(1), tokens[idx]])
+    all_logp = torch.cat([torch.zeros(1, device=logp.device, dtype=logp.dtype), logp[idx]])
+    return build_tree(all_tokens, torch.tensor([-1] + new_par, dtype=torch.long, device=dev), all_logp)
 
 
 def path_probs(tree: Tree) -> Tensor:
@@ -162,27 +166,40 @@ class Budget:
         return int(self.verify_ms.shape[0]) - 1
 
 
-def best_size(probs: Tensor, verify_ms: Tensor, spent_ms: float) -> tuple[int, float, float]:
+def _floats(x: Tensor | Sequence[float]) -> list[float]:
+    return x.tolist() if isinstance(x, Tensor) else list(x)
+
+
+def best_size(probs: Tensor | Sequence[float], verify_ms: Tensor | Sequence[float],
+              spent_ms: float) -> tuple[int, float, float]:
     """How many drafts to verify: probs [M] calibrated path probabilities in rerank order (best
     first), verify_ms [>= M + 2]. Returns (j drafts, expected tokens, tokens per ms) for the j
-    that maximises expected tokens per millisecond of the whole round."""
-    m = min(int(probs.shape[0]), int(verify_ms.shape[0]) - 2)
-    expected = torch.cat([probs.new_zeros(1), probs[:m].cumsum(0)]) + 1.0  # [m + 1]: j = 0..m drafts
-    rate = expected / (spent_ms + verify_ms[1: m + 2])  # j drafts -> j + 1 nodes
-    j = int(rate.argmax())
-    return j, float(expected[j]), float(rate[j])
+    that maximises expected tokens per millisecond of the whole round (the first such j on ties).
+    Plain floats: a few dozen candidates per call, several calls per round."""
+    p, v = _floats(probs), _floats(verify_ms)
+    m = min(len(p), len(v) - 2)
+    best = (0, 1.0, 1.0 / (spent_ms + v[1]))
+    expected = 1.0
+    for j in range(1, m + 1):  # j drafts -> j + 1 nodes
+        expected += p[j - 1]
+        rate = expected / (spent_ms + v[j + 1])
+        if rate > best[2]:
+            best = (j, expected, rate)
+    return best
 
 
-def level_pays(probs: Tensor, predicted: Tensor, verify_ms: Tensor, spent_ms: float, level_ms: float) -> bool:
+def level_pays(probs: Tensor | Sequence[float], predicted: Tensor | Sequence[float],
+               verify_ms: Tensor | Sequence[float], spent_ms: float, level_ms: float) -> bool:
     """Whether one more draft level is expected to raise the round's tokens per ms.
 
     probs [M]: calibrated path probabilities of the candidates so far, best first; predicted [F]:
     what the next level's best child of each frontier node is expected to score. The level pays
     when the best prefix of the merged list, after paying ``level_ms`` more, beats the best prefix
     of today's list: the same rule ``best_size`` applies, one level ahead."""
-    rate_now = best_size(probs, verify_ms, spent_ms)[2]
-    merged = torch.cat([probs, predicted]).sort(descending=True).values
-    return best_size(merged, verify_ms, spent_ms + level_ms)[2] > rate_now
+    p, v = _floats(probs), _floats(verify_ms)
+    rate_now = best_size(p, v, spent_ms)[2]
+    merged = sorted(p + _floats(predicted), reverse=True)
+    return best_size(merged, v, spent_ms + level_ms)[2] > rate_now
 
 
 # Prior acceptance rate of the draft's r-th ranked child (r = 0, 1, ...), used only to shape
