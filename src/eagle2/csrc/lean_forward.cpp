@@ -730,6 +730,48 @@ void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, con
   }
 }
 
+#if defined(__AVX512F__) && defined(EAGLE2_AMX)
+// A 16 x 16 float tile (rows 64 bytes apart) transposed into out (row e at out + e * ld): four stages of
+// swapping the off-diagonal b x b blocks (b = 8, 4, 2, 1) of every 2b x 2b block, two-source lane permutes
+// in registers, where a scalar copy is 256 lone loads and stores. Pure data movement: the same floats land
+// in the same places.
+// Stage b's lane indices (a two-source permute: 0-15 row i, 16-31 row i + b): row i keeps its lanes
+// without bit b and takes row i + b's lanes without it; row i + b the lanes with bit b of both.
+struct TileIdx {
+  alignas(64) int32_t lo[4][16], hi[4][16];
+  TileIdx() {
+    for (int st = 0, b = 8; st < 4; ++st, b /= 2) {
+      for (int l = 0; l < 16; ++l) {
+        lo[st][l] = (l & b) ? 16 + l - b : l;
+        hi[st][l] = (l & b) ? 16 + l : l + b;
+      }
+    }
+  }
+};
+const TileIdx kTileIdx;
+
+template <int B, int ST>
+inline void tile_stage(__m512* r) {
+  const __m512i vlo = _mm512_load_si512(kTileIdx.lo[ST]), vhi = _mm512_load_si512(kTileIdx.hi[ST]);
+  for (int i = 0; i < 16; ++i) {
+    if (i & B) continue;
+    const __m512 a = r[i], c = r[i + B];
+    r[i] = _mm512_permutex2var_ps(a, vlo, c);
+    r[i + B] = _mm512_permutex2var_ps(a, vhi, c);
+  }
+}
+
+inline void transpose_tile16(const float (*tile)[16], float* out, int64_t ld) {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(tile[i]);
+  tile_stage<8, 0>(r);
+  tile_stage<4, 1>(r);
+  tile_stage<2, 2>(r);
+  tile_stage<1, 3>(r);
+  for (int e = 0; e < 16; ++e) _mm512_storeu_ps(out + e * ld, r[e]);
+}
+#endif
+
 // Keys [s, D] (row stride ks) -> floats as [block][D][kb]: key j's dim e at (j / kb) * D * kb + e * kb + j % kb,
 // zeros past the last key; kb a multiple of 16. Through a 16 x 16 tile, so that both the reads (a key's dims) and the writes (a
 // dim's keys) are runs of 16: a key at a time, every write is a lone float kb apart.
@@ -750,6 +792,12 @@ void transpose_keys(const T* keys, int64_t ks, int64_t s, int64_t d, int64_t kb,
         const T* row = keys + (k0 + j) * ks + e0;
         for (int64_t e = 0; e < ne; ++e) tile[j][e] = N::f(row[e]);
       }
+#if defined(__AVX512F__) && defined(EAGLE2_AMX)
+      if (nk == 16 && ne == 16) {
+        transpose_tile16(tile, base + e0 * kb, kb);
+        continue;
+      }
+#endif
       for (int64_t e = 0; e < ne; ++e) {
         float* dst = base + (e0 + e) * kb;
         for (int64_t j = 0; j < nk; ++j) dst[j] = tile[j][e];
@@ -818,31 +866,39 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
     const float sc = static_cast<float>(scale);
     const float cut = 0.5f * static_cast<float>(std::numeric_limits<scalar_t>::lowest());
     const int64_t sblocks = (s + KB - 1) / KB, ks = kc.stride(2), vs = vc.stride(2), bs = bias.stride(3);
-    // Tasks: (batch, kv head, a chunk of query rows). The chunk's rows and the kv head's g query heads
-    // share one transposed copy of the keys; enough chunks to give every thread work.
-    const int64_t groups = b * hk;
-    const int64_t chunks = std::min<int64_t>(t, std::max<int64_t>(1, (2 * at::get_num_threads() + groups - 1) / groups));
+    // Tasks: (batch, kv head, a chunk of query rows, a part of the kv head's g query heads), about two per
+    // thread: rows split first, then (for a step of few rows, a decode's one) heads. A thread's consecutive
+    // tasks of one kv head share one transposed copy of its keys.
+    const int64_t groups = b * hk, want = 2 * at::get_num_threads();
+    const int64_t chunks = std::min<int64_t>(t, std::max<int64_t>(1, (want + groups - 1) / groups));
     const int64_t per = (t + chunks - 1) / chunks;
-    at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t parts = std::min<int64_t>(g, std::max<int64_t>(1, (want + groups * chunks - 1) / (groups * chunks)));
+    const int64_t hper = (g + parts - 1) / parts;
+    at::parallel_for(0, groups * chunks * parts, 1, [&](int64_t begin, int64_t end) {
       // Scratch, written before it is read (no zero-filling of ~0.5 MB per call on a long cache).
       const std::unique_ptr<float[]> kt(new float[sblocks * d * KB]), vrows(new float[s * d]);
       std::vector<float> qf(g * d), score(g * sblocks * KB), prob(g * s), acc(g * d);
       std::vector<int64_t> kept(s);
       float part[L];
+      int64_t have = -1;  // the (batch, kv head) whose keys and values the scratch holds: consecutive tasks share it
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t bi = task / (hk * chunks), kh = task / chunks % hk, r0 = task % chunks * per;
-        const int64_t r1 = std::min<int64_t>(t, r0 + per);
-        if (r0 >= r1) continue;
-        const scalar_t* kbase = kp + bi * kc.stride(0) + kh * kc.stride(1);
-        const scalar_t* vbase = vp + bi * vc.stride(0) + kh * vc.stride(1);
-        transpose_keys<scalar_t>(kbase, ks, s, d, KB, kt.get());  // keys as [block][D][64] floats, 0 past the last
-        for (int64_t key = 0; key < s; ++key) {  // the value rows as floats, once per task: every row reads them
-          const scalar_t* vr = vbase + key * vs;
-          float* vf = vrows.get() + key * d;
-          for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
+        const int64_t grp = task / (chunks * parts), bi = grp / hk, kh = grp % hk;
+        const int64_t r0 = task / parts % chunks * per, r1 = std::min<int64_t>(t, r0 + per);
+        const int64_t h0 = task % parts * hper, h1 = std::min<int64_t>(g, h0 + hper);
+        if (r0 >= r1 || h0 >= h1) continue;
+        if (have != grp) {
+          have = grp;
+          const scalar_t* kbase = kp + bi * kc.stride(0) + kh * kc.stride(1);
+          const scalar_t* vbase = vp + bi * vc.stride(0) + kh * vc.stride(1);
+          transpose_keys<scalar_t>(kbase, ks, s, d, KB, kt.get());  // keys as [block][D][64] floats, 0 past the last
+          for (int64_t key = 0; key < s; ++key) {  // the value rows as floats: every row of the task reads them
+            const scalar_t* vr = vbase + key * vs;
+            float* vf = vrows.get() + key * d;
+            for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
+          }
         }
         for (int64_t ti = r0; ti < r1; ++ti) {
-          for (int64_t h = 0; h < g; ++h) {
+          for (int64_t h = h0; h < h1; ++h) {
             const scalar_t* qr = qp + bi * q.stride(0) + (kh * g + h) * q.stride(1) + ti * q.stride(2);
             for (int64_t e = 0; e < d; ++e) qf[h * d + e] = N::f(qr[e]);
           }
@@ -850,7 +906,7 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
           // inside: a block of 64 keys (16 KB at head dim 64) is read from L2 once and serves the g heads from L1.
           for (int64_t blk = 0; blk < sblocks; ++blk) {
             const float* kb = kt.get() + blk * d * KB;
-            for (int64_t h = 0; h < g; ++h) {
+            for (int64_t h = h0; h < h1; ++h) {
               const float* qh = qf.data() + h * d;
               float lane[KB] = {};
               for (int64_t e = 0; e < d; ++e) {
@@ -866,16 +922,39 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
           for (int64_t j = 0; j < s; ++j) {
             if (N::f(brow[j * bs]) > cut) kept[nk++] = j;
           }
+          // kept is increasing with kept[i] >= i, so kept[i] == i holds for a leading run of i: its length, by bisection.
+          int64_t run = 0;
+          for (int64_t lo = 0, hi = nk; lo < hi;) {
+            const int64_t mid = (lo + hi) / 2;
+            if (kept[mid] == mid) {
+              run = mid + 1;
+              lo = mid + 1;
+            } else {
+              hi = mid;
+            }
+          }
           std::vector<float> total(g, 0.0f);
-          for (int64_t h = 0; h < g; ++h) {
+          for (int64_t h = h0; h < h1; ++h) {
             const float* srow = score.data() + h * sblocks * KB;
             float* ph = prob.data() + h * s;
             float mx[4] = {-std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
                            -std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
-            for (int64_t i = 0; i < nk; ++i) {  // four running maxima: no chain of dependent max ops (exact in any order)
-              ph[i] = srow[kept[i]] + N::f(brow[kept[i] * bs]);
-              mx[i & 3] = std::max(mx[i & 3], ph[i]);
+            // The leading keys a row may see are usually 0, 1, 2, ... (the cached prefix): read them as a run
+            // (vectorized), the rest (a tree row's ancestors) through `kept`. Same sums either way.
+            for (int64_t i = 0; i < run; ++i) ph[i] = srow[i] + N::f(brow[i * bs]);
+            for (int64_t i = run; i < nk; ++i) ph[i] = srow[kept[i]] + N::f(brow[kept[i] * bs]);
+            // Their max in kLanes running maxima, vector registers (the max is exact in any order; a scalar
+            // loop with an array of maxima keeps them in memory, a store-to-load chain per key).
+            int64_t i0 = 0;
+            if (nk >= kLanes) {
+              VF mv = loadv(ph);
+              for (i0 = kLanes; i0 + kLanes <= nk; i0 += kLanes) {
+                const VF v = loadv(ph + i0);
+                mv = v > mv ? v : mv;
+              }
+              for (int l = 0; l < kLanes; ++l) mx[l & 3] = std::max(mx[l & 3], mv[l]);
             }
+            for (; i0 < nk; ++i0) mx[i0 & 3] = std::max(mx[i0 & 3], ph[i0]);
             const float m = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
             for (int64_t i = 0; i < nk; ++i) ph[i] = exp_nonpositive(ph[i] - m);
             std::fill(part, part + L, 0.0f);  // l: 16 partial sums by rank mod 16, added in lane order
@@ -888,8 +967,8 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
           }
           // out_d = sum over kept keys in order of p v_d, one dim per lane (weighted_rows), up to kPassHeads
           // heads per pass over the rows.
-          for (int64_t h = 0; h < g;) {
-            const int64_t nq = std::min<int64_t>(kPassHeads, g - h);
+          for (int64_t h = h0; h < h1;) {
+            const int64_t nq = std::min<int64_t>(kPassHeads, h1 - h);
             const float* ph = prob.data() + h * s;
             float* ah = acc.data() + h * d;
             if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
@@ -898,7 +977,7 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
             else weighted_rows<1, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
             h += nq;
           }
-          for (int64_t h = 0; h < g; ++h) {
+          for (int64_t h = h0; h < h1; ++h) {
             scalar_t* orow = op + ((bi * t + ti) * hq + kh * g + h) * d;
             for (int64_t e = 0; e < d; ++e) orow[e] = N::r(nk > 0 ? acc[h * d + e] / total[h] : 0.0f);  // no key: 0
           }
