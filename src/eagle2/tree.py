@@ -54,46 +54,44 @@ class Tree:
         return int(self.tokens.shape[0])
 
 
-def ancestor_mask(parents: Tensor) -> Tensor:
-    """[N] parents (-1 = none, parents[i] < i) -> [N, N] bool ancestor-or-self mask.
+def _root_paths(parents: list[int]) -> list[list[int]]:
+    """Each node's root -> node path, node indices ascending (a parent's path plus the node). A round's
+    tree has a few dozen nodes at most: Python lists here, then a handful of tensor calls, where
+    whole-tensor passes over the mask would take ~40 small calls."""
+    paths: list[list[int]] = []
+    for i, p in enumerate(parents):
+        if p >= i:
+            raise ValueError("every node's parent must precede it (parents[i] < i)")
+        paths.append([i] if p < 0 else paths[p] + [i])
+    return paths
 
-    Pointer jumping: each pass follows one more parent link for every node at once, so the
-    cost is (max depth) small tensor ops rather than a Python loop over nodes."""
-    n = parents.shape[0]
-    idx = torch.arange(n, device=parents.device)
-    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
-    cur = parents.clone()
-    while True:
-        alive = cur >= 0
-        if not bool(alive.any()):
-            return mask
-        mask[idx[alive], cur[alive]] = True
-        cur = torch.where(alive, parents[cur.clamp(min=0)], cur)
+
+def _path_mask(paths: list[list[int]], device: torch.device) -> Tensor:
+    """[N, N] bool: row i is True on node i's path (itself and its ancestors)."""
+    n = len(paths)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    mask[[i for i, a in enumerate(paths) for _ in a], [j for a in paths for j in a]] = True
+    return mask
+
+
+def ancestor_mask(parents: Tensor) -> Tensor:
+    """[N] parents (-1 = none, parents[i] < i) -> [N, N] bool ancestor-or-self mask."""
+    return _path_mask(_root_paths(parents.tolist()), parents.device)
 
 
 def build_tree(tokens: Tensor, parents: Tensor, draft_logp: Tensor | None = None) -> Tree:
-    """Derive depths, mask and retrieve indices from tokens + parents (parents precede children).
-
-    A round's tree has a few dozen nodes at most, so its structure is worked out on Python lists
-    (each node's root -> node path is its parent's plus itself) and turned into tensors once: a
-    handful of tensor calls where whole-tensor passes over the mask take ~40."""
-    n, dev = tokens.shape[0], tokens.device
+    """Derive depths, mask and retrieve indices from tokens + parents (parents precede children)."""
+    dev = tokens.device
     par = parents.tolist()
-    if any(p >= i for i, p in enumerate(par)):
-        raise ValueError("every node's parent must precede it (parents[i] < i)")
-    paths: list[list[int]] = []  # root -> node, node indices ascending
-    for i, p in enumerate(par):
-        paths.append([i] if p < 0 else paths[p] + [i])
-    mask = torch.zeros(n, n, dtype=torch.bool, device=dev)
-    mask[[i for i, a in enumerate(paths) for _ in a], [j for a in paths for j in a]] = True
+    paths = _root_paths(par)
     depths = torch.tensor([len(a) - 1 for a in paths], dtype=torch.long, device=dev)
     is_parent = set(par)
     width = max((len(a) for a in paths), default=1)
     retrieve = torch.tensor([a + [-1] * (width - len(a)) for i, a in enumerate(paths) if i not in is_parent],
                             dtype=torch.long, device=dev).view(-1, width)
     if draft_logp is None:
-        draft_logp = torch.zeros(n, device=dev)
-    return Tree(tokens, parents, depths, mask, retrieve, draft_logp)
+        draft_logp = torch.zeros(len(par), device=dev)
+    return Tree(tokens, parents, depths, _path_mask(paths, dev), retrieve, draft_logp)
 
 
 def single_node_tree(root: Tensor) -> Tree:
