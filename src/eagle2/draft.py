@@ -16,8 +16,9 @@ Round protocol (the engine calls, in order):
 ``Eagle3Drafter`` runs an EAGLE-3 head (eagle3_head.py) under the same protocol: the committed
 features are the target's three captured layers [n, 3H] (fc fuses them), a tree node's feature is
 its parent's head output [H] (fc skipped), and its draft logits, over the head's own vocabulary,
-name tokens through d2t. Its layer runs as a Python function over the same static cache (the
-native stack has no slot for the midlayer's 2H-wide attention input). ``make_drafter`` picks one.
+name tokens through d2t. Its midlayer runs on fast.Stack like the EAGLE-1/2 layer (natively on a CPU),
+the 2H-wide [embedding, feature] given as the attention's input beside the H-wide residual stream.
+``make_drafter`` picks one.
 """
 
 from __future__ import annotations
