@@ -30,6 +30,11 @@ def test_probe_measures_and_caches(tmp_path, monkeypatch):
     again = make_generator(model, model_key="tiny-cost-test")
     assert again.cost_model() == cost  # read back, not re-measured
     assert again.generate([1, 2, 3], max_new_tokens=8).stats.new_tokens == 8
+    from eagle2.config import TreeConfig
+
+    narrow = make_generator(model, model_key="tiny-cost-test", tree=TreeConfig(top_k=2, adaptive=True))
+    narrow.cost_model()  # a frontier of another width: its own probe, not the one above
+    assert len(list((tmp_path / "cost").glob("*.json"))) == 2
 
 
 def test_monotone_envelope_lowers_a_slow_short_query_instead_of_raising_the_rest():

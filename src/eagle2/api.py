@@ -100,7 +100,8 @@ class Eagle2Generator:
                                     native=b.native, packed=b.packed_linear, lowbit=b.lowbit, exact=b.exact,
                                     kernel=kernels.block_isa(self.dtype, self.device) if b.lowbit else "",
                                     build=native.source_digest() if b.native else "",
-                                    draft_blocks=self.drafter.fc.lowbit is not None))
+                                    draft_blocks=self.drafter.fc.lowbit is not None,
+                                    top_k=self.tree.top_k))  # the probe's draft level feeds a frontier this wide
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
