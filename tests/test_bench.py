@@ -130,7 +130,7 @@ def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch
     model = make_tiny_model("llama", vocab_size=len(smol_tokenizer), eos_token_id=2, max_position_embeddings=1024)
     gen = make_generator(model, smol_tokenizer, model_key="tiny-tune-test")
     r = run_tune(gen, ["Say hello.", "Count to five."], out_dir=tmp_path / "plots", max_new_tokens=8,
-                 total_tokens_grid=[4, 8], depth_grid=[2, 3], top_k_grid=[2], query_lens=[1, 4, 16], cached=32,
+                 total_tokens_grid=[4, 8], depth_grid=[2, 3], top_k_grid=[2, 3], query_lens=[1, 4, 16], cached=32,
                  repeats=1, progress=False, verbose=False)
     path = tuned_path("tiny-tune-test")
     assert path.is_file() and r["path"] == str(path)
@@ -138,7 +138,11 @@ def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch
     best = max(saved["candidates"], key=lambda c: c["tokens_per_s"])
     assert (saved["total_tokens"], saved["depth"], saved["tree_top_k"]) == \
         (best["total_tokens"], best["depth"], best["tree_top_k"])
-    assert len(saved["candidates"]) == 4
+    assert len(saved["candidates"]) == 8
+    # the cost-aware tree raced at each width of the grid; the fastest is saved, each with its own cost probe
+    widths = {c["tree_top_k"]: c["tokens_per_s"] for c in saved["adaptive_candidates"]}
+    assert set(widths) == {2, 3} and widths[saved["adaptive_top_k"]] == max(widths.values())
+    assert len(list((tmp_path / "cache" / "cost").glob("*.json"))) == 2
     assert [p["query_len"] for p in saved["forward_curve"]["points"]] == [1, 4, 16]
     assert all(p["ms"] > 0 for p in saved["forward_curve"]["points"])
     assert {"cpu", "torch"} <= saved["machine"].keys()
@@ -149,6 +153,7 @@ def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch
     assert (tree.total_tokens, tree.depth, tree.top_k) == (saved["total_tokens"], saved["depth"], saved["tree_top_k"])
     gen2 = make_generator(model, smol_tokenizer, model_key="tiny-tune-test")
     assert (gen2.tree.total_tokens, gen2.tree.depth, gen2.tree.top_k) == (tree.total_tokens, tree.depth, tree.top_k)
+    assert gen2.tree.frontier == tree.frontier == saved["adaptive_top_k"] and gen2.tree.width == saved["adaptive_top_k"]
     assert 1 <= gen2.generate("Say hello.", max_new_tokens=4).stats.new_tokens <= 4
     from eagle2.config import TreeConfig
 

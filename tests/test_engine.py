@@ -74,6 +74,25 @@ def test_cost_aware_tree_equals_transformers(family):
     assert sum(sizes[3.0]) / len(sizes[3.0]) < sum(sizes[0.0]) / len(sizes[0.0]) / 2, (name, sizes)
 
 
+def test_cost_aware_tree_takes_its_own_frontier_width(family):
+    """``frontier`` (eagle2 tune's choice) sets the cost-aware tree's children per node; the fixed
+    shape keeps ``top_k``. With a width of 1 every round is a chain; output stays transformers'."""
+    from eagle2.config import TreeConfig
+
+    name, model, head = family
+    if name != FAMILIES[0]:
+        pytest.skip("one family is enough")
+    tree = TreeConfig(adaptive=True, top_k=4, frontier=1)
+    assert tree.width == 1 and TreeConfig(top_k=4, frontier=1).width == 4  # not adaptive: the fixed top_k
+    gen = make_generator(model, head=head, tree=tree, cost_model=cost_model(0.0, level_ms=0.0))
+    for prompt in PROMPTS:
+        r = gen.generate(prompt, max_new_tokens=30)
+        assert r.token_ids == hf_greedy(model, prompt, 30), prompt
+        assert all(size == depth + 1 for size, depth in zip(r.stats.tree_sizes, r.stats.tree_depths))  # chains
+    with pytest.raises(ValueError, match="frontier"):
+        TreeConfig(frontier=-1)
+
+
 def _mid_round_indices(gen, prompt, **kw):
     """(indices j of emitted tokens that have more tokens after them in the same round, all tokens)."""
     events, result = gen.stream_events(prompt, max_new_tokens=40, **kw)

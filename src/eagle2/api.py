@@ -46,14 +46,15 @@ def tuned_path(model_key: str) -> Path:
 
 def load_tuned(model_key: str) -> TreeConfig | None:
     """Tree settings saved by ``eagle2 tune`` for this model on this machine, if any: the fastest
-    fixed shape, which explicit fixed-shape calls start from, and its frontier width."""
+    fixed shape, which explicit fixed-shape calls start from, and the cost-aware tree's fastest
+    frontier width (a file from before tune chose it: the fixed shape's)."""
     p = tuned_path(model_key)
     if not p.exists():
         return None
     try:
         d = json.loads(p.read_text())
         return TreeConfig(total_tokens=int(d["total_tokens"]), depth=int(d["depth"]), top_k=int(d["tree_top_k"]),
-                          adaptive=True)
+                          adaptive=True, frontier=int(d.get("adaptive_top_k", 0)))
     except (ValueError, KeyError, TypeError) as e:
         log.warning("ignoring unreadable tune file %s: %s", p, e)
         return None
@@ -87,13 +88,15 @@ class Eagle2Generator:
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self.model_key = model_key
         self.tree = tree or load_tuned(model_key) or TreeConfig(adaptive=True)
-        self._cost = cost_model
+        self._given_cost = cost_model
+        self._costs: dict[str, CostModel] = {}  # fingerprint -> cost model, one per frontier width used
 
     def cost_model(self, refit: bool = False) -> CostModel:
-        """This machine's round costs for this model, head, dtype and backend: measured by a short
-        probe the first time (a few seconds) and cached under ``$EAGLE2_CACHE/cost``."""
-        if self._cost is not None and not refit:
-            return self._cost
+        """This machine's round costs for this model, head, dtype, backend and the cost-aware tree's
+        frontier width (``self.tree.width``): measured by a short probe the first time (a few seconds)
+        and cached under ``$EAGLE2_CACHE/cost``."""
+        if self._given_cost is not None and not refit:
+            return self._given_cost
         b = self.backend
         key = cost.fingerprint(dict(model=self.model_key or id(self.model), head=self.head_source,
                                     dtype=str(self.dtype), device=str(self.device), backend=b.forward,
@@ -101,14 +104,16 @@ class Eagle2Generator:
                                     kernel=kernels.block_isa(self.dtype, self.device) if b.lowbit else "",
                                     build=native.source_digest() if b.native else "",
                                     draft_blocks=self.drafter.fc.lowbit is not None,
-                                    top_k=self.tree.top_k))  # the probe's draft level feeds a frontier this wide
+                                    top_k=self.tree.width))  # the probe's draft level feeds a frontier this wide
+        if not refit and key in self._costs:
+            return self._costs[key]
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
-            found = cost.probe(self.target, self.drafter, self.tree.top_k)
+            found = cost.probe(self.target, self.drafter, self.tree.width)
             if self.model_key:
                 cost.save(key, found)
-        self._cost = found
+        self._costs[key] = found
         return found
 
     @property

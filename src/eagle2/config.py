@@ -79,11 +79,13 @@ class TreeConfig:
     adaptive: bool = False  # eagle2 only: size and depth chosen per round by the cost rule
     max_nodes: int = 48  # adaptive: the most nodes a round verifies, root included
     max_depth: int = 8  # adaptive: the deepest level a round may draft
+    frontier: int = 0  # adaptive: its top_k (children per expanded node, frontier width); 0: top_k (eagle2 tune's choice)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
-        for name, low in (("total_tokens", 2), ("depth", 1), ("top_k", 1), ("max_nodes", 2), ("max_depth", 1)):
+        for name, low in (("total_tokens", 2), ("depth", 1), ("top_k", 1), ("max_nodes", 2), ("max_depth", 1),
+                          ("frontier", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 shown = "tree_top_k" if name == "top_k" else name
@@ -93,6 +95,12 @@ class TreeConfig:
     def dynamic(self) -> bool:
         """True when this round's shape is chosen by the cost rule."""
         return self.adaptive and self.method == "eagle2"
+
+    @property
+    def width(self) -> int:
+        """Children per expanded node (and frontier width) of this round's tree: ``frontier`` for the
+        adaptive tree where set, else ``top_k``."""
+        return self.frontier if self.dynamic and self.frontier else self.top_k
 
     @property
     def node_cap(self) -> int:

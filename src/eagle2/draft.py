@@ -73,7 +73,7 @@ def _sampled_layout(draw: Draw, cfg: TreeConfig, max_depth: int, budget: Budget 
     at most ``vocab`` (the draft vocabulary's size) draws per node."""
     cap = (budget.max_nodes - 1) if (cfg.dynamic and budget is not None) else cfg.total_tokens - 1
     depth = min(cfg.depth_cap, max_depth)
-    paths, probs = sampled_tree_paths(draw.accept, cap, depth, min(cfg.top_k, vocab))
+    paths, probs = sampled_tree_paths(draw.accept, cap, depth, min(cfg.width, vocab))
     if cfg.dynamic and budget is not None:
         paths = paths[: sampled_size(probs, [len(p) for p in paths], budget)]
     paths = sorted(paths, key=lambda p: (len(p), p))
@@ -177,7 +177,7 @@ class Drafter:
             return self._grow_static(root, root_out, *layout[1:], draw=draw)
         if cfg.method == "eagle2":
             if cfg.dynamic and budget is not None:
-                return self._grow_dynamic(root, root_out, min(cfg.max_depth, max_depth), cfg.top_k, budget.max_nodes,
+                return self._grow_dynamic(root, root_out, min(cfg.max_depth, max_depth), cfg.width, budget.max_nodes,
                                           budget)
             return self._grow_dynamic(root, root_out, min(cfg.depth, max_depth), cfg.top_k, cfg.total_tokens)
         depth = min(cfg.depth, max_depth)

@@ -11,10 +11,12 @@ Two measurements, both on the loaded model, dtype and head:
    The candidate with the highest measured tokens/s (wall clock, drafting included) wins.
 
 It also refits the cost model (``cost.py``) that the default, cost-aware tree sizes its rounds with,
-and runs that tree alongside the candidates. The fastest fixed shape is saved to
-``eagle2.api.tuned_path(model_key)`` as JSON (``total_tokens``, ``depth``, ``tree_top_k``, plus both
-curves, the cost model and the machine); ``eagle2.load`` starts explicit fixed-shape calls from it
-and uses its ``tree_top_k`` as the dynamic tree's frontier width. Plots go to ``out_dir``.
+once per frontier width in the top-k grid, and races that tree at each width alongside the candidates
+(a verified row's cost differs by CPU: without AMX a narrow frontier pays better). The fastest fixed
+shape and the fastest width are saved to ``eagle2.api.tuned_path(model_key)`` as JSON
+(``total_tokens``, ``depth``, ``tree_top_k``, ``adaptive_top_k``, plus both curves, the cost model and
+the machine); ``eagle2.load`` starts explicit fixed-shape calls from the shape and gives the cost-aware
+tree that width. Plots go to ``out_dir``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .machine import dtype_name, machine_info
@@ -86,18 +89,25 @@ def _grid(total_tokens_grid, depth_grid, top_k_grid) -> list[tuple[int, int, int
 
 def _race(gen, runs: list, prompts: list, max_new_tokens: int, progress: bool) -> dict:
     """Greedy generation of every run on every prompt, interleaved prompt by prompt (order rotated),
-    after one warm-up each. A run is ("vanilla", None), ("eagle2", "adaptive") or ("eagle2", (n, d, k)).
-    Returns run -> summed new tokens, seconds, rounds, draft and verify seconds."""
+    after one warm-up each. A run is ("vanilla", None), ("eagle2", ("adaptive", k)) (the cost-aware tree
+    with frontier width k) or ("eagle2", (n, d, k)) (a fixed shape). Returns run -> summed new tokens,
+    seconds, rounds, draft and verify seconds."""
     from tqdm.auto import tqdm
 
     acc = {r: dict(new=0, sec=0.0, rounds=0, draft=0.0, verify=0.0) for r in runs}
+    base = gen.tree
 
     def one(run, prompt, n):
         method, g = run
-        kw = {} if g in (None, "adaptive") else dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2])
-        t0 = time.perf_counter()
-        res = gen.generate(prompt, max_new_tokens=n, method=method, temperature=0.0, **kw)
-        return res.stats, time.perf_counter() - t0
+        adaptive = g is not None and g[0] == "adaptive"
+        kw = {} if g is None or adaptive else dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2])
+        gen.tree = replace(base, frontier=g[1]) if adaptive else base
+        try:
+            t0 = time.perf_counter()
+            res = gen.generate(prompt, max_new_tokens=n, method=method, temperature=0.0, **kw)
+            return res.stats, time.perf_counter() - t0
+        finally:
+            gen.tree = base
 
     for run in runs:
         one(run, prompts[0], min(8, max_new_tokens))
@@ -127,7 +137,12 @@ def _summary(a: dict, n_prompts: int) -> dict:
                 new_tokens=a["new"], seconds=round(a["sec"], 3))
 
 
-def _log_candidates(log, candidates, best, vanilla, adaptive, speedup) -> None:
+def _log_candidates(log, candidates, best, vanilla, adaptives, adaptive, speedup) -> None:
+    log("cost-aware tree (the default), by frontier width:")
+    for c in adaptives:
+        mark = "  <- chosen" if c is adaptive else ""
+        log(f"  top-k {c['tree_top_k']:>3}: {c['tokens_per_s']:8.2f} tokens/s, tau {c['mean_accept_len']:.2f}, "
+            f"draft {c['draft_ms_per_round']:.2f} ms{mark}")
     log("candidates (eagle2, greedy):")
     log(f"  {'total':>5} {'depth':>5} {'top-k':>5} {'tok/s':>8} {'tau':>6} {'draft ms':>9} {'verify ms':>9}")
     for c in sorted(candidates, key=lambda c: -c["tokens_per_s"]):
@@ -159,7 +174,8 @@ def _write(result: dict, path: Path, save: bool, out_dir, log) -> None:
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(path)
         result["path"] = str(path)
-        log(f"saved {path}: total_tokens={best['total_tokens']} depth={best['depth']} tree_top_k={best['tree_top_k']}")
+        log(f"saved {path}: total_tokens={best['total_tokens']} depth={best['depth']} tree_top_k={best['tree_top_k']}, "
+            f"cost-aware tree top-k {result['adaptive_top_k']}")
 
 
 def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total_tokens_grid=TOTAL_TOKENS_GRID,
@@ -181,25 +197,34 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
 
     log(f"measuring target forward time vs query length ({cached} cached tokens, {repeats} repeats)...")
     curve = measure_forward_curve(gen, query_lens, cached, repeats)
-    log("refitting the cost model the dynamic tree sizes its rounds with ...")
-    cost_model = gen.cost_model(refit=True)
+    widths = sorted(set(parse_int_list(top_k_grid, "top-k grid")))
+    log(f"refitting the cost model the dynamic tree sizes its rounds with (frontier widths {widths}) ...")
+    base = gen.tree
+    cost_models = {}
+    for k in widths:
+        gen.tree = replace(base, frontier=k)
+        cost_models[k] = gen.cost_model(refit=True)
+    gen.tree = base
     for c in curve:
         log(f"  q={c['query_len']:>3}: {c['ms']:8.2f} ms  ({c['relative_to_first']:.2f}x q=1)")
 
-    runs = [("vanilla", None), ("eagle2", "adaptive")] + [("eagle2", g) for g in grid]
+    runs = [("vanilla", None)] + [("eagle2", ("adaptive", k)) for k in widths] + [("eagle2", g) for g in grid]
     acc = _race(gen, runs, prompts, max_new_tokens, progress)
     vanilla = _summary(acc[("vanilla", None)], len(prompts))
-    adaptive = _summary(acc[("eagle2", "adaptive")], len(prompts))
+    adaptives = [dict(tree_top_k=k, **_summary(acc[("eagle2", ("adaptive", k))], len(prompts))) for k in widths]
+    adaptive = max(adaptives, key=lambda c: c["tokens_per_s"])
     candidates = [dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2], **_summary(acc[("eagle2", g)], len(prompts)))
                   for g in grid]
     best = max(candidates, key=lambda c: c["tokens_per_s"])
     speedup = round(best["tokens_per_s"] / vanilla["tokens_per_s"], 3) if vanilla["tokens_per_s"] else None
-    _log_candidates(log, candidates, best, vanilla, adaptive, speedup)
+    _log_candidates(log, candidates, best, vanilla, adaptives, adaptive, speedup)
 
     result = dict(total_tokens=best["total_tokens"], depth=best["depth"], tree_top_k=best["tree_top_k"],
+                  adaptive_top_k=adaptive["tree_top_k"],
                   model=gen.model_key, head=gen.head_source, dtype=dtype_name(gen.dtype), device=str(gen.device),
-                  chosen=best, speedup_vs_vanilla=speedup, vanilla=vanilla, adaptive=adaptive, candidates=candidates,
-                  cost_model=cost_model.to_json(),
+                  chosen=best, speedup_vs_vanilla=speedup, vanilla=vanilla, adaptive=adaptive,
+                  adaptive_candidates=adaptives, candidates=candidates,
+                  cost_model=cost_models[adaptive["tree_top_k"]].to_json(),
                   forward_curve=dict(cached=cached, repeats=repeats, points=curve),
                   max_new_tokens=max_new_tokens, n_prompts=len(prompts), machine=machine_info(),
                   created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), wall_seconds=None, plots={}, path=None)
@@ -210,7 +235,8 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
 
 def summary_line(r: dict) -> str:
     return json.dumps({"path": r["path"], "model": r["model"], "dtype": r["dtype"], "total_tokens": r["total_tokens"],
-                       "depth": r["depth"], "tree_top_k": r["tree_top_k"],
+                       "depth": r["depth"], "tree_top_k": r["tree_top_k"], "adaptive_top_k": r["adaptive_top_k"],
+                       "adaptive_tokens_per_s": r["adaptive"]["tokens_per_s"],
                        "tokens_per_s": r["chosen"]["tokens_per_s"], "vanilla_tokens_per_s": r["vanilla"]["tokens_per_s"],
                        "speedup_vs_vanilla": r["speedup_vs_vanilla"], "mean_accept_len": r["chosen"]["mean_accept_len"],
                        "wall_seconds": r["wall_seconds"], "plots": r["plots"]})

@@ -62,9 +62,9 @@ def register(sub) -> None:
     t = sub.add_parser(
         "tune", help="measure this machine and save the fastest draft-tree size for a model",
         description="Measure the target's forward time against query length and greedy eagle2 tokens/s on a few dev "
-                    "prompts for each candidate (total_tokens, depth, tree_top_k); save the fastest to "
-                    "$EAGLE2_CACHE/tune/<model>.json, which eagle2.load then uses as its default tree. The last stdout "
-                    "line is a JSON summary.")
+                    "prompts for each candidate (total_tokens, depth, tree_top_k) and for the cost-aware tree at each "
+                    "--tree-top-k frontier width; save the fastest shape and width to $EAGLE2_CACHE/tune/<model>.json, "
+                    "which eagle2.load then uses for its default tree. The last stdout line is a JSON summary.")
     _model_args(t)
     t.add_argument("--questions", default=None,
                    help="FastChat question file whose first turns are the dev prompts (default: built-in dev prompts)")
@@ -72,7 +72,8 @@ def register(sub) -> None:
     t.add_argument("--max-new-tokens", type=int, default=64, help="per dev prompt (default: %(default)s)")
     t.add_argument("--total-tokens", default="8,12,16,24,32", help="candidate total_tokens (default: %(default)s)")
     t.add_argument("--depth", default="4,6", help="candidate depths (default: %(default)s)")
-    t.add_argument("--tree-top-k", default="4,8", help="candidate tree top-k values (default: %(default)s)")
+    t.add_argument("--tree-top-k", default="4,8",
+                   help="candidate tree top-k values, also the cost-aware tree's frontier widths (default: %(default)s)")
     t.add_argument("--query-lens", default="1,2,4,8,16,32,64",
                    help="query lengths for the forward-time curve (default: %(default)s)")
     t.add_argument("--out", default=None, help="directory for the PNG plots (default: next to the tune file)")
