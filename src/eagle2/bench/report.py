@@ -65,7 +65,7 @@ def _tree_text(t: dict) -> str:
     fixed = f"total_tokens {t['total_tokens']}, depth {t['depth']}, top-k {t['tree_top_k']}"
     if t.get("adaptive"):
         return (f"eagle2 tree: cost-aware (at most {t['max_nodes']} nodes, {t['max_depth']} levels, top-k "
-                f"{t['tree_top_k']}); fixed shapes: {fixed}")
+                f"{t.get('frontier_top_k', t['tree_top_k'])}); fixed shapes: {fixed}")
     return f"tree: {fixed}"
 
 
