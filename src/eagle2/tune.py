@@ -26,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,6 +88,17 @@ def _grid(total_tokens_grid, depth_grid, top_k_grid) -> list[tuple[int, int, int
     return grid
 
 
+@contextmanager
+def _frontier(gen, k: int | None):
+    """``gen``'s default tree with frontier width ``k`` (None: as it is) for the block, then restored."""
+    base = gen.tree
+    gen.tree = base if k is None else replace(base, frontier=k)
+    try:
+        yield gen
+    finally:
+        gen.tree = base
+
+
 def _race(gen, runs: list, prompts: list, max_new_tokens: int, progress: bool) -> dict:
     """Greedy generation of every run on every prompt, interleaved prompt by prompt (order rotated),
     after one warm-up each. A run is ("vanilla", None), ("eagle2", ("adaptive", k)) (the cost-aware tree
@@ -95,19 +107,15 @@ def _race(gen, runs: list, prompts: list, max_new_tokens: int, progress: bool) -
     from tqdm.auto import tqdm
 
     acc = {r: dict(new=0, sec=0.0, rounds=0, draft=0.0, verify=0.0) for r in runs}
-    base = gen.tree
 
     def one(run, prompt, n):
         method, g = run
         adaptive = g is not None and g[0] == "adaptive"
         kw = {} if g is None or adaptive else dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2])
-        gen.tree = replace(base, frontier=g[1]) if adaptive else base
-        try:
+        with _frontier(gen, g[1] if adaptive else None):
             t0 = time.perf_counter()
             res = gen.generate(prompt, max_new_tokens=n, method=method, temperature=0.0, **kw)
             return res.stats, time.perf_counter() - t0
-        finally:
-            gen.tree = base
 
     for run in runs:
         one(run, prompts[0], min(8, max_new_tokens))
@@ -199,12 +207,10 @@ def run_tune(gen, prompts=None, *, out_dir=None, max_new_tokens: int = 64, total
     curve = measure_forward_curve(gen, query_lens, cached, repeats)
     widths = sorted(set(parse_int_list(top_k_grid, "top-k grid")))
     log(f"refitting the cost model the dynamic tree sizes its rounds with (frontier widths {widths}) ...")
-    base = gen.tree
     cost_models = {}
     for k in widths:
-        gen.tree = replace(base, frontier=k)
-        cost_models[k] = gen.cost_model(refit=True)
-    gen.tree = base
+        with _frontier(gen, k):
+            cost_models[k] = gen.cost_model(refit=True)
     for c in curve:
         log(f"  q={c['query_len']:>3}: {c['ms']:8.2f} ms  ({c['relative_to_first']:.2f}x q=1)")
 
