@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ToyTokenizer, make_tiny_model
+from conftest import ToyTokenizer, cost_model, make_tiny_model
 
 from eagle2.api import Eagle2Generator, load_head
 from eagle2.eagle3_head import Eagle3Config, Eagle3Head, init_eagle3_head
@@ -188,7 +188,9 @@ def test_trained_head_exports_reloads_keeps_the_contract_and_drafts(tiny, run, p
     assert "EAGLE-3 draft head for tiny-llama" in card and "## Training corpus" in card and "eagle3" in card
     assert f"optimizer step {cfg['eagle2_train_step']}." in card and "over 5 steps" in card  # the exported weights' step
     assert "| noise |" not in card and "| ttt_steps | 5 |" in card  # only the hyperparameters an EAGLE-3 run uses
-    gen = Eagle2Generator(tiny, ToyTokenizer(), head)
+    # A fixed cost model: the tree's size then depends on the head alone, not on how busy the machine was
+    # while a timing probe ran (a loaded machine made the trees, and so tau, smaller).
+    gen = Eagle2Generator(tiny, ToyTokenizer(), head, cost_model=cost_model(0.1, level_ms=0.1))
     taus = []
     for rec in [r for r in run_pipeline.__globals__["Corpus"](run / "corpus").records()][:6]:
         prompt = rec["prompt_ids"]
