@@ -65,14 +65,15 @@ def make_tiny_model(family: str = "llama", vocab_size: int = 16, seed: int = 0, 
     return model
 
 
-def cost_model(verify_per_node_ms: float, level_ms: float = 0.5):
+def cost_model(verify_per_node_ms: float, level_ms: float = 0.5, row_ms: float = 0.0):
     """A synthetic cost model: verification costs 10 ms plus ``verify_per_node_ms`` per extra node,
-    a draft level ``level_ms``. Tiny (near 0) costs make the dynamic tree grow to its caps."""
+    a draft level ``level_ms`` plus ``row_ms`` per frontier node it feeds. Tiny (near 0) costs make
+    the dynamic tree grow to its caps."""
     from eagle2.cost import CostModel
 
     q = (1, 2, 64)
     ms = tuple(10.0 + verify_per_node_ms * (n - 1) for n in q)
-    return CostModel(q, ms, ms, 128, 1024, level_ms, 1.0)
+    return CostModel(q, ms, ms, 128, 1024, level_ms, 1.0, row_ms)
 
 
 def make_generator(model, tokenizer=None, head=None, **kw):

@@ -24,7 +24,7 @@ def test_probe_measures_and_caches(tmp_path, monkeypatch):
     cost = gen.cost_model()
     assert cost.query_lens[0] == 1 and cost.cached_long > cost.cached_short
     assert all(b >= a > 0 for a, b in zip(cost.verify_ms_short, cost.verify_ms_short[1:]))  # non-decreasing
-    assert cost.draft_level_ms >= 0 and cost.round_fixed_ms > 0
+    assert cost.draft_level_ms >= 0 and cost.draft_row_ms >= 0 and cost.round_fixed_ms > 0
     files = list((tmp_path / "cost").glob("*.json"))
     assert len(files) == 1
     again = make_generator(model, model_key="tiny-cost-test")

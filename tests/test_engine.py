@@ -93,6 +93,36 @@ def test_cost_aware_tree_takes_its_own_frontier_width(family):
         TreeConfig(frontier=-1)
 
 
+def test_dear_frontier_rows_are_fed_only_where_they_pay(family, monkeypatch):
+    """The cost-aware tree feeds a frontier node to the head only when its predicted child would be
+    verified: with free rows a level feeds about the whole frontier (less only where the node cap
+    leaves its children out), with dear ones fewer nodes. The output stays transformers' greedy."""
+    from eagle2 import draft
+    from eagle2.config import TreeConfig
+
+    name, model, head = family
+    if name != FAMILIES[0]:
+        pytest.skip("one family is enough")
+    fed: list[int] = []
+    feed = draft._Levels.feed_frontier
+
+    def counting(self, d, rows):
+        fed.append(rows)
+        return feed(self, d, rows)
+
+    monkeypatch.setattr(draft._Levels, "feed_frontier", counting)
+    per_level = {}
+    for row_ms in (0.0, 1.0):
+        fed.clear()
+        gen = make_generator(model, head=head, tree=TreeConfig(adaptive=True, top_k=4),
+                             cost_model=cost_model(0.0, level_ms=0.0, row_ms=row_ms))
+        for prompt in PROMPTS:
+            assert gen.generate(prompt, max_new_tokens=30).token_ids == hf_greedy(model, prompt, 30), prompt
+        assert fed and max(fed) <= 4
+        per_level[row_ms] = sum(fed) / len(fed)
+    assert per_level[0.0] > 3 and per_level[1.0] < per_level[0.0] - 1, per_level
+
+
 def _mid_round_indices(gen, prompt, **kw):
     """(indices j of emitted tokens that have more tokens after them in the same round, all tokens)."""
     events, result = gen.stream_events(prompt, max_new_tokens=40, **kw)

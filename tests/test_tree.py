@@ -129,14 +129,22 @@ def test_best_size_maximises_expected_tokens_per_ms():
     assert j == 2 and abs(expected - 2.4) < 1e-6
 
 
-def test_level_pays():
-    from eagle2.tree import level_pays
+def test_frontier_to_feed():
+    from eagle2.tree import frontier_to_feed
 
     probs = torch.tensor([0.6, 0.1])
-    cheap = torch.tensor([0.0, 10.0, 10.5, 11.0, 11.5, 12.0])  # half a ms per extra node
-    assert level_pays(probs, torch.tensor([0.5]), cheap, 1.0, 1.0)  # +0.5 tokens for ~1.5 ms: yes
-    assert not level_pays(probs, torch.tensor([0.02]), cheap, 1.0, 1.0)  # +0.02 tokens: no
-    assert not level_pays(probs, torch.tensor([0.5]), cheap, 1.0, 20.0)  # a draft step dearer than a round: no
+    cheap = torch.tensor([0.0, 10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0])  # half a ms per extra node
+    assert frontier_to_feed(probs, torch.tensor([0.5]), cheap, 1.0, 1.0) == 1  # +0.5 tokens for ~1.5 ms: yes
+    assert frontier_to_feed(probs, torch.tensor([0.02]), cheap, 1.0, 1.0) == 0  # +0.02 tokens: no
+    assert frontier_to_feed(probs, torch.tensor([0.5]), cheap, 1.0, 20.0) == 0  # a level dearer than a round: no
+    # Only the frontier nodes whose predicted child would be verified are fed: the 0.01 one cannot pay.
+    assert frontier_to_feed(probs, torch.tensor([0.5, 0.4, 0.01]), cheap, 1.0, 1.0) == 2
+    # With free rows every node whose child enters the best prefix is fed ...
+    free = torch.tensor([0.0] + [10.0] * 8)
+    assert frontier_to_feed(probs, torch.tensor([0.5, 0.4, 0.01]), free, 1.0, 1.0) == 3
+    # ... and a row as dear as a level of its own leaves the marginal node out.
+    assert frontier_to_feed(probs, torch.tensor([0.5, 0.4, 0.01]), free, 1.0, 1.0, row_ms=0.2) == 2
+    assert frontier_to_feed(probs, torch.tensor([0.5, 0.4, 0.01]), free, 1.0, 1.0, row_ms=8.0) == 0
 
 
 def test_path_probs():

@@ -31,7 +31,7 @@ log = logging.getLogger("eagle2")
 
 PROBE_QUERY_LENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 PROBE_CACHED = (128, 1024)  # cached lengths the verify curve is measured at; interpolated linearly between
-COST_VERSION = 2  # bump when the probe or the file layout changes
+COST_VERSION = 3  # bump when the probe or the file layout changes
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,9 @@ class CostModel:
     verify_ms_long: tuple[float, ...]  # ... and at cached_long
     cached_short: int
     cached_long: int
-    draft_level_ms: float  # one draft level: the head over the frontier, its logits, top-k, bookkeeping
+    draft_level_ms: float  # one draft level apart from its rows: the head's call, top-k, bookkeeping
     round_fixed_ms: float  # paid by every drafted round whatever its tree: commit, root logits, accept, keep
+    draft_row_ms: float = 0.0  # each frontier node a draft level feeds (its rows of the head and logits)
 
     def verify_curve(self, cached: int, max_nodes: int) -> torch.Tensor:
         """[max_nodes + 1] fp32: ms of verifying n = 0..max_nodes nodes over ``cached`` tokens (n = 0: 0)."""
@@ -68,7 +69,7 @@ class CostModel:
     def from_json(d: dict) -> "CostModel":
         return CostModel(tuple(int(x) for x in d["query_lens"]), tuple(float(x) for x in d["verify_ms_short"]),
                          tuple(float(x) for x in d["verify_ms_long"]), int(d["cached_short"]), int(d["cached_long"]),
-                         float(d["draft_level_ms"]), float(d["round_fixed_ms"]))
+                         float(d["draft_level_ms"]), float(d["round_fixed_ms"]), float(d.get("draft_row_ms", 0.0)))
 
 
 class SampledAcceptance:
@@ -186,9 +187,10 @@ def probe(target, drafter, top_k: int = 8, repeats: int = 5) -> CostModel:
     ms = _best_ms(steps, repeats)
     n = len(PROBE_QUERY_LENS)
     short, long_ = _monotone(ms[:n]), _monotone(ms[n:] or ms[:n])
-    level_ms, fixed_ms = drafter.probe_ms(top_k, repeats)
+    level_ms, row_ms, fixed_ms = drafter.probe_ms(top_k, repeats)
     return CostModel(PROBE_QUERY_LENS, tuple(round(x, 4) for x in short), tuple(round(x, 4) for x in long_),
-                     short_c, long_c if long_c != short_c else short_c + 1, round(level_ms, 4), round(fixed_ms, 4))
+                     short_c, long_c if long_c != short_c else short_c + 1, round(level_ms, 4), round(fixed_ms, 4),
+                     round(row_ms, 5))
 
 
 def fingerprint(parts: dict) -> str:

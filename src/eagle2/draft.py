@@ -36,7 +36,7 @@ from .eagle3_head import Eagle3Head
 from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, additive_mask, rms
 from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
-from .tree import (Budget, Tree, best_size, build_tree, expand, level_pays, rerank, sampled_size,
+from .tree import (Budget, Tree, best_size, build_tree, expand, frontier_to_feed, rerank, sampled_size,
                    sampled_tree_paths, select_frontier, single_node_tree, static_tree_parents, static_tree_paths)
 
 
@@ -186,14 +186,16 @@ class Drafter:
     def _grow_dynamic(self, root: Tensor, root_out: Tensor, depth: int, top_k: int, total_tokens: int,
                       budget: Budget | None = None) -> Tree:
         """EAGLE-2: expand the top_k frontier by value for up to ``depth`` levels, then rerank. With a
-        budget, stop at the first level that cannot pay for itself and keep the best-paying prefix."""
+        budget, each level feeds only the frontier nodes that can pay for their row, growth stops at
+        the first level that cannot pay for itself, and the best-paying prefix is kept."""
         k = min(top_k, self.target.vocab_size)
         k = min(k, self.vocab_ids.shape[0]) if self.vocab_ids is not None else k
         lvl = _Levels(self, root, root_out, k)
         for d in range(1, depth):
-            if budget is not None and not lvl.next_level_pays(budget):
+            rows = lvl.frontier.shape[0] if budget is None else lvl.rows_to_feed(budget)
+            if rows == 0:
                 break
-            lvl.feed_frontier(d)
+            lvl.feed_frontier(d, rows)
         values = torch.cat(lvl.cand_val)  # [M] in generation order
         keep = total_tokens - 1
         if budget is not None:
@@ -202,9 +204,10 @@ class Drafter:
                       torch.cat(lvl.cand_lp), keep)
 
     @torch.inference_mode()
-    def probe_ms(self, top_k: int, repeats: int = 4, context: int = 200) -> tuple[float, float]:
-        """(ms per draft level, ms of a round's fixed drafting part) over ``context`` committed pairs,
-        measured with fixed-shape growth at depths 1 and 4. Leaves the drafter reset."""
+    def probe_ms(self, top_k: int, repeats: int = 4, context: int = 200) -> tuple[float, float, float]:
+        """(ms of a draft level apart from its rows, ms per frontier row, ms of a round's fixed drafting
+        part) over ``context`` committed pairs: fixed-shape growth at depth 1, and at depth 4 with
+        frontiers of 1 and of ``top_k`` nodes. Leaves the drafter reset."""
         from .cost import _best_ms
 
         dev = self.target.device
@@ -215,16 +218,18 @@ class Drafter:
         self.reset()
         self.commit(feats[:-3], toks[:-3])
 
-        def round_at(depth: int):
+        def round_at(depth: int, width: int):
             def run():
                 self.length = context - 3
                 out = self.commit(feats[-3:], toks[-3:])
-                self._grow_dynamic(root, out, depth, top_k, 2 + top_k * depth)
+                self._grow_dynamic(root, out, depth, width, 2 + width * depth)
             return run
 
-        one, four = _best_ms([round_at(1), round_at(4)], repeats)
+        one, narrow, wide = _best_ms([round_at(1, top_k), round_at(4, 1), round_at(4, top_k)], repeats)
         self.reset()
-        return max(0.0, (four - one) / 3), one
+        level_1, level_k = max(0.0, (narrow - one) / 3), max(0.0, (wide - one) / 3)
+        row = max(0.0, (level_k - level_1) / (top_k - 1)) if top_k > 1 else 0.0
+        return max(0.0, level_1 - row), row, one
 
     def _grow_static(self, root: Tensor, root_out: Tensor, parents: tuple, depths: tuple, ranks: tuple,
                      draw: Draw | None = None) -> Tree:
@@ -308,11 +313,16 @@ class _Levels:
         self.f_parent_fed = torch.full((k,), -1, dtype=torch.long, device=self.dev)  # parent's index among fed nodes
         self.fed_anc = torch.zeros(0, 0, dtype=torch.bool, device=self.dev)  # [F, F] ancestor-or-self among fed
         self.levels = 0  # draft levels run after the root's (which the commit paid for)
+        self.rows = 0  # frontier nodes fed in those levels
         self.top1 = float(lp[0, 0].exp())  # the draft's confidence in its best child, last level
 
-    def feed_frontier(self, d: int) -> None:
-        """Run the head over the frontier (depth d) and add its children (depth d + 1) as candidates."""
+    def feed_frontier(self, d: int, rows: int) -> None:
+        """Run the head over the ``rows`` best frontier nodes (depth d) and add their children (depth
+        d + 1) as candidates; the frontier is kept best first (``select_frontier``)."""
         dr, dev, k = self.dr, self.dev, self.k
+        if rows < self.frontier.shape[0]:
+            self.frontier, self.f_tok, self.f_val = self.frontier[:rows], self.f_tok[:rows], self.f_val[:rows]
+            self.f_feat, self.f_parent_fed = self.f_feat[:rows], self.f_parent_fed[:rows]
         nf, n_fed = self.frontier.shape[0], self.fed_anc.shape[0]
         parent_rows = torch.zeros(nf, n_fed, dtype=torch.bool, device=dev)
         has_parent = self.f_parent_fed >= 0
@@ -341,28 +351,30 @@ class _Levels:
         w = self.f_val.exp()  # the frontier's path probabilities weigh its nodes' top-1 confidences
         self.top1 = float((lp[:, 0].exp()[sel // k] * w).sum() / w.sum().clamp(min=1e-12))
         self.levels += 1
+        self.rows += nf
 
     @staticmethod
     def _probs(values: Tensor) -> Tensor:
         return values.exp().clamp(max=1.0)  # path probabilities: the expected acceptance at T = 0
 
-    def _spent_ms(self, budget: Budget, levels: int) -> float:
-        return budget.fixed_ms + levels * budget.level_ms
+    def _spent_ms(self, budget: Budget) -> float:
+        return budget.fixed_ms + self.levels * budget.level_ms + self.rows * budget.row_ms
 
     def best_keep(self, values: Tensor, budget: Budget) -> int:
         """Drafts to verify: the prefix of the rerank order with the best expected tokens per ms."""
         order = values.sort(descending=True, stable=True).indices
         probs = self._probs(values[order])
-        return best_size(probs.float().cpu(), budget.verify_ms, self._spent_ms(budget, self.levels))[0]
+        return best_size(probs.float().cpu(), budget.verify_ms, self._spent_ms(budget))[0]
 
-    def next_level_pays(self, budget: Budget) -> bool:
-        """Whether feeding the frontier is expected to raise the round's tokens per ms: each frontier
-        node's best child is predicted at the last level's top-1 confidence (``tree.level_pays``)."""
+    def rows_to_feed(self, budget: Budget) -> int:
+        """How many frontier nodes the next level should feed (0: stop): each one's best child is
+        predicted at the last level's top-1 confidence (``tree.frontier_to_feed``)."""
         values = torch.cat(self.cand_val)
         order = values.sort(descending=True, stable=True).indices
         probs = self._probs(values[order]).float().cpu()
         predicted = self._probs(self.f_val).float().cpu() * self.top1
-        return level_pays(probs, predicted, budget.verify_ms, self._spent_ms(budget, self.levels), budget.level_ms)
+        return frontier_to_feed(probs, predicted, budget.verify_ms, self._spent_ms(budget), budget.level_ms,
+                                budget.row_ms)
 
 
 def _lean_head(head: DraftHead, target: Target, backend: Backend) -> tuple[Stack, Linear]:

@@ -274,7 +274,8 @@ class _Budgets:
         bucket = cached // 32
         if bucket not in self._curves:
             self._curves[bucket] = self.cost.verify_curve(32 * bucket + 16, self.tree.max_nodes)
-        return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms)
+        return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms,
+                      self.cost.draft_row_ms)
 
 
 def _record_tree(stats: Stats, draft, path: torch.Tensor, rates: torch.Tensor | None) -> None:

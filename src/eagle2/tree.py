@@ -156,8 +156,12 @@ class Budget:
     """What one round's tree may cost, in milliseconds of this machine (cost.py measures them)."""
 
     verify_ms: Tensor  # [max_nodes + 1] fp32: verifying n nodes (root included) over this round's cache
-    level_ms: float  # one more draft level
+    level_ms: float  # one more draft level, apart from its rows
     fixed_ms: float  # the round's cost whatever its tree (commit, root logits, accept, cache keep)
+    row_ms: float = 0.0  # each frontier node a draft level feeds to the head
+
+    def level_cost(self, rows: int) -> float:
+        return self.level_ms + rows * self.row_ms
 
     @property
     def max_nodes(self) -> int:
@@ -186,18 +190,33 @@ def best_size(probs: Tensor | Sequence[float], verify_ms: Tensor | Sequence[floa
     return best
 
 
-def level_pays(probs: Tensor | Sequence[float], predicted: Tensor | Sequence[float],
-               verify_ms: Tensor | Sequence[float], spent_ms: float, level_ms: float) -> bool:
-    """Whether one more draft level is expected to raise the round's tokens per ms.
+def frontier_to_feed(probs: Tensor | Sequence[float], predicted: Tensor | Sequence[float],
+                     verify_ms: Tensor | Sequence[float], spent_ms: float, level_ms: float,
+                     row_ms: float = 0.0) -> int:
+    """How many frontier nodes, best first, one more draft level should feed: 0 = stop growing.
 
     probs [M]: calibrated path probabilities of the candidates so far, best first; predicted [F]:
-    what the next level's best child of each frontier node is expected to score. The level pays
-    when the best prefix of the merged list, after paying ``level_ms`` more, beats the best prefix
-    of today's list: the same rule ``best_size`` applies, one level ahead."""
-    p, v = _floats(probs), _floats(verify_ms)
-    rate_now = best_size(p, v, spent_ms)[2]
-    merged = sorted(p + _floats(predicted), reverse=True)
-    return best_size(merged, v, spent_ms + level_ms)[2] > rate_now
+    what each frontier node's best child is expected to score, best first. A level costs
+    ``level_ms`` plus ``row_ms`` per node fed. The same rule as ``best_size``, one level ahead: the
+    nodes worth feeding are those whose predicted child enters the best-paying prefix of the merged
+    list; they are fed when that prefix, after paying for the level, beats today's best prefix. A
+    frontier node below that prefix could only add children that are not verified (a child never
+    scores above its parent), so feeding it would cost a row and return nothing."""
+    p, v, f = _floats(probs), _floats(verify_ms), _floats(predicted)
+
+    def rate(n: int) -> float:  # the best prefix's tokens per ms after feeding the n best frontier nodes
+        return best_size(sorted(p + f[:n], reverse=True), v, spent_ms + level_ms + n * row_ms)[2]
+
+    merged = sorted(p + f, reverse=True)
+    j = best_size(merged, v, spent_ms + level_ms + len(f) * row_ms)[0]
+    n = sum(1 for x in f if x >= merged[j - 1]) if j else 0
+    best = rate(n) if n else 0.0
+    while n > 1:  # a marginal node's child may not repay its row
+        fewer = rate(n - 1)
+        if fewer < best:
+            break
+        n, best = n - 1, fewer
+    return n if n and best > best_size(p, v, spent_ms)[2] else 0
 
 
 # Prior acceptance rate of the draft's r-th ranked child (r = 0, 1, ...), used only to shape
@@ -285,7 +304,8 @@ def sampled_size(probs: list[float], depths: list[int], budget: Budget) -> int:
     for j in range(1, m + 1):
         expected += probs[j - 1]
         deepest = max(deepest, depths[j - 1])
-        rate = expected / (budget.fixed_ms + (deepest - 1) * budget.level_ms + float(budget.verify_ms[j + 1]))
+        levels = (deepest - 1) * budget.level_cost(1)  # a sampled tree feeds about one node per level
+        rate = expected / (budget.fixed_ms + levels + float(budget.verify_ms[j + 1]))
         if rate > best_rate:
             best_j, best_rate = j, rate
     return best_j
