@@ -23,6 +23,7 @@ the 2H-wide [embedding, feature] given as the attention's input beside the H-wid
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -199,7 +200,7 @@ class Drafter:
         values = torch.cat(lvl.cand_val)  # [M] in generation order
         keep = total_tokens - 1
         if budget is not None:
-            keep = lvl.best_keep(values, budget)
+            keep = lvl.best_keep(budget)
         return rerank(root, torch.cat(lvl.cand_tok), torch.cat(lvl.cand_par).long(), values,
                       torch.cat(lvl.cand_lp), keep)
 
@@ -299,7 +300,9 @@ class _Levels:
     """One round of EAGLE-2 growth: the candidates drafted so far and the frontier to feed next.
 
     Candidates are listed in generation order (parents before children; ``cand_par`` indexes
-    candidates, -1 = the root). The frontier holds the ``k`` best children of the last level."""
+    candidates, -1 = the root). The frontier holds the ``k`` best children of the last level, best
+    first. The values the cost rule reads are also kept as Python floats (``values``, ``f_values``):
+    it weighs a few dozen of them several times a round, where tensor ops cost more than the sums."""
 
     def __init__(self, drafter: "Drafter", root: Tensor, root_out: Tensor, k: int):
         self.dr, self.k, self.dev = drafter, k, root.device
@@ -312,9 +315,11 @@ class _Levels:
         self.f_tok, self.f_val, self.f_feat = tok[0], val[0], root_out.expand(k, -1)
         self.f_parent_fed = torch.full((k,), -1, dtype=torch.long, device=self.dev)  # parent's index among fed nodes
         self.fed_anc = torch.zeros(0, 0, dtype=torch.bool, device=self.dev)  # [F, F] ancestor-or-self among fed
+        self.values: list[float] = _finite(val[0].tolist())  # every candidate's value, generation order
+        self.f_values = list(self.values)  # the frontier's values, best first
         self.levels = 0  # draft levels run after the root's (which the commit paid for)
         self.rows = 0  # frontier nodes fed in those levels
-        self.top1 = float(lp[0, 0].exp())  # the draft's confidence in its best child, last level
+        self.top1 = min(1.0, math.exp(self.values[0]))  # the draft's confidence in its best child, last level
 
     def feed_frontier(self, d: int, rows: int) -> None:
         """Run the head over the ``rows`` best frontier nodes (depth d) and add their children (depth
@@ -342,39 +347,43 @@ class _Levels:
         self.cand_par.append(self.frontier.repeat_interleave(k))
         self.cand_val.append(val.flatten())
         self.cand_lp.append(lp.flatten())
-        sel = select_frontier(val, k)  # [k'] flat indices
+        sel = select_frontier(val, k)  # [k'] flat indices, best first
         self.frontier = self.n_cand + sel
         self.n_cand += nf * k
         self.f_tok, self.f_val = tok.flatten()[sel], val.flatten()[sel]
         self.f_feat = out[sel // k]
         self.f_parent_fed = n_fed + sel // k
-        w = self.f_val.exp()  # the frontier's path probabilities weigh its nodes' top-1 confidences
-        self.top1 = float((lp[:, 0].exp()[sel // k] * w).sum() / w.sum().clamp(min=1e-12))
+        new_values, picked, best_child = _finite(val.flatten().tolist()), sel.tolist(), lp[:, 0].tolist()
+        self.values += new_values
+        self.f_values = [new_values[i] for i in picked]
+        # the frontier's path probabilities weigh its nodes' top-1 confidences
+        w = [math.exp(v) for v in self.f_values]
+        self.top1 = sum(math.exp(best_child[i // k]) * wi for i, wi in zip(picked, w)) / max(sum(w), 1e-12)
         self.levels += 1
         self.rows += nf
 
-    @staticmethod
-    def _probs(values: Tensor) -> Tensor:
-        return values.exp().clamp(max=1.0)  # path probabilities: the expected acceptance at T = 0
+    def _sorted_probs(self) -> list[float]:
+        """Every candidate's path probability, best first: its expected acceptance at T = 0."""
+        return [min(1.0, math.exp(v)) for v in sorted(self.values, reverse=True)]
 
     def _spent_ms(self, budget: Budget) -> float:
         return budget.fixed_ms + self.levels * budget.level_ms + self.rows * budget.row_ms
 
-    def best_keep(self, values: Tensor, budget: Budget) -> int:
+    def best_keep(self, budget: Budget) -> int:
         """Drafts to verify: the prefix of the rerank order with the best expected tokens per ms."""
-        order = values.sort(descending=True, stable=True).indices
-        probs = self._probs(values[order])
-        return best_size(probs.float().cpu(), budget.verify_ms, self._spent_ms(budget))[0]
+        return best_size(self._sorted_probs(), budget.verify_ms, self._spent_ms(budget))[0]
 
     def rows_to_feed(self, budget: Budget) -> int:
         """How many frontier nodes the next level should feed (0: stop): each one's best child is
         predicted at the last level's top-1 confidence (``tree.frontier_to_feed``)."""
-        values = torch.cat(self.cand_val)
-        order = values.sort(descending=True, stable=True).indices
-        probs = self._probs(values[order]).float().cpu()
-        predicted = self._probs(self.f_val).float().cpu() * self.top1
-        return frontier_to_feed(probs, predicted, budget.verify_ms, self._spent_ms(budget), budget.level_ms,
-                                budget.row_ms)
+        predicted = [min(1.0, math.exp(v)) * self.top1 for v in self.f_values]
+        return frontier_to_feed(self._sorted_probs(), predicted, budget.verify_ms, self._spent_ms(budget),
+                                budget.level_ms, budget.row_ms)
+
+
+def _finite(values: list[float]) -> list[float]:
+    """NaN values (a broken forward) as -inf: never worth verifying, as ``rerank`` treats them."""
+    return [v if v == v else -math.inf for v in values]
 
 
 def _lean_head(head: DraftHead, target: Target, backend: Backend) -> tuple[Stack, Linear]:
