@@ -600,26 +600,38 @@ at::Tensor rotate_aten(const at::Tensor& x, const at::Tensor& cos, const at::Ten
   return x * cos + rot * sin;
 }
 
-// transformers' LlamaRMSNorm: normalise in fp32, cast back, scale. The mean of squares is ATen's
-// (its summation order is its own); the rest — add eps, rsqrt, multiply, cast back, scale — is one
-// pass rounding exactly as the ATen ops round (float math, round to nearest even), so the result
-// is bit-identical to fast.py's _rms (tested).
+// transformers' LlamaRMSNorm: normalise in fp32, cast back, scale. The sum of squares is ATen's own
+// reduction (its summation order is its own, so it is left to it); the squares before it (exact float
+// products, as ATen's pow(x, 2) computes x * x) and everything after it — the mean's division, add
+// eps, rsqrt, multiply, cast back, scale — are one pass each, rounding exactly as the ATen ops round
+// (float math, round to nearest even), so the result is bit-identical to fast.py's _rms (tested).
+// The passes replace the conversion, pow and division dispatches: a one-token step runs 2 L + 1 norms.
 at::Tensor rms(const at::Tensor& x, const at::Tensor& w, double eps) {
   const at::Tensor xc = x.contiguous();
   TORCH_CHECK(w.scalar_type() == xc.scalar_type() && w.is_contiguous() && w.numel() == xc.size(-1),
               "rms: the norm weight must be a contiguous [H] tensor of the input's dtype");
-  const at::Tensor var = xc.to(at::kFloat).pow(2).mean({-1}, false);  // [rows] fp32
-  at::Tensor out = at::empty_like(xc);
   const int64_t n = xc.size(-1), rows = xc.numel() / n;
+  at::Tensor squares = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "rms_squares", [&] {
+    const scalar_t* __restrict__ xp = xc.const_data_ptr<scalar_t>();
+    float* __restrict__ sp = squares.data_ptr<float>();
+    using N = Num<scalar_t>;
+    for (int64_t i = 0; i < rows * n; ++i) {
+      const float v = N::f(xp[i]);
+      sp[i] = v * v;
+    }
+  });
+  const at::Tensor sums = at::sum(squares, {-1}, false);  // [rows] fp32
+  at::Tensor out = at::empty_like(xc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "rms", [&] {
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const float* vp = var.const_data_ptr<float>();
+    const float* vp = sums.const_data_ptr<float>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const float e = static_cast<float>(eps);
+    const float e = static_cast<float>(eps), count = static_cast<float>(n);
     at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const float inv = 1.0f / std::sqrt(vp[r] + e);
+        const float inv = 1.0f / std::sqrt(vp[r] / count + e);  // mean = sum / n, as ATen's mean divides
         const scalar_t* __restrict__ xr = xp + r * n;
         scalar_t* __restrict__ orow = op + r * n;
         using N = Num<scalar_t>;
