@@ -82,7 +82,7 @@ def test_cost_aware_tree_takes_its_own_frontier_width(family):
     name, model, head = family
     if name != FAMILIES[0]:
         pytest.skip("one family is enough")
-    tree = TreeConfig(adaptive=True, top_k=4, frontier=1)
+    tree = TreeConfig(adaptive=True, top_k=4, frontier=1, lookup=0)  # no prompt-lookup branch
     assert tree.width == 1 and TreeConfig(top_k=4, frontier=1).width == 4  # not adaptive: the fixed top_k
     gen = make_generator(model, head=head, tree=tree, cost_model=cost_model(0.0, level_ms=0.0))
     for prompt in PROMPTS:
@@ -91,6 +91,37 @@ def test_cost_aware_tree_takes_its_own_frontier_width(family):
         assert all(size == depth + 1 for size, depth in zip(r.stats.tree_sizes, r.stats.tree_depths))  # chains
     with pytest.raises(ValueError, match="frontier"):
         TreeConfig(frontier=-1)
+
+
+def test_greedy_with_lookup_equals_transformers(family, monkeypatch):
+    """Repetitive prompts make prompt lookup propose chains; the cost-aware tree merges them and
+    the output stays transformers' greedy, with lookup and without."""
+    from eagle2 import lookup
+    from eagle2.config import TreeConfig
+
+    name, model, head = family
+    proposed = []
+    propose = lookup.PromptLookup.propose
+
+    def counting(self, limit):
+        out = propose(self, limit)
+        proposed.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(lookup.PromptLookup, "propose", counting)
+    prompts = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4, 5], [7, 8, 9] * 5, [1, 2, 3, 4, 5, 6, 7, 8]]
+    for k in (8, 0):
+        gen = make_generator(model, head=head, tree=TreeConfig(adaptive=True, top_k=2, lookup=k),
+                             cost_model=cost_model(0.5, level_ms=0.3))
+        for prompt in prompts:
+            assert gen.generate(prompt, max_new_tokens=40).token_ids == hf_greedy(model, prompt, 40), (k, prompt)
+        if k:
+            assert sum(1 for x in proposed if x) >= 3, (name, proposed)
+            proposed.clear()
+        else:
+            assert not proposed  # lookup off: never asked
+    with pytest.raises(ValueError, match="lookup"):
+        TreeConfig(lookup=-1)
 
 
 def test_dear_frontier_rows_are_fed_only_where_they_pay(family, monkeypatch):

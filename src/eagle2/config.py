@@ -69,6 +69,7 @@ class TreeConfig:
     while another level is expected to pay for its draft step, then verifies the prefix of the
     reranked candidates that maximises expected tokens per second on this machine (``cost.py``
     measures the costs, ``tree.best_size`` weighs them). ``max_nodes`` / ``max_depth`` bound it.
+    At T = 0 the adaptive tree also weighs a chain copied from the context (``lookup``, prompt lookup).
     Otherwise the shape is fixed: ``total_tokens`` nodes, ``depth`` levels, ``top_k`` per level.
     """
 
@@ -80,12 +81,13 @@ class TreeConfig:
     max_nodes: int = 48  # adaptive: the most nodes a round verifies, root included
     max_depth: int = 8  # adaptive: the deepest level a round may draft
     frontier: int = 0  # adaptive: its top_k (children per expanded node, frontier width); 0: top_k (eagle2 tune's choice)
+    lookup: int = 8  # adaptive, greedy: the longest prompt-lookup chain merged into the candidates (lookup.py); 0: none
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         for name, low in (("total_tokens", 2), ("depth", 1), ("top_k", 1), ("max_nodes", 2), ("max_depth", 1),
-                          ("frontier", 0)):
+                          ("frontier", 0), ("lookup", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 shown = "tree_top_k" if name == "top_k" else name

@@ -37,7 +37,7 @@ from .eagle3_head import Eagle3Head
 from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, additive_mask, rms
 from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
-from .tree import (Budget, Tree, best_size, build_tree, expand, frontier_to_feed, rerank, sampled_size,
+from .tree import (Budget, Tree, best_size, build_tree, expand, frontier_to_feed, merge_chain, rerank, sampled_size,
                    sampled_tree_paths, select_frontier, single_node_tree, static_tree_parents, static_tree_paths)
 
 
@@ -166,9 +166,11 @@ class Drafter:
 
     @torch.inference_mode()
     def grow(self, root: Tensor, root_out: Tensor, cfg: TreeConfig, max_depth: int, budget: Budget | None = None,
-             draw: Draw | None = None) -> Tree:
+             draw: Draw | None = None, chain: tuple[list[int], list[float]] | None = None) -> Tree:
         """The round's tree. ``budget`` (with ``cfg.dynamic``) lets the cost rule pick its depth and size;
-        ``draw`` (T > 0) draws the children instead of taking the top-k."""
+        ``draw`` (T > 0) draws the children instead of taking the top-k; ``chain`` (tokens and their
+        log-probabilities, at most ``max_depth``; the cost-aware tree only) is merged into the
+        candidates before the rule picks what to verify (prompt lookup, lookup.py)."""
         if draw is not None:
             vocab = self.target.vocab_size if self.vocab_ids is None else self.vocab_ids.shape[0]
             layout = (_sampled_layout(draw, cfg, max_depth, budget, vocab) if cfg.method == "eagle2"
@@ -179,13 +181,13 @@ class Drafter:
         if cfg.method == "eagle2":
             if cfg.dynamic and budget is not None:
                 return self._grow_dynamic(root, root_out, min(cfg.max_depth, max_depth), cfg.width, budget.max_nodes,
-                                          budget)
+                                          budget, chain)
             return self._grow_dynamic(root, root_out, min(cfg.depth, max_depth), cfg.top_k, cfg.total_tokens)
         depth = min(cfg.depth, max_depth)
         return self._grow_static(root, root_out, *_static_layout(cfg.method, cfg.total_tokens, depth, cfg.top_k)[1:])
 
     def _grow_dynamic(self, root: Tensor, root_out: Tensor, depth: int, top_k: int, total_tokens: int,
-                      budget: Budget | None = None) -> Tree:
+                      budget: Budget | None = None, chain: tuple[list[int], list[float]] | None = None) -> Tree:
         """EAGLE-2: expand the top_k frontier by value for up to ``depth`` levels, then rerank. With a
         budget, each level feeds only the frontier nodes that can pay for their row, growth stops at
         the first level that cannot pay for itself, and the best-paying prefix is kept."""
@@ -197,12 +199,15 @@ class Drafter:
             if rows == 0:
                 break
             lvl.feed_frontier(d, rows)
-        values = torch.cat(lvl.cand_val)  # [M] in generation order
+        cands = torch.cat(lvl.cand_tok), torch.cat(lvl.cand_par).long(), torch.cat(lvl.cand_val), torch.cat(lvl.cand_lp)
+        values = lvl.values  # [M] in generation order
+        if chain and chain[0]:
+            cands = merge_chain(*cands, *chain)
+            values = _finite(cands[2].tolist())
         keep = total_tokens - 1
         if budget is not None:
-            keep = lvl.best_keep(budget)
-        return rerank(root, torch.cat(lvl.cand_tok), torch.cat(lvl.cand_par).long(), values,
-                      torch.cat(lvl.cand_lp), keep)
+            keep = lvl.best_keep(budget, values)
+        return rerank(root, *cands, keep)
 
     @torch.inference_mode()
     def probe_ms(self, top_k: int, repeats: int = 4, context: int = 200) -> tuple[float, float, float]:
@@ -362,16 +367,17 @@ class _Levels:
         self.levels += 1
         self.rows += nf
 
-    def _sorted_probs(self) -> list[float]:
-        """Every candidate's path probability, best first: its expected acceptance at T = 0."""
-        return [min(1.0, math.exp(v)) for v in sorted(self.values, reverse=True)]
+    def _sorted_probs(self, values: list[float] | None = None) -> list[float]:
+        """Every candidate's path probability (or these values'), best first: its expected acceptance at T = 0."""
+        return [min(1.0, math.exp(v)) for v in sorted(self.values if values is None else values, reverse=True)]
 
     def _spent_ms(self, budget: Budget) -> float:
         return budget.fixed_ms + self.levels * budget.level_ms + self.rows * budget.row_ms
 
-    def best_keep(self, budget: Budget) -> int:
-        """Drafts to verify: the prefix of the rerank order with the best expected tokens per ms."""
-        return best_size(self._sorted_probs(), budget.verify_ms, self._spent_ms(budget))[0]
+    def best_keep(self, budget: Budget, values: list[float] | None = None) -> int:
+        """Drafts to verify: the prefix of the rerank order (of ``values``: the candidates' with a merged
+        chain) with the best expected tokens per ms."""
+        return best_size(self._sorted_probs(values), budget.verify_ms, self._spent_ms(budget))[0]
 
     def rows_to_feed(self, budget: Budget) -> int:
         """How many frontier nodes the next level should feed (0: stop): each one's best child is

@@ -22,6 +22,7 @@ import torch
 from . import masks
 from .config import SamplingConfig, TreeConfig
 from .draft import Drafter, Draw
+from .lookup import PromptLookup
 from .target import Target
 from .cost import CostModel, SampledAcceptance
 from .tree import Budget, path_probs, sampled_reach, single_node_tree
@@ -163,15 +164,20 @@ class Engine:
             pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
         acceptance = SampledAcceptance() if use_draft and not sampling.greedy else None
+        lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
+                  if use_draft and sampling.greedy and tree.dynamic and tree.lookup and cost is not None else None)
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1
             t_round = time.perf_counter()
             root_t = torch.tensor(root, dtype=torch.long, device=dev)
+            chain, matched = ([], []), 0
             if grown:
                 draw = None if sampling.greedy else Draw(sampling.temperature, run.rng, acceptance.table())
+                if lookup is not None:
+                    *chain, matched = lookup.propose(max_depth)
                 draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth,
-                                          budgets.at(length), draw)
+                                          budgets.at(length), draw, tuple(chain))
             else:
                 draft = single_node_tree(root_t)
             run.stats.draft_seconds += time.perf_counter() - t_round
@@ -187,6 +193,9 @@ class Engine:
             if use_draft:  # (a round with max_depth < 1 is the last one: nothing left to pair)
                 feats, pair_tokens = hidden[path], torch.tensor(accepted + [bonus], device=dev)
             root = bonus
+            if lookup is not None:
+                lookup.update(chain[0], matched, accepted + [bonus])
+                lookup.extend(accepted + [bonus])
             yield run.emit(accepted + [bonus], len(accepted))
         tail = run.finish()
         if tail:

@@ -140,6 +140,38 @@ def rerank(root: Tensor, tokens: Tensor, parents: Tensor, values: Tensor, logp: 
     return build_tree(all_tokens, torch.tensor([-1] + new_par, dtype=torch.long, device=dev), all_logp)
 
 
+def merge_chain(tokens: Tensor, parents: Tensor, values: Tensor, logp: Tensor, chain: list[int],
+                chain_logp: list[float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Candidates (generation order, as ``rerank`` takes them) with a chain from the root merged in.
+
+    chain: tokens that would follow the root one after another (lookup.py), chain_logp: each one's
+    log-probability given the ones before it. Where the chain's next token already is a candidate
+    child of the chain's node so far it follows that candidate, raising its value where the chain
+    rates it higher (its parent's value plus its own log-probability); elsewhere it appends new
+    candidates. A chain node's value is its parent's at most (log-probabilities are <= 0), so
+    ``rerank`` still keeps every kept node's parent."""
+    tok, par, val, lp = tokens.tolist(), parents.tolist(), values.tolist(), logp.tolist()
+    index = {(p, t): i for i, (p, t) in enumerate(zip(par, tok))}
+    node = -1
+    for t, step in zip(chain, chain_logp):
+        step = min(step, 0.0)
+        value = (val[node] if node >= 0 else 0.0) + step
+        i = index.get((node, t))
+        if i is None:
+            i = len(tok)
+            index[(node, t)] = i
+            tok.append(t)
+            par.append(node)
+            val.append(value)
+            lp.append(step)
+        elif value > val[i]:
+            val[i], lp[i] = value, step
+        node = i
+    dev = tokens.device
+    return (torch.tensor(tok, dtype=tokens.dtype, device=dev), torch.tensor(par, dtype=torch.long, device=dev),
+            torch.tensor(val, dtype=values.dtype, device=dev), torch.tensor(lp, dtype=logp.dtype, device=dev))
+
+
 def path_probs(tree: Tree) -> Tensor:
     """[N] the draft's probability of each node's whole path from the root (root: 1)."""
     return torch.where(tree.mask, tree.draft_logp[None, :], 0.0).sum(1).exp()  # [N, N] -> [N]

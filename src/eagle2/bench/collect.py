@@ -75,7 +75,8 @@ def tree_settings(gen, total_tokens, depth, tree_top_k) -> dict:
                 depth=gen.tree.depth if depth is None else depth,
                 tree_top_k=gen.tree.top_k if tree_top_k is None else tree_top_k,
                 adaptive=gen.tree.adaptive and not fixed, max_nodes=gen.tree.max_nodes, max_depth=gen.tree.max_depth,
-                frontier_top_k=gen.tree.width)  # the cost-aware tree's children per node
+                frontier_top_k=gen.tree.width,  # the cost-aware tree's children per node
+                lookup=gen.tree.lookup)  # ... and its longest prompt-lookup chain at T = 0
     TreeConfig(total_tokens=tree["total_tokens"], depth=tree["depth"], top_k=tree["tree_top_k"])  # validates
     return tree
 

@@ -64,8 +64,9 @@ def _f(x, fmt="{:.2f}") -> str:
 def _tree_text(t: dict) -> str:
     fixed = f"total_tokens {t['total_tokens']}, depth {t['depth']}, top-k {t['tree_top_k']}"
     if t.get("adaptive"):
+        lookup = f", prompt-lookup chains of up to {t['lookup']} tokens at T = 0" if t.get("lookup") else ""
         return (f"eagle2 tree: cost-aware (at most {t['max_nodes']} nodes, {t['max_depth']} levels, top-k "
-                f"{t.get('frontier_top_k', t['tree_top_k'])}); fixed shapes: {fixed}")
+                f"{t.get('frontier_top_k', t['tree_top_k'])}{lookup}); fixed shapes: {fixed}")
     return f"tree: {fixed}"
 
 
