@@ -19,6 +19,8 @@ Glossary (used by every module of the package):
 - sampled draft (T > 0): a child drawn from the draft's distribution q rather than taken as its
   top-k; its draw rank is its place among its siblings in draw order (index order). Its reach
   probability is the chance it is accepted, from acceptance rates by depth and draw rank.
+- prompt-lookup chain (T = 0): tokens copied from the context after an earlier occurrence of its
+  last few tokens (lookup.py), merged into the candidates from the root (``merge_chain``).
 
 Worked example: tokens [r, a, b, c] with parents [-1, 0, 0, 1] (a, b children of the root,
 c child of a) and a prefix of 7 tokens give depths [0, 1, 1, 2], positions [7, 8, 8, 9],
