@@ -37,8 +37,9 @@ from .eagle3_head import Eagle3Head
 from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, additive_mask, rms
 from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
-from .tree import (Budget, Tree, best_size, build_tree, expand, frontier_to_feed, merge_chain, rerank, sampled_size,
-                   sampled_tree_paths, select_frontier, single_node_tree, static_tree_parents, static_tree_paths)
+from .tree import (Budget, Tree, best_size, build_tree, expand, frontier_to_feed, merge_chain, rerank,
+                   sampled_size, sampled_tree_paths, select_frontier, single_node_tree, static_tree_parents,
+                   static_tree_paths)
 
 
 @lru_cache(maxsize=64)
@@ -199,8 +200,9 @@ class Drafter:
             if rows == 0:
                 break
             lvl.feed_frontier(d, rows)
-        cands = torch.cat(lvl.cand_tok), torch.cat(lvl.cand_par).long(), torch.cat(lvl.cand_val), torch.cat(lvl.cand_lp)
-        values = lvl.values  # [M] in generation order
+        cands = (torch.cat(lvl.cand_tok), torch.cat(lvl.cand_par).long(), torch.cat(lvl.cand_val),
+                 torch.cat(lvl.cand_lp))  # tokens, parents, values, log-probs [M], generation order
+        values = lvl.values
         if chain and chain[0]:
             cands = merge_chain(*cands, *chain)
             values = _finite(cands[2].tolist())

@@ -171,13 +171,14 @@ class Engine:
             grown = use_draft and max_depth >= 1
             t_round = time.perf_counter()
             root_t = torch.tensor(root, dtype=torch.long, device=dev)
-            chain, matched = ([], []), 0
+            chain, matched = ([], []), 0  # prompt lookup's copied tokens and log-probs, the suffix length matched
             if grown:
                 draw = None if sampling.greedy else Draw(sampling.temperature, run.rng, acceptance.table())
                 if lookup is not None:
-                    *chain, matched = lookup.propose(max_depth)
+                    copied, logps, matched = lookup.propose(max_depth)
+                    chain = (copied, logps)
                 draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth,
-                                          budgets.at(length), draw, tuple(chain))
+                                          budgets.at(length), draw, chain)
             else:
                 draft = single_node_tree(root_t)
             run.stats.draft_seconds += time.perf_counter() - t_round
