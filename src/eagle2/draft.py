@@ -195,6 +195,9 @@ class Drafter:
         k = min(top_k, self.target.vocab_size)
         k = min(k, self.vocab_ids.shape[0]) if self.vocab_ids is not None else k
         lvl = _Levels(self, root, root_out, k)
+        if budget is not None and chain and chain[0]:  # the growth rule weighs the chain's nodes too
+            first = merge_chain(lvl.cand_tok[0], lvl.cand_par[0].long(), lvl.cand_val[0], lvl.cand_lp[0], *chain)
+            lvl.values = _finite(first[2].tolist())
         for d in range(1, depth):
             rows = lvl.frontier.shape[0] if budget is None else lvl.rows_to_feed(budget)
             if rows == 0:
