@@ -157,6 +157,7 @@ class DecodeSettings:
     depth: int | None = None
     tree_top_k: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, excluded from the text
+    lookup: int | None = None  # the longest prompt-lookup chain (None: the generator's tree's; 0: none)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
@@ -165,7 +166,7 @@ class DecodeSettings:
             raise ValueError(f"sampling must be a SamplingConfig; got {type(self.sampling).__name__}")
         TreeConfig(method=self.method, total_tokens=self.total_tokens or 2, depth=self.depth or 1,
                    top_k=self.tree_top_k or 1)  # the method, and the shape's types
-        for name, low in (("total_tokens", 2), ("depth", 1), ("tree_top_k", 1)):
+        for name, low in (("total_tokens", 2), ("depth", 1), ("tree_top_k", 1), ("lookup", 0)):
             v = getattr(self, name)
             if v is not None and v < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
@@ -199,8 +200,9 @@ class DecodeSettings:
         return any(x is not None for x in (self.total_tokens, self.depth, self.tree_top_k))
 
     def tree(self, base: TreeConfig) -> TreeConfig:
-        """The round's tree: ``base`` (the generator's) with this call's method and any fixed shape."""
+        """The round's tree: ``base`` (the generator's) with this call's method, any fixed shape and lookup."""
         return replace(base, method=self.method, adaptive=base.adaptive and not self.fixed_shape,
                        total_tokens=base.total_tokens if self.total_tokens is None else self.total_tokens,
                        depth=base.depth if self.depth is None else self.depth,
-                       top_k=base.top_k if self.tree_top_k is None else self.tree_top_k)
+                       top_k=base.top_k if self.tree_top_k is None else self.tree_top_k,
+                       lookup=base.lookup if self.lookup is None else self.lookup)

@@ -52,6 +52,9 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
                         f"shapes: tuned, else {TreeConfig.depth})")
     p.add_argument("--tree-top-k", type=int, default=None,
                    help=f"children per expanded node (default: tuned, else {TreeConfig.top_k})")
+    p.add_argument("--lookup", type=int, default=None,
+                   help=f"eagle2 at T = 0: the longest prompt-lookup chain (tokens copied from an earlier occurrence "
+                        f"of the context's last few tokens) the tree may verify; 0 = none (default: {TreeConfig.lookup})")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
@@ -76,7 +79,7 @@ def _decode_settings(args):
 
     return DecodeSettings.of(max_new_tokens=args.max_new_tokens, method=args.method, temperature=args.temperature,
                              top_p=args.top_p, top_k=args.top_k, seed=args.seed, total_tokens=args.total_tokens,
-                             depth=args.depth, tree_top_k=args.tree_top_k, stop=args.stop or ())
+                             depth=args.depth, tree_top_k=args.tree_top_k, stop=args.stop or (), lookup=args.lookup)
 
 
 def _stats_line(stats) -> str:
