@@ -20,7 +20,8 @@ def test_the_longest_earlier_suffix_is_continued_and_never_itself():
     assert lk.propose(2)[0] == [8, 9] and PromptLookup([5, 6, 5, 6], max_tokens=0).propose(8)[0] == []
     lk.extend([8, 9, 1])
     assert lk.propose(8) == ([], [], 0)  # "9 1" and "8 9 1" never occurred before
-    assert NGRAM_MAX == 4
+    chain, _, n = PromptLookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5], max_tokens=8).propose(8)
+    assert n == NGRAM_MAX and chain[0] == 9  # a longer repeat is found by its last NGRAM_MAX tokens
 
 
 def test_rates_follow_what_the_target_confirmed():
