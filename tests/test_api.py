@@ -49,8 +49,9 @@ def test_decode_settings_resolve_conveniences_once(gen):
     assert DecodeSettings().tree(TreeConfig(adaptive=True)).dynamic  # no shape given: the cost-aware tree
     assert DecodeSettings(lookup=0).tree(TreeConfig(adaptive=True)).lookup == 0
     assert DecodeSettings().tree(TreeConfig(adaptive=True, lookup=5)).lookup == 5  # None: the generator's
-    with pytest.raises(ValueError, match="lookup"):
-        DecodeSettings(lookup=-1)
+    for bad in (-1, "3", 2.5):
+        with pytest.raises(ValueError, match="lookup"):
+            DecodeSettings(lookup=bad)
     with pytest.raises(TypeError, match="temprature"):
         DecodeSettings.of(temprature=1.0)
     a = gen.generate([1, 2, 3], DecodeSettings.of(max_new_tokens=5, temperature=1.0, seed=7))

@@ -165,7 +165,7 @@ class DecodeSettings:
         if not isinstance(self.sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig; got {type(self.sampling).__name__}")
         TreeConfig(method=self.method, total_tokens=self.total_tokens or 2, depth=self.depth or 1,
-                   top_k=self.tree_top_k or 1)  # the method, and the shape's types
+                   top_k=self.tree_top_k or 1, lookup=self.lookup or 0)  # the method, and the tree fields' types
         for name, low in (("total_tokens", 2), ("depth", 1), ("tree_top_k", 1), ("lookup", 0)):
             v = getattr(self, name)
             if v is not None and v < low:
