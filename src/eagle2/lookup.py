@@ -10,8 +10,9 @@ any draft. Output is unchanged: every drafted token, whoever proposed it, is ver
 
 The chain's tokens need probabilities for that rule. ``PromptLookup`` learns them per generation, by
 the length of the suffix matched and the token's place in the chain: after each round it counts how
-many of the chain's tokens the target's own tokens confirmed (at T = 0 the accepted tokens and the bonus are the target's greedy
-continuation, so every chain token up to the first miss is checked, verified in the tree or not).
+many of the chain's tokens the target's own tokens confirmed (at T = 0 the accepted tokens and the
+bonus are the target's greedy continuation, so every chain token up to the first miss is checked,
+verified in the tree or not).
 Nothing here knows the tree or the engine's loop.
 """
 
