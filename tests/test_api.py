@@ -52,6 +52,9 @@ def test_decode_settings_resolve_conveniences_once(gen):
     for bad in (-1, "3", 2.5):
         with pytest.raises(ValueError, match="lookup"):
             DecodeSettings(lookup=bad)
+    for bad in (1, "no", None):
+        with pytest.raises(ValueError, match="reuse_prefix"):
+            DecodeSettings(reuse_prefix=bad)
     with pytest.raises(TypeError, match="temprature"):
         DecodeSettings.of(temprature=1.0)
     a = gen.generate([1, 2, 3], DecodeSettings.of(max_new_tokens=5, temperature=1.0, seed=7))

@@ -186,3 +186,66 @@ def test_block_weights_are_row_invariant_too(tmp_path):
     tgt = FastTarget(bf16, backend=Backend(exact=True))
     assert tgt.stack.layers[0].down.lowbit is not None
     assert _row_checks(tgt, python=False) == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_prefill_is_the_same_however_it_is_split(dtype):
+    """An exact forward runs a long prefill in chunks the exact numerics cover, so the cache and the
+    features are the same bits whether a sequence comes in one call or in many (what lets the engine
+    reuse a cache for the next prompt). With ``exact=False`` ATen's kernels take the long call and on
+    an AVX-512 CPU the bits differ."""
+    tokens = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(1))
+
+    def split(tgt, cuts):
+        cache, feats, start = tgt.new_cache(capacity=160), [], 0
+        with torch.inference_mode():
+            for end in list(cuts) + [tokens.shape[0]]:
+                feats.append(tgt.forward(cache, tokens[start:end], torch.arange(start, end), None)[1])
+                start = end
+        return cache, torch.cat(feats)
+
+    tgt = FastTarget(wide_model(dtype), backend=Backend(exact=True))
+    if not tgt.stack.is_native:
+        pytest.skip("native forward unavailable")
+    assert tgt.row_invariant
+    whole, feats = split(tgt, [])
+    for cuts in ([149], [70], [5, 64, 130], range(1, 150)):
+        cache, f = split(tgt, cuts)
+        assert torch.equal(f, feats) and torch.equal(cache.k[:, :, :, :150], whole.k[:, :, :, :150])
+        assert torch.equal(cache.v[:, :, :, :150], whole.v[:, :, :, :150])
+    assert not FastTarget(wide_model(dtype), backend=Backend(exact=False)).row_invariant
+
+
+def test_next_turn_reuses_the_cache_and_keeps_the_output(bf16_generator):
+    """A prompt that starts with the last call's tokens (prompt + answer, as a chat's next turn does)
+    prefills only the rest, and its answer is the one a full prefill gives, for every method; a
+    stream closed midway still leaves a cache that the next call can use."""
+    gen = bf16_generator
+    assert gen.target.row_invariant
+    g = torch.Generator().manual_seed(7)
+    for method in ("eagle2", "vanilla", "chain"):
+        first = torch.randint(0, 512, (80,), generator=g).tolist()
+        answer = gen.generate(first, max_new_tokens=40, method=method).token_ids
+        follow = first + answer[:30] + torch.randint(0, 512, (12,), generator=g).tolist()
+        again = gen.generate(follow, max_new_tokens=32, method=method)
+        assert again.stats.reused_prefix == 80 + 30
+        fresh = gen.generate(follow, max_new_tokens=32, method=method, reuse_prefix=False)
+        assert fresh.stats.reused_prefix == 0 and again.token_ids == fresh.token_ids
+    events, _ = gen.stream_events(first, max_new_tokens=40)
+    for i, _ in zip(range(3), events):
+        pass
+    events.close()  # a client that went away after three rounds
+    out = gen.generate(first + [5, 6], max_new_tokens=16)
+    assert out.stats.reused_prefix == 80
+    assert out.token_ids == gen.generate(first + [5, 6], max_new_tokens=16, reuse_prefix=False).token_ids
+
+
+def test_no_reuse_where_rows_are_not_invariant():
+    """Without row-invariant numerics a kept cache could differ from a fresh prefill in its last bits,
+    so it is never reused."""
+    model = make_tiny_model("llama", vocab_size=64, seed=3)
+    for gen in (make_generator(model.to(torch.bfloat16), exact=False), make_generator(model, backend="transformers")):
+        assert not gen.target.row_invariant
+        prompt = list(range(20))
+        answer = gen.generate(prompt, max_new_tokens=8).token_ids
+        assert gen.generate(prompt + answer + [1, 2], max_new_tokens=4).stats.reused_prefix == 0

@@ -103,7 +103,8 @@ def test_chat_completion_matches_engine(client, tiny_chat_generator):
     ref = tiny_chat_generator.generate(MSG, max_new_tokens=24)
     assert ch["message"]["content"] == ref.text
     assert b["usage"] == {"prompt_tokens": len(ref.prompt_token_ids), "completion_tokens": 24,
-                          "total_tokens": len(ref.prompt_token_ids) + 24}
+                          "total_tokens": len(ref.prompt_token_ids) + 24,
+                          "prompt_tokens_details": {"cached_tokens": ref.stats.reused_prefix}}
     st = b["eagle2"]
     assert st["method"] == "eagle2" and st["new_tokens"] == 24 and st["rounds"] >= 1
     assert st["mean_accept_len"] >= 1.0 and st["tokens_per_s"] > 0

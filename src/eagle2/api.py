@@ -170,14 +170,16 @@ class Eagle2Generator:
         result = GenerationResult([], "", None, "length", ids)
         cost_model = self.cost_model() if tree.dynamic else None
         events = self.engine.decode(ids, tree, settings.sampling, settings.max_new_tokens, settings.stop, result,
-                                    cost_model)
+                                    cost_model, settings.reuse_prefix)
         return events, result
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt, settings: DecodeSettings | None = None, **kw) -> GenerationResult:
         """The answer to ``prompt``. ``settings`` (a ``DecodeSettings``) and/or its keyword conveniences:
         ``max_new_tokens=256, method="eagle2", temperature=0.0, top_p=1.0, top_k=0, seed=None,
-        total_tokens=None, depth=None, tree_top_k=None, stop=None`` (or ``sampling=SamplingConfig(...)``)."""
+        total_tokens=None, depth=None, tree_top_k=None, stop=None, lookup=None, reuse_prefix=True`` (or
+        ``sampling=SamplingConfig(...)``). The target cache a call leaves is reused by the next call whose
+        prompt starts with the same tokens (a chat's next turn); ``reuse_prefix=False`` prefills it all."""
         events, result = self._start(prompt, DecodeSettings.of(settings, **kw))
         for _ in events:
             pass

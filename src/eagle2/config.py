@@ -158,6 +158,7 @@ class DecodeSettings:
     tree_top_k: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, excluded from the text
     lookup: int | None = None  # the longest prompt-lookup chain (None: the generator's tree's; 0: none)
+    reuse_prefix: bool = True  # start from the last call's target cache where the prompt begins with its tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
@@ -170,6 +171,8 @@ class DecodeSettings:
             v = getattr(self, name)
             if v is not None and v < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
+        if not isinstance(self.reuse_prefix, bool):
+            raise ValueError(f"reuse_prefix must be true or false; got {self.reuse_prefix!r}")
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)

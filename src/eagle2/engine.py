@@ -7,6 +7,12 @@ per target forward. A round:
 3. acceptance (verify.py) picks the accepted path and the bonus token;
 4. the target cache keeps prefix + accepted path; the accepted features feed the next draft.
 
+The target cache a call leaves behind is kept (``_Kept``) until the next call: a prompt that starts
+with the same tokens (a chat's next turn, which repeats the conversation so far) prefills only what
+follows them. That happens only where the target is ``row_invariant`` (the lean forward's exact
+numerics, the CPU default): the kept keys/values are then bit for bit the ones a fresh prefill would
+compute, so the output does not depend on what was generated before.
+
 The engine knows nothing of transformers (target.py does) or of HTTP / argument parsing.
 ``method="vanilla"`` runs the same loop with a root-only tree: plain autoregressive decoding.
 """
@@ -35,6 +41,7 @@ class Stats:
     new_tokens: int = 0
     seconds: float = 0.0  # wall clock of the whole call, prefill included
     prefill_seconds: float = 0.0
+    reused_prefix: int = 0  # prompt tokens whose keys/values the previous call left in the cache
     draft_seconds: float = 0.0  # drafter commit + tree growth
     verify_seconds: float = 0.0  # target forward over the tree
     accept_lengths: list = field(default_factory=list)  # drafted tokens accepted, per round
@@ -56,7 +63,8 @@ class Stats:
     def as_dict(self) -> dict:
         return dict(rounds=self.rounds, new_tokens=self.new_tokens, seconds=round(self.seconds, 4),
                     tokens_per_s=round(self.tokens_per_s, 2), mean_accept_len=round(self.mean_accept_len, 3),
-                    prefill_seconds=round(self.prefill_seconds, 4), draft_seconds=round(self.draft_seconds, 4),
+                    prefill_seconds=round(self.prefill_seconds, 4), reused_prefix=self.reused_prefix,
+                    draft_seconds=round(self.draft_seconds, 4),
                     verify_seconds=round(self.verify_seconds, 4))
 
 
@@ -131,6 +139,7 @@ class Engine:
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
+        self._kept: _Kept | None = None  # the cache the last call left, until the next call takes it
 
     def _pick(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
         if s.greedy:
@@ -139,21 +148,48 @@ class Engine:
 
     def decode(self, prompt_ids: list[int], tree: TreeConfig, sampling: SamplingConfig, max_new_tokens: int,
                stop: tuple[str, ...] = (), result: GenerationResult | None = None,
-               cost: CostModel | None = None) -> Iterator[RoundEvent]:
+               cost: CostModel | None = None, reuse_prefix: bool = True) -> Iterator[RoundEvent]:
         """Yield one event per target forward; fills ``result`` (if given) as it goes. ``cost`` lets a
         dynamic tree (``tree.dynamic``) size each round; without it the fixed shape is grown. At T > 0
         the drafts are sampled (``draft.Draw``) and a ``SampledAcceptance`` learns from every round how
-        often they are accepted, which shapes the next rounds' trees."""
-        tgt, dev = self.target, self.target.device
+        often they are accepted, which shapes the next rounds' trees. ``reuse_prefix``: start from the
+        last call's cache where the prompt begins with its tokens (False: prefill the whole prompt)."""
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
-        n_prompt = len(prompt_ids)
+        capacity = len(prompt_ids) + run.budget + tree.node_cap + 1
+        cache, logits, hidden, run.stats.reused_prefix = self._prefill(prompt_ids, capacity, reuse_prefix)
+        kept = _Kept(list(prompt_ids), cache, [hidden])
+        try:
+            yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost)
+        finally:  # kept only if the cache holds exactly its tokens (not after a forward that failed midway)
+            if cache.get_seq_length() == len(kept.ids):
+                self._kept = kept
+
+    def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool):
+        """The prompt into a target cache: the kept cache's longest common prefix with it (``reuse``),
+        then one causal forward over the rest. Returns (cache, logits [1, V] after the last prompt
+        token, features [n, F] of every prompt token, tokens reused)."""
+        tgt, dev, n = self.target, self.target.device, len(prompt_ids)
+        kept, self._kept = self._kept, None
+        # only where the kept entries are those a fresh prefill would compute; >= 1 token runs: its logits
+        m = kept.common(prompt_ids, n - 1) if reuse and kept is not None and tgt.row_invariant else 0
+        if m:
+            cache, earlier = kept.cache, torch.cat(kept.feats)[:m]  # [m, F]
+            tgt.keep(cache, m, torch.empty(0, dtype=torch.long, device=dev))  # cut to the common prefix
+        else:
+            cache, earlier = tgt.new_cache(capacity=capacity), None
+        rest = torch.tensor(prompt_ids[m:], dtype=torch.long, device=dev)
+        logits, hidden = tgt.forward(cache, rest, torch.arange(m, n, device=dev), None,
+                                     logits_rows=slice(n - m - 1, n - m))
+        return cache, logits, hidden if earlier is None else torch.cat([earlier, hidden]), m
+
+    def _rounds(self, run: "_Run", kept: "_Kept", logits: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig,
+                sampling: SamplingConfig, cost: CostModel | None) -> Iterator[RoundEvent]:
+        """``decode`` after the prefill: the first token, then one round per target forward."""
+        dev, cache = self.target.device, kept.cache
+        prompt_ids, n_prompt = kept.ids[:], len(kept.ids)
         use_draft = tree.method != "vanilla" and self.drafter is not None
-        # Prefill: the whole prompt in one causal forward; its last logits give the first token.
-        cache = tgt.new_cache(capacity=n_prompt + run.budget + tree.node_cap + 1)
         budgets = _Budgets(tree, cost)
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
-        logits, hidden = tgt.forward(cache, prompt, torch.arange(n_prompt, device=dev), None,
-                                     logits_rows=slice(n_prompt - 1, n_prompt))
         root = self._pick(logits[0], sampling, run.rng)
         run.stats.rounds = 1
         run.stats.prefill_seconds = time.perf_counter() - run.t0
@@ -191,6 +227,7 @@ class Engine:
                 if rates is not None:
                     acceptance.update(draft.parents.tolist(), draft.depths.tolist(), path.tolist())
             length += path.shape[0]
+            kept.add(draft.tokens[path].tolist(), hidden[path])
             if use_draft:  # (a round with max_depth < 1 is the last one: nothing left to pair)
                 feats, pair_tokens = hidden[path], torch.tensor(accepted + [bonus], device=dev)
             root = bonus
@@ -268,6 +305,29 @@ class _Run:
         self.out.text = self.tracker.sent
         self.stats.seconds = time.perf_counter() - self.t0
         return tail
+
+
+@dataclass
+class _Kept:
+    """A target cache and the tokens whose keys/values fill it, with their features (the draft head's
+    inputs, [n_i, F] per forward), left for the next call."""
+
+    ids: list
+    cache: object
+    feats: list
+
+    def add(self, tokens: list[int], feats: torch.Tensor) -> None:
+        self.ids.extend(tokens)
+        self.feats.append(feats)
+
+    def common(self, ids: list[int], limit: int) -> int:
+        """Length of the longest common prefix of ``ids`` and the kept tokens, at most ``limit``."""
+        n = 0
+        for a, b in zip(self.ids[:limit], ids[:limit]):
+            if a != b:
+                break
+            n += 1
+        return n
 
 
 class _Budgets:

@@ -239,7 +239,7 @@ def attend(L: Layer, h: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, k_cache:
     return L.o(o.transpose(1, 2).reshape(b, t, hq * d), exact)
 
 
-EXACT_ROWS = 64  # the row counts (decode, verify and draft steps) the exact numerics cover; prefills take ATen's kernels
+EXACT_ROWS = 64  # the most rows one exact call covers; an exact forward runs a longer prefill in chunks of this many
 
 
 def exact_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, s: int, scale: float,
@@ -422,14 +422,31 @@ class FastTarget(Target):
     @torch.inference_mode()
     def forward(self, cache: StaticCache, tokens: Tensor, positions: Tensor, allowed: Tensor | None,
                 logits_rows: Tensor | slice | None = None) -> tuple[Tensor, Tensor]:
-        """Same contract as ``Target.forward`` (batch of one), captured layers included."""
+        """Same contract as ``Target.forward`` (batch of one), captured layers included. An exact forward of
+        more than ``EXACT_ROWS`` rows (a prefill) runs in chunks of that many, so that its rows get the
+        exact numerics too: the cache is then the same however a sequence was split into calls, which is
+        what lets the engine reuse one call's cache for the next prompt (``row_invariant``)."""
+        t, past = tokens.shape[0], cache.length
         if allowed is None:
-            allowed = masks.causal(tokens.shape[0], cache.length, device=tokens.device)
-        hidden, seen = self._run(cache, tokens[None], positions[None], allowed[None], self.feature_layers)
-        hidden = hidden[0]  # [T, H] after the final norm
+            allowed = masks.causal(t, past, device=tokens.device)
+        step = EXACT_ROWS if self.exact else t
+        parts = [self._run(cache, tokens[None, i:i + step], positions[None, i:i + step],
+                           allowed[None, i:i + step, :past + i + step], self.feature_layers) for i in range(0, t, step)]
+        hidden = _rows(h[0] for h, _ in parts)  # [T, H] after the final norm
         rows = hidden if logits_rows is None else hidden[logits_rows]
-        features = torch.cat([h[0] for h in seen], dim=-1) if seen else hidden  # [T, 3H] captured, else [T, H]
+        seen = [_rows(s[j][0] for _, s in parts) for j in range(len(parts[0][1]))]
+        features = torch.cat(seen, dim=-1) if seen else hidden  # [T, 3H] captured, else [T, H]
         return self.logits(rows), features
+
+    @property
+    def row_invariant(self) -> bool:
+        """Whether each row of a forward, and so each cache entry, depends only on its token, its position
+        and the entries before it, not on the other rows of its call: exact numerics with linears that are
+        row-invariant (bf16 / fp16 always; fp32 only where every layer runs the low-bit block kernel)."""
+        if not self.exact:
+            return False
+        return self.dtype != torch.float32 or all(
+            f.lowbit is not None for L in self.stack.layers for f in (L.qkv, L.o, L.gu, L.down))
 
     @staticmethod
     @torch.inference_mode()
@@ -441,6 +458,12 @@ class FastTarget(Target):
             cache.k[:, :, :, start:start + n] = cache.k[:, :, :, src]
             cache.v[:, :, :, start:start + n] = cache.v[:, :, :, src]
         cache.length = start + n
+
+
+def _rows(parts) -> Tensor:
+    """[T, ...] from the chunks' [t_i, ...] (the one chunk itself when there is one)."""
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def make_target(model, backend: Backend | str | None = None) -> Target:

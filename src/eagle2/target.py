@@ -97,6 +97,10 @@ class Target:
                              f"(hidden states 0..{self.n_layers})")
         self.feature_layers = layers
 
+    # Whether a cache entry depends only on its token, position and the entries before it, not on how a
+    # sequence was split into forwards (FastTarget can say yes; transformers' kernels promise no such thing).
+    row_invariant = False
+
     def new_cache(self, capacity: int | None = None):
         """An empty cache (``capacity``, a hint for preallocating caches, is not needed here)."""
         from transformers import DynamicCache

@@ -114,7 +114,7 @@ def _race(gen, runs: list, prompts: list, max_new_tokens: int, progress: bool) -
         kw = {} if g is None or adaptive else dict(total_tokens=g[0], depth=g[1], tree_top_k=g[2])
         with _frontier(gen, g[1] if adaptive else None):
             t0 = time.perf_counter()
-            res = gen.generate(prompt, max_new_tokens=n, method=method, temperature=0.0, **kw)
+            res = gen.generate(prompt, max_new_tokens=n, method=method, temperature=0.0, reuse_prefix=False, **kw)
             return res.stats, time.perf_counter() - t0
 
     for run in runs:

@@ -36,8 +36,9 @@ class _EngineRunner:
 
     def __call__(self, messages, max_new_tokens, temperature, seed) -> Answer:
         t0 = time.perf_counter()
+        # every method prefills every prompt: another method's cache must not shorten this one's
         r = self.gen.generate(messages, max_new_tokens=max_new_tokens, method=self.method, temperature=temperature,
-                              seed=seed, **self.tree_kw)
+                              seed=seed, reuse_prefix=False, **self.tree_kw)
         dt = time.perf_counter() - t0
         st = r.stats
         return Answer(list(r.token_ids), r.text, dt, st.rounds, list(st.accept_lengths),

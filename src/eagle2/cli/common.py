@@ -83,7 +83,8 @@ def _decode_settings(args):
 
 
 def _stats_line(stats) -> str:
+    reused = f"; {stats.reused_prefix} prompt tokens reused from the last turn" if stats.reused_prefix else ""
     return (f"[{stats.new_tokens} tokens in {stats.seconds:.2f}s: {stats.tokens_per_s:.1f} tokens/s, "
-            f"mean acceptance length {stats.mean_accept_len:.2f} over {stats.rounds} target forwards]")
+            f"mean acceptance length {stats.mean_accept_len:.2f} over {stats.rounds} target forwards{reused}]")
 
 

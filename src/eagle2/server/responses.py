@@ -36,8 +36,11 @@ def stats(st, method: str, queue_s: float = 0.0) -> dict:
 
 
 def usage(result) -> dict:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens whose keys/values the previous request left
+    (a conversation's earlier turns), which were not computed again."""
     p, c = len(result.prompt_token_ids), len(result.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": result.stats.reused_prefix}}
 
 
 class Formatter:
