@@ -240,6 +240,20 @@ def test_next_turn_reuses_the_cache_and_keeps_the_output(bf16_generator):
     assert out.token_ids == gen.generate(first + [5, 6], max_new_tokens=16, reuse_prefix=False).token_ids
 
 
+def test_interleaved_conversations_each_find_their_cache(bf16_generator):
+    """Several conversations taking turns (users of one server) each get their own kept cache back."""
+    gen = bf16_generator
+    g = torch.Generator().manual_seed(9)
+    talks = [torch.randint(0, 512, (70,), generator=g).tolist() for _ in range(3)]
+    cached = [0, 0, 0]  # tokens each conversation's cache holds: its prompt and answer but the last token
+    for turn in range(3):
+        for i, talk in enumerate(talks):
+            out = gen.generate(talk, max_new_tokens=12)
+            assert out.stats.reused_prefix == cached[i], (turn, i)
+            cached[i] = len(talk) + len(out.token_ids) - 1
+            talk += out.token_ids + [i + 1, 2, 3, 4, 5]  # the answer and the user's next message
+
+
 def test_no_reuse_where_rows_are_not_invariant():
     """Without row-invariant numerics a kept cache could differ from a fresh prefill in its last bits,
     so it is never reused."""

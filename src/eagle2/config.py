@@ -158,7 +158,7 @@ class DecodeSettings:
     tree_top_k: int | None = None
     stop: tuple[str, ...] = ()  # stop strings, excluded from the text
     lookup: int | None = None  # the longest prompt-lookup chain (None: the generator's tree's; 0: none)
-    reuse_prefix: bool = True  # start from the last call's target cache where the prompt begins with its tokens
+    reuse_prefix: bool = True  # start from a recent call's target cache where the prompt begins with its tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:

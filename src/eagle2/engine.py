@@ -7,9 +7,9 @@ per target forward. A round:
 3. acceptance (verify.py) picks the accepted path and the bonus token;
 4. the target cache keeps prefix + accepted path; the accepted features feed the next draft.
 
-The target cache a call leaves behind is kept (``_Kept``) until the next call: a prompt that starts
-with the same tokens (a chat's next turn, which repeats the conversation so far) prefills only what
-follows them. That happens only where the target is ``row_invariant`` (the lean forward's exact
+The target caches the last ``KEPT_CACHES`` calls left behind are kept (``_Kept``): a prompt that
+starts with the same tokens as one of them (a chat's next turn, which repeats the conversation so far)
+takes that cache and prefills only what follows them. That happens only where the target is ``row_invariant`` (the lean forward's exact
 numerics, the CPU default): the kept keys/values are then bit for bit the ones a fresh prefill would
 compute, so the output does not depend on what was generated before.
 
@@ -41,7 +41,7 @@ class Stats:
     new_tokens: int = 0
     seconds: float = 0.0  # wall clock of the whole call, prefill included
     prefill_seconds: float = 0.0
-    reused_prefix: int = 0  # prompt tokens whose keys/values the previous call left in the cache
+    reused_prefix: int = 0  # prompt tokens whose keys/values a recent call left in its cache
     draft_seconds: float = 0.0  # drafter commit + tree growth
     verify_seconds: float = 0.0  # target forward over the tree
     accept_lengths: list = field(default_factory=list)  # drafted tokens accepted, per round
@@ -139,7 +139,7 @@ class Engine:
         self.drafter = drafter
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
-        self._kept: _Kept | None = None  # the cache the last call left, until the next call takes it
+        self._kept: list[_Kept] = []  # the caches the last calls left, newest first, until a call takes one
 
     def _pick(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
         if s.greedy:
@@ -152,8 +152,8 @@ class Engine:
         """Yield one event per target forward; fills ``result`` (if given) as it goes. ``cost`` lets a
         dynamic tree (``tree.dynamic``) size each round; without it the fixed shape is grown. At T > 0
         the drafts are sampled (``draft.Draw``) and a ``SampledAcceptance`` learns from every round how
-        often they are accepted, which shapes the next rounds' trees. ``reuse_prefix``: start from the
-        last call's cache where the prompt begins with its tokens (False: prefill the whole prompt)."""
+        often they are accepted, which shapes the next rounds' trees. ``reuse_prefix``: start from a
+        recent call's cache where the prompt begins with its tokens (False: prefill the whole prompt)."""
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         capacity = len(prompt_ids) + run.budget + tree.node_cap + 1
         cache, logits, hidden, run.stats.reused_prefix = self._prefill(prompt_ids, capacity, reuse_prefix)
@@ -162,17 +162,18 @@ class Engine:
             yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost)
         finally:  # kept only if the cache holds exactly its tokens (not after a forward that failed midway)
             if cache.get_seq_length() == len(kept.ids):
-                self._kept = kept
+                self._kept = [kept] + self._kept[:KEPT_CACHES - 1]
 
     def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool):
-        """The prompt into a target cache: the kept cache's longest common prefix with it (``reuse``),
-        then one causal forward over the rest. Returns (cache, logits [1, V] after the last prompt
+        """The prompt into a target cache: the kept cache that shares the longest prefix with it, cut to
+        that prefix (``reuse``), then one causal forward over the rest. Returns (cache, logits [1, V] after the last prompt
         token, features [n, F] of every prompt token, tokens reused)."""
         tgt, dev, n = self.target, self.target.device, len(prompt_ids)
-        kept, self._kept = self._kept, None
         # only where the kept entries are those a fresh prefill would compute; >= 1 token runs: its logits
-        m = kept.common(prompt_ids, n - 1) if reuse and kept is not None and tgt.row_invariant else 0
+        shared = [k.common(prompt_ids, n - 1) for k in self._kept] if reuse and tgt.row_invariant else []
+        m = max(shared, default=0)
         if m:
+            kept = self._kept.pop(shared.index(m))  # the cache is this call's now
             cache, earlier = kept.cache, torch.cat(kept.feats)[:m]  # [m, F]
             tgt.keep(cache, m, torch.empty(0, dtype=torch.long, device=dev))  # cut to the common prefix
         else:
@@ -305,6 +306,9 @@ class _Run:
         self.out.text = self.tracker.sent
         self.stats.seconds = time.perf_counter() - self.t0
         return tail
+
+
+KEPT_CACHES = 4  # conversations whose caches wait for their next turn (each up to ~50 MB for SmolLM2)
 
 
 @dataclass

@@ -21,7 +21,7 @@ Glossary (used by every module of the package):
   probability is the chance it is accepted, from acceptance rates by depth and draw rank.
 - prompt-lookup chain (T = 0): tokens copied from the context after an earlier occurrence of its
   last few tokens (lookup.py), merged into the candidates from the root (``merge_chain``).
-- reused prefix: the prompt tokens whose target keys/values the previous call left in the cache
+- reused prefix: the prompt tokens whose target keys/values a recent call left in its cache
   (engine.py; a chat's earlier turns), which the next call does not prefill again.
 
 Worked example: tokens [r, a, b, c] with parents [-1, 0, 0, 1] (a, b children of the root,

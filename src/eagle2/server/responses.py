@@ -32,12 +32,12 @@ def sse_error(err: APIError) -> bytes:
 def stats(st, method: str, queue_s: float = 0.0) -> dict:
     return {"method": method, "mean_accept_len": round(st.mean_accept_len, 3),
             "tokens_per_s": round(st.tokens_per_s, 2), "rounds": st.rounds, "new_tokens": st.new_tokens,
-            "seconds": round(st.seconds, 4), "queue_seconds": round(queue_s, 4)}
+            "seconds": round(st.seconds, 4), "queue_seconds": round(queue_s, 4), "cached_prompt_tokens": st.reused_prefix}
 
 
 def usage(result) -> dict:
-    """OpenAI's usage object; ``cached_tokens``: prompt tokens whose keys/values the previous request left
-    (a conversation's earlier turns), which were not computed again."""
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens whose keys/values a recent request left (a
+    conversation's earlier turns), which were not computed again."""
     p, c = len(result.prompt_token_ids), len(result.token_ids)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": result.stats.reused_prefix}}

@@ -113,7 +113,8 @@
     tag.className = "tag" + (m === "vanilla" ? " vanilla" : "");
     tag.textContent = m === "vanilla" ? "vanilla" : "EAGLE-2";
     meta.append(tag, document.createTextNode(
-      `${s.new_tokens} tokens · ${s.tokens_per_s.toFixed(1)} tok/s · τ ${s.mean_accept_len.toFixed(2)} · ${s.rounds} forwards`));
+      `${s.new_tokens} tokens · ${s.tokens_per_s.toFixed(1)} tok/s · τ ${s.mean_accept_len.toFixed(2)} · ${s.rounds} forwards` +
+      (s.cached_prompt_tokens ? ` · ${s.cached_prompt_tokens} prompt tokens cached` : "")));
   }
 
   function busy(on) {
