@@ -9,9 +9,9 @@ per target forward. A round:
 
 The target caches the last ``KEPT_CACHES`` calls left behind are kept (``_Kept``): a prompt that
 starts with the same tokens as one of them (a chat's next turn, which repeats the conversation so far)
-takes that cache and prefills only what follows them. That happens only where the target is ``row_invariant`` (the lean forward's exact
-numerics, the CPU default): the kept keys/values are then bit for bit the ones a fresh prefill would
-compute, so the output does not depend on what was generated before.
+takes that cache and prefills only what follows them. That happens only where the target is
+``row_invariant`` (the lean forward's exact numerics, the CPU default): the kept keys/values are then
+bit for bit the ones a fresh prefill would compute, so the output does not depend on what ran before.
 
 The engine knows nothing of transformers (target.py does) or of HTTP / argument parsing.
 ``method="vanilla"`` runs the same loop with a root-only tree: plain autoregressive decoding.
@@ -161,13 +161,13 @@ class Engine:
         try:
             yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost)
         finally:  # kept only if the cache holds exactly its tokens (not after a forward that failed midway)
-            if cache.get_seq_length() == len(kept.ids):
+            if self.target.row_invariant and cache.get_seq_length() == len(kept.ids):
                 self._kept = [kept] + self._kept[:KEPT_CACHES - 1]
 
     def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool):
         """The prompt into a target cache: the kept cache that shares the longest prefix with it, cut to
-        that prefix (``reuse``), then one causal forward over the rest. Returns (cache, logits [1, V] after the last prompt
-        token, features [n, F] of every prompt token, tokens reused)."""
+        that prefix (``reuse``), then one causal forward over the rest. Returns (cache, logits [1, V]
+        after the last prompt token, features [n, F] of every prompt token, tokens reused)."""
         tgt, dev, n = self.target, self.target.device, len(prompt_ids)
         # only where the kept entries are those a fresh prefill would compute; >= 1 token runs: its logits
         shared = [k.common(prompt_ids, n - 1) for k in self._kept] if reuse and tgt.row_invariant else []
@@ -308,7 +308,7 @@ class _Run:
         return tail
 
 
-KEPT_CACHES = 4  # conversations whose caches wait for their next turn (each up to ~50 MB for SmolLM2)
+KEPT_CACHES = 4  # conversations whose caches wait for their next turn (SmolLM2 in bf16: ~27 KB per token)
 
 
 @dataclass

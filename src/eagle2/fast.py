@@ -431,7 +431,8 @@ class FastTarget(Target):
             allowed = masks.causal(t, past, device=tokens.device)
         step = EXACT_ROWS if self.exact else t
         parts = [self._run(cache, tokens[None, i:i + step], positions[None, i:i + step],
-                           allowed[None, i:i + step, :past + i + step], self.feature_layers) for i in range(0, t, step)]
+                           allowed[None, i:i + step, :past + i + step], self.feature_layers)
+                 for i in range(0, t, step)]
         hidden = _rows(h[0] for h, _ in parts)  # [T, H] after the final norm
         rows = hidden if logits_rows is None else hidden[logits_rows]
         seen = [_rows(s[j][0] for _, s in parts) for j in range(len(parts[0][1]))]

@@ -32,7 +32,8 @@ def sse_error(err: APIError) -> bytes:
 def stats(st, method: str, queue_s: float = 0.0) -> dict:
     return {"method": method, "mean_accept_len": round(st.mean_accept_len, 3),
             "tokens_per_s": round(st.tokens_per_s, 2), "rounds": st.rounds, "new_tokens": st.new_tokens,
-            "seconds": round(st.seconds, 4), "queue_seconds": round(queue_s, 4), "cached_prompt_tokens": st.reused_prefix}
+            "seconds": round(st.seconds, 4), "queue_seconds": round(queue_s, 4),
+            "cached_prompt_tokens": st.reused_prefix}
 
 
 def usage(result) -> dict:
