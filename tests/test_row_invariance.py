@@ -231,6 +231,9 @@ def test_next_turn_reuses_the_cache_and_keeps_the_output(bf16_generator):
         assert again.stats.reused_prefix == 80 + 30
         fresh = gen.generate(follow, max_new_tokens=32, method=method, reuse_prefix=False)
         assert fresh.stats.reused_prefix == 0 and again.token_ids == fresh.token_ids
+        sampled = [gen.generate(follow, max_new_tokens=24, method=method, temperature=0.8, seed=3, reuse_prefix=r)
+                   for r in (True, False)]  # the same logits, so the same draws
+        assert sampled[0].stats.reused_prefix > 0 and sampled[0].token_ids == sampled[1].token_ids
     events, _ = gen.stream_events(first, max_new_tokens=40)
     for i, _ in zip(range(3), events):
         pass
@@ -252,6 +255,8 @@ def test_interleaved_conversations_each_find_their_cache(bf16_generator):
             assert out.stats.reused_prefix == cached[i], (turn, i)
             cached[i] = len(talk) + len(out.token_ids) - 1
             talk += out.token_ids + [i + 1, 2, 3, 4, 5]  # the answer and the user's next message
+    gen.clear_cache()
+    assert gen.generate(talks[0], max_new_tokens=4).stats.reused_prefix == 0
 
 
 def test_no_reuse_where_rows_are_not_invariant():

@@ -91,6 +91,10 @@ class Eagle2Generator:
         self._given_cost = cost_model
         self._costs: dict[str, CostModel] = {}  # fingerprint -> cost model, one per frontier width used
 
+    def clear_cache(self) -> None:
+        """Drop the target caches kept for later prompts (``reuse_prefix``); the next call prefills all."""
+        self.engine.forget()
+
     def cost_model(self, refit: bool = False) -> CostModel:
         """This machine's round costs for this model, head, dtype, backend and the cost-aware tree's
         frontier width (``self.tree.width``): measured by a short probe the first time (a few seconds)

@@ -141,6 +141,10 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self._kept: list[_Kept] = []  # the caches the last calls left, newest first, until a call takes one
 
+    def forget(self) -> None:
+        """Drop the kept caches."""
+        self._kept = []
+
     def _pick(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
         if s.greedy:
             return int(logits.argmax())

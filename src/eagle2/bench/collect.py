@@ -108,7 +108,8 @@ def sweep_sizes(gen, prompts, sweep, tree, max_new_tokens, temperature) -> tuple
             kw = dict(method="vanilla") if tt is None else dict(method="eagle2", total_tokens=tt, depth=tree["depth"],
                                                                  tree_top_k=tree["tree_top_k"])
             t0 = time.perf_counter()
-            r = gen.generate(msgs, max_new_tokens=max_new_tokens, temperature=temperature, seed=i, **kw)
+            r = gen.generate(msgs, max_new_tokens=max_new_tokens, temperature=temperature, seed=i,
+                             reuse_prefix=False, **kw)  # each size prefills the prompt itself
             acc[tt][1] += time.perf_counter() - t0
             acc[tt][0] += r.stats.new_tokens
             acc[tt][2] += r.stats.rounds

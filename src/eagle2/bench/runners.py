@@ -35,10 +35,12 @@ class _EngineRunner:
         self.gen, self.method, self.tree_kw = gen, method, tree_kw
 
     def __call__(self, messages, max_new_tokens, temperature, seed) -> Answer:
+        if len(messages) == 1:  # a conversation starts: another method's caches must not shorten its prefills
+            self.gen.clear_cache()
         t0 = time.perf_counter()
-        # every method prefills every prompt: another method's cache must not shorten this one's
+        # a later turn reuses this conversation's cache, as a chat does (llama.cpp's runner does the same)
         r = self.gen.generate(messages, max_new_tokens=max_new_tokens, method=self.method, temperature=temperature,
-                              seed=seed, reuse_prefix=False, **self.tree_kw)
+                              seed=seed, **self.tree_kw)
         dt = time.perf_counter() - t0
         st = r.stats
         return Answer(list(r.token_ids), r.text, dt, st.rounds, list(st.accept_lengths),
