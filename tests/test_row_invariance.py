@@ -268,3 +268,18 @@ def test_no_reuse_where_rows_are_not_invariant():
         prompt = list(range(20))
         answer = gen.generate(prompt, max_new_tokens=8).token_ids
         assert gen.generate(prompt + answer + [1, 2], max_new_tokens=4).stats.reused_prefix == 0
+
+
+def test_next_turn_keeps_the_draft_heads_pairs_too(bf16_generator, monkeypatch):
+    """The draft head's committed pairs travel with a kept cache: the next turn feeds the head only the
+    pairs it has not seen (not the whole conversation again), and the answer stays a full prefill's."""
+    gen = bf16_generator
+    gen.clear_cache()
+    first = torch.randint(0, 512, (60,), generator=torch.Generator().manual_seed(11)).tolist()
+    follow = first + gen.generate(first, max_new_tokens=20).token_ids + [7, 8, 9]
+    rows, commit = [], gen.drafter.commit
+    monkeypatch.setattr(gen.drafter, "commit", lambda f, t: rows.append(t.shape[0]) or commit(f, t))
+    out = gen.generate(follow, max_new_tokens=16)
+    assert out.stats.reused_prefix == len(follow) - 4 and rows[0] <= 10  # 3 new tokens, the answer's tail
+    monkeypatch.undo()
+    assert out.token_ids == gen.generate(follow, max_new_tokens=16, reuse_prefix=False).token_ids

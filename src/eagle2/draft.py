@@ -82,6 +82,14 @@ def _sampled_layout(draw: Draw, cfg: TreeConfig, max_depth: int, budget: Budget 
     return paths, [-1] + static_tree_parents(paths), [0] + [len(p) for p in paths], [0] + [p[-1] for p in paths]
 
 
+@dataclass(frozen=True)
+class Committed:
+    """A drafter's cache of committed pairs, handed over to wait for a call that continues its tokens."""
+
+    cache: StaticCache
+    pairs: int  # committed true pairs (f_i, t_{i+1}) at cache entries 0..pairs-1
+
+
 class Drafter:
     def __init__(self, head: DraftHead, target: Target, draft_vocab: int | None = None, capacity: int = 1024,
                  backend: Backend | None = None):
@@ -119,6 +127,19 @@ class Drafter:
 
     def reset(self) -> None:
         self.length = 0
+
+    def hand_over(self) -> "Committed":
+        """The committed pairs, for a later call that continues the same tokens (``resume``); the drafter
+        goes on with an empty cache of its own."""
+        done = Committed(self.cache, self.length)
+        self.cache, self.length = self.cache.empty_like(), 0
+        return done
+
+    def resume(self, done: "Committed", pairs: int) -> int:
+        """Continue from ``done`` (``hand_over``), keeping at most its first ``pairs`` committed pairs, the
+        ones whose tokens the new call shares. Returns how many it kept."""
+        self.cache, self.length = done.cache, min(done.pairs, pairs)
+        return self.length
 
     def _rope_rows(self, n: int) -> tuple[Tensor, Tensor]:
         """cos, sin [n, D] for positions 0..n-1, as ``DraftHead.rope`` computes them."""

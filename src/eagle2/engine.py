@@ -9,9 +9,10 @@ per target forward. A round:
 
 The target caches the last ``KEPT_CACHES`` calls left behind are kept (``_Kept``): a prompt that
 starts with the same tokens as one of them (a chat's next turn, which repeats the conversation so far)
-takes that cache and prefills only what follows them. That happens only where the target is
-``row_invariant`` (the lean forward's exact numerics, the CPU default): the kept keys/values are then
-bit for bit the ones a fresh prefill would compute, so the output does not depend on what ran before.
+takes that cache (and the draft head's, ``Drafter.hand_over``) and prefills only what follows them.
+That happens only where the target is ``row_invariant`` (the lean forward's exact numerics, the CPU
+default): the kept keys/values are then bit for bit the ones a fresh prefill would compute, so the
+output does not depend on what ran before.
 
 The engine knows nothing of transformers (target.py does) or of HTTP / argument parsing.
 ``method="vanilla"`` runs the same loop with a root-only tree: plain autoregressive decoding.
@@ -27,7 +28,7 @@ import torch
 
 from . import masks
 from .config import SamplingConfig, TreeConfig
-from .draft import Drafter, Draw
+from .draft import Committed, Drafter, Draw
 from .lookup import PromptLookup
 from .target import Target
 from .cost import CostModel, SampledAcceptance
@@ -160,36 +161,39 @@ class Engine:
         recent call's cache where the prompt begins with its tokens (False: prefill the whole prompt)."""
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         capacity = len(prompt_ids) + run.budget + tree.node_cap + 1
-        cache, logits, hidden, run.stats.reused_prefix = self._prefill(prompt_ids, capacity, reuse_prefix)
+        cache, logits, hidden, run.stats.reused_prefix, draft = self._prefill(prompt_ids, capacity, reuse_prefix)
         kept = _Kept(list(prompt_ids), cache, [hidden])
         try:
-            yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost)
+            yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost, draft)
         finally:  # kept only if the cache holds exactly its tokens (not after a forward that failed midway)
             if self.target.row_invariant and cache.get_seq_length() == len(kept.ids):
+                kept.draft = self.drafter.hand_over() if kept.drafted else None  # the head's pairs too, if it ran
                 self._kept = [kept] + self._kept[:KEPT_CACHES - 1]
 
     def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool):
         """The prompt into a target cache: the kept cache that shares the longest prefix with it, cut to
         that prefix (``reuse``), then one causal forward over the rest. Returns (cache, logits [1, V]
-        after the last prompt token, features [n, F] of every prompt token, tokens reused)."""
+        after the last prompt token, features [n, F] of every prompt token, tokens reused, the draft head's
+        committed pairs kept with that cache or None)."""
         tgt, dev, n = self.target, self.target.device, len(prompt_ids)
         # only where the kept entries are those a fresh prefill would compute; >= 1 token runs: its logits
         shared = [k.common(prompt_ids, n - 1) for k in self._kept] if reuse and tgt.row_invariant else []
         m = max(shared, default=0)
         if m:
             kept = self._kept.pop(shared.index(m))  # the cache is this call's now
-            cache, earlier = kept.cache, torch.cat(kept.feats)[:m]  # [m, F]
+            cache, earlier, draft = kept.cache, torch.cat(kept.feats)[:m], kept.draft  # [m, F]
             tgt.keep(cache, m, torch.empty(0, dtype=torch.long, device=dev))  # cut to the common prefix
         else:
-            cache, earlier = tgt.new_cache(capacity=capacity), None
+            cache, earlier, draft = tgt.new_cache(capacity=capacity), None, None
         rest = torch.tensor(prompt_ids[m:], dtype=torch.long, device=dev)
         logits, hidden = tgt.forward(cache, rest, torch.arange(m, n, device=dev), None,
                                      logits_rows=slice(n - m - 1, n - m))
-        return cache, logits, hidden if earlier is None else torch.cat([earlier, hidden]), m
+        return cache, logits, hidden if earlier is None else torch.cat([earlier, hidden]), m, draft
 
     def _rounds(self, run: "_Run", kept: "_Kept", logits: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig,
-                sampling: SamplingConfig, cost: CostModel | None) -> Iterator[RoundEvent]:
-        """``decode`` after the prefill: the first token, then one round per target forward."""
+                sampling: SamplingConfig, cost: CostModel | None, draft: Committed | None) -> Iterator[RoundEvent]:
+        """``decode`` after the prefill: the first token, then one round per target forward. ``draft``: the
+        head's committed pairs kept with a reused cache."""
         dev, cache = self.target.device, kept.cache
         prompt_ids, n_prompt = kept.ids[:], len(kept.ids)
         use_draft = tree.method != "vanilla" and self.drafter is not None
@@ -200,9 +204,13 @@ class Engine:
         run.stats.prefill_seconds = time.perf_counter() - run.t0
         yield run.emit([root], 0)
         if use_draft:
-            self.drafter.reset()
-            feats = hidden  # [n, H] features not yet paired in the draft cache ...
-            pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # ... with their next tokens
+            kept.drafted = True  # (decode then hands the drafter's pairs over with the cache)
+            # pairs (f_i, t_{i+1}) a reused cache's head still holds: those whose tokens this prompt shares
+            start = 0 if draft is None else self.drafter.resume(draft, run.stats.reused_prefix - 1)
+            if draft is None:
+                self.drafter.reset()
+            feats = hidden[start:]  # [n - start, H] features not yet paired in the draft cache ...
+            pair_tokens = torch.cat([prompt[start + 1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
         acceptance = SampledAcceptance() if use_draft and not sampling.greedy else None
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
@@ -323,6 +331,8 @@ class _Kept:
     ids: list
     cache: object
     feats: list
+    drafted: bool = False  # whether the draft head ran in the call that filled the cache ...
+    draft: Committed | None = None  # ... and then its committed pairs, handed over with it
 
     def add(self, tokens: list[int], feats: torch.Tensor) -> None:
         self.ids.extend(tokens)

@@ -292,6 +292,10 @@ class StaticCache:
     def capacity(self) -> int:
         return self.k.shape[3]
 
+    def empty_like(self) -> "StaticCache":
+        layers, batch, kv_heads, capacity, head_dim = self.k.shape
+        return StaticCache(layers, batch, kv_heads, head_dim, capacity, self.k.dtype, self.k.device)
+
     def get_seq_length(self) -> int:
         return self.length
 
