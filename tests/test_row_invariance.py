@@ -283,3 +283,20 @@ def test_next_turn_keeps_the_draft_heads_pairs_too(bf16_generator, monkeypatch):
     assert out.stats.reused_prefix == len(follow) - 4 and rows[0] <= 10  # 3 new tokens, the answer's tail
     monkeypatch.undo()
     assert out.token_ids == gen.generate(follow, max_new_tokens=16, reuse_prefix=False).token_ids
+
+
+def test_a_shared_beginning_is_copied_not_taken(bf16_generator):
+    """A new conversation that shares only its beginning (a system prompt) with a kept cache copies that
+    part, and the kept cache still serves its own conversation's next turn in full."""
+    gen = bf16_generator
+    gen.clear_cache()
+    g = torch.Generator().manual_seed(13)
+    system = torch.randint(0, 512, (30,), generator=g).tolist()
+    a = system + torch.randint(0, 512, (60,), generator=g).tolist()
+    a_answer = gen.generate(a, max_new_tokens=12).token_ids
+    b = system + torch.randint(0, 512, (50,), generator=g).tolist()
+    other = gen.generate(b, max_new_tokens=12)
+    assert other.stats.reused_prefix == 30
+    assert other.token_ids == gen.generate(b, max_new_tokens=12, reuse_prefix=False).token_ids
+    a_next = a + a_answer + [1, 2, 3]
+    assert gen.generate(a_next, max_new_tokens=4).stats.reused_prefix == len(a) + len(a_answer) - 1

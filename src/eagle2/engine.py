@@ -172,7 +172,8 @@ class Engine:
 
     def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool):
         """The prompt into a target cache: the kept cache that shares the longest prefix with it, cut to
-        that prefix (``reuse``), then one causal forward over the rest. Returns (cache, logits [1, V]
+        that prefix, or a copy of that prefix where it is less than half of the kept cache (``reuse``); then
+        one causal forward over the rest. Returns (cache, logits [1, V]
         after the last prompt token, features [n, F] of every prompt token, tokens reused, the draft head's
         committed pairs kept with that cache or None)."""
         tgt, dev, n = self.target, self.target.device, len(prompt_ids)
@@ -180,9 +181,14 @@ class Engine:
         shared = [k.common(prompt_ids, n - 1) for k in self._kept] if reuse and tgt.row_invariant else []
         m = max(shared, default=0)
         if m:
-            kept = self._kept.pop(shared.index(m))  # the cache is this call's now
-            cache, earlier, draft = kept.cache, torch.cat(kept.feats)[:m], kept.draft  # [m, F]
-            tgt.keep(cache, m, torch.empty(0, dtype=torch.long, device=dev))  # cut to the common prefix
+            kept = self._kept[shared.index(m)]
+            earlier = torch.cat(kept.feats)[:m]  # [m, F]
+            if 2 * m >= len(kept.ids):  # the prompt continues that call: its cache (and head's pairs) are this call's
+                self._kept.remove(kept)
+                cache, draft = kept.cache, kept.draft
+                tgt.keep(cache, m, torch.empty(0, dtype=torch.long, device=dev))  # cut to the common prefix
+            else:  # only a beginning is shared (a system prompt): a copy, and the kept cache keeps serving its own
+                cache, draft = tgt.copy_prefix(kept.cache, m), None
         else:
             cache, earlier, draft = tgt.new_cache(capacity=capacity), None, None
         rest = torch.tensor(prompt_ids[m:], dtype=torch.long, device=dev)

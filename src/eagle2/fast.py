@@ -453,6 +453,14 @@ class FastTarget(Target):
         return self.dtype != torch.float32 or all(
             f.lowbit is not None for L in self.stack.layers for f in (L.qkv, L.o, L.gu, L.down))
 
+    def copy_prefix(self, cache: StaticCache, n: int) -> StaticCache:
+        """A new cache holding the first ``n`` entries of ``cache`` (which stays as it is)."""
+        new = cache.empty_like()
+        new.k[:, :, :, :n] = cache.k[:, :, :, :n]
+        new.v[:, :, :, :n] = cache.v[:, :, :, :n]
+        new.length = n
+        return new
+
     @staticmethod
     @torch.inference_mode()
     def keep(cache: StaticCache, start: int, nodes: Tensor) -> None:

@@ -175,6 +175,14 @@ class Target:
                 hooks.append(layers[-1].register_forward_hook(post))
         return hooks
 
+    def copy_prefix(self, cache, n: int):
+        """A new cache holding the first ``n`` entries of ``cache`` (which stays as it is)."""
+        import copy
+
+        new = copy.deepcopy(cache)
+        self.keep(new, n, torch.empty(0, dtype=torch.long, device=self.device))
+        return new
+
     @staticmethod
     @torch.inference_mode()
     def keep(cache, start: int, nodes: Tensor) -> None:
