@@ -211,10 +211,11 @@ class Engine:
         yield run.emit([root], 0)
         if use_draft:
             kept.drafted = True  # (decode then hands the drafter's pairs over with the cache)
-            # pairs (f_i, t_{i+1}) a reused cache's head still holds: those whose tokens this prompt shares
-            start = 0 if draft is None else self.drafter.resume(draft, run.stats.reused_prefix - 1)
             if draft is None:
                 self.drafter.reset()
+                start = 0
+            else:  # the pairs (f_i, t_{i+1}) a reused cache's head still holds: those whose tokens this prompt shares
+                start = self.drafter.resume(draft, run.stats.reused_prefix - 1)
             feats = hidden[start:]  # [n - start, H] features not yet paired in the draft cache ...
             pair_tokens = torch.cat([prompt[start + 1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
@@ -246,9 +247,10 @@ class Engine:
                 if rates is not None:
                     acceptance.update(draft.parents.tolist(), draft.depths.tolist(), path.tolist())
             length += path.shape[0]
-            kept.add(draft.tokens[path].tolist(), hidden[path])
+            path_feats = hidden[path]  # [A + 1, F] the root's and the accepted nodes' features
+            kept.add([root] + accepted, path_feats)
             if use_draft:  # (a round with max_depth < 1 is the last one: nothing left to pair)
-                feats, pair_tokens = hidden[path], torch.tensor(accepted + [bonus], device=dev)
+                feats, pair_tokens = path_feats, torch.tensor(accepted + [bonus], device=dev)
             root = bonus
             if lookup is not None:
                 lookup.update(chain[0], matched, accepted + [bonus])

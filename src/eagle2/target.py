@@ -98,7 +98,8 @@ class Target:
         self.feature_layers = layers
 
     # Whether a cache entry depends only on its token, position and the entries before it, not on how a
-    # sequence was split into forwards (FastTarget can say yes; transformers' kernels promise no such thing).
+    # sequence was split into forwards (FastTarget can say yes, and then also has ``copy_prefix``;
+    # transformers' kernels promise no such thing, so the engine never reuses this adapter's caches).
     row_invariant = False
 
     def new_cache(self, capacity: int | None = None):
@@ -174,14 +175,6 @@ class Target:
                     seen[self.n_layers] = output[0] if isinstance(output, tuple) else output
                 hooks.append(layers[-1].register_forward_hook(post))
         return hooks
-
-    def copy_prefix(self, cache, n: int):
-        """A new cache holding the first ``n`` entries of ``cache`` (which stays as it is)."""
-        import copy
-
-        new = copy.deepcopy(cache)
-        self.keep(new, n, torch.empty(0, dtype=torch.long, device=self.device))
-        return new
 
     @staticmethod
     @torch.inference_mode()
