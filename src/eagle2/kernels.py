@@ -15,10 +15,9 @@ and stores them as records for the native kernels (csrc/lean_forward.cpp): 0.625
 weight instead of 2 or 4, the same weights, fp32 accumulation. Decode and tree-verify steps are bound by
 how fast weights stream in, so they run faster; inputs of more than 32 rows (prefills, unless exact:
 fast.py runs those in 64-row chunks) keep oneDNN's kernel. Which kernel runs is chosen from CPUID at run
-time (``block_isa``): bf16 on AMX-BF16 (tile unit) or AVX512-BF16 (dot-product instruction), fp32 on AVX2
-+ FMA. A weight not exactly of that form, a CPU
-without a kernel for the dtype, or a caller that passes no ``source`` (``Backend.lowbit`` off:
-``EAGLE2_LOWBIT=0``) keeps the plain weights.
+time (``block_isa``): bf16 on AMX-BF16 (tile unit) or AVX512-BF16 (dot-product instruction), fp32 on
+AVX2 + FMA. A weight not exactly of that form, a CPU without a kernel for the dtype, or a caller that
+passes no ``source`` (``Backend.lowbit`` off: ``EAGLE2_LOWBIT=0``) keeps the plain weights.
 
 Exactness: in bf16 / fp16 the packed product is used only where a probe shows it bit-identical
 to ``F.linear`` (a CPU with oneDNN). In fp32 it is used where it agrees to fp32 rounding (another
