@@ -89,6 +89,10 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
     assert "unknown method" in capsys.readouterr().err
     assert main(["bench", "--questions", str(tmp_path / "missing.jsonl")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["bench", "--questions", str(questions), "--methods", "vanilla,eagle2@b"]) == 2
+    assert "needs --compare-head b=DIR" in capsys.readouterr().err
+    assert main(["bench", "--questions", str(questions), "--compare-head", f"b={tmp_path / 'nope'}"]) == 2
+    assert "not found" in capsys.readouterr().err
     assert main(["bench", "--questions", str(questions), "--categories", "poetry"]) == 2
     assert "unknown category" in capsys.readouterr().err
     assert main(["bench", "--report", str(tmp_path)]) == 2  # no results.json there
@@ -184,3 +188,28 @@ def test_gguf_of_knows_builtin_models_and_files(tiny_chat_generator, tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF")
     assert gguf_of(SimpleNamespace(model_key=str(f))) == f
+
+
+def test_compare_heads_share_the_cost_model(tiny_chat_generator, questions, tmp_path):
+    """eagle2@NAME runs another head on the same model; a head of the same shape sizes its trees with the
+    generator's own cost model, and its output stays exact."""
+    from eagle2.bench import load_questions, parse_heads, parse_methods, run_bench
+    from eagle2.bench.inputs import with_heads
+
+    head_dir = tiny_chat_generator.head.save(tmp_path / "other")
+    other = tiny_chat_generator.with_head(head_dir)
+    assert other.cost_model() is tiny_chat_generator.cost_model() and other.target is not tiny_chat_generator.target
+    heads = parse_heads([f"other={head_dir}"])
+    assert with_heads(parse_methods("vanilla,eagle2"), heads) == ["vanilla", "eagle2", "eagle2@other"]
+    r = run_bench(tiny_chat_generator, load_questions(questions), ["vanilla", "eagle2"], out_dir=tmp_path / "out",
+                  max_new_tokens=12, turns=2, sweep=None, progress=False, heads=heads)
+    assert r["methods"]["eagle2@other"]["prompts"] == 3
+    assert r["greedy_identical"]["eagle2@other"] == 1.0
+    assert r["heads"] == {"other": dict(path=str(head_dir), shared_cost=True)}
+    assert "eagle2@other: " in (tmp_path / "out" / "results.md").read_text()
+    for bad, msg in (([f"other{head_dir}"], "NAME=DIR"), (["a b=x"], "head name"),
+                     ([f"x={tmp_path / 'nope'}"], "not found"), ([f"x={head_dir}", f"x={head_dir}"], "twice")):
+        with pytest.raises(ValueError, match=msg):
+            parse_heads(bad)
+    with pytest.raises(ValueError, match="--compare-head gone=DIR"):
+        with_heads(["eagle2@gone"], heads)

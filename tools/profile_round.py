@@ -28,6 +28,7 @@ from pathlib import Path
 
 import eagle2
 from eagle2.config import Backend
+from eagle2.eagle3_head import Eagle3Head
 from eagle2.machine import data_dir
 
 
@@ -82,7 +83,8 @@ def main() -> int:
         msgs = [{"role": "user", "content": q["turns"][0]}]
         for name, (backend, method, dv) in configs.items():
             g = gens[backend]
-            g.drafter.set_draft_vocab(dv)
+            if not isinstance(g.head, Eagle3Head):  # an EAGLE-3 head's draft vocabulary is part of the head
+                g.drafter.set_draft_vocab(dv)
             s = g.generate(msgs, max_new_tokens=args.max_new_tokens, method=method, total_tokens=args.total_tokens,
                            depth=args.depth, tree_top_k=args.tree_top_k).stats
             r = rows[name]

@@ -91,6 +91,21 @@ class Eagle2Generator:
         self._given_cost = cost_model
         self._costs: dict[str, CostModel] = {}  # fingerprint -> cost model, one per frontier width used
 
+    def with_head(self, directory: str | Path) -> "Eagle2Generator":
+        """Another generator on this one's model, tokenizer, tree and backend, drafting with the head in
+        ``directory`` (its own target copy, so the two keep separate caches).
+
+        When the head has this head's kind and tensor shapes, a round costs it what it costs this
+        head, so the new generator shares this one's cost model: both then size their trees by one
+        rule and an A/B of the two measures only how well each drafts. Otherwise it probes its own."""
+        if not Path(directory).is_dir():
+            raise ValueError(f"head directory not found: {directory}")
+        head = load_head(directory)
+        same = type(head) is type(self.head) and _shapes(head) == _shapes(self.head)
+        return Eagle2Generator(self.model, self.tokenizer, head, model_key=self.model_key, tree=self.tree,
+                               head_source=str(directory), backend=self.backend,
+                               cost_model=self.cost_model() if same else None)
+
     def clear_cache(self) -> None:
         """Drop the target caches kept for later prompts (``reuse_prefix``); the next call prefills all."""
         self.engine.forget()
@@ -201,6 +216,10 @@ class Eagle2Generator:
         for ev in events:
             if ev.text:
                 yield ev.text
+
+
+def _shapes(head) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in head.state_dict().items()}
 
 
 def load_head(directory: str | Path) -> DraftHead | Eagle3Head:

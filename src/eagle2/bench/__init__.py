@@ -11,6 +11,9 @@ Methods, all on the same loaded model, dtype, EOS ids, prompts and token budget:
 - ``pld``: transformers prompt-lookup assisted generation (``prompt_lookup_num_tokens``).
 - ``vanilla`` / ``chain`` / ``eagle1`` / ``eagle2``: this package's engine.
 - ``llamacpp``: llama-cpp-python on the same GGUF (2 threads), when importable; skipped otherwise.
+- ``eagle2:NxDxK`` / ``eagle2:fixed``: a fixed EAGLE-2 tree. ``eagle2@NAME``: the cost-aware tree drafted
+  by another head (``heads``), on its own copy of the target; a head of the same shape shares the
+  generator's cost model, so an A/B of heads compares drafting alone, every tree sized by one rule.
 
 Timing is fair by construction: one warm-up generation per method first, methods interleaved
 question by question (their order rotated each question), and wall-clock time around everything a
@@ -42,7 +45,7 @@ from pathlib import Path
 from ..machine import dtype_name, machine_info
 from .collect import RunSettings, collect, sweep_sizes, tree_settings, tune_curve
 from .inputs import (ALL_METHODS, DEFAULT_METHODS, ENGINE_METHODS, HF_METHODS, SPECULATIVE, fixed_shape, is_engine,
-                     load_questions, parse_methods)
+                     load_questions, parse_heads, parse_methods, with_heads)
 from .report import regenerate, render_markdown, summary_line, summary_page, write_run
 from .runners import Answer, gguf_of, make_runners
 from .score import (FIELDS, accept_rate_per_depth, aggregate, calibration_bins, calibration_per_depth, exactness,
@@ -50,8 +53,8 @@ from .score import (FIELDS, accept_rate_per_depth, aggregate, calibration_bins, 
 
 __all__ = ["ALL_METHODS", "DEFAULT_METHODS", "ENGINE_METHODS", "FIELDS", "HF_METHODS", "SPECULATIVE", "Answer",
            "RunSettings", "accept_rate_per_depth", "backend_info", "calibration_bins", "calibration_per_depth",
-           "fixed_shape", "gguf_of", "is_engine", "load_questions", "parse_methods", "regenerate", "render_markdown",
-           "round_profile", "run_bench", "summary_line", "summary_page", "tree_per_round"]
+           "fixed_shape", "gguf_of", "is_engine", "load_questions", "parse_heads", "parse_methods", "regenerate",
+           "render_markdown", "round_profile", "run_bench", "summary_line", "summary_page", "tree_per_round"]
 
 
 def backend_info(gen) -> dict:
@@ -76,15 +79,24 @@ def _size_curve(gen, questions, sweep, tree, s: RunSettings) -> dict:
     return dict(source=source, points=curve or [], vanilla_tokens_per_s=vanilla)
 
 
+def _head_record(heads: dict, runners: dict) -> dict:
+    """NAME -> the head's directory and whether it shared the generator's cost model."""
+    return {label: dict(path=str(d), shared_cost=runners[f"eagle2@{label}"].gen._given_cost is not None)
+            for label, d in heads.items() if f"eagle2@{label}" in runners}
+
+
 def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, max_new_tokens: int = 256,
               temperature: float = 0.0, turns: int = 2, total_tokens: int | None = None, depth: int | None = None,
               tree_top_k: int | None = None, sweep="auto", seed: int = 0, prompt_lookup: int = 10,
-              progress: bool = True, questions_file: str | None = None, command: str | None = None) -> dict:
+              progress: bool = True, questions_file: str | None = None, command: str | None = None,
+              heads: dict | None = None) -> dict:
     """Benchmark ``methods`` on ``questions`` with an already loaded ``Eagle2Generator``: collect,
     score, report. sweep: total_tokens values for the tokens/s-vs-tree-size curve, "auto" (tune's
     curve when present, else 8,16,32) or None / [] for none. Writes the files into ``out_dir`` and
-    returns the results dict (what results.json holds)."""
-    methods = parse_methods(methods)
+    returns the results dict (what results.json holds). heads: NAME -> head directory, each run as
+    the method ``eagle2@NAME`` beside the generator's own head (``with_heads``)."""
+    heads = dict(heads or {})
+    methods = with_heads(parse_methods(methods), heads)
     s = RunSettings(max_new_tokens=max_new_tokens, temperature=temperature, turns=turns, seed=seed)
     if not questions:
         raise ValueError("no questions to run")
@@ -95,7 +107,7 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     runners, notes = make_runners(gen, methods, dict(total_tokens=total_tokens, depth=depth, tree_top_k=tree_top_k),
-                                  prompt_lookup=prompt_lookup)
+                                  prompt_lookup=prompt_lookup, heads=heads)
     for m, note in notes.items():
         print(f"note: {m} {note}", file=sys.stderr)
     runners = {m: runners[m] for m in methods if m in runners}
@@ -112,7 +124,7 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     per_category = {c: aggregate([r for r in records if r["category"] == c], active) for c in cats}
     calib = speculation_stats(answers, overall, active)
     results = dict(
-        model=gen.model_key, head=gen.head_source, dtype=dtype_name(gen.dtype), device=str(gen.device),
+        model=gen.model_key, head=gen.head_source, heads=_head_record(heads, runners), dtype=dtype_name(gen.dtype), device=str(gen.device),
         backend=backend_info(gen), command=command, tree=tree, max_new_tokens=max_new_tokens,
         temperature=temperature, turns=turns, questions_file=questions_file, n_questions=len(questions),
         n_prompts=len(records) // max(len(active), 1), methods=overall, per_category=per_category,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from itertools import zip_longest
 from pathlib import Path
 
@@ -28,8 +29,20 @@ def fixed_shape(name: str) -> dict | None:
     return dict(total_tokens=n, depth=d, tree_top_k=k) if n >= 2 and d >= 1 and k >= 1 else None
 
 
+def head_variant(name: str) -> str | None:
+    """``eagle2@NAME`` -> ``NAME``: the cost-aware tree drafted by another head (``--compare-head
+    NAME=DIR``); anything else -> None."""
+    if not name.startswith("eagle2@"):
+        return None
+    label = name.split("@", 1)[1]
+    return label if _LABEL.fullmatch(label) else None
+
+
+_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+
+
 def is_engine(name: str) -> bool:
-    return name in ENGINE_METHODS or fixed_shape(name) is not None
+    return name in ENGINE_METHODS or fixed_shape(name) is not None or head_variant(name) is not None
 
 
 def parse_methods(text: str | list | tuple) -> list[str]:
@@ -37,13 +50,41 @@ def parse_methods(text: str | list | tuple) -> list[str]:
     methods = [m for m in methods if m]
     if not methods:
         raise ValueError("no methods given")
-    bad = [m for m in methods if m not in ALL_METHODS and fixed_shape(m) is None]
+    bad = [m for m in methods if m not in ALL_METHODS and fixed_shape(m) is None and head_variant(m) is None]
     if bad:
         raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(ALL_METHODS)}, or eagle2:NxDxK "
-                         "(a fixed EAGLE-2 tree: N nodes, D levels, top-k K) or eagle2:fixed (the tuned fixed tree)")
+                         "(a fixed EAGLE-2 tree: N nodes, D levels, top-k K), eagle2:fixed (the tuned fixed tree) "
+                         "or eagle2@NAME (another head, given by --compare-head NAME=DIR)")
     if len(set(methods)) != len(methods):
         raise ValueError("a method is listed twice")
     return methods
+
+
+def parse_heads(specs) -> dict[str, str]:
+    """``["e3f=/tmp/e3f", ...]`` -> {"e3f": "/tmp/e3f"}: the heads ``eagle2@NAME`` methods draft with."""
+    heads: dict[str, str] = {}
+    for spec in specs or []:
+        label, sep, directory = spec.partition("=")
+        label = label.strip()
+        if not sep or not directory.strip():
+            raise ValueError(f"--compare-head takes NAME=DIR; got {spec!r}")
+        if not _LABEL.fullmatch(label):
+            raise ValueError(f"head name {label!r}: use 1-40 letters, digits, '_', '.' or '-'")
+        if label in heads:
+            raise ValueError(f"head name {label!r} is given twice")
+        if not Path(directory).is_dir():
+            raise ValueError(f"head directory not found: {directory}")
+        heads[label] = directory
+    return heads
+
+
+def with_heads(methods: list[str], heads: dict[str, str]) -> list[str]:
+    """``methods`` plus ``eagle2@NAME`` for each head not listed yet; every listed ``eagle2@NAME``
+    must name a given head."""
+    missing = [m for m in methods if head_variant(m) is not None and head_variant(m) not in heads]
+    if missing:
+        raise ValueError(f"{missing[0]} needs --compare-head {head_variant(missing[0])}=DIR")
+    return methods + [f"eagle2@{h}" for h in heads if f"eagle2@{h}" not in methods]
 
 
 def load_questions(path, limit: int | None = None, categories=None) -> list[dict]:

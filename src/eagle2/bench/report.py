@@ -88,6 +88,15 @@ def _tree_lines(m: dict) -> list[str]:
     return lines
 
 
+def _heads_text(heads: dict | None) -> list[str]:
+    """One line naming the heads of the ``eagle2@NAME`` methods; none when the run had none."""
+    if not heads:
+        return []
+    return ["Other heads: " + "; ".join(
+        f"eagle2@{k}: {h['path']} ({'the same' if h['shared_cost'] else 'its own'} cost model)" for k, h in heads.items())
+        + "."]
+
+
 def render_markdown(r: dict) -> str:
     m = r["methods"]
     vs_vanilla = r.get("greedy_identical_vanilla") or {}  # absent in runs recorded before it existed
@@ -99,7 +108,7 @@ def render_markdown(r: dict) -> str:
              f"{r['machine']['torch_threads']} torch threads), torch {r['machine']['torch']}, "
              f"transformers {r['machine']['transformers']}; backend {r.get('backend') or '?'}; "
              f"commit {r['machine'].get('commit') or '?'}. Wall time {r['wall_seconds']} s.",
-             f"Command: `{r.get('command') or '(not recorded)'}`", "",
+             f"Command: `{r.get('command') or '(not recorded)'}`", *_heads_text(r.get("heads")), "",
              "| method | tokens/s | speedup vs hf | speedup vs vanilla | tau (tokens/forward) | new tokens | seconds "
              "| greedy identical |" + (" identical to vanilla |" if vs_vanilla else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if vs_vanilla else "")]

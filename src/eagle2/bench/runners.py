@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .inputs import ENGINE_METHODS, fixed_shape
+from .inputs import ENGINE_METHODS, fixed_shape, head_variant
 
 
 @dataclass
@@ -123,10 +123,15 @@ def gguf_of(gen) -> Path | None:
     return Path(key) if key.endswith(".gguf") and Path(key).is_file() else None
 
 
-def make_runners(gen, methods, tree_kw, prompt_lookup: int = 10, llamacpp_threads: int = 2):
-    """name -> runner; plus notes for methods that were skipped."""
+def make_runners(gen, methods, tree_kw, prompt_lookup: int = 10, llamacpp_threads: int = 2, heads=None):
+    """name -> runner; plus notes for methods that were skipped. heads: NAME -> head directory for the
+    ``eagle2@NAME`` methods (``Eagle2Generator.with_head``: same model, tree and, for a head of the same
+    shape, the same cost model)."""
     runners, notes = {}, {}
     for m in methods:
+        if head_variant(m) is not None:
+            runners[m] = _EngineRunner(gen.with_head((heads or {})[head_variant(m)]), "eagle2", tree_kw)
+            continue
         if m == "hf":
             runners[m] = _HFRunner(gen)
         elif m == "pld":

@@ -41,6 +41,10 @@ def register(sub) -> None:
                    help="comma-separated: hf, pld, vanilla, chain, eagle1, eagle2 (the cost-aware tree), "
                         "eagle2:NxDxK (a fixed EAGLE-2 tree of N nodes, D levels, top-k K), eagle2:fixed (the tuned "
                         "fixed tree, else 16x4x8), llamacpp (default: %(default)s)")
+    b.add_argument("--compare-head", action="append", default=[], metavar="NAME=DIR",
+                   help="also run the cost-aware tree drafted by the head in DIR, as the method eagle2@NAME; "
+                        "repeatable. A head of the same shape as --head's shares its cost model, so the "
+                        "runs differ only in how well the heads draft")
     b.add_argument("--total-tokens", type=int, default=None, help=f"tree nodes per round (default: tuned, else {TreeConfig.total_tokens})")
     b.add_argument("--depth", type=int, default=None, help=f"draft depth (default: tuned, else {TreeConfig.depth})")
     b.add_argument("--tree-top-k", type=int, default=None, help=f"children per expanded node (default: tuned, else {TreeConfig.top_k})")
@@ -103,7 +107,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..bench import load_questions, parse_methods, run_bench, summary_line
+    from ..bench import load_questions, parse_heads, parse_methods, run_bench, summary_line
+    from ..bench.inputs import with_heads
     from ..config import DecodeSettings
 
     if args.report:
@@ -111,7 +116,8 @@ def cmd_bench(args) -> int:
     if args.summary:
         raise ValueError("--summary needs --report RUN_DIR...")
 
-    methods = parse_methods(args.methods)
+    heads = parse_heads(args.compare_head)
+    methods = with_heads(parse_methods(args.methods), heads)
     _check_pos("limit", args.limit)
     DecodeSettings.of(max_new_tokens=args.max_new_tokens, temperature=args.temperature, total_tokens=args.total_tokens,
                       depth=args.depth, tree_top_k=args.tree_top_k)  # validates before the model loads
@@ -133,7 +139,7 @@ def cmd_bench(args) -> int:
                   temperature=args.temperature, turns=args.turns, total_tokens=args.total_tokens, depth=args.depth,
                   tree_top_k=args.tree_top_k, sweep=sweep, seed=args.seed, prompt_lookup=args.prompt_lookup,
                   progress=not args.no_progress, questions_file=str(qfile),
-                  command=" ".join(["eagle2", *sys.argv[1:]]))
+                  command=" ".join(["eagle2", *sys.argv[1:]]), heads=heads)
     print(Path(args.out, "results.md").read_text())
     print(summary_line(r, args.out))
     return 0
