@@ -33,7 +33,7 @@ from .lookup import PromptLookup
 from .target import Target
 from .cost import CostModel, SampledAcceptance
 from .tree import Budget, path_probs, sampled_reach, single_node_tree
-from .verify import greedy_accept, sample_accept, target_probs
+from .verify import greedy_accept, sample_accept, sample_token, target_probs
 
 
 @dataclass
@@ -149,7 +149,7 @@ class Engine:
     def _pick(self, logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator) -> int:
         if s.greedy:
             return int(logits.argmax())
-        return int(torch.multinomial(target_probs(logits, s.temperature, s.top_k, s.top_p), 1, generator=gen))
+        return sample_token(target_probs(logits, s.temperature, s.top_k, s.top_p), gen)
 
     def decode(self, prompt_ids: list[int], tree: TreeConfig, sampling: SamplingConfig, max_new_tokens: int,
                stop: tuple[str, ...] = (), result: GenerationResult | None = None,

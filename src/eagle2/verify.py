@@ -44,6 +44,18 @@ def target_probs(logits: Tensor, temperature: float, top_k: int = 0, top_p: floa
     return probs
 
 
+def sample_token(probs: Tensor, generator: torch.Generator | None) -> int:
+    """One token drawn from probs [V] (non-negative, any positive sum) by inverting its cumulative sum.
+
+    ``torch.multinomial`` takes ~1 ms for one draw from a 49k vocabulary on a CPU, a seventh of a
+    decode step; a float64 cumulative sum and a binary search take ~0.15 ms. A token of zero
+    probability is never drawn: the search lands where the sum rises."""
+    cdf = probs.double().cumsum(0)  # [V]
+    x = torch.rand((), generator=generator, dtype=torch.float64, device=probs.device) * cdf[-1]
+    i = int(torch.searchsorted(cdf, x, right=True))
+    return i if i < probs.shape[0] else int(probs.nonzero().max())  # x rounded up to the total
+
+
 def greedy_accept(tree: Tree, target_logits: Tensor) -> tuple[Tensor, int]:
     """Walk down from the root while a child's token is the target's argmax at its node.
 
@@ -105,7 +117,7 @@ def sample_accept(tree: Tree, probs: Tensor, generator: torch.Generator | None) 
                 break
             p = residual / total
         if accepted is None:  # every child rejected (or a leaf): bonus from the residual
-            bonus = int(torch.multinomial(p, 1, generator=generator))
+            bonus = sample_token(p, generator)
             return torch.tensor(path, device=tree.tokens.device), bonus
         node = accepted
         path.append(node)
