@@ -145,7 +145,7 @@ def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch
     assert len(saved["candidates"]) == 8
     # the cost-aware tree raced at each width of the grid; the fastest is saved, each with its own cost probe
     widths = {c["tree_top_k"]: c["tokens_per_s"] for c in saved["adaptive_candidates"]}
-    assert set(widths) == {2, 3} and widths[saved["adaptive_top_k"]] == max(widths.values())
+    assert set(widths) == {2, 3} and widths[saved["adaptive_top_k"]] >= 0.98 * max(widths.values())
     assert len(list((tmp_path / "cache" / "cost").glob("*.json"))) == 2
     assert [p["query_len"] for p in saved["forward_curve"]["points"]] == [1, 4, 16]
     assert all(p["ms"] > 0 for p in saved["forward_curve"]["points"])
@@ -213,3 +213,13 @@ def test_compare_heads_share_the_cost_model(tiny_chat_generator, questions, tmp_
             parse_heads(bad)
     with pytest.raises(ValueError, match="--compare-head gone=DIR"):
         with_heads(["eagle2@gone"], heads)
+
+
+def test_tune_breaks_near_ties_toward_the_narrower_frontier():
+    from eagle2.tune import narrowest_near_best
+
+    race = [dict(tree_top_k=2, tokens_per_s=174.9), dict(tree_top_k=4, tokens_per_s=176.9),
+            dict(tree_top_k=8, tokens_per_s=177.0)]
+    assert narrowest_near_best(race)["tree_top_k"] == 2
+    race[0]["tokens_per_s"] = 170.0  # 4% behind: no longer a tie
+    assert narrowest_near_best(race)["tree_top_k"] == 4

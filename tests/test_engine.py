@@ -251,3 +251,41 @@ def test_smollm2_greedy_equals_transformers(smol_fp32):
         ref = hf_greedy(gen.model, ids, 48, eos=sorted(gen.eos_ids))
         r = gen.generate(ids, max_new_tokens=48, method=method, **tree)
         assert r.token_ids == ref, (method, q["question_id"])
+
+
+def _metaspace_and_wordpiece_tokenizers():
+    """Two tokenizers whose decode treats a string's start specially, trained in a few ms."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["The cat sat on the mat. Don't stop, it's 3.5 km away!", "naïve café déjà vu", "x = f(y) + 2"] * 20
+    meta = Tokenizer(models.BPE(unk_token="<unk>"))
+    meta.pre_tokenizer, meta.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    meta.train_from_iterator(text, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"]))
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.pre_tokenizer, wp.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece(cleanup=True)
+    wp.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[UNK]"]))
+    return [PreTrainedTokenizerFast(tokenizer_object=t) for t in (meta, wp)]
+
+
+def test_incremental_text_equals_a_full_decode(smol_tokenizer):
+    """Text released round by round (windowed decode) is the whole answer's decode, for byte-level BPE
+    with multi-byte characters split across tokens, a Metaspace tokenizer and word pieces with cleanup."""
+    from eagle2.engine import TextTracker
+
+    g = torch.Generator().manual_seed(0)
+    text = "Déjà vu: 猫が座った 🐈‍⬛ at 3.5 km, don't stop! naïve café\n```py\nx = f(y)  # ok\n```"
+    cases = [(smol_tokenizer, smol_tokenizer.encode(text, add_special_tokens=False)),
+             (smol_tokenizer, torch.randint(0, len(smol_tokenizer), (300,), generator=g).tolist())]
+    cases += [(t, t.encode(text.replace("猫が座った 🐈‍⬛", "the cat") * 3, add_special_tokens=False))
+              for t in _metaspace_and_wordpiece_tokenizers()]
+    for tok, ids in cases:
+        tracker, out, i = TextTracker(tok, ()), "", 0
+        while i < len(ids):
+            n = int(torch.randint(1, 5, (1,), generator=g))
+            kept, piece = tracker.push(ids[i:i + n])
+            assert kept == ids[i:i + n] and tracker._anchor_text == tok.decode(ids[:tracker._anchor],
+                                                                                skip_special_tokens=True)
+            out, i = out + piece, i + n
+        assert out + tracker.flush() == tok.decode(ids, skip_special_tokens=True)
+        assert tracker._anchor > len(ids) // 2  # the window moved along: most rounds decoded only their tail

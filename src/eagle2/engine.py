@@ -88,7 +88,16 @@ class GenerationResult:
 
 
 class TextTracker:
-    """Incremental detokenization with stop strings and hold-back of undecided text."""
+    """Incremental detokenization with stop strings and hold-back of undecided text.
+
+    Decoding the whole answer every round would make a round's cost grow with the answer (O(n^2)
+    per answer). The text of the tokens up to an anchor is kept instead, and a round decodes only
+    a window starting ``CONTEXT`` tokens before the anchor: the window's text past its part before
+    the anchor is what the new tokens add. The left context gives a tokenizer that treats a string's
+    start specially (a Metaspace leading space, joined word pieces) the same start in both decodes;
+    where the window's text does not extend that part, the whole answer is decoded instead."""
+
+    CONTEXT = 4
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tok = tokenizer
@@ -96,15 +105,26 @@ class TextTracker:
         self.ids: list[int] = []
         self.sent = ""
         self.stopped = False
+        self._anchor, self._anchor_text = 0, ""  # ids[:_anchor] decode to _anchor_text, whole characters
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _text(self) -> str:
+        """The text of all ``ids``, decoding only what follows the anchor (plus its left context)."""
+        start = max(0, self._anchor - self.CONTEXT)
+        known = self._decode(self.ids[start:self._anchor])
+        window = self._decode(self.ids[start:])
+        full = self._anchor_text + window[len(known):] if window.startswith(known) else self._decode(self.ids)
+        if not full.endswith("\ufffd"):  # ends on a whole character: a safe anchor
+            self._anchor, self._anchor_text = len(self.ids), full
+        return full
 
     def push(self, new: list[int]) -> tuple[list[int], str]:
         """Add tokens; returns (tokens kept, text released). Sets ``stopped`` on a stop string."""
         before = len(self.ids)
         self.ids.extend(new)
-        full = self._decode(self.ids)
+        full = self._text()
         hit = min((i for i in (full.find(s, max(0, len(self.sent) - len(s) + 1)) for s in self.stop) if i >= 0),
                   default=-1)
         if hit >= 0:
@@ -113,6 +133,7 @@ class TextTracker:
                     break
             kept = self.ids[before:n]
             self.ids = self.ids[:n]
+            self._anchor, self._anchor_text = 0, ""
             piece = full[len(self.sent):hit]
             self.sent += piece
             self.stopped = True
