@@ -79,9 +79,9 @@ def _size_curve(gen, questions, sweep, tree, s: RunSettings) -> dict:
     return dict(source=source, points=curve or [], vanilla_tokens_per_s=vanilla)
 
 
-def _head_record(heads: dict, runners: dict) -> dict:
+def _head_record(gen, heads: dict, runners: dict) -> dict:
     """NAME -> the head's directory and whether it shared the generator's cost model."""
-    return {label: dict(path=str(d), shared_cost=runners[f"eagle2@{label}"].gen._given_cost is not None)
+    return {label: dict(path=str(d), shared_cost=runners[f"eagle2@{label}"].gen.cost_model() is gen.cost_model())
             for label, d in heads.items() if f"eagle2@{label}" in runners}
 
 
@@ -124,7 +124,8 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     per_category = {c: aggregate([r for r in records if r["category"] == c], active) for c in cats}
     calib = speculation_stats(answers, overall, active)
     results = dict(
-        model=gen.model_key, head=gen.head_source, heads=_head_record(heads, runners), dtype=dtype_name(gen.dtype), device=str(gen.device),
+        model=gen.model_key, head=gen.head_source, heads=_head_record(gen, heads, runners),
+        dtype=dtype_name(gen.dtype), device=str(gen.device),
         backend=backend_info(gen), command=command, tree=tree, max_new_tokens=max_new_tokens,
         temperature=temperature, turns=turns, questions_file=questions_file, n_questions=len(questions),
         n_prompts=len(records) // max(len(active), 1), methods=overall, per_category=per_category,

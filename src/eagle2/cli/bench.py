@@ -67,8 +67,9 @@ def register(sub) -> None:
         "tune", help="measure this machine and save the fastest draft-tree size for a model",
         description="Measure the target's forward time against query length and greedy eagle2 tokens/s on a few dev "
                     "prompts for each candidate (total_tokens, depth, tree_top_k) and for the cost-aware tree at each "
-                    "--tree-top-k frontier width; save the fastest shape and the narrowest width within 2% of the fastest to $EAGLE2_CACHE/tune/<model>.json, "
-                    "which eagle2.load then uses for its default tree. The last stdout line is a JSON summary.")
+                    "--tree-top-k frontier width; save the fastest shape and the narrowest width within 2% of the "
+                    "fastest to $EAGLE2_CACHE/tune/<model>.json, which eagle2.load then uses for its default tree. "
+                    "The last stdout line is a JSON summary.")
     _model_args(t)
     t.add_argument("--questions", default=None,
                    help="FastChat question file whose first turns are the dev prompts (default: built-in dev prompts)")
