@@ -14,7 +14,8 @@
 # and give_back. Then here:
 #   bash .trip/c/gpu_trip.sh restore    # back to main, the orphan branch deleted (tools/ is gone until then)
 #   cat /work/.device/<n>/head.tar.* | tar x -C /tmp   # /tmp/trip-out/{head,metrics.jsonl,stats.json}
-# A/B the head against the shipped one on the CPU before shipping it.
+# A/B the head against the shipped one on the CPU before shipping it, all 80 MT-bench first turns, one cost model:
+#   eagle2 bench --turns 1 --max-new-tokens 128 --methods vanilla,eagle2 --sweep none --compare-head new=/tmp/trip-out/head
 #
 # Lessons of earlier trips: run one training process at a time (two in parallel on one H200 both stalled
 # before their first step); a step of 16,384 padded tokens with 7 TTT steps takes 0.13-0.19 s; let the
