@@ -54,7 +54,8 @@ from .score import (FIELDS, accept_rate_per_depth, aggregate, calibration_bins, 
 __all__ = ["ALL_METHODS", "DEFAULT_METHODS", "ENGINE_METHODS", "FIELDS", "HF_METHODS", "SPECULATIVE", "Answer",
            "RunSettings", "accept_rate_per_depth", "backend_info", "calibration_bins", "calibration_per_depth",
            "fixed_shape", "gguf_of", "is_engine", "load_questions", "parse_heads", "parse_methods", "regenerate",
-           "render_markdown", "round_profile", "run_bench", "summary_line", "summary_page", "tree_per_round"]
+           "render_markdown", "round_profile", "run_bench", "summary_line", "summary_page", "tree_per_round",
+           "with_heads"]
 
 
 def backend_info(gen) -> dict:

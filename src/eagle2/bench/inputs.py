@@ -29,6 +29,9 @@ def fixed_shape(name: str) -> dict | None:
     return dict(total_tokens=n, depth=d, tree_top_k=k) if n >= 2 and d >= 1 and k >= 1 else None
 
 
+_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,40}")  # a --compare-head NAME
+
+
 def head_variant(name: str) -> str | None:
     """``eagle2@NAME`` -> ``NAME``: the cost-aware tree drafted by another head (``--compare-head
     NAME=DIR``); anything else -> None."""
@@ -36,9 +39,6 @@ def head_variant(name: str) -> str | None:
         return None
     label = name.split("@", 1)[1]
     return label if _LABEL.fullmatch(label) else None
-
-
-_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,40}")
 
 
 def is_engine(name: str) -> bool:

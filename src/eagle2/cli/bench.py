@@ -108,8 +108,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..bench import load_questions, parse_heads, parse_methods, run_bench, summary_line
-    from ..bench.inputs import with_heads
+    from ..bench import load_questions, parse_heads, parse_methods, run_bench, summary_line, with_heads
     from ..config import DecodeSettings
 
     if args.report:
