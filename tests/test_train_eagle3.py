@@ -240,3 +240,39 @@ def test_a_larger_draft_vocab_widens_an_init_head_keeping_its_trained_rows(tiny,
     same = Eagle3Trainer(tiny, tok, exs, tmp_path / "k", _cfg(max_steps=0, init_head=str(src_dir)),
                          progress=False, vocab=wanted[:8])
     assert torch.equal(same.head.target_ids, src.target_ids)
+
+
+def test_a_wider_mlp_widens_an_init_head_keeping_its_function(tiny, run, tmp_path):
+    """--head-intermediate on an EAGLE-3 run: the starting head's MLP is widened with silent new units (same
+    logits), training moves them, and the export keeps the official layout with the wider intermediate_size,
+    which the engine drafts with exactly. A head wider than the run's is refused."""
+    exs = load_shards(feature_dir(run, tiny))
+    tok = ToyTokenizer()
+    first = Eagle3Trainer(tiny, tok, exs, tmp_path / "a", _cfg(max_steps=2), progress=False)
+    first.train()
+    src_dir = first.save_head(tmp_path / "src", None)
+    src = Eagle3Head.load(src_dir).float()
+    wide_i = 2 * src.config.intermediate_size
+    tr = Eagle3Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=3, init_head=str(src_dir),
+                                                            head_intermediate=wide_i), progress=False)
+    assert tr.head.config.intermediate_size == wide_i
+    g = torch.Generator().manual_seed(0)
+    h = tiny.config.hidden_size
+    feats, emb = torch.randn(2, 7, 3 * h, generator=g), torch.randn(2, 7, h, generator=g)
+    pos = torch.arange(7)[None].expand(2, -1)
+    with torch.no_grad():
+        out_wide, out_src = tr.head.float()(feats, emb, pos)[0], src(feats, emb, pos)[0]
+        torch.testing.assert_close(tr.head.logits(out_wide), src.logits(out_src), atol=1e-5, rtol=1e-5)
+    tr.train()
+    down = tr.head.midlayer.mlp.down_proj.weight
+    assert down[:, src.config.intermediate_size:].abs().sum() > 0  # the new units learned
+    wide_dir = tr.save_head(tmp_path / "wide", None)
+    assert json.loads((wide_dir / "config.json").read_text())["intermediate_size"] == wide_i
+    prompt = [5, 17, 99, 3, 42, 7]
+    res = Eagle2Generator(tiny, tok, load_head(wide_dir)).generate(prompt, max_new_tokens=12, method="eagle2")
+    ids = torch.tensor([prompt])
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    assert res.token_ids == ref
+    with pytest.raises(ValueError, match="--head-intermediate"):
+        Eagle3Trainer(tiny, tok, exs, tmp_path / "c", _cfg(max_steps=0, init_head=str(wide_dir)), progress=False)

@@ -46,7 +46,7 @@ soft cross-entropy of the head's own logits over the draft vocabulary (--draft-v
 answer tokens, as d2t/t2d) against the target's distribution renormalised over it, no feature loss,
 no noise; training-time test over --ttt-steps steps (default 7), step k fed the head's own step k-1
 outputs under the diagonal mask. Export in the official EAGLE-3 layout (SGLang EAGLE3, vLLM eagle3).
---ce-weight, --noise, --no-fc-bias and --head-intermediate are EAGLE-1/2 options.
+--ce-weight, --noise and --no-fc-bias are EAGLE-1/2 options; --head-intermediate serves both.
 
 Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-head"""
 

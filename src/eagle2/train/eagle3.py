@@ -37,6 +37,8 @@ corpus or sequence stages (pipeline.py does).
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -49,7 +51,9 @@ from ..draft_head import rotate_half
 from ..eagle3_head import Eagle3Config, Eagle3Head, check_eagle3_fits, default_layers, init_eagle3_head
 from ..target import cap_logits
 from .features import FeatureFn, pad_batch
-from .trainer import Trainer, collate
+from .trainer import Trainer, collate, widen_mlp
+
+log = logging.getLogger("eagle2")
 
 
 # ---- features ------------------------------------------------------------------------------------
@@ -236,6 +240,8 @@ class Eagle3Trainer(Trainer):
         mc = self.model.config
         feature_layers(self.model)
         hcfg = Eagle3Config.from_target(mc, draft_vocab_size=int(self.vocab.numel()))
+        if self.cfg.head_intermediate:
+            hcfg = replace(hcfg, intermediate_size=self.cfg.head_intermediate)
         check_eagle3_fits(hcfg, mc)
         # Random init, lm_head included (official). Starting lm_head from the target's rows of the draft vocabulary
         # was worse on SmolLM2-135M: loss 20.9 at step 1 (random: 9.1), 8.9 vs 8.1 at step 30.
@@ -266,13 +272,18 @@ def widened_vocab(kept: Tensor, wanted: Tensor | None) -> Tensor:
 
 
 def load_widened(head: Eagle3Head, src: Eagle3Head, name, n_layers: int) -> None:
-    """Copy the trained head ``src`` into ``head`` (same shape and capture points; ``head``'s draft
-    vocabulary may be a superset of ``src``'s). Each kept token's lm_head row moves to its draft id in
-    ``head``; a token new to the vocabulary starts from a zero row (logit 0 everywhere), which the loss
-    then trains like any other row."""
+    """Copy the trained head ``src`` into ``head`` (same capture points and attention; ``head``'s draft
+    vocabulary may be a superset of ``src``'s, its MLP wider). Each kept token's lm_head row moves to its
+    draft id in ``head``; a token new to the vocabulary starts from a zero row (logit 0 everywhere), which
+    the loss then trains like any other row. New MLP units start silent (``trainer.widen_mlp``)."""
+    have, want = src.config.intermediate_size, head.config.intermediate_size
+    if have > want:
+        raise ValueError(f"--init-head {name}: its MLP is {have} wide, this run's is {want}; "
+                         f"pass --head-intermediate {have} or more")
     old, new = src.state_dict(), head.state_dict()
+    resized = ("lm_head.weight", "d2t") + tuple(f"midlayer.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))
     same = src.config.feature_layers(n_layers) == head.config.feature_layers(n_layers) and old.keys() == new.keys() \
-        and all(v.shape == new[k].shape for k, v in old.items() if k not in ("lm_head.weight", "d2t"))
+        and all(v.shape == new[k].shape for k, v in old.items() if k not in resized)
     pos = {t: i for i, t in enumerate(head.target_ids.tolist())}
     rows = [pos.get(t) for t in src.target_ids.tolist()]
     if not same or None in rows:
@@ -281,11 +292,14 @@ def load_widened(head: Eagle3Head, src: Eagle3Head, name, n_layers: int) -> None
     lm = torch.zeros_like(new["lm_head.weight"], dtype=torch.float32)  # [Vd, H]
     lm[torch.tensor(rows)] = old["lm_head.weight"].float()
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in old.items() if k not in ("d2t", "t2d")}
+    if have < want:
+        state = widen_mlp(state, new, prefix="midlayer.mlp")
+        log.info("widened the head's MLP from %d to %d (the new units start silent)", have, want)
     head.load_state_dict({**state, "lm_head.weight": lm, "d2t": new["d2t"], "t2d": new["t2d"]})
 
 
 # ---- export ------------------------------------------------------------------------------------------
-EAGLE2_ONLY = ("noise", "noise_len_norm", "ce_weight", "fc_bias", "head_intermediate")  # TrainConfig fields an EAGLE-3 run ignores
+EAGLE2_ONLY = ("noise", "noise_len_norm", "ce_weight", "fc_bias")  # TrainConfig fields an EAGLE-3 run ignores
 
 
 def model_card(info: dict, head: Eagle3Head, n_layers: int) -> str:

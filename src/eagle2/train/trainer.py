@@ -144,18 +144,19 @@ class _StopRequests:
             signal.signal(sig, old)
 
 
-def widen_mlp(state: dict[str, Tensor], fresh: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A trained head's weights in a head with a wider MLP, computing the same function.
+def widen_mlp(state: dict[str, Tensor], fresh: dict[str, Tensor], prefix: str = "layers.0.mlp") -> dict[str, Tensor]:
+    """A trained head's weights in a head with a wider MLP (``prefix``: its MLP's key prefix), computing
+    the same function.
 
     The old units keep their gate/up rows and down columns; the new units keep ``fresh``'s random
     gate/up rows and get zero down columns, so they add nothing until training moves them."""
     out = dict(state)
     for name in ("gate_proj", "up_proj"):
-        k = f"layers.0.mlp.{name}.weight"
+        k = f"{prefix}.{name}.weight"
         w = fresh[k].clone().float()  # [I_new, H]
         w[: state[k].shape[0]] = state[k]
         out[k] = w
-    k = "layers.0.mlp.down_proj.weight"
+    k = f"{prefix}.down_proj.weight"
     w = torch.zeros_like(fresh[k], dtype=torch.float32)  # [H, I_new]
     w[:, : state[k].shape[1]] = state[k]
     out[k] = w
