@@ -154,7 +154,7 @@ def test_a_few_steps_reduce_the_loss_and_resume_exactly(tiny, run, tmp_path):
     losses = [h["loss"] for h in res.history if "loss" in h]
     class _All:  # every token in the draft vocabulary: the labels' entropy is the floor of the loss
         t2d = torch.ones(VOCAB, dtype=torch.bool)
-    p, ok = _labels(_All, collate(exs), tiny.lm_head.weight, None, "cpu")
+    p, ok, _ = _labels(_All, collate(exs), tiny.lm_head.weight, None, "cpu")
     floor = float(-(p * p.log()).sum(-1)[ok].mean())
     assert sum(losses[-3:]) / 3 - floor < 0.6 * (sum(losses[:3]) / 3 - floor), (floor, losses)
     assert all(f"acc_{k}" in res.history[-2] for k in range(1, 5)) and "l1" not in res.history[-2]
@@ -166,6 +166,29 @@ def test_a_few_steps_reduce_the_loss_and_resume_exactly(tiny, run, tmp_path):
     again.train()
     for k, v in straight.head.state_dict().items():
         assert torch.equal(v, again.head.state_dict()[k]), k
+
+
+def test_accuracy_counts_answer_tokens_outside_the_draft_vocabulary_as_misses(tiny, run, tmp_path):
+    """acc_k is hits over every answer position, as drafting sees it: a head drafting over a quarter of
+    the tokens can match at most the answer positions whose next token it has."""
+    exs = load_shards(feature_dir(run, tiny))
+    tr = Eagle3Trainer(tiny, ToyTokenizer(), exs, tmp_path / "q", _cfg(max_steps=0), progress=False,
+                       vocab=torch.arange(0, VOCAB, 4))
+    batch = collate(exs)
+    with torch.no_grad():
+        _, m = eagle3_loss(tr.head, tr.embed, tr.lm_w, batch, steps=2)
+        p, ok, answer = _labels(tr.head, batch, tr.lm_w, None, "cpu")
+        hidden = batch["hidden"].float()
+        positions = batch["pos0"][:, None] + torch.arange(hidden.shape[1])[None]
+        outs = ttt_forward(tr.head, hidden[..., : 3 * (hidden.shape[-1] // 4)], tr.embed(batch["tokens"]).float(),
+                           positions, 2)
+    assert bool((answer & ~ok).any())  # some answer tokens are outside the vocabulary
+    for k, name in ((0, "acc"), (1, "acc_1")):
+        t = hidden.shape[1]
+        pred = tr.head.logits(outs[k][:, : t - 1 - k]).argmax(-1)  # [B, T - 1 - k]
+        hits = ((pred == p[:, 1 + k:].argmax(-1)) & ok[:, 1 + k:]).sum()
+        assert m[name] == pytest.approx(float(hits / answer[:, 1 + k:].sum()))
+        assert m[name] <= float(ok[:, 1 + k:].sum() / answer[:, 1 + k:].sum())
 
 
 # ---- the whole path --------------------------------------------------------------------------------

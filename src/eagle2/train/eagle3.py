@@ -165,9 +165,10 @@ def ttt_forward(head: Eagle3Head, feats: Tensor, emb: Tensor, positions: Tensor,
 
 # ---- loss ------------------------------------------------------------------------------------------
 def _labels(head: Eagle3Head, batch: dict[str, Tensor], lm_w: Tensor, softcap: float | None,
-            dev) -> tuple[Tensor, Tensor]:
+            dev) -> tuple[Tensor, Tensor, Tensor]:
     """(p [B, T, Vd]: the target's distribution after x_j over the draft vocabulary, renormalised;
-    ok [B, T]: label j counts, i.e. x_{j+1} is an answer token of the window in the draft vocabulary)."""
+    ok [B, T]: label j counts, i.e. x_{j+1} is an answer token of the window in the draft vocabulary;
+    answer [B, T]: x_{j+1} is an answer token of the window, in the draft vocabulary or not)."""
     tokens = batch["tokens"].to(dev)  # [B, T]
     hidden = batch["hidden"].to(dev)
     final = hidden[..., 3 * (hidden.shape[-1] // 4):].float()  # [B, T, H] after the target's final norm
@@ -175,14 +176,16 @@ def _labels(head: Eagle3Head, batch: dict[str, Tensor], lm_w: Tensor, softcap: f
     j = torch.arange(tokens.shape[1], device=dev)[None]  # [1, T]
     nxt = torch.zeros_like(tokens, dtype=torch.bool)
     nxt[:, :-1] = head.t2d.to(dev)[tokens[:, 1:]]
-    ok = (j + 1 >= batch["start"].to(dev)[:, None]) & (j + 1 < batch["lens"].to(dev)[:, None]) & nxt
-    return logits.softmax(-1), ok
+    answer = (j + 1 >= batch["start"].to(dev)[:, None]) & (j + 1 < batch["lens"].to(dev)[:, None])
+    return logits.softmax(-1), answer & nxt, answer
 
 
 def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor], steps: int, decay: float = 0.8,
                 bf16: bool = False, softcap: float | None = None) -> tuple[Tensor, dict]:
     """Loss of one batch (``trainer.collate`` of EAGLE-3 examples) and its metrics: loss; ce and
-    acc (draft top-1 == target top-1 over the draft vocabulary) at step 0; acc_k at step k; tokens.
+    acc at step 0; acc_k at step k; tokens. acc is the share of answer positions where the draft's
+    top-1 is the target's top-1 over the draft vocabulary; a position whose next token lies outside
+    that vocabulary counts as a miss, as it does when drafting (the loss cannot score it).
 
     lm_w: [Vd, H] the target's lm_head rows of the head's draft vocabulary, in draft id order.
     Step k's output at index i is scored against label j = i + 1 + k (see the module docstring)."""
@@ -191,7 +194,7 @@ def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor],
     tokens = batch["tokens"].to(dev)  # [B, T]
     b, t, w = hidden.shape
     with torch.no_grad():
-        p, ok = _labels(head, batch, lm_w, softcap, dev)  # [B, T, Vd], [B, T]
+        p, ok, answer = _labels(head, batch, lm_w, softcap, dev)  # [B, T, Vd], [B, T], [B, T]
         emb = embed(tokens).float()  # [B, T, H]
     positions = batch["pos0"].to(dev)[:, None] + torch.arange(t, device=dev)[None]  # [B, T]
     metrics: dict = dict(ce=float("nan"), acc=float("nan"))
@@ -207,7 +210,8 @@ def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor],
             ce = -(pk * logq).sum(-1).mean()
             total = total + decay ** k * ce
             weights += decay ** k
-            acc = float((logq.argmax(-1) == pk.argmax(-1)).float().mean())
+            hits = (logq.argmax(-1) == pk.argmax(-1)).sum()
+            acc = float(hits / answer[:, 1 + k:].sum())
             if k == 0:
                 metrics.update(ce=float(ce.detach()), acc=acc)
             else:
