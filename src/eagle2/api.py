@@ -97,14 +97,18 @@ class Eagle2Generator:
 
         When the head has this head's kind and tensor shapes, a round costs it what it costs this
         head, so the new generator shares this one's cost model: both then size their trees by one
-        rule and an A/B of the two measures only how well each drafts. Otherwise it probes its own."""
+        rule and an A/B of the two measures only how well each drafts. Otherwise it keeps this one's
+        verify curve (the target's) and probes only its own drafting costs."""
         if not Path(directory).is_dir():
             raise ValueError(f"head directory not found: {directory}")
         head = load_head(directory)
         same = type(head) is type(self.head) and _shapes(head) == _shapes(self.head)
-        return Eagle2Generator(self.model, self.tokenizer, head, model_key=self.model_key, tree=self.tree,
-                               head_source=str(directory), backend=self.backend,
-                               cost_model=self.cost_model() if same else None)
+        other = Eagle2Generator(self.model, self.tokenizer, head, model_key=self.model_key, tree=self.tree,
+                                head_source=str(directory), backend=self.backend,
+                                cost_model=self.cost_model() if same else None)
+        if not same:
+            other._given_cost = cost.with_draft_costs(self.cost_model(), other.drafter, self.tree.width)
+        return other
 
     def clear_cache(self) -> None:
         """Drop the target caches kept for later prompts (``reuse_prefix``); the next call prefills all."""

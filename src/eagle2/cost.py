@@ -18,7 +18,7 @@ import json
 import logging
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -191,6 +191,15 @@ def probe(target, drafter, top_k: int = 8, repeats: int = 5) -> CostModel:
     return CostModel(PROBE_QUERY_LENS, tuple(round(x, 4) for x in short), tuple(round(x, 4) for x in long_),
                      short_c, long_c if long_c != short_c else short_c + 1, round(level_ms, 4), round(fixed_ms, 4),
                      round(row_ms, 5))
+
+
+def with_draft_costs(cost_model: CostModel, drafter, top_k: int = 8, repeats: int = 5) -> CostModel:
+    """``cost_model``'s verify curve (the target's, whatever the head) with ``drafter``'s own draft
+    costs: for another head of another shape on the same target, so that an A/B of the two sizes
+    both heads' trees from one measurement of the target."""
+    level_ms, row_ms, fixed_ms = drafter.probe_ms(top_k, repeats)
+    return replace(cost_model, draft_level_ms=round(level_ms, 4), round_fixed_ms=round(fixed_ms, 4),
+                   draft_row_ms=round(row_ms, 5))
 
 
 def fingerprint(parts: dict) -> str:

@@ -92,9 +92,9 @@ def _heads_text(heads: dict | None) -> list[str]:
     """One line naming the heads of the ``eagle2@NAME`` methods; none when the run had none."""
     if not heads:
         return []
-    return ["Other heads: " + "; ".join(
-        f"eagle2@{k}: {h['path']} ({'the same' if h['shared_cost'] else 'its own'} cost model)" for k, h in heads.items())
-        + "."]
+    shared = {True: "the same cost model", False: "the same verify costs, its own draft costs"}
+    return ["Other heads: " + "; ".join(f"eagle2@{k}: {h['path']} ({shared[bool(h['shared_cost'])]})"
+                                        for k, h in heads.items()) + "."]
 
 
 def render_markdown(r: dict) -> str:
