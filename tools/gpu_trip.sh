@@ -85,9 +85,10 @@ go() {
     n=$(python3 -c "print(int($each / ${SPS:-0.19}))"); m=$(python3 -c "print(round($each / 60, 2))")
     echo "head-$dv-$mlp: ${each} s -> ${n} steps (cap ${m} min)"
     python3 -c "import sys; from eagle2.cli import main; sys.exit(main(sys.argv[1:]))" train --model smollm2-135m \
-      --arch eagle3 --stream --device "${DEVICE:-cuda}" --init-head $g/head --draft-vocab "$dv" --head-intermediate "$mlp" \
-      --batch-tokens 16384 --ttt-steps 7 --epochs 8 --eval-every 0 --dev-prompts 0 --no-progress --lr "${LR:-3e-4}" \
-      --warmup-steps "${WU:-50}" --stages train,export --max-steps "$n" --schedule-steps "$n" --max-minutes "$m" \
+      --arch eagle3 --stream --device "${DEVICE:-cuda}" --init-head $g/head --draft-vocab "$dv" \
+      --head-intermediate "$mlp" --batch-tokens 16384 --ttt-steps 7 --epochs 8 --eval-every 0 --dev-prompts 0 \
+      --no-progress --lr "${LR:-3e-4}" --warmup-steps "${WU:-50}" --stages train,export --max-steps "$n" \
+      --schedule-steps "$n" --max-minutes "$m" \
       --out $out/head-$dv-$mlp --run-dir /tmp/e2run-$dv-$mlp 2>&1 | grep -v -E "it/s\]|Converting" | tail -8
     cp /tmp/e2run-$dv-$mlp/train-eagle3/metrics.jsonl $out/metrics-$dv-$mlp.jsonl 2>/dev/null || true
   done

@@ -15,8 +15,8 @@ once per frontier width in the top-k grid, and races that tree at each width alo
 (a verified row's cost differs by CPU: without AMX a narrow frontier pays better). The fastest fixed
 shape and the narrowest width within 2% of the fastest (``narrowest_near_best``) are saved to
 ``eagle2.api.tuned_path(model_key)`` as JSON (``total_tokens``, ``depth``, ``tree_top_k``,
-``adaptive_top_k``, plus both curves, the cost model and the machine); ``eagle2.load`` starts explicit fixed-shape calls from the shape and gives the cost-aware
-tree that width. Plots go to ``out_dir``.
+``adaptive_top_k``, plus both curves, the cost model and the machine); ``eagle2.load`` starts explicit
+fixed-shape calls from the shape and gives the cost-aware tree that width. Plots go to ``out_dir``.
 """
 
 from __future__ import annotations
