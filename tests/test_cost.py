@@ -54,12 +54,12 @@ def test_sampled_acceptance_counts_the_children_tried_on_the_accepted_path():
     rejected, child 2 tried and accepted; node 3 was never tried (its parent was rejected)."""
     from eagle2.cost import SampledAcceptance
 
-    acc = SampledAcceptance(max_depth=2, max_rank=2, weight=1.0)
+    acc = SampledAcceptance.by_depth(max_depth=2, max_rank=2, weight=1.0)
     before = acc.table().clone()
     assert before[0].tolist() == pytest.approx([0.4, 0.25])
-    acc.update([-1, 0, 0, 1], [0, 1, 1, 2], [0, 2])
+    acc.update([-1, 0, 0, 1], [0, 0, 0, 1], [0, 2])  # rows: depth - 1
     assert acc.tried.tolist() == [[2.0, 2.0], [1.0, 1.0]]
     assert acc.accepted.flatten().tolist() == pytest.approx([0.4, 1.25, 0.4, 0.25])
-    acc.update([-1, 0, 1], [0, 1, 2], [0, 1, 2])  # a chain accepted whole
+    acc.update([-1, 0, 1], [0, 0, 1], [0, 1, 2])  # a chain accepted whole
     assert acc.tried.tolist() == [[3.0, 2.0], [2.0, 1.0]]
     assert acc.accepted.flatten().tolist() == pytest.approx([1.4, 1.25, 1.4, 0.25])

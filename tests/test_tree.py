@@ -185,6 +185,36 @@ def test_sampled_size_pays_for_levels_and_rows():
     assert sampled_size([0.5, 0.3, 0.2, 0.1], [1, 2, 3, 1], dear_levels) == 1
 
 
+def test_sampled_children_draw_where_the_draft_is_sure_and_verification_pays():
+    """A sure node (rates 0.9 / 0.5) gets draws before a flat one (0.2 / 0.1), each node's in rank
+    order; free verification takes every draw up to the node cap; a dear one takes none."""
+    from eagle2.tree import sampled_children
+
+    rates = [[0.9, 0.5], [0.2, 0.1]]
+    cheap = [0.0] + [10.0 + 0.5 * n for n in range(1, 8)]  # verify_ms by nodes, root included
+    # gains 0.9, 0.2, then the flat node's second draw (0.8 x 0.1) before the sure node's (0.1 x 0.5),
+    # which no longer pays its row
+    assert sampled_children([1.0, 1.0], rates, 2, 1, 1.0, 2.0, cheap) == [1, 2]
+    assert sampled_children([1.0, 1.0], rates, 1, 1, 1.0, 2.0, cheap) == [1, 1]  # width 1: one draw each
+    mid = [0.0] + [10.0 + 4.0 * n for n in range(1, 8)]
+    assert sampled_children([1.0, 1.0], rates, 2, 1, 1.0, 2.0, mid) == [1, 0]  # only the sure draw pays
+    assert sampled_children([0.1, 1.0], rates, 2, 1, 1.0, 2.0, mid) == [0, 0]  # unlikely to be reached: none
+    free = [0.0] + [10.0] * 4
+    assert sum(sampled_children([1.0, 1.0], rates, 2, 1, 1.0, 2.0, free)) == 3  # up to 4 nodes in all
+    dear = [0.0] + [20.0 * n for n in range(1, 8)]  # a row costs more than a vanilla step
+    assert sampled_children([1.0, 1.0], rates, 2, 1, 1.0, 2.0, dear) == [0, 0]
+
+
+def test_sampled_feed_feeds_the_nodes_whose_children_pay_for_a_level():
+    from eagle2.tree import sampled_feed
+
+    verify = [0.0] + [10.0 + 0.5 * n for n in range(1, 12)]
+    assert sampled_feed([0.8, 0.6, 0.05], 4, 2.5, 3.0, verify, level_ms=0.5) == 2
+    assert sampled_feed([0.8, 0.6, 0.05], 4, 2.5, 3.0, verify, level_ms=20.0) == 0  # a level costs too much
+    assert sampled_feed([], 4, 2.5, 3.0, verify, level_ms=0.5) == 0
+    assert sampled_feed([0.9] * 20, 4, 2.5, 3.0, verify, level_ms=0.5) == len(verify) - 1 - 4  # the node cap
+
+
 def test_sampled_reach_matches_the_best_first_paths():
     from eagle2.tree import sampled_reach, sampled_tree_paths
 
@@ -192,8 +222,8 @@ def test_sampled_reach_matches_the_best_first_paths():
     paths, probs = sampled_tree_paths(accept, 6, 3, 2)
     paths_sorted = sorted(paths, key=lambda p: (len(p), p))
     parents = [-1] + static_tree_parents(paths_sorted)
-    depths = [0] + [len(p) for p in paths_sorted]
-    reach = sampled_reach(parents, depths, accept)
+    rows = [0] + [len(p) - 1 for p in paths_sorted]  # by depth
+    reach = sampled_reach(parents, rows, accept)
     want = dict(zip(paths, probs))
     assert reach[0] == 1.0
     assert reach[1:] == pytest.approx([want[p] for p in paths_sorted])

@@ -233,6 +233,72 @@ def test_sampled_cost_aware_tree_matches_target(sampling_gen):
     assert _chi2_pvalue(counts, joint) > 1e-3
 
 
+def _sure_above_median(monkeypatch):
+    """The tiny head's draft distributions are all nearly flat (largest probability 0.167-0.172): rate
+    about half of them as sure and the rest as hopeless, by a digit of their confidence, so that
+    which nodes get children, and how many, depends on the tokens drawn above them. Exactness must
+    hold for any rule that reads only the distribution a node draws from."""
+    from eagle2.cost import SampledAcceptance
+
+    monkeypatch.setattr(SampledAcceptance, "confidence_row", staticmethod(lambda c: 9 if int(c * 1e6) % 2 else 0))
+    monkeypatch.setattr(SampledAcceptance, "CONFIDENCE_PRIOR", (0.02,) + (0.5,) * 8 + (0.95,))
+
+
+def test_sampled_adaptive_tree_with_shapes_that_depend_on_the_draws_matches_target(sampling_gen, monkeypatch):
+    """The adaptive tree at T > 0 decides each node's number of draws from the confidence of the
+    distribution it draws from, so its shape depends on the tokens drawn above; it stays exact
+    because no drawn node is dropped and no count depends on the draws it counts."""
+    from eagle2.api import Eagle2Generator
+
+    _sure_above_median(monkeypatch)
+    model, gen = sampling_gen
+    adaptive = Eagle2Generator(model, gen.tokenizer, gen.head, cost_model=cost_model(0.5, level_ms=0.1))
+    sizes = {len(r.stats.tree_sizes) and tuple(r.stats.tree_sizes)
+             for r in (adaptive.generate(PROMPT, max_new_tokens=5, temperature=1.0, seed=s) for s in range(20))}
+    assert len({n for shape in sizes for n in shape}) >= 3, f"the shapes never varied: {sizes}"
+    joint = _exact_joint(model, PROMPT, 3, 1.0, 0, 1.0)
+    counts, accepted = _sample_counts(adaptive, PROMPT, N_SAMPLES, 1.0, 0, 1.0, shape={})
+    assert accepted > N_SAMPLES // 4
+    assert _chi2_pvalue(counts, joint) > 1e-3
+
+
+def _prune_by_own_probability(grow):
+    """A plausible bug: drop each drawn leaf whose own draft probability is below its siblings' best
+    (EAGLE-2's rerank, fine at T = 0). Whether a child is verified then depends on its own token."""
+    from dataclasses import replace
+
+    from eagle2.tree import build_tree
+
+    def pruned(self, *args):
+        t = grow(self, *args)
+        if t.draft_q is None:  # the root alone
+            return t
+        par, lp = t.parents.tolist(), t.draft_logp.tolist()
+        has_kids = {p for p in par if p >= 0}
+        best: dict[int, float] = {}
+        for i, p in enumerate(par):
+            if p >= 0:
+                best[p] = max(best.get(p, -1e9), lp[i])
+        keep = [i for i, p in enumerate(par) if p < 0 or i in has_kids or lp[i] >= best[p]]
+        new = {old: j for j, old in enumerate(keep)}
+        kept = build_tree(t.tokens[keep], torch.tensor([new[par[i]] if par[i] >= 0 else -1 for i in keep]),
+                          t.draft_logp[keep])
+        return replace(kept, draft_q=t.draft_q[keep], q_ids=t.q_ids)
+    return pruned
+
+
+def test_negative_control_catches_pruning_a_draw_by_its_own_probability(sampling_gen, monkeypatch):
+    from eagle2.api import Eagle2Generator
+    from eagle2.draft import Drafter
+
+    model, gen = sampling_gen
+    monkeypatch.setattr(Drafter, "_grow_sampled", _prune_by_own_probability(Drafter._grow_sampled))
+    wide = Eagle2Generator(model, gen.tokenizer, gen.head, cost_model=cost_model(0.0, level_ms=0.0))
+    joint = _exact_joint(model, PROMPT, 3, 1.0, 0, 1.0)
+    counts, _ = _sample_counts(wide, PROMPT, N_SAMPLES, 1.0, 0, 1.0, shape={})
+    assert _chi2_pvalue(counts, joint) < 1e-3
+
+
 def _wrong_sample_accept(tree, probs, generator):
     """A classic bug: on rejection, keep the original p instead of the residual norm(max(p - q, 0))."""
     kids = verify._children(tree.parents.tolist())

@@ -73,44 +73,75 @@ class CostModel:
 
 
 class SampledAcceptance:
-    """How often a sampled draft is accepted (T > 0), by depth and draw rank, learnt from the rounds.
+    """How often a sampled draft is accepted (T > 0), by a row and the draw rank, learnt from the rounds.
 
     With sampled drafting a child is accepted with probability min(1, p(x) / q(x)), whose mean is
-    1 - TV(p, q) whatever token was drawn, so the draft's confidence in a token says little about its
-    chances; what predicts them is the depth and the draw rank. ``table()[d - 1, r]`` is the rate at
-    which the rank-r draw at depth d was accepted when it was tried (its parent reached, its earlier
-    siblings rejected), from prior pseudo-counts plus every verified round so far; counts are halved
-    past ``horizon`` tries so the rates follow the text being written. Runtime state of one generation:
-    the engine starts one from the prior per ``decode`` call (so a seeded run is reproducible) and
-    updates it after each sampled round."""
+    1 - TV(p, q). What predicts it is how sure the draft is where it draws, and the draw rank:
+    ``by_confidence`` (the adaptive tree) keys the rows by the confidence of the distribution the
+    child was drawn from (its largest probability, in tenths: a draw from a flat distribution is
+    accepted ~0.2 of the time, from one above 0.9 ~0.9); ``by_depth`` (fixed shapes, whose
+    layout is chosen before any distribution is seen) keys them by depth. ``table()[row, r]`` is the
+    rate at which the rank-r draw of that row was accepted when it was tried (its parent reached,
+    its earlier siblings rejected), from prior pseudo-counts plus every verified round so far;
+    counts are halved past ``horizon`` tries so the rates follow the text being written. Runtime
+    state of one generation: the engine starts one from the prior per ``decode`` call (so a seeded
+    run is reproducible) and updates it after each sampled round."""
 
-    PRIOR = (0.4, 0.25, 0.15)  # by rank, every depth: near what a trained head measures at T = 1
+    RANK_PRIOR = (0.4, 0.25, 0.15)  # by depth: near what a trained head measures at T = 1, every depth
+    # by confidence tenth, first draw: what the shipped head measured at T = 1 on MT-bench; later
+    # draws at a fraction of it
+    CONFIDENCE_PRIOR = (0.18, 0.30, 0.37, 0.40, 0.48, 0.54, 0.59, 0.60, 0.68, 0.92)
+    LATER_DRAWS = (1.0, 0.5, 0.35)
+    BUCKETS = len(CONFIDENCE_PRIOR)
 
-    def __init__(self, max_depth: int = 8, max_rank: int = 8, weight: float = 8.0, horizon: float = 4000.0):
-        prior = torch.tensor([self.PRIOR[min(r, len(self.PRIOR) - 1)] for r in range(max_rank)])
-        self.tried = torch.full((max_depth, max_rank), weight, dtype=torch.float64)  # [D, R]
-        self.accepted = (prior * weight).expand(max_depth, max_rank).to(torch.float64).clone()  # [D, R]
+    def __init__(self, prior: torch.Tensor, by_confidence: bool, weight: float = 8.0, horizon: float = 4000.0):
+        """prior: [rows, ranks] rates before any round."""
+        self.by_confidence = by_confidence
+        self.tried = torch.full(prior.shape, weight, dtype=torch.float64)  # [rows, R]
+        self.accepted = (prior * weight).to(torch.float64)  # [rows, R]
         self.horizon = horizon
 
+    @classmethod
+    def by_depth(cls, max_depth: int = 8, max_rank: int = 8, weight: float = 8.0) -> "SampledAcceptance":
+        prior = torch.tensor([cls.RANK_PRIOR[min(r, len(cls.RANK_PRIOR) - 1)] for r in range(max_rank)])
+        return cls(prior.expand(max_depth, max_rank), False, weight)
+
+    @classmethod
+    def by_confidence(cls, max_rank: int = 8, weight: float = 8.0) -> "SampledAcceptance":
+        later = [cls.LATER_DRAWS[min(r, len(cls.LATER_DRAWS) - 1)] for r in range(max_rank)]
+        return cls(torch.tensor([[a * f for f in later] for a in cls.CONFIDENCE_PRIOR]), True, weight)
+
+    @staticmethod
+    def confidence_row(confidence: float) -> int:
+        """The ``by_confidence`` row of a draw from a distribution whose largest probability is this."""
+        return min(max(int(confidence * SampledAcceptance.BUCKETS), 0), SampledAcceptance.BUCKETS - 1)
+
     def table(self) -> torch.Tensor:
-        """[D, R] fp32 acceptance rates."""
+        """[rows, R] fp32 acceptance rates."""
         return (self.accepted / self.tried).float()
 
-    def update(self, parents: list[int], depths: list[int], path: list[int]) -> None:
+    def rows(self, tree) -> list[int]:
+        """[N] the row each node of a sampled ``tree`` is rated with (the root's is unused)."""
+        if not self.by_confidence:
+            return [max(d - 1, 0) for d in tree.depths.tolist()]
+        conf = tree.draft_q.max(-1).values.tolist()  # [N] each node's children's distribution
+        return [self.confidence_row(conf[p]) if p >= 0 else 0 for p in tree.parents.tolist()]
+
+    def update(self, parents: list[int], rows: list[int], path: list[int]) -> None:
         """Count one verified round: every child tried at a node on the accepted ``path`` (in index =
-        draw order, up to and including the accepted one)."""
+        draw order, up to and including the accepted one); rows[c]: child c's row."""
         on_path = set(path)
         kids: dict[int, list[int]] = {}
         for i, p in enumerate(parents):
             if p >= 0 and p in on_path:
                 kids.setdefault(p, []).append(i)
-        rows, cols = self.tried.shape
+        n_rows, cols = self.tried.shape
         for node in path:
             for r, c in enumerate(kids.get(node, ())):
-                d, rr = min(depths[c], rows) - 1, min(r, cols - 1)
-                self.tried[d, rr] += 1
+                row, rr = min(rows[c], n_rows - 1), min(r, cols - 1)
+                self.tried[row, rr] += 1
                 if c in on_path:
-                    self.accepted[d, rr] += 1
+                    self.accepted[row, rr] += 1
                     break
         if float(self.tried.sum()) > self.horizon:
             self.tried /= 2

@@ -32,14 +32,15 @@ from torch import Tensor
 
 from . import masks
 from .config import Backend, TreeConfig
+from .cost import SampledAcceptance
 from .draft_head import DraftHead
 from .eagle3_head import Eagle3Head
 from .fast import Dims, Layer, RotaryTable, Stack, StaticCache, additive_mask, rms
 from .kernels import Linear, linear, lowbit_usable, round_to_q8
 from .target import Target, cap_logits
 from .tree import (Budget, Tree, best_size, build_tree, expand, frontier_to_feed, merge_chain, rerank,
-                   sampled_size, sampled_tree_paths, select_frontier, single_node_tree, static_tree_parents,
-                   static_tree_paths)
+                   sampled_children, sampled_feed, sampled_size, sampled_tree_paths, select_frontier,
+                   single_node_tree, static_tree_parents, static_tree_paths)
 
 
 @lru_cache(maxsize=64)
@@ -61,8 +62,9 @@ class Draw:
     distribution at ``temperature`` without replacement (Gumbel top-k, in draw order) instead of
     taken as its top-k, and the tree carries those distributions for verification. A sampled child
     is accepted with probability min(1, p / q), on average 1 - TV(p, q), where a deterministic
-    top-1 child gets only p(x). ``accept`` ([D, R] rates by depth and draw rank,
-    ``cost.SampledAcceptance``) shapes the ``eagle2`` tree."""
+    top-1 child gets only p(x). ``accept`` ([rows, R] rates by row and draw rank,
+    ``cost.SampledAcceptance``: rows are confidences for the adaptive tree, depths for a fixed
+    ``eagle2`` shape) shapes the ``eagle2`` tree."""
 
     temperature: float
     generator: torch.Generator
@@ -195,6 +197,9 @@ class Drafter:
         candidates before the rule picks what to verify (prompt lookup, lookup.py)."""
         if draw is not None:
             vocab = self.target.vocab_size if self.vocab_ids is None else self.vocab_ids.shape[0]
+            if cfg.method == "eagle2" and cfg.dynamic and budget is not None:
+                return self._grow_sampled(root, root_out, min(cfg.depth_cap, max_depth), min(cfg.width, vocab),
+                                          budget, draw)
             layout = (_sampled_layout(draw, cfg, max_depth, budget, vocab) if cfg.method == "eagle2"
                       else _static_layout(cfg.method, cfg.total_tokens, min(cfg.depth, max_depth), cfg.top_k))
             if len(layout[1]) == 1:
@@ -262,6 +267,81 @@ class Drafter:
         level_1, level_k = max(0.0, (narrow - one) / 3), max(0.0, (wide - one) / 3)
         row = max(0.0, (level_k - level_1) / (top_k - 1)) if top_k > 1 else 0.0
         return max(0.0, level_1 - row), row, one
+
+    def _grow_sampled(self, root: Tensor, root_out: Tensor, depth: int, width: int, budget: Budget,
+                      draw: Draw) -> Tree:
+        """EAGLE-2 at T > 0: the tree grows where the draft is sure. Level by level, each fed node's
+        distribution q is computed first; its confidence (largest probability) rates its draws
+        (``draw.accept``, by confidence and rank), and ``tree.sampled_children`` decides how many to
+        draw from it before any is drawn; then the newest nodes worth it are fed
+        (``tree.sampled_feed``). Every drawn node is verified: none is dropped after its draw."""
+        dev = root.device
+        tokens, parents, logp, reach = [int(root)], [-1], [0.0], [1.0]
+        out_of: dict[int, Tensor] = {0: root_out}  # fed node -> head output (its children's feature)
+        q_of: dict[int, Tensor] = {}  # node -> [Vq] the distribution its children were drawn from
+        fed: list[int] = []  # fed nodes in head-cache order, after the committed pairs
+        owners, spent = [0], budget.fixed_ms
+        accept = draw.accept.tolist()
+        for d in range(1, depth + 1):
+            lp = self._logp(torch.stack([out_of[o] for o in owners]), draw.temperature)  # [F, Vq]
+            q = lp.exp()
+            rates = [accept[SampledAcceptance.confidence_row(c)] for c in q.max(-1).values.tolist()]
+            counts = sampled_children([reach[o] for o in owners], rates, width, len(tokens), sum(reach), spent,
+                                      budget.verify_ms)
+            if not any(counts):
+                break
+            idx = _gumbel_top(lp, max(counts), draw.generator)  # [F, k] in draw order
+            ti, tv = self._token(idx).tolist(), lp.gather(-1, idx).tolist()
+            new: list[tuple[float, int]] = []  # (predicted gain of its first draw, node)
+            for j, o in enumerate(owners):
+                q_of[o], miss = q[j], 1.0
+                for r in range(counts[j]):
+                    rate = rates[j][min(r, len(rates[j]) - 1)]
+                    tokens.append(ti[j][r])
+                    parents.append(o)
+                    logp.append(tv[j][r])
+                    reach.append(reach[o] * miss * rate)
+                    miss *= 1.0 - rate
+                    new.append((reach[-1] * rates[j][0], len(tokens) - 1))  # a child drafts about as surely
+            if d == depth:
+                break
+            new.sort(reverse=True)
+            n = sampled_feed([g for g, _ in new], len(tokens), sum(reach), spent, budget.verify_ms,
+                             budget.level_ms, budget.row_ms)
+            if n == 0:
+                break
+            owners = [c for _, c in new[:n]]
+            spent += budget.level_cost(n)
+            self._feed_sampled(owners, tokens, parents, fed, out_of, d)
+        if len(tokens) == 1:
+            return single_node_tree(root)
+        tree = build_tree(torch.tensor(tokens, device=dev), torch.tensor(parents, device=dev),
+                          torch.tensor(logp, device=dev))
+        q = torch.zeros(len(tokens), q_of[0].shape[0], dtype=torch.float32, device=dev)  # [N, Vq]
+        for o, row in q_of.items():
+            q[o] = row
+        return replace(tree, draft_q=q, q_ids=self.vocab_ids)
+
+    def _feed_sampled(self, feed: list[int], tokens: list[int], parents: list[int], fed: list[int],
+                      out_of: dict[int, Tensor], d: int) -> None:
+        """Run the head over ``feed`` (depth-d nodes) after the ``fed`` ones; each attends to the
+        committed pairs, its fed ancestors and itself. Fills ``out_of`` and extends ``fed``."""
+        dev, nf, n_fed = out_of[0].device, len(feed), len(fed)
+        at = {node: i for i, node in enumerate(fed)}
+        own = torch.zeros(nf, n_fed + nf, dtype=torch.bool)  # [nf, n_fed + nf] ancestor-or-self among fed
+        for j, c in enumerate(feed):
+            p = parents[c]
+            while p > 0:
+                own[j, at[p]] = True
+                p = parents[p]
+            own[j, n_fed + j] = True
+        mask = masks.after_prefix(own.to(dev), self.length)
+        feats = torch.stack([out_of[parents[c]] for c in feed])
+        toks = torch.tensor([tokens[c] for c in feed], device=dev)
+        out = self._run(feats, toks, torch.full((nf,), self.length - 1 + d, device=dev), self.length + n_fed, mask)
+        fed += feed
+        for j, c in enumerate(feed):
+            out_of[c] = out[j]
 
     def _grow_static(self, root: Tensor, root_out: Tensor, parents: tuple, depths: tuple, ranks: tuple,
                      draw: Draw | None = None) -> Tree:

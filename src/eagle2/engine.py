@@ -240,7 +240,10 @@ class Engine:
             feats = hidden[start:]  # [n - start, H] features not yet paired in the draft cache ...
             pair_tokens = torch.cat([prompt[start + 1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
-        acceptance = SampledAcceptance() if use_draft and not sampling.greedy else None
+        acceptance = None
+        if use_draft and not sampling.greedy:  # the adaptive tree rates draws by confidence (draft.py)
+            adaptive = tree.dynamic and cost is not None
+            acceptance = SampledAcceptance.by_confidence() if adaptive else SampledAcceptance.by_depth()
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
                   if use_draft and sampling.greedy and tree.dynamic and tree.lookup and cost is not None else None)
         while not run.finished():
@@ -263,10 +266,10 @@ class Engine:
             accepted = draft.tokens[path[1:]].tolist()
             run.stats.accept_lengths.append(len(accepted))
             if grown:
-                rates = None if draft.draft_q is None else draw.accept  # what this round's shape assumed
-                _record_tree(run.stats, draft, path, rates)
-                if rates is not None:
-                    acceptance.update(draft.parents.tolist(), draft.depths.tolist(), path.tolist())
+                rated = None if draft.draft_q is None else (draw.accept, acceptance.rows(draft))  # what it assumed
+                _record_tree(run.stats, draft, path, rated)
+                if rated is not None:
+                    acceptance.update(draft.parents.tolist(), rated[1], path.tolist())
             length += path.shape[0]
             path_feats = hidden[path]  # [A + 1, F] the root's and the accepted nodes' features
             kept.add([root] + accepted, path_feats)
@@ -395,15 +398,15 @@ class _Budgets:
                       self.cost.draft_row_ms)
 
 
-def _record_tree(stats: Stats, draft, path: torch.Tensor, rates: torch.Tensor | None) -> None:
+def _record_tree(stats: Stats, draft, path: torch.Tensor, rated: tuple[torch.Tensor, list[int]] | None) -> None:
     """Per-round tree statistics: size, depth, expected accept length and per-node calibration data.
     Expected: the path probabilities (greedy: the draft is calibrated), or with sampled drafts the
-    reach probabilities under the acceptance ``rates`` the round was shaped with."""
+    reach probabilities under the acceptance rates the round was shaped with and each node's row."""
     probs = path_probs(draft).float().cpu()  # [N]
     depths = draft.depths.cpu()
     on_path = set(path.tolist())
     d, p = depths.tolist(), probs.tolist()  # lists: a tensor index per node costs more than the round's tree code
-    expected = p if rates is None else sampled_reach(draft.parents.tolist(), d, rates)
+    expected = p if rated is None else sampled_reach(draft.parents.tolist(), rated[1], rated[0])
     stats.tree_sizes.append(draft.size)
     stats.tree_depths.append(max(d))
     stats.expected_accepts.append((round(sum(min(1.0, x) for x in expected[1:]), 4), int(path.shape[0]) - 1))

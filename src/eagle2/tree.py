@@ -18,7 +18,9 @@ Glossary (used by every module of the package):
   sampled (or argmax-ed) from the target at the last accepted node.
 - sampled draft (T > 0): a child drawn from the draft's distribution q rather than taken as its
   top-k; its draw rank is its place among its siblings in draw order (index order). Its reach
-  probability is the chance it is accepted, from acceptance rates by depth and draw rank.
+  probability is the chance it is accepted, from acceptance rates by draw rank and a row: the
+  depth (fixed shapes) or the confidence of its parent's draft distribution (the adaptive tree).
+- confidence: the largest probability in the draft distribution a node's children are drawn from.
 - prompt-lookup chain (T = 0): tokens copied from the context after an earlier occurrence of its
   last few tokens (lookup.py), merged into the candidates from the root (``merge_chain``).
 - reused prefix: the prompt tokens whose target keys/values a recent call left in its cache
@@ -314,10 +316,11 @@ def sampled_tree_paths(accept: Tensor, max_nodes: int, max_depth: int, top_k: in
     return paths, probs
 
 
-def sampled_reach(parents: list[int], depths: list[int], accept: Tensor) -> list[float]:
+def sampled_reach(parents: list[int], rows: list[int], accept: Tensor) -> list[float]:
     """[N] each node's probability of being accepted in a sampled tree (root: 1), by the rule of
-    ``sampled_tree_paths``; siblings are in draw order (index order)."""
-    rows, cols = accept.shape
+    ``sampled_tree_paths``; siblings are in draw order (index order). rows[i]: the row of ``accept``
+    node i was rated with (``cost.SampledAcceptance.rows``)."""
+    n_rows, cols = accept.shape
     a = accept.tolist()
     reach = [1.0] * len(parents)
     miss: dict[int, float] = {}  # parent -> probability that its children so far were all rejected
@@ -326,7 +329,7 @@ def sampled_reach(parents: list[int], depths: list[int], accept: Tensor) -> list
         if p < 0:
             continue
         r = rank.get(p, 0)
-        rate = a[min(depths[i], rows) - 1][min(r, cols - 1)]
+        rate = a[min(rows[i], n_rows - 1)][min(r, cols - 1)]
         reach[i] = reach[p] * miss.get(p, 1.0) * rate
         miss[p], rank[p] = miss.get(p, 1.0) * (1.0 - rate), r + 1
     return reach
@@ -345,6 +348,55 @@ def sampled_size(probs: list[float], depths: list[int], budget: Budget) -> int:
         if rate > best_rate:
             best_j, best_rate = j, rate
     return best_j
+
+
+def sampled_children(reach: Sequence[float], rates: Sequence[Sequence[float]], width: int, nodes: int,
+                     expected: float, spent_ms: float, verify_ms: Tensor | Sequence[float]) -> list[int]:
+    """How many children to draw at each fed node of the adaptive sampled tree (T > 0).
+
+    reach[i]: fed node i's reach probability; rates[i][r]: the chance its rank-r draw is accepted
+    when tried (``cost.SampledAcceptance``, by the node's confidence). ``nodes`` are in the tree
+    already (root included) with ``expected`` tokens (1 + their reaches); ``spent_ms`` is paid.
+    Draws join best gain first, each node's in rank order, and the count kept is the one with the
+    most expected tokens per ms. Every count is fixed before any of these children is drawn, so
+    whether a child is verified never depends on its own token: what keeps sampled verification
+    exact (verify.py)."""
+    v = _floats(verify_ms)
+    heap = [(-r * a[0], i, 0, 1.0) for i, (r, a) in enumerate(zip(reach, rates)) if width > 0 and r * a[0] > 0]
+    heapq.heapify(heap)  # (-gain, node, rank, chance that its earlier draws were all rejected)
+    order: list[int] = []
+    best_m, best_rate = 0, expected / (spent_ms + v[nodes])
+    while heap and nodes + len(order) + 1 < len(v):
+        neg, i, r, miss = heapq.heappop(heap)
+        order.append(i)
+        expected -= neg
+        rate = expected / (spent_ms + v[nodes + len(order)])
+        if rate > best_rate:
+            best_m, best_rate = len(order), rate
+        a = rates[i]
+        if r + 1 < width:
+            miss *= 1.0 - a[min(r, len(a) - 1)]
+            heapq.heappush(heap, (-reach[i] * miss * a[min(r + 1, len(a) - 1)], i, r + 1, miss))
+    counts = [0] * len(reach)
+    for i in order[:best_m]:
+        counts[i] += 1
+    return counts
+
+
+def sampled_feed(predicted: Sequence[float], nodes: int, expected: float, spent_ms: float,
+                 verify_ms: Tensor | Sequence[float], level_ms: float, row_ms: float = 0.0) -> int:
+    """How many of the newest sampled nodes, best ``predicted`` first (each one's expected gain from
+    its first draw), one more draft level should feed: 0 = stop. Feeding n costs the level, n rows
+    and a verify row for each predicted child; the n with the most expected tokens per ms is
+    chosen, if it beats stopping (``nodes``, ``expected``, ``spent_ms`` as in ``sampled_children``)."""
+    v, f = _floats(verify_ms), sorted(predicted, reverse=True)
+    best_n, best_rate = 0, expected / (spent_ms + v[nodes])
+    for n in range(1, min(len(f), len(v) - 1 - nodes) + 1):
+        expected += f[n - 1]
+        rate = expected / (spent_ms + level_ms + n * row_ms + v[nodes + n])
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n
 
 
 def static_tree_parents(paths: list[tuple[int, ...]]) -> list[int]:
