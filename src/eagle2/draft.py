@@ -24,7 +24,7 @@ the 2H-wide [embedding, feature] given as the attention's input beside the H-wid
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import torch
@@ -275,8 +275,7 @@ class Drafter:
         (``draw.accept``, by confidence and rank), and ``tree.sampled_children`` decides how many to
         draw from it before any is drawn; then the newest nodes worth it are fed
         (``tree.sampled_feed``). Every drawn node is verified: none is dropped after its draw."""
-        dev = root.device
-        tokens, parents, logp, reach = [int(root)], [-1], [0.0], [1.0]
+        nodes = _SampledNodes(int(root))
         out_of: dict[int, Tensor] = {0: root_out}  # fed node -> head output (its children's feature)
         q_of: dict[int, Tensor] = {}  # node -> [Vq] the distribution its children were drawn from
         fed: list[int] = []  # fed nodes in head-cache order, after the committed pairs
@@ -286,41 +285,27 @@ class Drafter:
             lp = self._logp(torch.stack([out_of[o] for o in owners]), draw.temperature)  # [F, Vq]
             q = lp.exp()
             rates = [accept[SampledAcceptance.confidence_row(c)] for c in q.max(-1).values.tolist()]
-            counts = sampled_children([reach[o] for o in owners], rates, width, len(tokens), sum(reach), spent,
-                                      budget.verify_ms)
+            counts = sampled_children([nodes.reach[o] for o in owners], rates, width, len(nodes.tokens),
+                                      sum(nodes.reach), spent, budget.verify_ms)
             if not any(counts):
                 break
             idx = _gumbel_top(lp, max(counts), draw.generator)  # [F, k] in draw order
             ti, tv = self._token(idx).tolist(), lp.gather(-1, idx).tolist()
             new: list[tuple[float, int]] = []  # (predicted gain of its first draw, node)
             for j, o in enumerate(owners):
-                q_of[o], miss = q[j], 1.0
-                for r in range(counts[j]):
-                    rate = rates[j][min(r, len(rates[j]) - 1)]
-                    tokens.append(ti[j][r])
-                    parents.append(o)
-                    logp.append(tv[j][r])
-                    reach.append(reach[o] * miss * rate)
-                    miss *= 1.0 - rate
-                    new.append((reach[-1] * rates[j][0], len(tokens) - 1))  # a child drafts about as surely
+                q_of[o] = q[j]
+                new += nodes.add_draws(o, ti[j][:counts[j]], tv[j][:counts[j]], rates[j])
             if d == depth:
                 break
             new.sort(reverse=True)
-            n = sampled_feed([g for g, _ in new], len(tokens), sum(reach), spent, budget.verify_ms,
+            n = sampled_feed([g for g, _ in new], len(nodes.tokens), sum(nodes.reach), spent, budget.verify_ms,
                              budget.level_ms, budget.row_ms)
             if n == 0:
                 break
             owners = [c for _, c in new[:n]]
             spent += budget.level_cost(n)
-            self._feed_sampled(owners, tokens, parents, fed, out_of, d)
-        if len(tokens) == 1:
-            return single_node_tree(root)
-        tree = build_tree(torch.tensor(tokens, device=dev), torch.tensor(parents, device=dev),
-                          torch.tensor(logp, device=dev))
-        q = torch.zeros(len(tokens), q_of[0].shape[0], dtype=torch.float32, device=dev)  # [N, Vq]
-        for o, row in q_of.items():
-            q[o] = row
-        return replace(tree, draft_q=q, q_ids=self.vocab_ids)
+            self._feed_sampled(owners, nodes.tokens, nodes.parents, fed, out_of, d)
+        return nodes.tree(root, q_of, self.vocab_ids)
 
     def _feed_sampled(self, feed: list[int], tokens: list[int], parents: list[int], fed: list[int],
                       out_of: dict[int, Tensor], d: int) -> None:
@@ -398,6 +383,48 @@ class Drafter:
         for o, row in q_of.items():
             q[o] = row
         return replace(tree, draft_q=q, q_ids=self.vocab_ids)
+
+
+@dataclass
+class _SampledNodes:
+    """The nodes of one adaptive sampled tree as it grows (node 0 = the root), as Python lists."""
+
+    root: int
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)  # draft log-prob at the request's temperature
+    reach: list[float] = field(default_factory=list)  # the chance each is accepted (root: 1)
+
+    def __post_init__(self) -> None:
+        self.tokens, self.parents, self.logp, self.reach = [self.root], [-1], [0.0], [1.0]
+
+    def add_draws(self, owner: int, tokens: list[int], logp: list[float], rates: list[float]
+                  ) -> list[tuple[float, int]]:
+        """Append ``owner``'s draws in draw order, rated by ``rates`` (by rank); returns each new
+        node's predicted gain from its own first draw, taken at its parent's first-draw rate (a
+        child drafts about as surely as its parent)."""
+        new, miss = [], 1.0
+        for r, (t, lp) in enumerate(zip(tokens, logp)):
+            rate = rates[min(r, len(rates) - 1)]
+            self.tokens.append(t)
+            self.parents.append(owner)
+            self.logp.append(lp)
+            self.reach.append(self.reach[owner] * miss * rate)
+            miss *= 1.0 - rate
+            new.append((self.reach[-1] * rates[0], len(self.tokens) - 1))
+        return new
+
+    def tree(self, root: Tensor, q_of: dict[int, Tensor], q_ids: Tensor | None) -> Tree:
+        """The verified tree, carrying each parent's draw distribution (zeros for a leaf)."""
+        if len(self.tokens) == 1:
+            return single_node_tree(root)
+        dev = root.device
+        tree = build_tree(torch.tensor(self.tokens, device=dev), torch.tensor(self.parents, device=dev),
+                          torch.tensor(self.logp, device=dev))
+        q = torch.zeros(len(self.tokens), q_of[0].shape[0], dtype=torch.float32, device=dev)  # [N, Vq]
+        for o, row in q_of.items():
+            q[o] = row
+        return replace(tree, draft_q=q, q_ids=q_ids)
 
 
 def _gumbel_top(logp: Tensor, k: int, generator: torch.Generator) -> Tensor:
