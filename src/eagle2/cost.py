@@ -87,7 +87,7 @@ class SampledAcceptance:
     state of one generation: the engine starts one from the prior per ``decode`` call (so a seeded
     run is reproducible) and updates it after each sampled round."""
 
-    RANK_PRIOR = (0.4, 0.25, 0.15)  # by depth: near what a trained head measures at T = 1, every depth
+    RANK_PRIOR = (0.4, 0.25, 0.15)  # by rank, the same at every depth: near what a trained head measures at T = 1
     # by confidence tenth, first draw: what the shipped head measured at T = 1 on 40 corpus prompts
     # it never trained on (3,524 draws); later draws at a fraction of it
     CONFIDENCE_PRIOR = (0.23, 0.25, 0.29, 0.33, 0.35, 0.46, 0.56, 0.55, 0.74, 0.91)
