@@ -135,6 +135,31 @@ def test_sample_accept_with_sampled_children_matches_p(n_children):
     assert chisquare(counts[:4].numpy(), (p[:4] * n).numpy()).pvalue > 1e-3
 
 
+def test_a_draw_whose_probability_underflowed_is_skipped_not_accepted():
+    """A sure draft (log-probs 0, -200, -200, -200: q is one-hot in fp32) whose later draws come from
+    what underflowed to zero. Once the first draw is rejected, q without it has no mass left, so
+    min(1, p / q) cannot be computed for the later draws; taking q as 0 would accept any of them the
+    target allows (token 2 half the time instead of 0.1). They are skipped, and the bonus comes
+    from the residual: the first token is distributed as p."""
+    from dataclasses import replace
+
+    from eagle2.draft import _gumbel_top
+
+    logq = torch.tensor([0.0, -200.0, -200.0, -200.0])
+    p = torch.tensor([0.5, 0.4, 0.1, 0.0])
+    g = torch.Generator().manual_seed(2)
+    n, counts = 8000, torch.zeros(4)
+    for _ in range(n):
+        kids = _gumbel_top(logq[None], 3, g)[0]
+        tree = build_tree(torch.cat([torch.tensor([0]), kids]), torch.tensor([-1, 0, 0, 0]))
+        rows = torch.zeros(4, 4)
+        rows[0] = logq.softmax(-1)
+        path, bonus = sample_accept(replace(tree, draft_q=rows), p.expand(4, -1), g)
+        counts[int(tree.tokens[path[1]]) if len(path) > 1 else bonus] += 1
+    assert counts[3] == 0
+    assert chisquare(counts[:3].numpy(), (p[:3] * n).numpy()).pvalue > 1e-3
+
+
 def test_a_sampled_child_from_q_equal_p_is_always_accepted():
     """Why drafts are sampled at T > 0: with q = p uniform over 4 tokens a drawn child is accepted
     every time, where the deterministic rule accepts a fixed child a quarter of the time."""

@@ -287,6 +287,8 @@ class Drafter:
             rates = [accept[SampledAcceptance.confidence_row(c)] for c in q.max(-1).values.tolist()]
             counts = sampled_children([nodes.reach[o] for o in owners], rates, width, len(nodes.tokens),
                                       sum(nodes.reach), spent, budget.verify_ms)
+            support = (q > 0).sum(-1).tolist()  # verify.py skips draws beyond it: never draw them
+            counts = [min(c, s) for c, s in zip(counts, support)]
             if not any(counts):
                 break
             idx = _gumbel_top(lp, max(counts), draw.generator)  # [F, k] in draw order

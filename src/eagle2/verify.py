@@ -15,7 +15,8 @@ follows the node). Output is the accepted path (node indices, root first) and th
   drawn from its q and whether it is verified did not depend on which token it is
   (``tree.sampled_tree_paths`` fixes the shape before the draws). A tree without ``draft_q``
   proposes deterministically: q is one-hot at x, so x is accepted with probability p(x) and a
-  rejection zeroes p(x).
+  rejection zeroes p(x). A child whose q(x) underflowed to 0 in fp32 (drawn after a sure draft's
+  only token with mass) is skipped: q without the earlier draws has no mass left to compare with.
 """
 
 from __future__ import annotations
@@ -104,13 +105,16 @@ def sample_accept(tree: Tree, probs: Tensor, generator: torch.Generator | None) 
                 residual = p.clone()
                 residual[x] = 0.0
             else:
+                if not bool(q[x] > 0):  # drawn where q underflowed to 0: min(1, p / q) is unknown.
+                    continue  # Skipping it caps the draws at q's support, which depends on q alone.
                 if bool(u * q[x] < p[x]):  # u < p(x) / q(x), without dividing by a tiny q(x)
                     accepted = c
                     break
                 residual = (p - q).clamp(min=0.0)
                 q = q.clone()
                 q[x] = 0.0
-                q = q / q.sum().clamp(min=1e-30)
+                mass = q.sum()
+                q = q / mass if bool(mass > 0) else q
             total = residual.sum()
             if not bool(total > 0):  # all mass rejected: reachable only through fp rounding
                 p = probs[node]
