@@ -49,6 +49,8 @@ def test_decode_settings_resolve_conveniences_once(gen):
     assert DecodeSettings().tree(TreeConfig(adaptive=True)).dynamic  # no shape given: the cost-aware tree
     assert DecodeSettings(lookup=0).tree(TreeConfig(adaptive=True)).lookup == 0
     assert DecodeSettings().tree(TreeConfig(adaptive=True, lookup=5)).lookup == 5  # None: the generator's
+    with pytest.raises(ValueError, match="draw_above"):
+        TreeConfig(draw_above=-1.0)
     for bad in (-1, "3", 2.5):
         with pytest.raises(ValueError, match="lookup"):
             DecodeSettings(lookup=bad)

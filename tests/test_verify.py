@@ -246,14 +246,18 @@ def test_sampled_joint_distribution_matches_target(sampling_gen, temperature, to
     assert _chi2_pvalue(counts, joint) > 1e-3
 
 
-def test_sampled_cost_aware_tree_matches_target(sampling_gen):
-    """The dynamic tree (free verification: it grows deep and wide) samples the target exactly too."""
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampled_cost_aware_tree_matches_target(sampling_gen, temperature):
+    """The dynamic tree (free verification: it grows deep and wide) samples the target exactly too:
+    at T = 1 with drawn children, at T = 0.5 (below ``TreeConfig.draw_above``) with the reranked
+    top-k tree of T = 0, each child accepted with the target's probability."""
     from eagle2.api import Eagle2Generator
 
     model, gen = sampling_gen
+    assert gen.tree.draws(1.0) and not gen.tree.draws(0.5)
     deep = Eagle2Generator(model, gen.tokenizer, gen.head, cost_model=cost_model(0.0, level_ms=0.0))
-    joint = _exact_joint(model, PROMPT, 3, 1.0, 0, 1.0)
-    counts, accepted = _sample_counts(deep, PROMPT, N_SAMPLES, 1.0, 0, 1.0, shape={})
+    joint = _exact_joint(model, PROMPT, 3, temperature, 0, 1.0)
+    counts, accepted = _sample_counts(deep, PROMPT, N_SAMPLES, temperature, 0, 1.0, shape={})
     assert accepted > N_SAMPLES // 4
     assert _chi2_pvalue(counts, joint) > 1e-3
 

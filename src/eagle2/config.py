@@ -82,6 +82,7 @@ class TreeConfig:
     max_depth: int = 8  # adaptive: the deepest level a round may draft
     frontier: int = 0  # adaptive: its top_k (children per expanded node, frontier width); 0: top_k (eagle2 tune's choice)
     lookup: int = 8  # adaptive, greedy: the longest prompt-lookup chain merged into the candidates (lookup.py); 0: none
+    draw_above: float = 0.7  # T > 0: children drawn from the draft above this temperature, its top-k at or below it
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +93,17 @@ class TreeConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 shown = "tree_top_k" if name == "top_k" else name
                 raise ValueError(f"{shown} must be an integer >= {low}; got {v!r}")
+        d = self.draw_above
+        if not isinstance(d, (int, float)) or isinstance(d, bool) or not d >= 0:
+            raise ValueError(f"draw_above must be a number >= 0; got {d!r}")
+
+    def draws(self, temperature: float) -> bool:
+        """True when a round at this temperature draws its children from the draft (T > draw_above).
+        False: greedy, or at 0 < T <= draw_above the same top-k tree as at T = 0 (values from the
+        draft at T = 1), each child accepted with the target's probability of it. Where the target
+        is sure, a top-k child is accepted about as often as a drawn one, and the top-k tree may be
+        reranked and cut by value; the draft at the request's temperature rates its top-k too high."""
+        return temperature > 0 and temperature > self.draw_above
 
     @property
     def dynamic(self) -> bool:

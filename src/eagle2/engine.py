@@ -241,7 +241,8 @@ class Engine:
             pair_tokens = torch.cat([prompt[start + 1:], prompt.new_tensor([root])])  # ... with their next tokens
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
         acceptance = None
-        if use_draft and not sampling.greedy:  # the adaptive tree rates draws by confidence (draft.py)
+        drawn = tree.draws(sampling.temperature)
+        if use_draft and drawn:  # the adaptive tree rates draws by confidence (draft.py)
             adaptive = tree.dynamic and cost is not None
             acceptance = SampledAcceptance.by_confidence() if adaptive else SampledAcceptance.by_depth()
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
@@ -253,7 +254,7 @@ class Engine:
             root_t = torch.tensor(root, dtype=torch.long, device=dev)
             chain, matched = ([], []), 0  # prompt lookup's copied tokens and log-probs, the suffix length matched
             if grown:
-                draw = None if sampling.greedy else Draw(sampling.temperature, run.rng, acceptance.table())
+                draw = Draw(sampling.temperature, run.rng, acceptance.table()) if drawn else None
                 if lookup is not None:
                     copied, logps, matched = lookup.propose(max_depth)
                     chain = (copied, logps)
