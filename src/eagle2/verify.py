@@ -12,8 +12,9 @@ follows the node). Output is the accepted path (node indices, root first) and th
   replacement, q loses x and is renormalized before the next sibling. If every child is rejected
   the bonus is sampled from the residual. Each emitted token is then distributed exactly as the
   target's p (after temperature / top-k / top-p), for any q, provided each child really was
-  drawn from its q and whether it is verified did not depend on which token it is
-  (``tree.sampled_tree_paths`` fixes the shape before the draws). A tree without ``draft_q``
+  drawn from its q and whether it is verified did not depend on which token it is (a node's
+  number of draws is fixed before they are drawn: ``tree.sampled_tree_paths`` for a fixed shape,
+  ``tree.sampled_children`` level by level for the adaptive tree). A tree without ``draft_q``
   proposes deterministically: q is one-hot at x, so x is accepted with probability p(x) and a
   rejection zeroes p(x). A child whose q(x) underflowed to 0 in fp32 (drawn after a sure draft's
   only token with mass) is skipped: q without the earlier draws has no mass left to compare with.
