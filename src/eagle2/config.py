@@ -69,7 +69,7 @@ class TreeConfig:
     while another level is expected to pay for its draft step, then verifies the prefix of the
     reranked candidates that maximises expected tokens per second on this machine (``cost.py``
     measures the costs, ``tree.best_size`` weighs them). ``max_nodes`` / ``max_depth`` bound it.
-    At T = 0 the adaptive tree also weighs a chain copied from the context (``lookup``, prompt lookup).
+    Up to T = ``draw_above`` the adaptive tree also weighs a chain copied from the context (``lookup``).
     Otherwise the shape is fixed: ``total_tokens`` nodes, ``depth`` levels, ``top_k`` per level.
     """
 
@@ -81,7 +81,7 @@ class TreeConfig:
     max_nodes: int = 48  # adaptive: the most nodes a round verifies, root included
     max_depth: int = 8  # adaptive: the deepest level a round may draft
     frontier: int = 0  # adaptive: its top_k (children per expanded node, frontier width); 0: top_k (eagle2 tune's choice)
-    lookup: int = 8  # adaptive, greedy: the longest prompt-lookup chain merged into the candidates (lookup.py); 0: none
+    lookup: int = 8  # adaptive, T <= draw_above: the longest prompt-lookup chain merged in (lookup.py); 0: none
     draw_above: float = 0.7  # T > 0: children drawn from the draft above this temperature, its top-k at or below it
 
     def __post_init__(self) -> None:

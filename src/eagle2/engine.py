@@ -246,7 +246,7 @@ class Engine:
             adaptive = tree.dynamic and cost is not None
             acceptance = SampledAcceptance.by_confidence() if adaptive else SampledAcceptance.by_depth()
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
-                  if use_draft and sampling.greedy and tree.dynamic and tree.lookup and cost is not None else None)
+                  if use_draft and not drawn and tree.dynamic and tree.lookup and cost is not None else None)
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1

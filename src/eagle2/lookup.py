@@ -2,16 +2,16 @@
 
 Where the last few tokens of the context (prompt + output) occurred before, the tokens that followed
 them then are a guess at what follows now. Small models repeat themselves and answers quote their
-prompts, so such a guess is often right for several tokens, and it costs no draft step. Each round
-(greedy only) the engine asks a ``PromptLookup`` for the continuation of the longest suffix, of 2 to
-``NGRAM_MAX`` tokens, that occurred earlier; the drafter merges it into the EAGLE-2 candidates as a
-chain from the root (``tree.merge_chain``), and the cost rule verifies as much of it as pays, as for
-any draft. Output is unchanged: every drafted token, whoever proposed it, is verified.
+prompts, so such a guess is often right for several tokens, and it costs no draft step. Each round of
+a top-k tree (T <= ``TreeConfig.draw_above``) the engine asks a ``PromptLookup`` for the continuation
+of the longest suffix, of 2 to ``NGRAM_MAX`` tokens, that occurred earlier; the drafter merges it into
+the EAGLE-2 candidates as a chain from the root (``tree.merge_chain``), and the cost rule verifies as
+much of it as pays, as for any draft. Output is unchanged: every drafted token, whoever proposed it, is verified.
 
 The chain's tokens need probabilities for that rule. ``PromptLookup`` learns them per generation, by
 the length of the suffix matched and the token's place in the chain: after each round it counts how
-many of the chain's tokens the target's own tokens confirmed (at T = 0 the accepted tokens and the
-bonus are the target's greedy continuation, so every chain token up to the first miss is checked,
+many of the chain's tokens the target's own tokens confirmed (the accepted tokens and the bonus are
+the target's continuation, greedy or sampled, so every chain token up to the first miss is checked,
 verified in the tree or not).
 Nothing here knows the tree or the engine's loop.
 """
@@ -74,7 +74,7 @@ class PromptLookup:
 
     def update(self, chain: list[int], n: int, target_tokens: list[int]) -> None:
         """Count one round: ``target_tokens`` are the round's accepted tokens and its bonus (the target's
-        greedy continuation); the chain's tokens up to its first miss among them were checked."""
+        continuation); the chain's tokens up to its first miss among them were checked."""
         if not chain:
             return
         k = 0
