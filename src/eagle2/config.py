@@ -103,7 +103,7 @@ class TreeConfig:
         draft at T = 1), each child accepted with the target's probability of it. Where the target
         is sure, a top-k child is accepted about as often as a drawn one, and the top-k tree may be
         reranked and cut by value; the draft at the request's temperature rates its top-k too high."""
-        return temperature > 0 and temperature > self.draw_above
+        return temperature > self.draw_above  # (draw_above >= 0: never at T = 0)
 
     @property
     def dynamic(self) -> bool:

@@ -24,6 +24,7 @@ the 2H-wide [embedding, feature] given as the attention's input beside the H-wid
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -306,11 +307,11 @@ class Drafter:
                 break
             owners = [c for _, c in new[:n]]
             spent += budget.level_cost(n)
-            self._feed_sampled(owners, nodes.tokens, nodes.parents, fed, out_of, d)
+            self._feed(owners, nodes.tokens, nodes.parents, fed, out_of, d)
         return nodes.tree(root, q_of, self.vocab_ids)
 
-    def _feed_sampled(self, feed: list[int], tokens: list[int], parents: list[int], fed: list[int],
-                      out_of: dict[int, Tensor], d: int) -> None:
+    def _feed(self, feed: list[int], tokens: Sequence[int], parents: Sequence[int], fed: list[int],
+              out_of: dict[int, Tensor], d: int) -> None:
         """Run the head over ``feed`` (depth-d nodes) after the ``fed`` ones; each attends to the
         committed pairs, its fed ancestors and itself. Fills ``out_of`` and extends ``fed``."""
         dev, nf, n_fed = out_of[0].device, len(feed), len(fed)
@@ -339,14 +340,12 @@ class Drafter:
         tokens = [int(root)] + [0] * (n - 1)
         logp = [0.0] * n
         par_t = torch.tensor(parents, device=dev)
-        anc = build_tree(torch.zeros(n, dtype=torch.long, device=dev), par_t).mask  # static ancestry
         has_child = [False] * n
         for p in parents[1:]:
             has_child[p] = True
         out_of: dict[int, Tensor] = {0: root_out}  # node -> head output (its children's feature)
         q_of: dict[int, Tensor] = {}  # node -> [Vq] the distribution its children were drawn from
         fed: list[int] = []
-        pos_root = self.length - 1
         max_d = max(depths)
         for d in range(1, max_d + 1):
             level = [i for i in range(n) if depths[i] == d]
@@ -366,25 +365,10 @@ class Drafter:
                 tokens[i] = ti[row[parents[i]]][ranks[i]]
                 logp[i] = tv[row[parents[i]]][ranks[i]]
             feed = [i for i in level if has_child[i]]
-            if d == max_d or not feed:
-                continue
-            idx = torch.tensor(feed, device=dev)
-            own = anc[idx][:, fed + feed] if fed else torch.eye(len(feed), dtype=torch.bool, device=dev)
-            mask = masks.after_prefix(own, self.length)
-            feats = torch.stack([out_of[parents[i]] for i in feed])
-            toks = torch.tensor([tokens[i] for i in feed], device=dev)
-            out = self._run(feats, toks, torch.full((len(feed),), pos_root + d, device=dev), self.length + len(fed), mask)
-            fed += feed
-            for j, i in enumerate(feed):
-                out_of[i] = out[j]
+            if d < max_d and feed:
+                self._feed(feed, tokens, parents, fed, out_of, d)
         tree = build_tree(torch.tensor(tokens, device=dev), par_t, torch.tensor(logp, device=dev))
-        if draw is None:
-            return tree
-        vq = next(iter(q_of.values())).shape[0]
-        q = torch.zeros(n, vq, dtype=torch.float32, device=dev)  # [N, Vq]
-        for o, row in q_of.items():
-            q[o] = row
-        return replace(tree, draft_q=q, q_ids=self.vocab_ids)
+        return tree if draw is None else _with_draft_q(tree, q_of, self.vocab_ids)
 
 
 @dataclass
@@ -423,10 +407,17 @@ class _SampledNodes:
         dev = root.device
         tree = build_tree(torch.tensor(self.tokens, device=dev), torch.tensor(self.parents, device=dev),
                           torch.tensor(self.logp, device=dev))
-        q = torch.zeros(len(self.tokens), q_of[0].shape[0], dtype=torch.float32, device=dev)  # [N, Vq]
-        for o, row in q_of.items():
-            q[o] = row
-        return replace(tree, draft_q=q, q_ids=q_ids)
+        return _with_draft_q(tree, q_of, q_ids)
+
+
+def _with_draft_q(tree: Tree, q_of: dict[int, Tensor], q_ids: Tensor | None) -> Tree:
+    """``tree`` carrying, for each node in ``q_of``, the distribution its children were drawn from
+    (zeros for a leaf), over the draft columns ``q_ids``."""
+    q = torch.zeros(tree.size, next(iter(q_of.values())).shape[0], dtype=torch.float32,
+                    device=tree.tokens.device)  # [N, Vq]
+    for o, row in q_of.items():
+        q[o] = row
+    return replace(tree, draft_q=q, q_ids=q_ids)
 
 
 def _gumbel_top(logp: Tensor, k: int, generator: torch.Generator) -> Tensor:

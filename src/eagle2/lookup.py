@@ -6,7 +6,8 @@ prompts, so such a guess is often right for several tokens, and it costs no draf
 a top-k tree (T <= ``TreeConfig.draw_above``) the engine asks a ``PromptLookup`` for the continuation
 of the longest suffix, of 2 to ``NGRAM_MAX`` tokens, that occurred earlier; the drafter merges it into
 the EAGLE-2 candidates as a chain from the root (``tree.merge_chain``), and the cost rule verifies as
-much of it as pays, as for any draft. Output is unchanged: every drafted token, whoever proposed it, is verified.
+much of it as pays, as for any draft. Output is unchanged: every drafted token, whoever proposed it,
+is verified.
 
 The chain's tokens need probabilities for that rule. ``PromptLookup`` learns them per generation, by
 the length of the suffix matched and the token's place in the chain: after each round it counts how
