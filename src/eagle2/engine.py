@@ -242,11 +242,11 @@ class Engine:
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
         acceptance = None
         drawn = tree.draws(sampling.temperature)
+        adaptive = tree.dynamic and cost is not None  # the cost-aware tree (else a fixed shape)
         if use_draft and drawn:  # the adaptive tree rates draws by confidence (draft.py)
-            adaptive = tree.dynamic and cost is not None
             acceptance = SampledAcceptance.by_confidence() if adaptive else SampledAcceptance.by_depth()
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
-                  if use_draft and not drawn and tree.dynamic and tree.lookup and cost is not None else None)
+                  if use_draft and not drawn and adaptive and tree.lookup else None)
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1
