@@ -21,9 +21,9 @@ Glossary (used by every module of the package):
   probability is the chance it is accepted, from acceptance rates by draw rank and a row: the
   depth (fixed shapes) or the confidence of its parent's draft distribution (the adaptive tree).
 - confidence: the largest probability in the draft distribution a node's children are drawn from.
-- prompt-lookup chain (top-k trees: T <= ``TreeConfig.draw_above``): tokens copied from the context
-  after an earlier occurrence of its last few tokens (lookup.py), merged into the candidates from the
-  root (``merge_chain``).
+- prompt-lookup chain (the adaptive tree at T <= ``TreeConfig.draw_above``, where it is top-k): tokens
+  copied from the context after an earlier occurrence of its last few tokens (lookup.py), merged into
+  the candidates from the root (``merge_chain``).
 - reused prefix: the prompt tokens whose target keys/values a recent call left in its cache
   (engine.py; a chat's earlier turns), which the next call does not prefill again.
 
