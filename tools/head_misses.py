@@ -84,18 +84,28 @@ def main() -> int:
             print(f"error: no such file: {f}", file=sys.stderr)
             return 2
     questions = {q["question_id"]: q for q in map(json.loads, qfile.open())}
-    gen = eagle2.load(args.model)
     answers = [a for a in map(json.loads, args.answers.open()) if a.get("method") == "vanilla"]
     if not answers:
         print(f"error: {args.answers} has no vanilla answers", file=sys.stderr)
         return 2
+    missing = sorted({str(a["question_id"]) for a in answers} - {str(k) for k in questions})
+    if missing:
+        print(f"error: {qfile} lacks questions {', '.join(missing[:5])} of {args.answers} (pass --questions)",
+              file=sys.stderr)
+        return 2
+    gen = eagle2.load(args.model)
     sequences = [(gen.encode_prompt([{"role": "user", "content": questions[a["question_id"]]["turns"][args.turn]}]),
                   gen.tokenizer(a["turns"][args.turn], add_special_tokens=False)["input_ids"]) for a in answers]
-    heads = [(d, load_head(d)) for d in args.head] or [("shipped head", gen.head)]
+    try:
+        heads = [(d, load_head(d)) for d in args.head] or [("shipped head", gen.head)]
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, head in heads:
         if not isinstance(head, Eagle3Head):
             print(f"error: {name} is not an EAGLE-3 head", file=sys.stderr)
             return 2
+    for name, head in heads:
         print(table(str(name), score(gen, head.float().eval(), sequences)), "\n")
     return 0
 
