@@ -20,6 +20,7 @@ import torch
 
 import eagle2
 from eagle2.api import load_head
+from eagle2.bench.inputs import load_questions
 from eagle2.eagle3_head import Eagle3Head
 from eagle2.machine import data_dir
 from eagle2.train.eagle3 import capture_features, feature_layers, ttt_forward
@@ -79,11 +80,14 @@ def main() -> int:
     ap.add_argument("--turn", type=int, default=0)
     args = ap.parse_args()
     qfile = args.questions or data_dir() / "eval" / "mt_bench_question.jsonl"
-    for f in (args.answers, qfile):
-        if not f.is_file():
-            print(f"error: no such file: {f}", file=sys.stderr)
-            return 2
-    questions = {q["question_id"]: q for q in map(json.loads, qfile.open())}
+    if not args.answers.is_file():
+        print(f"error: no such file: {args.answers}", file=sys.stderr)
+        return 2
+    try:
+        questions = {q["question_id"]: q for q in load_questions(qfile)}
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     answers = [a for a in map(json.loads, args.answers.open()) if a.get("method") == "vanilla"]
     if not answers:
         print(f"error: {args.answers} has no vanilla answers", file=sys.stderr)
