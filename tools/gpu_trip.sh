@@ -34,9 +34,9 @@
 # Lessons of earlier trips: on an H100 a step took 0.15 s in the first call and 0.08 s in later calls on the
 # same machine (SPS sizes the step count: too high a value ends a run early, too low one lets --max-minutes
 # stop it before its learning rate has decayed); run one training process at a time (two in parallel on one
-# H200 both stalled before their first step); a step of 16,384 padded tokens with 7 TTT steps takes 0.13-0.19 s; let the
-# learning rate reach the end of its schedule (--schedule-steps = the steps that fit): a 670-step run cut
-# off at lr 9e-5 drafted worse than the head it started from.
+# H200 both stalled before their first step); on an H200 a step of 16,384 padded tokens with 7 TTT steps took
+# 0.13-0.19 s; let the learning rate reach the end of its schedule (--schedule-steps = the steps that fit): a
+# 670-step run cut off at lr 9e-5 drafted worse than the head it started from.
 set -euo pipefail
 
 prepare() {
