@@ -28,7 +28,7 @@
 # 19.7% in stem), so a trip cut short still brings it back.
 # Measured in (w): both trained to the end of their schedules (8192:3072 to 2,277 steps) and neither beat the
 # shipped head in the default tree (tau 2.23-2.24 for all three). The 8,192-token head drafts 5% better on
-# fixed shapes, but prompt lookup already proposes what it adds. Before another trip of this recipe, change
+# fixed shapes; most likely prompt lookup already proposes what it adds. Before another trip of this recipe, change
 # the draft (a deeper head, or a loss on what lookup cannot propose); the machinery here stays the same.
 #
 # Lessons of earlier trips: on an H100 a step took 0.15 s in the first call and 0.08 s in later calls on the
