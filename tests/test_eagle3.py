@@ -6,6 +6,7 @@ carries exactly the keys and config fields SGLang and vLLM read. Wrong capture l
 d2t change the drafts (so these tests can fail)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def frequent_ids(ids: torch.Tensor, k: int = VD) -> torch.Tensor:
     return counts.topk(k).indices.sort().values
 
 
-def fit_eagle3(model, steps: int = 40, seed: int = 0) -> Eagle3Head:
+def fit_eagle3(model, steps: int = 40, seed: int = 0, layers: int = 1) -> Eagle3Head:
     """A head fitted in a second to the model's greedy text: step 0 only, (f_t, x_{t+1}) -> x_{t+2},
     CE against the target's distribution over the draft vocabulary (the 12 most frequent tokens).
     Features come from transformers' own ``hidden_states`` at the default points, not from our
@@ -69,7 +70,7 @@ def fit_eagle3(model, steps: int = 40, seed: int = 0) -> Eagle3Head:
         emb = model.get_input_embeddings()(ids[:, 1:-1])  # x_{t+1}
         p = torch.softmax(out.logits[:, 1:-1][..., draft_ids], dim=-1)  # the target's x_{t+2}, draft vocab
     pos = torch.arange(feats.shape[1])[None].expand(feats.shape[0], -1)
-    head = init_eagle3_head(Eagle3Config.from_target(model.config, VD), seed, draft_ids)
+    head = init_eagle3_head(replace(Eagle3Config.from_target(model.config, VD), num_layers=layers), seed, draft_ids)
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
     head.train()
     for _ in range(steps):
@@ -153,6 +154,23 @@ def test_greedy_equals_transformers(family, backend):
     assert max(taus) > 1.5, f"{name}: EAGLE-3 drafts were rarely accepted ({max(taus):.2f})"
 
 
+@pytest.mark.parametrize("backend", ["transformers", "fast"])
+def test_a_deeper_head_keeps_the_contract(backend, tmp_path):
+    """A two-layer head (this project's extension of the layout: ``layers.0.*`` after the midlayer) saved,
+    reloaded and run: greedy output still equals transformers' token for token, and it drafts."""
+    model = tiny_target("llama")
+    head = fit_eagle3(model, layers=2)
+    loaded = load_head(head.save(tmp_path / "deep", n_layers=N_LAYERS))
+    assert loaded.config.num_layers == 2
+    gen = generator(model, loaded, backend)
+    taus = []
+    for prompt in PROMPTS:
+        r = gen.generate(prompt, max_new_tokens=24, method="eagle2", **TREES[0])
+        assert r.token_ids == hf_greedy(model, prompt, 24), f"{backend} prompt={prompt}"
+        taus.append(r.stats.mean_accept_len)
+    assert max(taus) > 1.5, f"the two-layer head's drafts were rarely accepted ({max(taus):.2f})"
+
+
 def test_sampling_runs_and_stops_at_eos(family):
     name, model, head, refs = family
     gen = generator(model, head)
@@ -206,13 +224,15 @@ def test_general_capture_equals_hidden_states_in_every_family(name):
     assert torch.allclose(feats, torch.cat([hs[1][0], hs[4][0], hs[6][0]], -1), atol=1e-5), name
 
 
+@pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
-def test_lean_drafter_equals_reference_forward(native):
+def test_lean_drafter_equals_reference_forward(native, layers):
     from eagle2.draft import make_drafter
     from eagle2.target import Target
 
     model = tiny_target("llama")
-    head = init_eagle3_head(Eagle3Config.from_target(model.config, VD), seed=3, draft_ids=torch.arange(2, 14))
+    cfg = replace(Eagle3Config.from_target(model.config, VD), num_layers=layers)
+    head = init_eagle3_head(cfg, seed=3, draft_ids=torch.arange(2, 14))
     backend = Backend(lowbit=False, native=native)  # the head's own weights; its midlayer in C++ or in the Python loop
     drafter = make_drafter(head, Target(model), backend=backend)
     assert drafter.stack.is_native == (native and native_ext.load() is not None)
@@ -360,7 +380,8 @@ def test_head_that_does_not_fit_is_refused(tmp_path):
         generator(shallow, init_eagle3_head(Eagle3Config.from_target(shallow.config, VD)))
     _, d = _official(tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    for extra, message in (({"num_hidden_layers": 2}, "only one-layer heads"),
+    for extra, message in (({"num_hidden_layers": 2}, r"lack layers\.0\."),  # deeper than its weights
+                           ({"num_hidden_layers": 0}, "at least one decoder layer"),
                            ({"target_hidden_size": 64}, "narrower than their target"),
                            ({"eagle_config": {"use_aux_hidden_state": False}}, "use_aux_hidden_state = false"),
                            ({"eagle_aux_hidden_state_layer_ids": [2, 4]}, "must name 3 layers")):

@@ -50,9 +50,9 @@ def run(tiny, prompt_file, tmp_path_factory):
     return run_dir
 
 
-def _head(seed=1, vocab=VOCAB, vd=16):
+def _head(seed=1, vocab=VOCAB, vd=16, layers=1):
     cfg = Eagle3Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=8, vocab_size=vocab, draft_vocab_size=vd)
+                       head_dim=8, vocab_size=vocab, draft_vocab_size=vd, num_layers=layers)
     return init_eagle3_head(cfg, seed=seed, draft_ids=torch.arange(vd) * 2).eval()
 
 
@@ -65,11 +65,12 @@ def test_ttt_mask_is_the_diagonal_one():
     assert torch.equal(ttt_mask(3, 0), want[:, :3])  # step 0: plain causal attention
 
 
-def test_ttt_forward_is_the_inference_chain():
+@pytest.mark.parametrize("layers", [1, 2])
+def test_ttt_forward_is_the_inference_chain(layers):
     """Step k at index i equals the head run as the drafter runs it: commit the true pairs 0..i
-    (features, next token), then k steps on its own outputs through a KV cache; the decomposed
-    attention equals attention under the full diagonal mask."""
-    head = _head()
+    (features, next token), then k steps on its own outputs through a KV cache (one per decoder
+    layer); the decomposed attention equals attention under the full diagonal mask."""
+    head = _head(layers=layers)
     g = torch.Generator().manual_seed(0)
     t = 12
     feats, emb = torch.randn(1, t, 96, generator=g), torch.randn(1, t, 32, generator=g)
@@ -83,11 +84,11 @@ def test_ttt_forward_is_the_inference_chain():
         torch.testing.assert_close(outs[0][:, :-1], plain, atol=1e-5, rtol=1e-5)
         for k in (1, 2, 3):
             for i in (0, 5, t - 2 - k):
-                out, (kc, vc) = head(feats[:, :i + 1], emb[:, 1:i + 2], pos[:, :i + 1])
+                out, past = head(feats[:, :i + 1], emb[:, 1:i + 2], pos[:, :i + 1])
                 f = out[:, -1:]
                 for j in range(1, k + 1):  # depth j: token x_{i+1+j} at position i + j
-                    f, (kn, vn) = head(f, emb[:, i + 1 + j:i + 2 + j], pos[:, i:i + 1] + j, past=(kc, vc))
-                    kc, vc = torch.cat([kc, kn], 2), torch.cat([vc, vn], 2)
+                    f, new = head(f, emb[:, i + 1 + j:i + 2 + j], pos[:, i:i + 1] + j, past=past)
+                    past = [(torch.cat([kc, kn], 2), torch.cat([vc, vn], 2)) for (kc, vc), (kn, vn) in zip(past, new)]
                 torch.testing.assert_close(outs[k][:, i], f[:, 0], atol=1e-5, rtol=1e-5)
         assert not torch.allclose(outs[2][:, 5], plain[:, 5], atol=1e-3)  # the chain really differs
 
@@ -265,37 +266,70 @@ def test_a_larger_draft_vocab_widens_an_init_head_keeping_its_trained_rows(tiny,
     assert torch.equal(same.head.target_ids, src.target_ids)
 
 
+def _init_head_run(tiny, run, tmp_path):
+    """The cached examples and a head trained two steps and saved: the --init-head of a resized run."""
+    exs = load_shards(feature_dir(run, tiny))
+    first = Eagle3Trainer(tiny, ToyTokenizer(), exs, tmp_path / "a", _cfg(max_steps=2), progress=False)
+    first.train()
+    src_dir = first.save_head(tmp_path / "src", None)
+    return exs, src_dir, Eagle3Head.load(src_dir).float()
+
+
+def _assert_same_function(head: Eagle3Head, src: Eagle3Head, h: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    feats, emb = torch.randn(2, 7, 3 * h, generator=g), torch.randn(2, 7, h, generator=g)
+    pos = torch.arange(7)[None].expand(2, -1)
+    with torch.no_grad():
+        out, out_src = head.float()(feats, emb, pos)[0], src(feats, emb, pos)[0]
+        torch.testing.assert_close(head.logits(out), src.logits(out_src), atol=1e-5, rtol=1e-5)
+
+
+def _assert_drafts_exactly(tiny, head) -> None:
+    prompt = [5, 17, 99, 3, 42, 7]
+    res = Eagle2Generator(tiny, ToyTokenizer(), head).generate(prompt, max_new_tokens=12, method="eagle2")
+    ids = torch.tensor([prompt])
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    assert res.token_ids == ref
+
+
 def test_a_wider_mlp_widens_an_init_head_keeping_its_function(tiny, run, tmp_path):
     """--head-intermediate on an EAGLE-3 run: the starting head's MLP is widened with silent new units (same
     logits), training moves them, and the export keeps the official layout with the wider intermediate_size,
     which the engine drafts with exactly. A head wider than the run's is refused."""
-    exs = load_shards(feature_dir(run, tiny))
+    exs, src_dir, src = _init_head_run(tiny, run, tmp_path)
     tok = ToyTokenizer()
-    first = Eagle3Trainer(tiny, tok, exs, tmp_path / "a", _cfg(max_steps=2), progress=False)
-    first.train()
-    src_dir = first.save_head(tmp_path / "src", None)
-    src = Eagle3Head.load(src_dir).float()
     wide_i = 2 * src.config.intermediate_size
     tr = Eagle3Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=3, init_head=str(src_dir),
                                                             head_intermediate=wide_i), progress=False)
     assert tr.head.config.intermediate_size == wide_i
-    g = torch.Generator().manual_seed(0)
-    h = tiny.config.hidden_size
-    feats, emb = torch.randn(2, 7, 3 * h, generator=g), torch.randn(2, 7, h, generator=g)
-    pos = torch.arange(7)[None].expand(2, -1)
-    with torch.no_grad():
-        out_wide, out_src = tr.head.float()(feats, emb, pos)[0], src(feats, emb, pos)[0]
-        torch.testing.assert_close(tr.head.logits(out_wide), src.logits(out_src), atol=1e-5, rtol=1e-5)
+    _assert_same_function(tr.head, src, tiny.config.hidden_size)
     tr.train()
     down = tr.head.midlayer.mlp.down_proj.weight
     assert down[:, src.config.intermediate_size:].abs().sum() > 0  # the new units learned
     wide_dir = tr.save_head(tmp_path / "wide", None)
     assert json.loads((wide_dir / "config.json").read_text())["intermediate_size"] == wide_i
-    prompt = [5, 17, 99, 3, 42, 7]
-    res = Eagle2Generator(tiny, tok, load_head(wide_dir)).generate(prompt, max_new_tokens=12, method="eagle2")
-    ids = torch.tensor([prompt])
-    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                        pad_token_id=0)[0, len(prompt):].tolist()
-    assert res.token_ids == ref
+    _assert_drafts_exactly(tiny, load_head(wide_dir))
     with pytest.raises(ValueError, match="--head-intermediate"):
         Eagle3Trainer(tiny, tok, exs, tmp_path / "c", _cfg(max_steps=0, init_head=str(wide_dir)), progress=False)
+
+
+def test_a_deeper_head_starts_as_its_init_head_and_drafts_exactly(tiny, run, tmp_path):
+    """--head-layers on an EAGLE-3 run: the starting one-layer head gains a decoder layer that starts as the
+    identity (same logits), training moves it, the export says num_hidden_layers 2 and reloads with its
+    ``layers.0.*`` weights, and the engine drafts with it exactly. A deeper head than the run's is refused."""
+    exs, src_dir, src = _init_head_run(tiny, run, tmp_path)
+    tok = ToyTokenizer()
+    tr = Eagle3Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=3, init_head=str(src_dir), head_layers=2),
+                       progress=False)
+    assert tr.head.config.num_layers == 2 and len(tr.head.layers) == 1
+    _assert_same_function(tr.head, src, tiny.config.hidden_size)
+    tr.train()
+    assert tr.head.layers[0].mlp.down_proj.weight.abs().sum() > 0  # the new layer learned
+    deep_dir = tr.save_head(tmp_path / "deep", None)
+    assert json.loads((deep_dir / "config.json").read_text())["num_hidden_layers"] == 2
+    deep = load_head(deep_dir)
+    assert deep.config.num_layers == 2 and "layers.0.self_attn.q_proj.weight" in deep.state_dict()
+    _assert_drafts_exactly(tiny, deep)
+    with pytest.raises(ValueError, match="--head-layers 2"):
+        Eagle3Trainer(tiny, tok, exs, tmp_path / "c", _cfg(max_steps=0, init_head=str(deep_dir)), progress=False)

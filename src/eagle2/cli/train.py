@@ -46,7 +46,8 @@ soft cross-entropy of the head's own logits over the draft vocabulary (--draft-v
 answer tokens, as d2t/t2d) against the target's distribution renormalised over it, no feature loss,
 no noise; training-time test over --ttt-steps steps (default 7), step k fed the head's own step k-1
 outputs under the diagonal mask. Export in the official EAGLE-3 layout (SGLang EAGLE3, vLLM eagle3).
---ce-weight, --noise and --no-fc-bias are EAGLE-1/2 options; --head-intermediate serves both.
+--ce-weight, --noise and --no-fc-bias are EAGLE-1/2 options; --head-layers is EAGLE-3's;
+--head-intermediate serves both.
 
 Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-head"""
 
@@ -110,6 +111,10 @@ def register(sub) -> None:
     p.add_argument("--head-intermediate", type=int, default=0, metavar="N",
                    help="MLP width of the head (0: the target's). Still the released layout; a narrower "
                         "--init-head is widened without changing its outputs (default: %(default)s)")
+    p.add_argument("--head-layers", type=int, default=1, metavar="N",
+                   help="EAGLE-3 heads: decoder layers (1: the official layout SGLang and vLLM load; more is this "
+                        "project's extension, run by eagle2 only). A shallower --init-head is deepened without "
+                        "changing its outputs (default: %(default)s)")
     p.add_argument("--train-precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="train stage matmuls: auto = bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16 / "
                         "AMX), fp32 elsewhere (emulated bf16 was 22x slower per step on an AVX2 CPU) (default: auto)")
@@ -155,7 +160,7 @@ def cmd_train(args) -> int:
                       max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias,
                       ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,
-                      head_intermediate=args.head_intermediate,
+                      head_intermediate=args.head_intermediate, head_layers=args.head_layers,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.train_precision])
     import torch
 

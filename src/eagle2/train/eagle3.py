@@ -132,15 +132,16 @@ def ttt_forward(head: Eagle3Head, feats: Tensor, emb: Tensor, positions: Tensor,
     feats: [B, T, 3H] the target's captured layers at index i; emb: [B, T, H] the embedding of
     the token x_i at index i; positions: [B, T] the position of index i. Step k at index i reads
     (h, x_{i+1+k}) at position i + k, h = fc(feats_i) at step 0, else the step k-1 output at i.
+    Every decoder layer keeps its own keys per step, under the same mask.
     Returns one [B, T, H] output (before the final norm) per step; step k's last k + 1 indexes
     have no token to read (zeros) and are meaningless (the loss masks them)."""
-    mid, a = head.midlayer, head.midlayer.self_attn
-    b, t, _ = emb.shape
-    rep = a.nh // a.nkv
-    keys: list[Tensor] = []
-    vals: list[Tensor] = []
+    mid = head.midlayer
+    layers = [mid, *head.layers]
+    keys: list[list[Tensor]] = [[] for _ in layers]
+    vals: list[list[Tensor]] = [[] for _ in layers]
     outs: list[Tensor] = []
     h = head.fc(feats)  # [B, T, H]
+    t = emb.shape[1]
     for k in range(steps):
         if k:
             h = outs[-1]
@@ -150,17 +151,30 @@ def ttt_forward(head: Eagle3Head, feats: Tensor, emb: Tensor, positions: Tensor,
         hn = mid.hidden_norm(h)
         x = torch.cat([mid.input_layernorm(tok), hn], dim=-1)  # [B, T, 2H]
         cos, sin = head.rope(positions + k, x.dtype)  # [B, 1, T, D]
-        q = a.q_proj(x).view(b, t, a.nh, a.hd).transpose(1, 2)  # [B, Hq, T, D]
-        kk = a.k_proj(x).view(b, t, a.nkv, a.hd).transpose(1, 2)  # [B, Hkv, T, D]
-        vv = a.v_proj(x).view(b, t, a.nkv, a.hd).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        kk = kk * cos + rotate_half(kk) * sin
-        keys.append(kk.repeat_interleave(rep, dim=1))
-        vals.append(vv.repeat_interleave(rep, dim=1))
-        att = _ttt_attention(q, keys, vals, dense).transpose(1, 2).reshape(b, t, a.nh * a.hd)
-        y = (hn if mid.norm_before_residual else h) + a.o_proj(att)
-        outs.append(y + mid.mlp(mid.post_attention_layernorm(y)))
+        y = _ttt_layer(mid, x, hn if mid.norm_before_residual else h, cos, sin, keys[0], vals[0], dense)
+        for j, layer in enumerate(head.layers, start=1):
+            y = _ttt_layer(layer, layer.input_layernorm(y), y, cos, sin, keys[j], vals[j], dense)
+        outs.append(y)
     return outs
+
+
+def _ttt_layer(layer, x: Tensor, residual: Tensor, cos: Tensor, sin: Tensor, keys: list[Tensor],
+               vals: list[Tensor], dense: bool) -> Tensor:
+    """One decoder layer at the current TTT step: attention input x [B, T, H'] (normed), residual
+    [B, T, H]; appends this step's keys / values to the layer's lists. Returns [B, T, H]."""
+    a = layer.self_attn
+    b, t, _ = x.shape
+    rep = a.nh // a.nkv
+    q = a.q_proj(x).view(b, t, a.nh, a.hd).transpose(1, 2)  # [B, Hq, T, D]
+    kk = a.k_proj(x).view(b, t, a.nkv, a.hd).transpose(1, 2)  # [B, Hkv, T, D]
+    vv = a.v_proj(x).view(b, t, a.nkv, a.hd).transpose(1, 2)
+    q = q * cos + rotate_half(q) * sin
+    kk = kk * cos + rotate_half(kk) * sin
+    keys.append(kk.repeat_interleave(rep, dim=1))
+    vals.append(vv.repeat_interleave(rep, dim=1))
+    att = _ttt_attention(q, keys, vals, dense).transpose(1, 2).reshape(b, t, a.nh * a.hd)
+    y = residual + a.o_proj(att)
+    return y + layer.mlp(layer.post_attention_layernorm(y))
 
 
 # ---- loss ------------------------------------------------------------------------------------------
@@ -246,6 +260,7 @@ class Eagle3Trainer(Trainer):
         hcfg = Eagle3Config.from_target(mc, draft_vocab_size=int(self.vocab.numel()))
         if self.cfg.head_intermediate:
             hcfg = replace(hcfg, intermediate_size=self.cfg.head_intermediate)
+        hcfg = replace(hcfg, num_layers=self.cfg.head_layers)
         check_eagle3_fits(hcfg, mc)
         # Random init, lm_head included (official). Starting lm_head from the target's rows of the draft vocabulary
         # was worse on SmolLM2-135M: loss 20.9 at step 1 (random: 9.1), 8.9 vs 8.1 at step 30.
@@ -277,17 +292,22 @@ def widened_vocab(kept: Tensor, wanted: Tensor | None) -> Tensor:
 
 def load_widened(head: Eagle3Head, src: Eagle3Head, name, n_layers: int) -> None:
     """Copy the trained head ``src`` into ``head`` (same capture points and attention; ``head``'s draft
-    vocabulary may be a superset of ``src``'s, its MLP wider). Each kept token's lm_head row moves to its
-    draft id in ``head``; a token new to the vocabulary starts from a zero row (logit 0 everywhere), which
-    the loss then trains like any other row. New MLP units start silent (``trainer.widen_mlp``)."""
+    vocabulary may be a superset of ``src``'s, its MLP wider, its stack deeper). Each kept token's lm_head
+    row moves to its draft id in ``head``; a token new to the vocabulary starts from a zero row (logit 0
+    everywhere), which the loss then trains like any other row. New MLP units start silent
+    (``trainer.widen_mlp``); new decoder layers start as the identity (``_silent_layer``)."""
     have, want = src.config.intermediate_size, head.config.intermediate_size
     if have > want:
         raise ValueError(f"--init-head {name}: its MLP is {have} wide, this run's is {want}; "
                          f"pass --head-intermediate {have} or more")
+    if src.config.num_layers > head.config.num_layers:
+        raise ValueError(f"--init-head {name}: it has {src.config.num_layers} decoder layers, this run "
+                         f"{head.config.num_layers}; pass --head-layers {src.config.num_layers} or more")
     old, new = src.state_dict(), head.state_dict()
-    resized = ("lm_head.weight", "d2t") + tuple(f"midlayer.mlp.{p}_proj.weight" for p in ("gate", "up", "down"))
-    same = src.config.feature_layers(n_layers) == head.config.feature_layers(n_layers) and old.keys() == new.keys() \
-        and all(v.shape == new[k].shape for k, v in old.items() if k not in resized)
+    mlps = ["midlayer.mlp"] + [f"layers.{i}.mlp" for i in range(src.config.num_layers - 1)]
+    resized = ("lm_head.weight", "d2t") + tuple(f"{m}.{p}_proj.weight" for m in mlps for p in ("gate", "up", "down"))
+    same = src.config.feature_layers(n_layers) == head.config.feature_layers(n_layers) \
+        and all(k in new and (k in resized or v.shape == new[k].shape) for k, v in old.items())
     pos = {t: i for i, t in enumerate(head.target_ids.tolist())}
     rows = [pos.get(t) for t in src.target_ids.tolist()]
     if not same or None in rows:
@@ -297,9 +317,25 @@ def load_widened(head: Eagle3Head, src: Eagle3Head, name, n_layers: int) -> None
     lm[torch.tensor(rows)] = old["lm_head.weight"].float()
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in old.items() if k not in ("d2t", "t2d")}
     if have < want:
-        state = widen_mlp(state, new, prefix="midlayer.mlp")
+        for m in mlps:
+            state = widen_mlp(state, new, prefix=m)
         log.info("widened the head's MLP from %d to %d (the new units start silent)", have, want)
+    for i in range(src.config.num_layers - 1, head.config.num_layers - 1):
+        state.update(_silent_layer(new, f"layers.{i}."))
+    if head.config.num_layers > src.config.num_layers:
+        log.info("deepened the head from %d to %d decoder layers (the new ones start as the identity)",
+                 src.config.num_layers, head.config.num_layers)
     head.load_state_dict({**state, "lm_head.weight": lm, "d2t": new["d2t"], "t2d": new["t2d"]})
+
+
+def _silent_layer(fresh: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """A new decoder layer's weights that leave its input unchanged: ``fresh``'s random weights with
+    zero o_proj and down_proj, so both residual branches add nothing until training moves them (the
+    zeroed matrices get gradients through the random ones)."""
+    out = {k: v.float() for k, v in fresh.items() if k.startswith(prefix)}
+    for k in (prefix + "self_attn.o_proj.weight", prefix + "mlp.down_proj.weight"):
+        out[k] = torch.zeros_like(out[k])
+    return out
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -318,17 +354,32 @@ def model_card(info: dict, head: Eagle3Head, n_layers: int) -> str:
     return "\n".join([
         f"# EAGLE-3 draft head for {info.get('base_model', '?')}", "",
         f"An EAGLE-3 draft head (fc fusing the target's hidden states {list(cfg.feature_layers(n_layers))} "
-        "- the inputs of layers 2, L//2 and L-3 - one midlayer, its own lm_head over a draft vocabulary of "
-        f"{cfg.draft_vocab_size} tokens mapped by `d2t`/`t2d`) trained with `eagle2 train --arch eagle3` by "
+        f"- the inputs of layers 2, L//2 and L-3 - {_stack_words(cfg.num_layers)}, its own lm_head over a draft "
+        f"vocabulary of {cfg.draft_vocab_size} tokens mapped by `d2t`/`t2d`) trained with `eagle2 train --arch eagle3` by "
         "self-distillation. Loss: soft cross-entropy against the target's next-token distribution over the draft "
         f"vocabulary, with training-time test over {hp.get('ttt_steps', '?')} steps (diagonal mask); "
-        f"the weights of optimizer step {info.get('steps', '?')}. Official EAGLE-3 layout: `config.json` + `model.safetensors` "
-        "(bf16 weights, int64 `d2t`, bool `t2d`).", "",
+        f"the weights of optimizer step {info.get('steps', '?')}. {_layout_words(cfg.num_layers)}", "",
         "## Use", "", "```python", "import eagle2",
         f"gen = eagle2.load({info.get('model_arg', 'MODEL')!r}, head=\"THIS_DIR\")",
-        "print(gen.generate(\"Hello\", max_new_tokens=64).text)", "```", "",
-        "vLLM: `speculative_config={\"method\": \"eagle3\", \"model\": \"THIS_DIR\", \"num_speculative_tokens\": 4}`; "
-        "SGLang: `--speculative-algorithm EAGLE3 --speculative-draft-model-path THIS_DIR`.", "", body])
+        "print(gen.generate(\"Hello\", max_new_tokens=64).text)", "```", "", *_serving_lines(cfg.num_layers), body])
+
+
+def _stack_words(layers: int) -> str:
+    return "one midlayer" if layers == 1 else f"a midlayer and {layers - 1} more decoder layer(s)"
+
+
+def _serving_lines(layers: int) -> list[str]:
+    if layers > 1:
+        return []
+    return ["vLLM: `speculative_config={\"method\": \"eagle3\", \"model\": \"THIS_DIR\", \"num_speculative_tokens\": 4}`; "
+            "SGLang: `--speculative-algorithm EAGLE3 --speculative-draft-model-path THIS_DIR`.", ""]
+
+
+def _layout_words(layers: int) -> str:
+    if layers == 1:
+        return "Official EAGLE-3 layout: `config.json` + `model.safetensors` (bf16 weights, int64 `d2t`, bool `t2d`)."
+    return (f"The official EAGLE-3 layout extended by this project to {layers} decoder layers (`num_hidden_layers`; "
+            "the later ones as `layers.i.*`): eagle2 runs it, SGLang and vLLM load one-layer heads only.")
 
 
 def export_eagle3(src: str | Path, out: str | Path, info: dict, n_layers: int) -> Path:

@@ -84,6 +84,8 @@ class TrainConfig:
     init_head: str | None = None  # start from this head directory (released layout) instead of random weights
     head_intermediate: int = 0  # MLP width of the head (0: the target's). A wider MLP is still the released
     #                             layout (config.intermediate_size); a narrower --init-head is widened exactly
+    head_layers: int = 1  # EAGLE-3 heads: decoder layers (1: the official layout); a shallower --init-head is
+    #                       deepened exactly (the new layers start as the identity)
 
     def __post_init__(self) -> None:
         checks = [(self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
@@ -98,6 +100,7 @@ class TrainConfig:
                   (self.schedule_steps is None or self.schedule_steps >= 1, "schedule_steps must be >= 1"),
                   (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
                   (self.head_intermediate >= 0, "head_intermediate must be >= 0"),
+                  (self.head_layers >= 1, "head_layers must be >= 1"),
                   (self.ttt_steps >= 1, "ttt_steps must be >= 1"), (0 < self.ttt_decay <= 1, "ttt_decay must be in (0, 1]")]
         for ok, msg in checks:
             if not ok:
