@@ -554,8 +554,8 @@ def test_cli_train_help_and_errors(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses",
-                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--temperature", "--corpus",
-                  "--max-len", "--full-vocab-loss", "whole prompt"):
+                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--head-layers", "--temperature",
+                  "--corpus", "--max-len", "--full-vocab-loss", "whole prompt"):
         assert stage in text
     assert main(["train", "--stages", "responses,bogus"]) == 2
     assert "unknown stage" in capsys.readouterr().err
@@ -564,6 +564,10 @@ def test_cli_train_help_and_errors(capsys):
     assert "ttt_steps" in capsys.readouterr().err
     assert main(["train", "--temperature", "-0.5"]) == 2
     assert "--temperature" in capsys.readouterr().err
+    assert main(["train", "--head-layers", "2"]) == 2  # an EAGLE-1/2 head has one layer
+    assert "needs --arch eagle3" in capsys.readouterr().err
+    assert main(["train", "--arch", "eagle3", "--head-layers", "0"]) == 2
+    assert "head_layers must be >= 1" in capsys.readouterr().err
 
 
 def test_train_config_is_validated():

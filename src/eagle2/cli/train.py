@@ -153,6 +153,8 @@ def cmd_train(args) -> int:
         raise ValueError("--context, --dev-prompts, --mtbench and --draft-vocab must be >= 0")
     if args.max_len < 16:
         raise ValueError(f"--max-len must be >= 16; got {args.max_len}")
+    if args.head_layers != 1 and args.arch != "eagle3":
+        raise ValueError(f"--head-layers {args.head_layers} needs --arch eagle3 (EAGLE-1/2 heads have one layer)")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
                       noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
