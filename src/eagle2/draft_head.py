@@ -183,16 +183,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """A Llama decoder layer without the input norm (EAGLE's draft layer)."""
+    """A Llama decoder layer; without the input norm by default (EAGLE's draft layer). ``input_norm``:
+    with it (the plain layers a deeper EAGLE-3 head stacks after its midlayer)."""
 
-    def __init__(self, cfg: HeadConfig):
+    def __init__(self, cfg: HeadConfig, input_norm: bool = False):
         super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if input_norm else None
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, past, mask):
-        h, new = self.self_attn(x, cos, sin, past, mask)
+        # x: [B, T, H] -> [B, T, H], (k, v) [B, Hkv, T, D]
+        h, new = self.self_attn(x if self.input_layernorm is None else self.input_layernorm(x), cos, sin, past, mask)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .draft_head import (ACTIVATIONS, MLP, Attention, RMSNorm, fit_differences, init_weights_, load_weight_file,
-                         read_head_config)
+from .draft_head import (ACTIVATIONS, MLP, Attention, DecoderLayer, RMSNorm, fit_differences, init_weights_,
+                         load_weight_file, read_head_config)
 
 log = logging.getLogger("eagle2")
 
@@ -186,23 +186,6 @@ class Midlayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), new
 
 
-class DecoderLayer(nn.Module):
-    """A plain Llama decoder layer, H wide: what a head of ``num_layers`` > 1 stacks after its midlayer."""
-
-    def __init__(self, cfg: Eagle3Config):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, past, mask):
-        # x: [B, T, H] -> [B, T, H], (k, v) [B, Hkv, T, D]
-        a, new = self.self_attn(self.input_layernorm(x), cos, sin, past, mask)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), new
-
-
 class Eagle3Head(nn.Module):
     """The EAGLE-3 head (reference PyTorch forward; draft.py runs it lean). Buffers ``d2t`` [Vd]
     (target id = draft id + d2t) and ``t2d`` [V] (True = in the draft vocabulary).
@@ -216,7 +199,7 @@ class Eagle3Head(nn.Module):
         self.config = cfg
         self.fc = nn.Linear(3 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
         self.midlayer = Midlayer(cfg)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers - 1))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, input_norm=True) for _ in range(cfg.num_layers - 1))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))

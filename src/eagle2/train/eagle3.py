@@ -136,9 +136,8 @@ def ttt_forward(head: Eagle3Head, feats: Tensor, emb: Tensor, positions: Tensor,
     Returns one [B, T, H] output (before the final norm) per step; step k's last k + 1 indexes
     have no token to read (zeros) and are meaningless (the loss masks them)."""
     mid = head.midlayer
-    layers = [mid, *head.layers]
-    keys: list[list[Tensor]] = [[] for _ in layers]
-    vals: list[list[Tensor]] = [[] for _ in layers]
+    keys: list[list[Tensor]] = [[] for _ in range(1 + len(head.layers))]  # per decoder layer, per step
+    vals: list[list[Tensor]] = [[] for _ in range(1 + len(head.layers))]
     outs: list[Tensor] = []
     h = head.fc(feats)  # [B, T, H]
     t = emb.shape[1]
