@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from eagle2.lookup import NGRAM_MAX, PromptLookup
+from eagle2.lookup import NGRAM_MAX, PromptLookup, copy_hits
 from eagle2.tree import merge_chain, rerank
 
 
@@ -22,6 +22,18 @@ def test_the_longest_earlier_suffix_is_continued_and_never_itself():
     assert lk.propose(8) == ([], [], 0)  # "9 1" and "8 9 1" never occurred before
     chain, _, n = PromptLookup([1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5], max_tokens=8).propose(8)
     assert n == NGRAM_MAX and chain[0] == 9  # a longer repeat is found by its last NGRAM_MAX tokens
+
+
+def test_copy_hits_mark_where_lookup_proposes_the_next_token():
+    """copy_hits(tokens, start)[j]: lookup over tokens[:j + 1] proposes tokens[j + 1]; judged from start on."""
+    t = [1, 2, 3, 4, 9, 1, 2, 3, 4, 5, 1, 2, 3]
+    hits = copy_hits(t, 5)
+    assert [j for j, h in enumerate(hits) if h] == [6, 7, 11]  # (1,2)->3, (1,2,3)->4, then (1,2)->3 again
+    assert not hits[8]  # (1,2,3,4) was followed by 9, not 5
+    for j in range(6, len(t) - 1):  # the engine's lookup agrees position by position
+        chain, _, _ = PromptLookup(t[: j + 1], max_tokens=1).propose(1)
+        assert hits[j] == (bool(chain) and chain[0] == t[j + 1])
+    assert copy_hits(t, 0) == copy_hits(t, len(t)) == [False] * len(t)
 
 
 def test_rates_follow_what_the_target_confirmed():

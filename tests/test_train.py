@@ -554,7 +554,7 @@ def test_cli_train_help_and_errors(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses",
-                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--head-layers", "--temperature",
+                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--head-layers", "--new-layer-lr-scale", "--lookup-weight", "--temperature",
                   "--corpus", "--max-len", "--full-vocab-loss", "whole prompt"):
         assert stage in text
     assert main(["train", "--stages", "responses,bogus"]) == 2
@@ -568,6 +568,12 @@ def test_cli_train_help_and_errors(capsys):
     assert "needs --arch eagle3" in capsys.readouterr().err
     assert main(["train", "--arch", "eagle3", "--head-layers", "0"]) == 2
     assert "head_layers must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--arch", "eagle3", "--new-layer-lr-scale", "10"]) == 2  # no layer is new
+    assert "applies to new layers only" in capsys.readouterr().err
+    assert main(["train", "--lookup-weight", "0.5"]) == 2
+    assert "needs --arch eagle3" in capsys.readouterr().err
+    assert main(["train", "--arch", "eagle3", "--lookup-weight", "-1"]) == 2
+    assert "lookup_weight must be >= 0" in capsys.readouterr().err
 
 
 def test_train_config_is_validated():

@@ -13,7 +13,8 @@ from conftest import ToyTokenizer, cost_model, make_tiny_model
 
 from eagle2.api import Eagle2Generator, load_head
 from eagle2.eagle3_head import Eagle3Config, Eagle3Head, init_eagle3_head
-from eagle2.train.eagle3 import (Eagle3Trainer, _labels, capture_features, eagle3_loss, feature_dir,
+from eagle2.lookup import copy_hits
+from eagle2.train.eagle3 import (Eagle3Trainer, _labels, capture_features, copy_weights, eagle3_loss, feature_dir,
                                  ttt_forward, ttt_mask)
 from eagle2.train.shards import load_shards
 from eagle2.train.pipeline import PipelineOptions, run_pipeline
@@ -125,6 +126,31 @@ def test_loss_is_the_soft_ce_over_the_draft_vocabulary(tiny, run, tmp_path):
         ok[:, -1] = False
         ce = -(p[ok] * tr.head.logits(out[ok]).log_softmax(-1)).sum(-1).mean()
     assert m["ce"] == pytest.approx(float(ce), rel=1e-4) and m["tokens"] > 0
+
+
+def test_lookup_weight_scales_the_positions_lookup_proposes(tiny, run, tmp_path):
+    """--lookup-weight: label j's cross-entropy is weighted by copy_weights, lookup_weight where prompt lookup
+    proposes the next token and 1 elsewhere; weight 1 is the plain loss and weight 0 drops those positions."""
+    exs = load_shards(feature_dir(run, tiny))
+    tr = Eagle3Trainer(tiny, ToyTokenizer(), exs, tmp_path / "t", _cfg(ttt_steps=1), progress=False)
+    batch = collate(exs[:6])
+    w = copy_weights(batch, 0.25)  # [B, T]
+    for b, (n, s) in enumerate(zip(batch["lens"].tolist(), batch["start"].tolist())):
+        hits = copy_hits(batch["tokens"][b, :n].tolist(), s)
+        assert w[b, :n].tolist() == [0.25 if x else 1.0 for x in hits] and (w[b, n:] == 1).all()
+    with torch.no_grad():
+        p, ok, _ = _labels(tr.head, batch, tr.lm_w, None, torch.device("cpu"))  # [B, T, Vd], [B, T]
+        out = ttt_forward(tr.head, batch["hidden"].float()[..., :96], tr.embed(batch["tokens"]).float(),
+                          batch["pos0"][:, None] + torch.arange(batch["tokens"].shape[1])[None], 1)[0]
+        t = batch["tokens"].shape[1]
+        sel = ok[:, 1:]
+        ce = -(p[:, 1:][sel] * tr.head.logits(out[:, : t - 1][sel]).log_softmax(-1)).sum(-1)  # [N]
+        kept = (copy_weights(batch, 0.0)[:, 1:][sel] > 0)  # [N]
+        assert 0 < int((~kept).sum()) < len(kept)  # the toy answers repeat themselves: some hits, not all
+        m1 = eagle3_loss(tr.head, tr.embed, tr.lm_w, batch, steps=1)[1]
+        m0 = eagle3_loss(tr.head, tr.embed, tr.lm_w, batch, steps=1, lookup_weight=0.0)[1]
+        assert m1["ce"] == pytest.approx(float(ce.mean()), rel=1e-4)
+        assert m0["ce"] == pytest.approx(float(ce[kept].mean()), rel=1e-4)
 
 
 def test_streamed_batches_are_the_cached_features(tiny, run, tmp_path):
@@ -333,3 +359,17 @@ def test_a_deeper_head_starts_as_its_init_head_and_drafts_exactly(tiny, run, tmp
     _assert_drafts_exactly(tiny, deep)
     with pytest.raises(ValueError, match="--head-layers 2"):
         Eagle3Trainer(tiny, tok, exs, tmp_path / "c", _cfg(max_steps=0, init_head=str(deep_dir)), progress=False)
+
+
+def test_new_layers_of_a_deepened_head_train_at_their_own_lr(tiny, run, tmp_path):
+    """--new-layer-lr-scale: the decoder layer the init head lacks trains at that multiple of the lr, through
+    the whole schedule; every weight the init head had keeps the base lr."""
+    exs, src_dir, _ = _init_head_run(tiny, run, tmp_path)
+    cfg = _cfg(max_steps=2, init_head=str(src_dir), head_layers=2, new_layer_lr_scale=10.0)
+    tr = Eagle3Trainer(tiny, ToyTokenizer(), exs, tmp_path / "b", cfg, progress=False)
+    lr_of = {id(p): g["initial_lr"] for g in tr.opt.param_groups for p in g["params"]}
+    for name, p in tr.head.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(cfg.lr * (10.0 if name.startswith("layers.0.") else 1.0)), name
+    tr.train()
+    by_scale = {round(g["initial_lr"] / cfg.lr): g["lr"] for g in tr.opt.param_groups}
+    assert by_scale[10] == pytest.approx(10 * by_scale[1])  # the schedule scales both alike

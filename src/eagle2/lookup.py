@@ -86,3 +86,19 @@ class PromptLookup:
         for j in range(checked):
             tried[min(j, last)] += 1
             right[min(j, last)] += j < k
+
+
+def copy_hits(tokens: list[int], start: int) -> list[bool]:
+    """For each index j of ``tokens``: whether prompt lookup, given ``tokens[:j + 1]`` as its context,
+    proposes ``tokens[j + 1]`` as the first token of its chain. False before ``start - 1`` (the copy
+    is judged on the tokens from ``start`` on) and at the last index (nothing follows). The trainer
+    weighs these positions: in the engine's tree the lookup chain already proposes them."""
+    hits = [False] * len(tokens)
+    if start < 1 or start >= len(tokens):
+        return hits
+    lk = PromptLookup(tokens[:start], max_tokens=1)
+    for j in range(start, len(tokens)):
+        chain, _, _ = lk.propose(1)
+        hits[j - 1] = bool(chain) and chain[0] == tokens[j]
+        lk.extend([tokens[j]])
+    return hits

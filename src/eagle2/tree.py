@@ -23,7 +23,8 @@ Glossary (used by every module of the package):
 - confidence: the largest probability in the draft distribution a node's children are drawn from.
 - prompt-lookup chain (the adaptive tree at T <= ``TreeConfig.draw_above``, where it is top-k): tokens
   copied from the context after an earlier occurrence of its last few tokens (lookup.py), merged into
-  the candidates from the root (``merge_chain``).
+  the candidates from the root (``merge_chain``). A copy hit is an answer position whose next token
+  that chain would propose first (``lookup.copy_hits``; the trainer's ``--lookup-weight`` weighs them).
 - reused prefix: the prompt tokens whose target keys/values a recent call left in its cache
   (engine.py; a chat's earlier turns), which the next call does not prefill again.
 

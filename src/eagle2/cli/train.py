@@ -46,7 +46,8 @@ soft cross-entropy of the head's own logits over the draft vocabulary (--draft-v
 answer tokens, as d2t/t2d) against the target's distribution renormalised over it, no feature loss,
 no noise; training-time test over --ttt-steps steps (default 7), step k fed the head's own step k-1
 outputs under the diagonal mask. Export in the official EAGLE-3 layout (SGLang EAGLE3, vLLM eagle3).
---ce-weight, --noise and --no-fc-bias are EAGLE-1/2 options; --head-layers is EAGLE-3's;
+--ce-weight, --noise and --no-fc-bias are EAGLE-1/2 options; --head-layers, --new-layer-lr-scale and
+--lookup-weight are EAGLE-3's;
 --head-intermediate serves both.
 
 Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-head"""
@@ -115,6 +116,12 @@ def register(sub) -> None:
                    help="EAGLE-3 heads: decoder layers (1: the official layout SGLang and vLLM load; more is this "
                         "project's extension, run by eagle2 only). A shallower --init-head is deepened without "
                         "changing its outputs (default: %(default)s)")
+    p.add_argument("--lookup-weight", type=float, default=1.0, metavar="W",
+                   help="EAGLE-3 heads: loss weight of the answer tokens prompt lookup would propose (the engine's tree "
+                        "gets them from its lookup chain), against 1 for the rest (default: %(default)s)")
+    p.add_argument("--new-layer-lr-scale", type=float, default=1.0, metavar="X",
+                   help="EAGLE-3 heads deepened from --init-head: the new layers train at X times --lr (they start "
+                        "as the identity and barely move at the base lr) (default: %(default)s)")
     p.add_argument("--train-precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="train stage matmuls: auto = bf16 autocast on CUDA or a CPU with native bf16 (AVX512-BF16 / "
                         "AMX), fp32 elsewhere (emulated bf16 was 22x slower per step on an AVX2 CPU) (default: auto)")
@@ -155,6 +162,11 @@ def cmd_train(args) -> int:
         raise ValueError(f"--max-len must be >= 16; got {args.max_len}")
     if args.head_layers != 1 and args.arch != "eagle3":
         raise ValueError(f"--head-layers {args.head_layers} needs --arch eagle3 (EAGLE-1/2 heads have one layer)")
+    if args.lookup_weight != 1.0 and args.arch != "eagle3":
+        raise ValueError(f"--lookup-weight {args.lookup_weight} needs --arch eagle3")
+    if args.new_layer_lr_scale != 1.0 and not (args.arch == "eagle3" and args.init_head and args.head_layers > 1):
+        raise ValueError("--new-layer-lr-scale applies to new layers only: it needs --arch eagle3, --init-head and "
+                         "--head-layers deeper than that head")
     cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
                       noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
@@ -163,6 +175,7 @@ def cmd_train(args) -> int:
                       ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,
                       head_intermediate=args.head_intermediate, head_layers=args.head_layers,
+                      new_layer_lr_scale=args.new_layer_lr_scale, lookup_weight=args.lookup_weight,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.train_precision])
     import torch
 

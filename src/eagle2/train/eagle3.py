@@ -49,6 +49,7 @@ from torch import Tensor
 from .. import masks
 from ..draft_head import rotate_half
 from ..eagle3_head import Eagle3Config, Eagle3Head, check_eagle3_fits, default_layers, init_eagle3_head
+from ..lookup import copy_hits
 from ..target import cap_logits
 from .features import FeatureFn, pad_batch
 from .trainer import Trainer, collate, widen_mlp
@@ -193,21 +194,36 @@ def _labels(head: Eagle3Head, batch: dict[str, Tensor], lm_w: Tensor, softcap: f
     return logits.softmax(-1), answer & nxt, answer
 
 
+def copy_weights(batch: dict[str, Tensor], lookup_weight: float) -> Tensor:
+    """[B, T] loss weight of label j (the token after x_j): ``lookup_weight`` where prompt lookup over the
+    window so far proposes x_{j+1} (``lookup.copy_hits``: the engine's tree gets that token from the lookup
+    chain), else 1. The head's capacity then goes to what lookup cannot propose."""
+    tokens, w = batch["tokens"], torch.ones(batch["tokens"].shape)
+    if lookup_weight == 1.0:
+        return w
+    for b, (n, s) in enumerate(zip(batch["lens"].tolist(), batch["start"].tolist())):
+        hits = torch.tensor(copy_hits(tokens[b, :n].tolist(), s), dtype=torch.bool)  # [n]
+        w[b, :n][hits] = lookup_weight
+    return w
+
+
 def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor], steps: int, decay: float = 0.8,
-                bf16: bool = False, softcap: float | None = None) -> tuple[Tensor, dict]:
+                bf16: bool = False, softcap: float | None = None, lookup_weight: float = 1.0) -> tuple[Tensor, dict]:
     """Loss of one batch (``trainer.collate`` of EAGLE-3 examples) and its metrics: loss; ce and
     acc at step 0; acc_k at step k; tokens. acc is the share of answer positions where the draft's
     top-1 is the target's top-1 over the draft vocabulary; a position whose next token lies outside
     that vocabulary counts as a miss, as it does when drafting (the loss cannot score it).
 
     lm_w: [Vd, H] the target's lm_head rows of the head's draft vocabulary, in draft id order.
-    Step k's output at index i is scored against label j = i + 1 + k (see the module docstring)."""
+    Step k's output at index i is scored against label j = i + 1 + k (see the module docstring); label j's
+    cross-entropy is weighted by ``copy_weights`` (all 1 unless ``lookup_weight`` says otherwise)."""
     dev = lm_w.device
     hidden = batch["hidden"].to(dev).float()  # [B, T, 4H]
     tokens = batch["tokens"].to(dev)  # [B, T]
     b, t, w = hidden.shape
     with torch.no_grad():
         p, ok, answer = _labels(head, batch, lm_w, softcap, dev)  # [B, T, Vd], [B, T], [B, T]
+        cw = copy_weights(batch, lookup_weight).to(dev)  # [B, T]
         emb = embed(tokens).float()  # [B, T, H]
     positions = batch["pos0"].to(dev)[:, None] + torch.arange(t, device=dev)[None]  # [B, T]
     metrics: dict = dict(ce=float("nan"), acc=float("nan"))
@@ -219,8 +235,8 @@ def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor],
             if not bool(sel.any()):
                 continue
             logq = head.logits(out[:, : t - 1 - k][sel]).float().log_softmax(-1)  # [N_k, Vd]
-            pk = p[:, 1 + k:][sel]  # [N_k, Vd]
-            ce = -(pk * logq).sum(-1).mean()
+            pk, wk = p[:, 1 + k:][sel], cw[:, 1 + k:][sel]  # [N_k, Vd], [N_k]
+            ce = -(wk * (pk * logq).sum(-1)).sum() / wk.sum().clamp_min(1e-12)
             total = total + decay ** k * ce
             weights += decay ** k
             hits = (logq.argmax(-1) == pk.argmax(-1)).sum()
@@ -264,14 +280,19 @@ class Eagle3Trainer(Trainer):
         # Random init, lm_head included (official). Starting lm_head from the target's rows of the draft vocabulary
         # was worse on SmolLM2-135M: loss 20.9 at step 1 (random: 9.1), 8.9 vs 8.1 at step 30.
         head = init_eagle3_head(hcfg, seed=self.cfg.seed, draft_ids=self.vocab)
+        self.new_layers: tuple[str, ...] = ()  # name prefixes of the decoder layers the init head lacks
         if self.cfg.init_head:
             src = Eagle3Head.load(self.cfg.init_head)
             load_widened(head, src, self.cfg.init_head, mc.num_hidden_layers)
+            self.new_layers = tuple(f"layers.{i}." for i in range(src.config.num_layers - 1, hcfg.num_layers - 1))
         return head.to(self.device)
+
+    def _lr_scale(self, name: str) -> float:
+        return self.cfg.new_layer_lr_scale if name.startswith(self.new_layers) else 1.0
 
     def batch_loss(self, examples: list) -> tuple[Tensor, dict]:
         return eagle3_loss(self.head, self.embed, self.lm_w, collate(examples), self.cfg.ttt_steps,
-                           self.cfg.ttt_decay, self.cfg.bf16, self.softcap)
+                           self.cfg.ttt_decay, self.cfg.bf16, self.softcap, self.cfg.lookup_weight)
 
     def save_head(self, directory: str | Path, extra: dict | None = None) -> Path:
         return self.head.save(directory, n_layers=int(self.model.config.num_hidden_layers), extra_config=extra)

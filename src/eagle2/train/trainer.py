@@ -86,6 +86,10 @@ class TrainConfig:
     #                             layout (config.intermediate_size); a narrower --init-head is widened exactly
     head_layers: int = 1  # EAGLE-3 heads: decoder layers (1: the official layout); a shallower --init-head is
     #                       deepened exactly (the new layers start as the identity)
+    lookup_weight: float = 1.0  # EAGLE-3 loss weight of answer tokens prompt lookup proposes (lookup.copy_hits),
+    #                             against 1 for the rest: the engine's tree gets those from the lookup chain
+    new_layer_lr_scale: float = 1.0  # lr multiplier of the decoder layers a deepened --init-head lacks: at the
+    #                                  base lr a layer that starts as the identity barely moves in a few hundred steps
 
     def __post_init__(self) -> None:
         checks = [(self.lr > 0, "lr must be > 0"), (self.epochs >= 1, "epochs must be >= 1"),
@@ -101,6 +105,8 @@ class TrainConfig:
                   (self.max_minutes is None or self.max_minutes > 0, "max_minutes must be > 0"),
                   (self.head_intermediate >= 0, "head_intermediate must be >= 0"),
                   (self.head_layers >= 1, "head_layers must be >= 1"),
+                  (self.new_layer_lr_scale > 0, "new_layer_lr_scale must be > 0"),
+                  (self.lookup_weight >= 0, "lookup_weight must be >= 0"),
                   (self.ttt_steps >= 1, "ttt_steps must be >= 1"), (0 < self.ttt_decay <= 1, "ttt_decay must be in (0, 1]")]
         for ok, msg in checks:
             if not ok:
@@ -373,10 +379,7 @@ class Trainer:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.head = self._build_head()
         self.head.train()
-        decay = [p for n, p in self.head.named_parameters() if p.ndim >= 2]
-        other = [p for n, p in self.head.named_parameters() if p.ndim < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+        self.opt = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, betas=tuple(cfg.betas))
         self.steps_per_epoch = len(_plan(self.lengths, 0, cfg))
         self.total_steps = self.steps_per_epoch * cfg.epochs
         warm, total, floor = cfg.warmup_steps, cfg.schedule_steps or self.total_steps, cfg.min_lr_ratio
@@ -395,6 +398,18 @@ class Trainer:
         self.elapsed = 0.0
         if (self.dir / "ckpt.pt").exists():
             self._load()
+
+    def _param_groups(self) -> list[dict]:
+        """AdamW groups: weight decay on matrices only; each parameter at the lr ``_lr_scale`` gives it."""
+        groups: dict[tuple[bool, float], list] = {}
+        for name, p in self.head.named_parameters():
+            groups.setdefault((p.ndim >= 2, self._lr_scale(name)), []).append(p)
+        return [{"params": ps, "weight_decay": self.cfg.weight_decay if matrix else 0.0, "lr": self.cfg.lr * scale}
+                for (matrix, scale), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+
+    def _lr_scale(self, name: str) -> float:
+        """The lr multiplier of one head parameter (1: the base lr)."""
+        return 1.0
 
     def _build_head(self):
         """The head to train (fresh or ``init_head``), on the target's device. Subclasses train other heads."""
