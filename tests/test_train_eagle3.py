@@ -6,6 +6,7 @@ the official layout that reloads, keeps the fp32 contract and drafts with tau > 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -373,3 +374,5 @@ def test_new_layers_of_a_deepened_head_train_at_their_own_lr(tiny, run, tmp_path
     tr.train()
     by_scale = {round(g["initial_lr"] / cfg.lr): g["lr"] for g in tr.opt.param_groups}
     assert by_scale[10] == pytest.approx(10 * by_scale[1])  # the schedule scales both alike
+    with pytest.raises(ValueError, match="grouped the head's parameters"):  # resumed without the scale
+        Eagle3Trainer(tiny, ToyTokenizer(), exs, tmp_path / "b", replace(cfg, new_layer_lr_scale=1.0), progress=False)

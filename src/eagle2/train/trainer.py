@@ -474,6 +474,10 @@ class Trainer:
         if (have is None) != (self.vocab is None) or (have is not None and not torch.equal(have, self.vocab)):
             raise ValueError(f"checkpoint in {self.dir} was trained over another loss vocabulary; use a fresh "
                              f"--run-dir or delete {self.dir / 'ckpt.pt'}")
+        if [len(g["params"]) for g in s["opt"]["param_groups"]] != [len(g["params"]) for g in self.opt.param_groups]:
+            raise ValueError(f"checkpoint in {self.dir} grouped the head's parameters by learning rate otherwise "
+                             f"(--new-layer-lr-scale / --head-layers); use a fresh --run-dir or delete "
+                             f"{self.dir / 'ckpt.pt'}")
         self.head.load_state_dict(s["head"])
         self.opt.load_state_dict(s["opt"])
         self.sched.load_state_dict(s["sched"])
