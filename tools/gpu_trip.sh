@@ -83,7 +83,7 @@ restore() {
 # then the shipped one, both with a twice as wide MLP; MLP 0 keeps the target's 1,536; LAYERS, default 1, deepens
 # the head: "4096:0:2" adds a decoder layer that starts as the identity; SCALE, default 1, is that layer's lr
 # multiplier, --new-layer-lr-scale; LW, default 1, is --lookup-weight), sharing the time. LR, WU, SPS (s per
-# step) and DEVICE (default cuda; cpu to try the script here) override.
+# step) and DEVICE (default cuda; cpu to try the script here, with .venv/bin first on PATH: go calls python3) override.
 go() {
   local t0 budget=${1:-560} g=$PWD/.trip/c site=/tmp/site out=/tmp/trip-out runs=${RUNS:-"8192:3072 4096:3072"}
   local left each n m r dv mlp layers scale lw name
