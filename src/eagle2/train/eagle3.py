@@ -262,8 +262,11 @@ class Eagle3Trainer(Trainer):
 
     def __init__(self, model, tokenizer, examples, run_dir: str | Path, cfg, dev_prompts: list | None = None,
                  progress: bool = True, vocab: Tensor | None = None):
-        if cfg.init_head:  # fine-tuning keeps d2t (docs/eagle3.md pitfall 2); a larger --draft-vocab widens it
-            vocab = widened_vocab(Eagle3Head.load(cfg.init_head).target_ids, vocab)
+        # Fine-tuning keeps d2t (docs/eagle3.md pitfall 2); a larger --draft-vocab widens it. Read once: the
+        # vocabulary here, the weights in _build_head.
+        self.init_src = Eagle3Head.load(cfg.init_head) if cfg.init_head else None
+        if self.init_src is not None:
+            vocab = widened_vocab(self.init_src.target_ids, vocab)
         elif vocab is None:
             vocab = torch.arange(int(model.config.vocab_size))
         super().__init__(model, tokenizer, examples, run_dir, cfg, dev_prompts, progress,
@@ -281,8 +284,8 @@ class Eagle3Trainer(Trainer):
         # was worse on SmolLM2-135M: loss 20.9 at step 1 (random: 9.1), 8.9 vs 8.1 at step 30.
         head = init_eagle3_head(hcfg, seed=self.cfg.seed, draft_ids=self.vocab)
         self.new_layers: tuple[str, ...] = ()  # name prefixes of the decoder layers the init head lacks
-        if self.cfg.init_head:
-            src = Eagle3Head.load(self.cfg.init_head)
+        src = self.init_src
+        if src is not None:
             load_widened(head, src, self.cfg.init_head, mc.num_hidden_layers)
             self.new_layers = tuple(f"layers.{i}." for i in range(src.config.num_layers - 1, hcfg.num_layers - 1))
         return head.to(self.device)
