@@ -554,7 +554,7 @@ def test_cli_train_help_and_errors(capsys):
         main(["train", "--help"])
     text = capsys.readouterr().out
     for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses",
-                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--head-layers", "--new-layer-lr-scale", "--lookup-weight", "--temperature",
+                  "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--head-layers", "--new-layer-lr-scale", "--lookup-weight", "--tv-weight", "--temperature",
                   "--corpus", "--max-len", "--full-vocab-loss", "whole prompt"):
         assert stage in text
     assert main(["train", "--stages", "responses,bogus"]) == 2
@@ -574,6 +574,10 @@ def test_cli_train_help_and_errors(capsys):
     assert "needs --arch eagle3" in capsys.readouterr().err
     assert main(["train", "--arch", "eagle3", "--lookup-weight", "-1"]) == 2
     assert "lookup_weight must be >= 0" in capsys.readouterr().err
+    assert main(["train", "--tv-weight", "0.5"]) == 2
+    assert "needs --arch eagle3" in capsys.readouterr().err
+    assert main(["train", "--arch", "eagle3", "--tv-weight", "1.5"]) == 2
+    assert "tv_weight must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_train_config_is_validated():

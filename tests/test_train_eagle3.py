@@ -154,6 +154,28 @@ def test_lookup_weight_scales_the_positions_lookup_proposes(tiny, run, tmp_path)
         assert m0["ce"] == pytest.approx(float(ce[kept].mean()), rel=1e-4)
 
 
+def test_tv_weight_mixes_in_the_total_variation(tiny, run, tmp_path):
+    """--tv-weight w: the loss per label is (1 - w) soft cross-entropy + w (1 - sum min(p, q)), the chance a draft
+    drawn from q is rejected at T = 1; w = 0 is the plain loss."""
+    exs = load_shards(feature_dir(run, tiny))
+    tr = Eagle3Trainer(tiny, ToyTokenizer(), exs, tmp_path / "t", _cfg(ttt_steps=1), progress=False)
+    batch = collate(exs[:6])
+    with torch.no_grad():
+        p, ok, _ = _labels(tr.head, batch, tr.lm_w, None, torch.device("cpu"))  # [B, T, Vd], [B, T]
+        out = ttt_forward(tr.head, batch["hidden"].float()[..., :96], tr.embed(batch["tokens"]).float(),
+                          batch["pos0"][:, None] + torch.arange(batch["tokens"].shape[1])[None], 1)[0]
+        t, sel = batch["tokens"].shape[1], ok[:, 1:]
+        logq = tr.head.logits(out[:, : t - 1][sel]).log_softmax(-1)  # [N, Vd]
+        pk = p[:, 1:][sel]
+        ce = float(-(pk * logq).sum(-1).mean())
+        tv = float((1 - torch.minimum(pk, logq.exp()).sum(-1)).mean())
+        assert 0 < tv < 1
+        for w in (0.0, 0.5, 1.0):
+            loss, m = eagle3_loss(tr.head, tr.embed, tr.lm_w, batch, steps=1, tv_weight=w)
+            assert float(loss) == pytest.approx((1 - w) * ce + w * tv, rel=1e-4)
+            assert m["ce"] == pytest.approx(ce, rel=1e-4)  # the metric stays the cross-entropy
+
+
 def test_streamed_batches_are_the_cached_features(tiny, run, tmp_path):
     """--stream --arch eagle3: one padded forward per training step gives each example the features
     the shards hold, and training on them gives the weights training on the shards gives."""

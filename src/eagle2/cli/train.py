@@ -47,7 +47,7 @@ answer tokens, as d2t/t2d) against the target's distribution renormalised over i
 no noise; training-time test over --ttt-steps steps (default 7), step k fed the head's own step k-1
 outputs under the diagonal mask. Export in the official EAGLE-3 layout (SGLang EAGLE3, vLLM eagle3).
 --ce-weight, --noise and --no-fc-bias are EAGLE-1/2 options; --head-layers, --new-layer-lr-scale and
---lookup-weight are EAGLE-3's;
+--lookup-weight and --tv-weight are EAGLE-3's;
 --head-intermediate serves both.
 
 Example: eagle2 train --model smollm2-135m --limit 2000 --epochs 3 --out ./my-head"""
@@ -119,6 +119,9 @@ def register(sub) -> None:
     p.add_argument("--lookup-weight", type=float, default=1.0, metavar="W",
                    help="EAGLE-3 heads: loss weight of the answer tokens prompt lookup would propose (the engine's tree "
                         "gets them from its lookup chain), against 1 for the rest (default: %(default)s)")
+    p.add_argument("--tv-weight", type=float, default=0.0, metavar="W",
+                   help="EAGLE-3 heads: loss = (1 - W) x soft cross-entropy + W x total variation 1 - sum min(p, q), "
+                        "the chance a draft sampled from q is rejected at T = 1 (default: %(default)s)")
     p.add_argument("--new-layer-lr-scale", type=float, default=1.0, metavar="X",
                    help="EAGLE-3 heads deepened from --init-head: the new layers train at X times --lr (they start "
                         "as the identity and barely move at the base lr) (default: %(default)s)")
@@ -164,6 +167,8 @@ def cmd_train(args) -> int:
         raise ValueError(f"--head-layers {args.head_layers} needs --arch eagle3 (EAGLE-1/2 heads have one layer)")
     if args.lookup_weight != 1.0 and args.arch != "eagle3":
         raise ValueError(f"--lookup-weight {args.lookup_weight} needs --arch eagle3")
+    if args.tv_weight and args.arch != "eagle3":
+        raise ValueError(f"--tv-weight {args.tv_weight} needs --arch eagle3")
     if args.new_layer_lr_scale != 1.0 and not (args.arch == "eagle3" and args.init_head and args.head_layers > 1):
         raise ValueError("--new-layer-lr-scale applies to new layers only: it needs --arch eagle3, --init-head and "
                          "--head-layers deeper than that head")
@@ -175,7 +180,7 @@ def cmd_train(args) -> int:
                       ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
                       ttt_decay=args.ttt_decay, init_head=args.init_head,
                       head_intermediate=args.head_intermediate, head_layers=args.head_layers,
-                      new_layer_lr_scale=args.new_layer_lr_scale, lookup_weight=args.lookup_weight,
+                      new_layer_lr_scale=args.new_layer_lr_scale, lookup_weight=args.lookup_weight, tv_weight=args.tv_weight,
                       bf16={"auto": None, "bf16": True, "fp32": False}[args.train_precision])
     import torch
 

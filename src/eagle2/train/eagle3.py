@@ -208,7 +208,8 @@ def copy_weights(batch: dict[str, Tensor], lookup_weight: float) -> Tensor:
 
 
 def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor], steps: int, decay: float = 0.8,
-                bf16: bool = False, softcap: float | None = None, lookup_weight: float = 1.0) -> tuple[Tensor, dict]:
+                bf16: bool = False, softcap: float | None = None, lookup_weight: float = 1.0,
+                tv_weight: float = 0.0) -> tuple[Tensor, dict]:
     """Loss of one batch (``trainer.collate`` of EAGLE-3 examples) and its metrics: loss; ce and
     acc at step 0; acc_k at step k; tokens. acc is the share of answer positions where the draft's
     top-1 is the target's top-1 over the draft vocabulary; a position whose next token lies outside
@@ -216,7 +217,9 @@ def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor],
 
     lm_w: [Vd, H] the target's lm_head rows of the head's draft vocabulary, in draft id order.
     Step k's output at index i is scored against label j = i + 1 + k (see the module docstring); label j's
-    cross-entropy is weighted by ``copy_weights`` (all 1 unless ``lookup_weight`` says otherwise)."""
+    cross-entropy is weighted by ``copy_weights`` (all 1 unless ``lookup_weight`` says otherwise). With
+    ``tv_weight`` w the loss per label is (1 - w) cross-entropy + w (1 - sum_x min(p(x), q(x))): the total
+    variation, the chance a draft drawn from q is rejected at T = 1, which the cross-entropy bounds only loosely."""
     dev = lm_w.device
     hidden = batch["hidden"].to(dev).float()  # [B, T, 4H]
     tokens = batch["tokens"].to(dev)  # [B, T]
@@ -237,7 +240,11 @@ def eagle3_loss(head: Eagle3Head, embed, lm_w: Tensor, batch: dict[str, Tensor],
             logq = head.logits(out[:, : t - 1 - k][sel]).float().log_softmax(-1)  # [N_k, Vd]
             pk, wk = p[:, 1 + k:][sel], cw[:, 1 + k:][sel]  # [N_k, Vd], [N_k]
             ce = -(wk * (pk * logq).sum(-1)).sum() / wk.sum().clamp_min(1e-12)
-            total = total + decay ** k * ce
+            loss_k = ce
+            if tv_weight:
+                tv = (wk * (1 - torch.minimum(pk, logq.exp()).sum(-1))).sum() / wk.sum().clamp_min(1e-12)
+                loss_k = (1 - tv_weight) * ce + tv_weight * tv
+            total = total + decay ** k * loss_k
             weights += decay ** k
             hits = (logq.argmax(-1) == pk.argmax(-1)).sum()
             acc = float(hits / answer[:, 1 + k:].sum())
@@ -295,7 +302,8 @@ class Eagle3Trainer(Trainer):
 
     def batch_loss(self, examples: list) -> tuple[Tensor, dict]:
         return eagle3_loss(self.head, self.embed, self.lm_w, collate(examples), self.cfg.ttt_steps,
-                           self.cfg.ttt_decay, self.cfg.bf16, self.softcap, self.cfg.lookup_weight)
+                           self.cfg.ttt_decay, self.cfg.bf16, self.softcap, self.cfg.lookup_weight,
+                           self.cfg.tv_weight)
 
     def save_head(self, directory: str | Path, extra: dict | None = None) -> Path:
         return self.head.save(directory, n_layers=int(self.model.config.num_hidden_layers), extra_config=extra)

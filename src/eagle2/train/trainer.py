@@ -88,6 +88,8 @@ class TrainConfig:
     #                       deepened exactly (the new layers start as the identity)
     lookup_weight: float = 1.0  # EAGLE-3 loss weight of answer tokens prompt lookup proposes (lookup.copy_hits),
     #                             against 1 for the rest: the engine's tree gets those from the lookup chain
+    tv_weight: float = 0.0  # EAGLE-3 loss = (1 - w) soft cross-entropy + w total variation 1 - sum min(p, q): the
+    #                         chance a draw from q is rejected at T = 1, what sampled drafting loses
     new_layer_lr_scale: float = 1.0  # lr multiplier of the decoder layers a deepened --init-head lacks: at the
     #                                  base lr a layer that starts as the identity barely moves in a few hundred steps
 
@@ -107,6 +109,7 @@ class TrainConfig:
                   (self.head_layers >= 1, "head_layers must be >= 1"),
                   (self.new_layer_lr_scale > 0, "new_layer_lr_scale must be > 0"),
                   (self.lookup_weight >= 0, "lookup_weight must be >= 0"),
+                  (0 <= self.tv_weight <= 1, "tv_weight must be in [0, 1]"),
                   (self.ttt_steps >= 1, "ttt_steps must be >= 1"), (0 < self.ttt_decay <= 1, "ttt_decay must be in (0, 1]")]
         for ok, msg in checks:
             if not ok:
