@@ -15,8 +15,8 @@ from conftest import ToyTokenizer, cost_model, make_tiny_model
 from eagle2.api import Eagle2Generator, load_head
 from eagle2.eagle3_head import Eagle3Config, Eagle3Head, init_eagle3_head
 from eagle2.lookup import copy_hits
-from eagle2.train.eagle3 import (Eagle3Trainer, _labels, capture_features, copy_weights, eagle3_loss, feature_dir,
-                                 ttt_forward, ttt_mask)
+from eagle2.train.eagle3 import (Eagle3Trainer, _labels, _loss_words, capture_features, copy_weights, eagle3_loss,
+                                 feature_dir, ttt_forward, ttt_mask)
 from eagle2.train.shards import load_shards
 from eagle2.train.pipeline import PipelineOptions, run_pipeline
 from eagle2.train.trainer import TrainConfig, collate
@@ -174,6 +174,7 @@ def test_tv_weight_mixes_in_the_total_variation(tiny, run, tmp_path):
             loss, m = eagle3_loss(tr.head, tr.embed, tr.lm_w, batch, steps=1, tv_weight=w)
             assert float(loss) == pytest.approx((1 - w) * ce + w * tv, rel=1e-4)
             assert m["ce"] == pytest.approx(ce, rel=1e-4)  # the metric stays the cross-entropy
+    assert _loss_words(0.0) == "soft cross-entropy against" and "0.5 x total variation" in _loss_words(0.5)
 
 
 def test_streamed_batches_are_the_cached_features(tiny, run, tmp_path):

@@ -40,7 +40,7 @@
 # (z): --tv-weight 1 (the total variation 1 - sum min(p, q), what sampled drafting loses at T = 1) raised T=1 tau
 # over a same-budget cross-entropy control in two CPU pilots (1.473 -> 1.530, 1.452 -> 1.513), neither above e3-e
 # (1.536), and made the head over-confident at T = 0 (bigger trees, same tokens/s). A trip arm for it:
-# "4096:0:1:1:1:0.5" (0.5 keeps half the cross-entropy, which may keep the T = 0 calibration; not measured). The
+# "4096:0:1:1:1:0.5": at W 0.5 (70 CPU steps) the T = 0 calibration stayed e3-e's and T=1 tau was 1.500. The
 # next trip: RUNS="4096:0 4096:0:2:10 4096:0:1:1:1:0.5" (control, deeper head, TV mix; the lookup weight showed nothing).
 #
 # Lessons of earlier trips: on an H100 a step took 0.15 s in the first call and 0.08 s in later calls on the

@@ -387,12 +387,18 @@ def model_card(info: dict, head: Eagle3Head, n_layers: int) -> str:
         f"An EAGLE-3 draft head (fc fusing the target's hidden states {list(cfg.feature_layers(n_layers))} "
         f"- the inputs of layers 2, L//2 and L-3 - {_stack_words(cfg.num_layers)}, its own lm_head over a draft "
         f"vocabulary of {cfg.draft_vocab_size} tokens mapped by `d2t`/`t2d`) trained with `eagle2 train --arch eagle3` by "
-        "self-distillation. Loss: soft cross-entropy against the target's next-token distribution over the draft "
-        f"vocabulary, with training-time test over {hp.get('ttt_steps', '?')} steps (diagonal mask); "
+        f"self-distillation. Loss: {_loss_words(hp.get('tv_weight') or 0.0)} the target's next-token distribution "
+        f"over the draft vocabulary, with training-time test over {hp.get('ttt_steps', '?')} steps (diagonal mask); "
         f"the weights of optimizer step {info.get('steps', '?')}. {_layout_words(cfg.num_layers)}", "",
         "## Use", "", "```python", "import eagle2",
         f"gen = eagle2.load({info.get('model_arg', 'MODEL')!r}, head=\"THIS_DIR\")",
         "print(gen.generate(\"Hello\", max_new_tokens=64).text)", "```", "", *_serving_lines(cfg.num_layers), body])
+
+
+def _loss_words(tv_weight: float) -> str:
+    if not tv_weight:
+        return "soft cross-entropy against"
+    return (f"{1 - tv_weight:g} x soft cross-entropy + {tv_weight:g} x total variation (1 - sum min(p, q)) against")
 
 
 def _stack_words(layers: int) -> str:
