@@ -11,7 +11,9 @@
 #   run(carry=[".trip/a"], command="mkdir -p /tmp/trip && mv .trip/a/part /tmp/trip/partA", timeout_s=60)
 #   run(carry=[".trip/b"], command="mv .trip/b/part /tmp/trip/partB", timeout_s=60)
 #   run(carry=[".trip/c"], command="bash .trip/c/gpu_trip.sh go 560", timeout_s=600)
-# and give_back. Then here:
+# and give_back. A session's device time (`status`: budget_left_s, 900 s lately) counts the machine's start (minutes)
+# and each call: give go SECONDS = what is left after the two transfer calls, less a minute for the tar and the
+# give_back (each run shares it; SPS sizes its steps). Then here:
 #   bash .trip/c/gpu_trip.sh restore    # back to main, the orphan branch deleted (tools/ is gone until then)
 #   cat /work/.device/<n>/head.tar.* | tar x -C /tmp   # /tmp/trip-out/{head-DV-MLP,metrics-DV-MLP.jsonl}
 # A/B the heads against the shipped one on the CPU before shipping one, all 80 MT-bench first turns:
