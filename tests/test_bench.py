@@ -80,6 +80,9 @@ def test_bench_tiny_all_methods(tiny_chat_generator, questions, tmp_path, monkey
     summary = (tmp_path / "docs" / "summary.md").read_text()
     assert summary.startswith("# tiny") and "| out (T=0, 3 prompts) | eagle2 |" in summary
     assert "(../out/results.md)" in summary
+    assert main(["bench", "--report", str(out), "--no-plots"]) == 0  # a lean page: no PNGs, no links to them
+    assert not list(out.glob("*.png")) and "## Plots" not in (out / "results.md").read_text()
+    assert "| eagle2 |" in (out / "results.md").read_text()
 
 
 def test_bench_cli_user_errors(tmp_path, questions, capsys):
@@ -99,6 +102,8 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
     assert "no results.json" in capsys.readouterr().err
     assert main(["bench", "--summary", str(tmp_path / "s.md")]) == 2
     assert "--summary needs --report" in capsys.readouterr().err
+    assert main(["bench", "--no-plots"]) == 2
+    assert "--no-plots needs --report" in capsys.readouterr().err
     assert main(["tune", "--total-tokens", "8,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
 
@@ -215,7 +220,8 @@ def test_compare_heads_share_the_cost_model(tiny_chat_generator, questions, tmp_
         with_heads(["eagle2@gone"], heads)
 
 
-def test_a_head_of_another_shape_keeps_the_verify_curve_and_probes_its_drafting(tiny_chat_generator, tmp_path):
+def test_a_head_of_another_shape_keeps_the_verify_curve_and_probes_its_drafting(tiny_chat_generator, tmp_path,
+                                                                                 monkeypatch):
     """A wider head drafts at another cost but verifies on the same target: with_head keeps the target's
     verify curve and replaces only the draft costs, so an A/B of the two heads rests on one target probe."""
     from dataclasses import replace
@@ -223,10 +229,19 @@ def test_a_head_of_another_shape_keeps_the_verify_curve_and_probes_its_drafting(
     from eagle2.draft_head import init_head
 
     gen = tiny_chat_generator
+    mine = gen.cost_model()
+    probed = []
+
+    def fake_probe(drafter, top_k, repeats=4):  # the tiny head's real costs are noise-sized: fix them
+        probed.append(drafter)
+        return 0.75, 0.125, 2.5
+
+    monkeypatch.setattr(type(gen.drafter), "probe_ms", fake_probe)
     wide = init_head(replace(gen.head.config, intermediate_size=4 * gen.head.config.intermediate_size))
     other = gen.with_head(wide.save(tmp_path / "wide"))
-    mine, theirs = gen.cost_model(), other.cost_model()
-    assert theirs is not mine and theirs.draft_level_ms > 0
+    theirs = other.cost_model()
+    assert theirs is not mine and probed == [other.drafter]
+    assert (theirs.draft_level_ms, theirs.draft_row_ms, theirs.round_fixed_ms) == (0.75, 0.125, 2.5)
     for field in ("query_lens", "verify_ms_short", "verify_ms_long", "cached_short", "cached_long"):
         assert getattr(theirs, field) == getattr(mine, field), field
 

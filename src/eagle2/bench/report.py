@@ -42,8 +42,9 @@ def write_run(out: Path, r: dict) -> None:
     (out / "results.md").write_text(render_markdown(r))
 
 
-def regenerate(run_dir) -> dict:
-    """Rewrite a run's results.md and plots from its results.json; returns the results."""
+def regenerate(run_dir, plots: bool = True) -> dict:
+    """Rewrite a run's results.md and plots from its results.json; returns the results. ``plots=False``
+    writes the page without plots (and removes the run's PNGs), for pages committed to a lean repo."""
     run_dir = Path(run_dir)
     path = run_dir / "results.json"
     if not path.is_file():
@@ -52,7 +53,12 @@ def regenerate(run_dir) -> dict:
         r = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    r["plots"] = write_plots(r, run_dir)
+    if plots:
+        r["plots"] = write_plots(r, run_dir)
+    else:
+        r["plots"] = {}
+        for name in PLOT_FILES.values():
+            (run_dir / name).unlink(missing_ok=True)
     (run_dir / "results.md").write_text(render_markdown(r))
     return r
 
@@ -193,10 +199,10 @@ def runs_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
-def summary_page(run_dirs: list, page: Path, title: str | None = None) -> str:
+def summary_page(run_dirs: list, page: Path, title: str | None = None, plots: bool = True) -> str:
     """A page (to be written at ``page``) over several runs: where and how they were measured, the
-    table, and links to each run's own page. Regenerates each run's page and plots on the way."""
-    runs = {Path(d).name: regenerate(d) for d in run_dirs}
+    table, and links to each run's own page. Regenerates each run's page (and plots) on the way."""
+    runs = {Path(d).name: regenerate(d, plots) for d in run_dirs}
     links = {Path(d).name: os.path.relpath(Path(d) / "results.md", Path(page).parent) for d in run_dirs}
     if not runs:
         raise ValueError("no runs given")

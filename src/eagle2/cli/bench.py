@@ -61,6 +61,8 @@ def register(sub) -> None:
     b.add_argument("--summary", default=None, metavar="FILE.md",
                    help="with --report: the summary page to write, e.g. docs/results/<date>-<cpu>.md")
     b.add_argument("--title", default=None, help="with --summary: the page's title")
+    b.add_argument("--no-plots", action="store_true",
+                   help="with --report: pages without PNG plots (a run's PNGs are removed), e.g. for a lean repo")
     b.set_defaults(handler=cmd_bench)
 
     t = sub.add_parser(
@@ -98,11 +100,11 @@ def cmd_report(args) -> int:
     if args.summary:
         page = Path(args.summary)
         page.parent.mkdir(parents=True, exist_ok=True)
-        page.write_text(summary_page(args.report, page, args.title))
+        page.write_text(summary_page(args.report, page, args.title, plots=not args.no_plots))
         print(f"wrote {page}")
     else:
         for d in args.report:
-            regenerate(d)
+            regenerate(d, plots=not args.no_plots)
             print(f"wrote {Path(d) / 'results.md'}")
     return 0
 
@@ -113,8 +115,8 @@ def cmd_bench(args) -> int:
 
     if args.report:
         return cmd_report(args)
-    if args.summary:
-        raise ValueError("--summary needs --report RUN_DIR...")
+    if args.summary or args.no_plots:
+        raise ValueError(f"{'--summary' if args.summary else '--no-plots'} needs --report RUN_DIR...")
 
     heads = parse_heads(args.compare_head)
     methods = with_heads(parse_methods(args.methods), heads)
