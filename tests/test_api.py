@@ -22,6 +22,8 @@ def gen():
     (dict(depth=0), "depth"),
     (dict(tree_top_k=0), "tree_top_k"),
     (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("inf")), "finite"),
+    (dict(temperature=float("nan")), "finite"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
@@ -72,6 +74,31 @@ def test_unknown_model_name():
         eagle2.load("no-such-model")
 
 
+def test_an_unreadable_gguf_is_named(tmp_path, monkeypatch):
+    import struct
+
+    import eagle2
+
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path / "cache"))
+    cut = tmp_path / "cut.gguf"  # a GGUF header whose first key is cut off mid-string
+    cut.write_bytes(b"GGUF" + struct.pack("<IQQQ", 3, 1, 2, 10) + b"\xf8\xf9abc")
+    with pytest.raises(ValueError, match=f"cannot read {cut} as a GGUF model"):
+        eagle2.load(str(cut))
+
+
+def test_unavailable_device_is_refused_before_loading():
+    import torch
+
+    from eagle2.models import resolve_device
+
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("bogus")
+    missing = "cuda:64" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(ValueError, match="not available here"):
+        resolve_device(missing)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 @pytest.mark.parametrize("argv,match", [
     (["generate", "--temperature", "-1", "hi"], "temperature"),
     (["generate", "--top-p", "2", "hi"], "top_p"),
@@ -95,3 +122,27 @@ def test_cli_help_is_complete(capsys):
     for flag in ("--model", "--head", "--method", "--temperature", "--top-p", "--top-k", "--seed",
                  "--max-new-tokens", "--total-tokens", "--depth", "--tree-top-k", "--dtype", "--json"):
         assert flag in out
+
+
+def test_chat_answers_a_mistyped_command_without_sending_it(monkeypatch, capsys):
+    """`/bogus` in the chat REPL is a command the user got wrong, not a message for the model; a
+    line with a space before the slash is a message."""
+    from types import SimpleNamespace
+
+    import eagle2.cli.generate as cli_generate
+    from eagle2.cli import main
+
+    sent = []
+
+    def stream_events(messages, settings):
+        sent.append(messages[-1]["content"])
+        return iter(()), SimpleNamespace(text="ok", stats=None)
+
+    gen = SimpleNamespace(tokenizer=SimpleNamespace(chat_template="x"), stream_events=stream_events)
+    monkeypatch.setattr(cli_generate, "_load", lambda args: gen)
+    monkeypatch.setattr(cli_generate, "_stats_line", lambda stats: "")
+    lines = iter(["/bogus", " /etc is a folder", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat"]) == 0
+    assert "unknown command /bogus" in capsys.readouterr().err
+    assert sent == [" /etc is a folder"]

@@ -104,6 +104,15 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
     assert "--summary needs --report" in capsys.readouterr().err
     assert main(["bench", "--no-plots"]) == 2
     assert "--no-plots needs --report" in capsys.readouterr().err
+    (tmp_path / "r").mkdir()
+    for shape in ("{}", "[1]", '{"methods": 3}'):  # valid JSON, not a bench result
+        (tmp_path / "r" / "results.json").write_text(shape)
+        assert main(["bench", "--report", str(tmp_path / "r")]) == 2
+        assert "is not an eagle2 bench result" in capsys.readouterr().err
+    assert main(["bench", "--report", str(tmp_path / "r"), "--summary", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["bench", "--questions", str(questions), "--out", str(questions)]) == 2  # before the model loads
+    assert "is a file" in capsys.readouterr().err
     assert main(["tune", "--total-tokens", "8,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
 

@@ -237,6 +237,21 @@ def test_bad_chat_requests(client, body, param):
     assert e["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("path,extra,message", [
+    ("/v1/chat/completions", {"stop": ["s"] * 10}, "stop: List should have at most 4 items"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, 3]}]},
+     "messages.0.content.1: Input should be a valid dictionary"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt: List should have at most 1 item"),
+])
+def test_a_field_of_several_types_reports_the_branch_that_fits(client, path, extra, message):
+    """stop may be a string or a list, so pydantic reports a mismatch per type: the message shows the
+    reason of the branch the value's type fits, with the field's path and no branch names."""
+    body = ({"messages": MSG} if "chat" in path else {}) | extra
+    e = assert_error(client.post(path, json=body), 400)
+    assert e["message"].startswith(message), e["message"]
+    assert "constrained" not in e["message"] and "[" not in e["message"].split(":")[0]
+
+
 @pytest.mark.parametrize("body", [
     {}, {"prompt": ""}, {"prompt": []}, {"prompt": [1, "a"]}, {"prompt": [-1]}, {"prompt": [10**9]},
     {"prompt": ["a", "b"]}, {"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "temperature": 5},

@@ -564,6 +564,12 @@ def test_cli_train_help_and_errors(capsys):
     assert "ttt_steps" in capsys.readouterr().err
     assert main(["train", "--temperature", "-0.5"]) == 2
     assert "--temperature" in capsys.readouterr().err
+    assert main(["train", "--temperature", "nan"]) == 2  # NaN is not < 0, and would reach the manifest
+    assert "finite number" in capsys.readouterr().err
+    assert main(["train", "--threads", "-1"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert main(["train", "--init-head", "/nonexistent/head"]) == 2  # before hours of earlier stages
+    assert "not a head directory" in capsys.readouterr().err
     assert main(["train", "--head-layers", "2"]) == 2  # an EAGLE-1/2 head has one layer
     assert "needs --arch eagle3" in capsys.readouterr().err
     assert main(["train", "--arch", "eagle3", "--head-layers", "0"]) == 2
@@ -629,3 +635,22 @@ def test_cli_corpus_import_and_show(tmp_path, capsys):
     assert main(["corpus", "import", str(src), "--corpus", corpus, "--model", "other"]) == 2  # another model's
     assert "holds answers of smollm2-135m" in capsys.readouterr().err
     assert main(["corpus", "import", str(tmp_path / "missing.jsonl"), "--corpus", corpus]) == 2
+    capsys.readouterr()
+    # a bad line anywhere in a file adds nothing, and the error names the line
+    bad = tmp_path / "bad.jsonl"
+    for second in ({"id": "dolly15k_en:3", "prompt_ids": [1], "response_ids": "x"},
+                   {"id": "dolly15k_en:3", "prompt_ids": [1], "response_ids": [-1]},
+                   {"id": "dolly15k_en:3", "prompt_ids": [], "response_ids": [1]}):
+        bad.write_text(json.dumps({"id": "dolly15k_en:2", "prompt_ids": [1], "response_ids": [2]}) + "\n"
+                       + json.dumps(second) + "\n")
+        assert main(["corpus", "import", str(bad), "--corpus", corpus]) == 2
+        assert f"{bad}:2:" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "pending.jsonl").exists()
+    assert main(["corpus", "show", "--corpus", corpus]) == 0
+    assert "| dolly15k_en | 1 | 0 | 1 | 2 | 3 |" in capsys.readouterr().out
+    assert main(["corpus", "show", "--corpus", str(tmp_path / "nowhere")]) == 2
+    assert "no corpus at" in capsys.readouterr().err
+    assert main(["corpus", "import", str(src), "--corpus", corpus, "--temperature", "nan"]) == 2
+    (tmp_path / "c" / "manifest.json").write_text("{")
+    assert main(["corpus", "show", "--corpus", corpus]) == 2
+    assert "manifest.json is not valid JSON" in capsys.readouterr().err

@@ -8,6 +8,7 @@ this module imports torch.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
@@ -139,8 +140,8 @@ class SamplingConfig:
     seed: int | None = None  # seeds the torch.Generator used for every random draw
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature != self.temperature or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0; got {self.temperature!r}")
+        if not isinstance(self.temperature, (int, float)) or not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

@@ -53,13 +53,15 @@ def regenerate(run_dir, plots: bool = True) -> dict:
         r = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if plots:
-        r["plots"] = write_plots(r, run_dir)
-    else:
-        r["plots"] = {}
+    try:
+        r["plots"] = write_plots(r, run_dir) if plots else {}
+        page = render_markdown(r)
+    except (KeyError, TypeError, AttributeError) as e:  # valid JSON of another shape
+        raise ValueError(f"{path} is not an eagle2 bench result ({type(e).__name__}: {e})") from None
+    if not plots:
         for name in PLOT_FILES.values():
             (run_dir / name).unlink(missing_ok=True)
-    (run_dir / "results.md").write_text(render_markdown(r))
+    (run_dir / "results.md").write_text(page)
     return r
 
 

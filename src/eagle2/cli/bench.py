@@ -99,6 +99,8 @@ def cmd_report(args) -> int:
 
     if args.summary:
         page = Path(args.summary)
+        if page.is_dir():
+            raise ValueError(f"--summary {page} is a directory; give the page's file name, e.g. {page / 'results.md'}")
         page.parent.mkdir(parents=True, exist_ok=True)
         page.write_text(summary_page(args.report, page, args.title, plots=not args.no_plots))
         print(f"wrote {page}")
@@ -118,6 +120,8 @@ def cmd_bench(args) -> int:
     if args.summary or args.no_plots:
         raise ValueError(f"{'--summary' if args.summary else '--no-plots'} needs --report RUN_DIR...")
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a directory for the results")
     heads = parse_heads(args.compare_head)
     methods = with_heads(parse_methods(args.methods), heads)
     _check_pos("limit", args.limit)

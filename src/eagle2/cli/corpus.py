@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 DESCRIPTION = """The corpus of self-distilled conversations that `eagle2 train` grows and trains on
@@ -37,11 +38,17 @@ def cmd_corpus(args) -> int:
     if args.action == "show":
         if args.files:
             raise ValueError("show takes no files")
+        if not path.is_dir():
+            raise ValueError(f"no corpus at {path} (not a directory)")
         c = Corpus(path)
         print(corpus_table(c.summary()))
         return 0
     if not args.files:
         raise ValueError("import needs at least one responses JSONL file")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0; got {args.temperature}")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--corpus {path} is a file, not a corpus directory")
     c = Corpus(path)
     settings = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                     max_prompt_tokens=args.max_prompt_tokens, **({"note": args.note} if args.note else {}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from .common import _decode_args, _decode_settings, _load, _model_args, _stats_line
@@ -73,6 +74,10 @@ def cmd_chat(args) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         if not line.strip():
+            continue
+        if re.fullmatch(r"/\w+", line.rstrip()):  # a mistyped command is not a message ("  /x" is sent as it is)
+            print(f"unknown command {line}: /reset or /exit (a message that starts with '/': add a space "
+                  "before it)", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         try:

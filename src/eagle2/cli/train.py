@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -157,8 +158,12 @@ def cmd_train(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {v}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0; got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0; got {args.temperature}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    if args.init_head and not (Path(args.init_head) / "config.json").is_file():
+        raise ValueError(f"--init-head {args.init_head}: not a head directory (no config.json there)")
     if (args.context or 0) < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
         raise ValueError("--context, --dev-prompts, --mtbench and --draft-vocab must be >= 0")
     if args.max_len < 16:
@@ -186,7 +191,7 @@ def cmd_train(args) -> int:
 
     from ..models import load_target
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tok, builtin = load_target(args.model, dtype=args.dtype, device=args.device)
     key = builtin or args.model

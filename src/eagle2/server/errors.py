@@ -53,10 +53,29 @@ def error_bytes(status: int, message: str, code: str | None = None, headers: dic
     return status, raw, body
 
 
+_BRANCH_NAMES = {"str", "int", "float", "bool", "none"}
+
+
+def _field(x) -> bool:
+    """A location part that names a field or an index, not one of pydantic's union branches
+    ('constrained-str', 'list[ContentPart]', 'str')."""
+    return not (isinstance(x, str) and (x == "body" or "[" in x or "-" in x or x in _BRANCH_NAMES))
+
+
+def _most_telling(errs: list) -> dict:
+    """The error to show. A field that may be one of several types reports a mismatch per branch;
+    a branch whose type did match fails for a reason ('at most 4 items'), so that one is shown
+    first, else the deepest mismatch (the list item that is wrong rather than 'not a string')."""
+    if not errs:
+        return {"loc": (), "msg": "invalid request"}
+    reasons = [e for e in errs if not str(e.get("type", "")).endswith("_type")]
+    return reasons[0] if reasons else max(errs, key=lambda e: len(e.get("loc", ())))
+
+
 def _validation_message(exc: RequestValidationError) -> APIError:
     errs = exc.errors()
-    e = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    e = _most_telling(errs)
+    loc = [str(x) for x in e.get("loc", ()) if _field(x)]
     if e.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
     param = ".".join(loc) or None

@@ -121,7 +121,10 @@ class Corpus:
 
     def _load(self) -> None:
         if (self.path / MANIFEST).exists():
-            self.manifest = json.loads((self.path / MANIFEST).read_text())
+            try:
+                self.manifest = json.loads((self.path / MANIFEST).read_text())
+            except ValueError as e:
+                raise ValueError(f"{self.path / MANIFEST} is not valid JSON: {e}") from None
         for shard in self._shards():
             with gzip.open(shard, "rt", encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
@@ -340,15 +343,15 @@ def corpus_table(manifest: dict) -> str:
     return "\n".join(rows)
 
 
-def import_responses(corpus: Corpus, path: str | Path, model: str, settings: dict) -> dict:
-    """Import a responses JSONL (``{"id", "prompt_ids", "response_ids", ...}``, the format the
-    responses stage wrote before the corpus existed) as first turns. Ids already in the corpus are
-    skipped, so importing twice adds nothing. Returns {"added", "skipped"}."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"responses file not found: {path}")
-    added = skipped = 0
-    with corpus.lock(), corpus.open_pending() as out, path.open(encoding="utf-8") as f:
+def _token_ids(x) -> bool:
+    return isinstance(x, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in x)
+
+
+def _read_responses(path: Path) -> list[tuple[str, list[int], list[int]]]:
+    """(id, prompt ids, response ids) of every line of a responses JSONL, or a ValueError naming the
+    first bad line."""
+    records = []
+    with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -357,10 +360,28 @@ def import_responses(corpus: Corpus, path: str | Path, model: str, settings: dic
                 cid, p, r = rec["id"], rec["prompt_ids"], rec["response_ids"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{path}:{n}: not a responses record (need id, prompt_ids, response_ids)") from None
-            if str(cid) in corpus:
+            if not (_token_ids(p) and p and _token_ids(r)):
+                raise ValueError(f"{path}:{n}: prompt_ids (non-empty) and response_ids must be lists of token ids >= 0")
+            records.append((str(cid), p, r))
+    return records
+
+
+def import_responses(corpus: Corpus, path: str | Path, model: str, settings: dict) -> dict:
+    """Import a responses JSONL (``{"id", "prompt_ids", "response_ids", ...}``, the format the
+    responses stage wrote before the corpus existed) as first turns. Ids already in the corpus are
+    skipped, so importing twice adds nothing. The whole file is checked before anything is added,
+    so a bad line leaves the corpus as it was. Returns {"added", "skipped"}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"responses file not found: {path}")
+    records = _read_responses(path)
+    added = skipped = 0
+    with corpus.lock(), corpus.open_pending() as out:
+        for cid, p, r in records:
+            if cid in corpus:
                 skipped += 1
                 continue
-            corpus.add(str(cid), 0, p, r, out=out)
+            corpus.add(cid, 0, p, r, out=out)
             added += 1
         out.flush()
         corpus.seal(model, {**settings, "imported_from": path.name})
