@@ -1,6 +1,10 @@
 """Bad input: a ValueError with a clear message from the API, a one-line error and exit 2 from the CLI."""
 
+import threading
+
+import numpy as np
 import pytest
+import torch
 
 from eagle2.cli import main
 
@@ -24,6 +28,17 @@ def gen():
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("inf")), "finite"),
     (dict(temperature=float("nan")), "finite"),
+    (dict(temperature=1e-40), "temperature must be 0"),  # logits / T overflow: wrong tokens, not greedy ones
+    (dict(temperature=True), "temperature"),
+    (dict(top_k=True), "top_k"),
+    (dict(seed=True), "seed"),
+    (dict(seed=2**70), "seed"),
+    (dict(stop=["x" * 2000]), "at most 1024 characters"),
+    (dict(prompt=torch.tensor([[1, 2], [3, 4]])), "one sequence"),  # a batch, not one long prompt
+    (dict(prompt="\ud800 hi"), "Unicode"),
+    (dict(prompt=[{"role": "user", "content": "a\udfffb"}]), "Unicode"),
+    (dict(prompt=5), "got int"),
+    (dict(prompt={"role": "user", "content": "hi"}), "one chat message"),
     (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-1), "top_k"),
@@ -146,3 +161,51 @@ def test_chat_answers_a_mistyped_command_without_sending_it(monkeypatch, capsys)
     assert main(["chat"]) == 0
     assert "unknown command /bogus" in capsys.readouterr().err
     assert sent == [" /etc is a folder"]
+
+
+def test_prompts_of_array_types_and_settings_checked_at_the_call(gen):
+    ref = gen.generate([1, 2, 3], max_new_tokens=6, method="vanilla").token_ids
+    for prompt in (torch.tensor([1, 2, 3]), torch.tensor([[1, 2, 3]]), np.array([1, 2, 3]), [np.int64(i) for i in (1, 2, 3)]):
+        assert gen.generate(prompt, max_new_tokens=6, method="vanilla").token_ids == ref
+    with pytest.raises(ValueError, match="settings must be a DecodeSettings"):
+        gen.generate([1, 2, 3], {"max_new_tokens": 4})
+    with pytest.raises(ValueError, match="temperature"):  # at the call, not at the first piece
+        gen.stream([1, 2, 3], temperature=-1)
+    import eagle2
+
+    assert "".join(gen.stream([1, 2, 3], eagle2.DecodeSettings.of(max_new_tokens=6, method="vanilla"))) == \
+        gen.generate([1, 2, 3], max_new_tokens=6, method="vanilla").text
+
+
+def test_a_huge_tree_top_k_is_cut_to_the_node_budget(gen):
+    from eagle2.config import DecodeSettings, TreeConfig
+
+    base = TreeConfig()
+    assert DecodeSettings(tree_top_k=10**9).tree(base).top_k == base.total_tokens
+    assert DecodeSettings(total_tokens=4, tree_top_k=10**9).tree(base).top_k == 4
+    assert DecodeSettings(tree_top_k=3).tree(base).top_k == 3
+    assert DecodeSettings(method="eagle1", tree_top_k=50).tree(base).top_k == 50  # static trees keep their shape
+    ref = gen.generate([1, 2, 3], max_new_tokens=12, method="vanilla").token_ids
+    assert gen.generate([1, 2, 3], max_new_tokens=12, tree_top_k=10**9).token_ids == ref
+
+
+def test_threads_sharing_a_generator_take_turns(gen):
+    """Rounds of generations in different threads must not run at once (they share the caches); each
+    thread gets exactly what it would alone."""
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    alone = [gen.generate(p, max_new_tokens=24, method="vanilla").token_ids for p in prompts]
+    for _ in range(3):
+        got, errors = {}, []
+
+        def run(i, method):
+            try:
+                got[i] = gen.generate(prompts[i], max_new_tokens=24, method=method).token_ids
+            except Exception as e:  # noqa: BLE001 (reported below)
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate(("eagle2", "chain", "vanilla"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and [got[i] for i in range(3)] == alone

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -60,8 +62,23 @@ def load_tuned(model_key: str) -> TreeConfig | None:
         return None
 
 
+def _one_sequence(array) -> list:
+    """A tensor or array of token ids as a list: 0-D, 1-D or a batch of one row; a batch of several
+    rows is refused rather than read as one long prompt."""
+    if array.ndim > 2 or (array.ndim == 2 and array.shape[0] != 1):
+        raise ValueError(f"prompt must be one sequence of token ids; got an array of shape {tuple(array.shape)}")
+    return array.reshape(-1).tolist()
+
+
+def _check_unicode(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"prompt is not valid Unicode: a lone surrogate at character {e.start}") from None
+
+
 class Eagle2Generator:
-    """A target model + draft head ready to generate. Not thread-safe: one sequence at a time."""
+    """A target model + draft head ready to generate. Threads may share one: their rounds take turns."""
 
     def __init__(self, model, tokenizer, head: DraftHead | Eagle3Head, *, model_key: str = "",
                  tree: TreeConfig | None = None, head_source: str = "", backend: Backend | str = "auto",
@@ -86,6 +103,7 @@ class Eagle2Generator:
         self.drafter = make_drafter(head, self.target, draft_vocab, self.backend)
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
+        self._lock = threading.RLock()  # one round at a time, whichever thread asks (see _one_at_a_time)
         self.model_key = model_key
         self.tree = tree or load_tuned(model_key) or TreeConfig(adaptive=True)
         self._given_cost = cost_model
@@ -112,7 +130,8 @@ class Eagle2Generator:
 
     def clear_cache(self) -> None:
         """Drop the target caches kept for later prompts (``reuse_prefix``); the next call prefills all."""
-        self.engine.forget()
+        with self._lock:
+            self.engine.forget()
 
     def cost_model(self, refit: bool = False) -> CostModel:
         """This machine's round costs for this model, head, dtype, backend and the cost-aware tree's
@@ -133,7 +152,8 @@ class Eagle2Generator:
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
-            found = cost.probe(self.target, self.drafter, self.tree.width)
+            with self._lock:  # the probe runs the target and the head on their caches
+                found = cost.probe(self.target, self.drafter, self.tree.width)
             if self.model_key:
                 cost.save(key, found)
         self._costs[key] = found
@@ -153,36 +173,49 @@ class Eagle2Generator:
 
     # ---- prompts -------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> list[int]:
-        """Token ids from: a list of ids, a list of chat messages, or a string (chat template
-        applied when the tokenizer has one)."""
+        """Token ids from: token ids (a list, or a 1-D tensor / array), a list of chat messages, or a
+        string (chat template applied when the tokenizer has one)."""
         if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError("prompt is empty")
-            if self.tokenizer.chat_template:
-                return self.encode_prompt([{"role": "user", "content": prompt}])
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+            return self._encode_text(prompt)
+        if hasattr(prompt, "ndim") and hasattr(prompt, "tolist"):  # a torch tensor or numpy array
+            prompt = _one_sequence(prompt)
+        if isinstance(prompt, dict):
+            raise ValueError("prompt is one chat message: pass a list of messages, [{'role': ..., 'content': ...}]")
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt must be a string, a list of chat messages or token ids; got {type(prompt).__name__}")
+        if len(prompt) == 0:
             raise ValueError("prompt is empty")
         if all(isinstance(m, dict) for m in prompt):
-            for m in prompt:
-                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError("each chat message needs a string 'role' and 'content'")
-            if not any(m["content"].strip() for m in prompt):
-                raise ValueError("prompt is empty: every message has empty content")
-            if not self.tokenizer.chat_template:
-                raise ValueError("this model's tokenizer has no chat template; pass token ids or a plain string")
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return self._encode_messages(list(prompt))
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             raise ValueError("prompt must be token ids (ints), chat messages (dicts) or a string")
-        bad = [t for t in prompt if not 0 <= t < self.target.vocab_size]
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
-        return list(prompt)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        if not text.strip():
+            raise ValueError("prompt is empty")
+        _check_unicode(text)
+        if self.tokenizer.chat_template:
+            return self._encode_messages([{"role": "user", "content": text}])
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def _encode_messages(self, messages: list[dict]) -> list[int]:
+        for m in messages:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError("each chat message needs a string 'role' and 'content'")
+            _check_unicode(m["role"] + m["content"])
+        if not any(m["content"].strip() for m in messages):
+            raise ValueError("prompt is empty: every message has empty content")
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; pass token ids or a plain string")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
 
     def _start(self, prompt, settings: DecodeSettings):
         ids = self.encode_prompt(prompt)
@@ -194,7 +227,19 @@ class Eagle2Generator:
         cost_model = self.cost_model() if tree.dynamic else None
         events = self.engine.decode(ids, tree, settings.sampling, settings.max_new_tokens, settings.stop, result,
                                     cost_model, settings.reuse_prefix)
-        return events, result
+        return self._one_at_a_time(events), result
+
+    def _one_at_a_time(self, events: Iterator[RoundEvent]) -> Iterator[RoundEvent]:
+        """The engine's rounds under the generator's lock. Generations may interleave round by round
+        (two streams in one thread do), but two threads must not run rounds at once: they share the
+        target and draft caches. So threads calling ``generate`` together take turns by round."""
+        while True:
+            with self._lock:
+                try:
+                    ev = next(events)
+                except StopIteration:
+                    return
+            yield ev
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt, settings: DecodeSettings | None = None, **kw) -> GenerationResult:
@@ -214,12 +259,11 @@ class Eagle2Generator:
         Arguments as for ``generate``."""
         return self._start(prompt, DecodeSettings.of(settings, **kw))
 
-    def stream(self, prompt, **kwargs) -> Iterator[str]:
-        """Yield text pieces as rounds complete (same arguments as ``generate``)."""
-        events, _ = self.stream_events(prompt, **kwargs)
-        for ev in events:
-            if ev.text:
-                yield ev.text
+    def stream(self, prompt, settings: DecodeSettings | None = None, **kw) -> Iterator[str]:
+        """Text pieces as rounds complete (same arguments as ``generate``, checked at the call, not at
+        the first piece)."""
+        events, _ = self.stream_events(prompt, settings, **kw)
+        return (ev.text for ev in events if ev.text)
 
 
 def _shapes(head) -> dict[str, tuple]:
@@ -257,6 +301,11 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     path, fp32 included); False: ATen's kernels, where a near-tie may flip between a tree row and a
     one-token step."""
     backend = Backend.of(backend, exact)  # the environment is read here, once; bad values fail before the load
+    if not isinstance(model, (str, Path)):
+        raise ValueError(f"model must be a name, a directory, a .gguf file or a hub id; got {type(model).__name__}")
+    model = str(model)
+    if draft_vocab is not None and (not isinstance(draft_vocab, int) or isinstance(draft_vocab, bool) or draft_vocab < 0):
+        raise ValueError(f"draft_vocab must be None or an integer >= 0; got {draft_vocab!r}")
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
         raise ValueError(f"head directory not found: {head}")
     hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map)

@@ -126,6 +126,15 @@ class TreeConfig:
         return self.max_depth if self.dynamic else self.depth
 
 
+MIN_TEMPERATURE = 1e-4  # below this (but above 0) logits / T overflow fp32 and sampling gets NaNs
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_STOP_CHARS = 1024  # a stop string is matched against the text's tail every round
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """How the target's next-token distribution is turned into tokens.
@@ -140,14 +149,16 @@ class SamplingConfig:
     seed: int | None = None  # seeds the torch.Generator used for every random draw
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+        t = self.temperature
+        if not _number(t) or not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}; got {t!r}")
+        if not _number(self.top_p) or not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0; got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer or None; got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be None or an integer in [-2**63, 2**64 - 1]; got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -192,6 +203,8 @@ class DecodeSettings:
         stop = tuple(stop or ())
         if not all(isinstance(x, str) for x in stop):
             raise ValueError("stop must be a string or a list of strings")
+        if any(len(x) > MAX_STOP_CHARS for x in stop):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
         object.__setattr__(self, "stop", stop)
 
     @classmethod
@@ -199,6 +212,8 @@ class DecodeSettings:
         """``settings`` (or the defaults) with keyword conveniences applied: any field of this class,
         plus ``temperature``, ``top_p``, ``top_k`` and ``seed`` for its sampling. Unknown keywords raise
         TypeError, as a misspelt argument does."""
+        if settings is not None and not isinstance(settings, cls):
+            raise ValueError(f"settings must be a DecodeSettings (or keywords); got {type(settings).__name__}")
         base = settings or cls()
         sampling_keys = {f.name for f in fields(SamplingConfig)}
         own = {f.name for f in fields(cls)}
@@ -216,9 +231,15 @@ class DecodeSettings:
         return any(x is not None for x in (self.total_tokens, self.depth, self.tree_top_k))
 
     def tree(self, base: TreeConfig) -> TreeConfig:
-        """The round's tree: ``base`` (the generator's) with this call's method, any fixed shape and lookup."""
-        return replace(base, method=self.method, adaptive=base.adaptive and not self.fixed_shape,
-                       total_tokens=base.total_tokens if self.total_tokens is None else self.total_tokens,
-                       depth=base.depth if self.depth is None else self.depth,
-                       top_k=base.top_k if self.tree_top_k is None else self.tree_top_k,
-                       lookup=base.lookup if self.lookup is None else self.lookup)
+        """The round's tree: ``base`` (the generator's) with this call's method, any fixed shape and lookup.
+
+        An eagle2 tree keeps at most its node budget, so a ``top_k`` above that budget is cut to it:
+        a frontier node ranked below the budget has that many better nodes at its level, and so have
+        its children, so no tree changes, but a huge ``tree_top_k`` no longer drafts for a minute."""
+        t = replace(base, method=self.method, adaptive=base.adaptive and not self.fixed_shape,
+                    total_tokens=base.total_tokens if self.total_tokens is None else self.total_tokens,
+                    depth=base.depth if self.depth is None else self.depth,
+                    top_k=base.top_k if self.tree_top_k is None else self.tree_top_k,
+                    lookup=base.lookup if self.lookup is None else self.lookup)
+        budget = t.max_nodes if t.adaptive else t.total_tokens
+        return replace(t, top_k=min(t.top_k, budget)) if t.method == "eagle2" else t

@@ -82,6 +82,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: this package runs on cpu, cuda or mps")
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
         have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA (a CPU build of torch or no GPU)"
         raise ValueError(f"device {device!r} is not available here: this machine has {have}")
@@ -97,6 +99,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """`auto` -> bf16 on CUDA or on a CPU with fast bf16, else fp32."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"dtype {dtype} is not supported; use a float dtype: float32, bfloat16 or float16")
         return dtype
     if dtype == "auto":
         if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
@@ -176,6 +180,8 @@ def local_model_dir(model: str) -> tuple[Path | str, str | None]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"{path} is not a Hugging Face model directory (no config.json)")
+        if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise ValueError(f"{path} has no tokenizer, so it is not a model directory (a draft head goes in head=)")
         return path, None
     if path.exists():
         raise ValueError(f"{path} is neither a model directory nor a .gguf file")
@@ -210,6 +216,10 @@ def float_weights(model) -> Callable[[str], Tensor | None]:
     return get
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "auto", device_map=None):
     """Load (model, tokenizer, builtin_name). The model is in eval mode with sdpa attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -223,8 +233,14 @@ def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "au
     try:
         tok = AutoTokenizer.from_pretrained(src)
         hf = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except OSError as e:
-        raise ValueError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not load model {model!r}: {_first_line(e)}") from None
+    except (RuntimeError, AssertionError, TypeError, KeyError) as e:
+        if device_map is None:
+            raise
+        raise ValueError(f"device_map {device_map!r} does not work here: {_first_line(e)}") from None
+    if any(p.device.type == "meta" for p in hf.parameters()):
+        raise ValueError(f"device_map {device_map!r} left weights off-loaded to disk; the target must fit in memory")
     if device_map is None:
         hf.to(dev)
     hf.eval()

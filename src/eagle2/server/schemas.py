@@ -11,12 +11,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..config import METHODS
+from ..config import MAX_STOP_CHARS, METHODS, MIN_TEMPERATURE, SEED_MAX, SEED_MIN
 
 INT32_MAX = 2**31 - 1
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
-MIN_TEMPERATURE = 1e-4  # below this (but above 0) logits / T overflow fp32 and sampling gets NaNs
-MAX_STOP_CHARS = 1024
 
 
 def _temperature(t: float) -> float:
