@@ -250,6 +250,9 @@ def test_a_field_of_several_types_reports_the_branch_that_fits(client, path, ext
     e = assert_error(client.post(path, json=body), 400)
     assert e["message"].startswith(message), e["message"]
     assert "constrained" not in e["message"] and "[" not in e["message"].split(":")[0]
+    assert "more invalid" not in e["message"]  # the field's other type branches are not other errors
+    both = assert_error(client.post(path, json=body | {"top_p": 5}), 400)
+    assert "(and 1 more invalid field)" in both["message"]
 
 
 @pytest.mark.parametrize("body", [

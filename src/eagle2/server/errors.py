@@ -62,6 +62,10 @@ def _field(x) -> bool:
     return not (isinstance(x, str) and (x == "body" or "[" in x or "-" in x or x in _BRANCH_NAMES))
 
 
+def _path(e: dict) -> tuple:
+    return tuple(x for x in e.get("loc", ()) if _field(x))
+
+
 def _most_telling(errs: list) -> dict:
     """The error to show. A field that may be one of several types reports a mismatch per branch;
     a branch whose type did match fails for a reason ('at most 4 items'), so that one is shown
@@ -75,15 +79,16 @@ def _most_telling(errs: list) -> dict:
 def _validation_message(exc: RequestValidationError) -> APIError:
     errs = exc.errors()
     e = _most_telling(errs)
-    loc = [str(x) for x in e.get("loc", ()) if _field(x)]
+    loc = [str(x) for x in _path(e)]
     if e.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
     param = ".".join(loc) or None
     if e.get("type") == "missing" and not loc:
         return APIError(400, "request body is missing (send a JSON object)")
     msg = f"{param}: {e.get('msg')}" if param else str(e.get("msg"))
-    if len(errs) > 1:
-        msg += f" (and {len(errs) - 1} more error{'s' if len(errs) > 2 else ''})"
+    others = {_path(x)[:1] for x in errs} - {_path(e)[:1]}  # other fields, not this one's other type branches
+    if others:
+        msg += f" (and {len(others)} more invalid field{'s' if len(others) > 1 else ''})"
     return APIError(400, msg, param=param.split(".")[0] if param else None)
 
 
