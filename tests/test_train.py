@@ -262,6 +262,11 @@ def test_train_resumes_exactly_and_loss_goes_down(tiny, run, tmp_path):
     second.train()
     for k, v in straight.head.state_dict().items():
         assert torch.equal(v, second.head.state_dict()[k]), k
+    ckpt = tmp_path / "b" / "ckpt.pt"
+    for damage in (ckpt.read_bytes()[:1000], b""):  # cut short, emptied: named, not a torch traceback
+        ckpt.write_bytes(damage)
+        with pytest.raises(ValueError, match="ckpt.pt is damaged"):
+            Trainer(tiny, tok, exs, tmp_path / "b", _cfg(max_steps=6), progress=False)
     # a fresh run of 6 epochs: the loss falls
     res = Trainer(tiny, tok, exs, tmp_path / "c", _cfg(epochs=12, lr=1e-2, noise=0.0), progress=False).train()
     assert res.status == "done"
@@ -426,8 +431,25 @@ def test_corpus_round_trips_ids_and_import_is_idempotent(tmp_path):
     assert [r["id"] for r in again.records(only={"oasst1_en:7"})] == ["oasst1_en:7", "oasst1_en:7#1", "oasst1_en:7#2"]
     with pytest.raises(ValueError, match="holds answers of m"):
         again.check_model("other", {"temperature": 0.0})
+    shard = tmp_path / "c" / "turns-00001.jsonl.gz"
+    good = shard.read_bytes()
+    for damage in (good[: len(good) // 2], b"hello\n", gzip.compress(b"garbage{\n")):  # cut, not gzip, not JSON
+        shard.write_bytes(damage)
+        with pytest.raises(ValueError, match="turns-00001.jsonl.gz.*damaged corpus shard"):
+            Corpus(tmp_path / "c")
+    shard.write_bytes(good)
     with pytest.raises(ValueError, match="temperature"):
         again.check_model("m", {"temperature": 0.7})
+
+
+def test_training_refuses_records_whose_features_were_lost(tiny, run, prompt_file, tmp_path):
+    import shutil
+
+    copy = tmp_path / "r"
+    shutil.copytree(run, copy)
+    (copy / "features" / "shard-00000.safetensors").unlink()
+    with pytest.raises(ValueError, match="have no features"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(copy, prompt_file, stages=("train",)))
 
 
 def test_second_run_generates_nothing(tiny, prompt_file, tmp_path, monkeypatch):
@@ -547,7 +569,7 @@ def test_exported_layout_matches_eagle_vllm_sglang(family, bias, tmp_path):
     assert check_released_format(tmp_path / "vllm") != []  # the released layout has no model. prefix
 
 
-def test_cli_train_help_and_errors(capsys):
+def test_cli_train_help_and_errors(capsys, tmp_path):
     from eagle2.cli import main
 
     with pytest.raises(SystemExit):
@@ -570,6 +592,10 @@ def test_cli_train_help_and_errors(capsys):
     assert "--threads must be >= 1" in capsys.readouterr().err
     assert main(["train", "--init-head", "/nonexistent/head"]) == 2  # before hours of earlier stages
     assert "not a head directory" in capsys.readouterr().err
+    (tmp_path / "f").write_text("")
+    for flag in ("--out", "--run-dir", "--corpus"):
+        assert main(["train", flag, str(tmp_path / "f")]) == 2
+        assert f"{flag} {tmp_path / 'f'} is a file" in capsys.readouterr().err
     assert main(["train", "--head-layers", "2"]) == 2  # an EAGLE-1/2 head has one layer
     assert "needs --arch eagle3" in capsys.readouterr().err
     assert main(["train", "--arch", "eagle3", "--head-layers", "0"]) == 2

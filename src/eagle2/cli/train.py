@@ -162,6 +162,9 @@ def cmd_train(args) -> int:
         raise ValueError(f"--temperature must be a finite number >= 0; got {args.temperature}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1; got {args.threads}")
+    for flag, d in (("--out", args.out), ("--run-dir", args.run_dir), ("--corpus", args.corpus)):
+        if d and Path(d).exists() and not Path(d).is_dir():
+            raise ValueError(f"{flag} {d} is a file; give a directory")
     if args.init_head and not (Path(args.init_head) / "config.json").is_file():
         raise ValueError(f"--init-head {args.init_head}: not a head directory (no config.json there)")
     if (args.context or 0) < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:

@@ -102,6 +102,23 @@ def _check_line(rec: dict, where: str) -> None:
         raise ValueError(f"{where}: not a corpus record (need id, turn, prefix, prompt_ids, response_ids)")
 
 
+def _shard_records(shard: Path) -> list[dict]:
+    """A sealed shard's records, or a ValueError naming the shard (and line) that is damaged. Sealed
+    shards are never rewritten, so damage there is not an interruption: it is reported, not skipped."""
+    n = 0
+    try:
+        with gzip.open(shard, "rt", encoding="utf-8") as f:
+            records = []
+            for n, line in enumerate(f, 1):
+                records.append(json.loads(line))
+                _check_line(records[-1], f"{shard}:{n}")
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        where = f"{shard}:{n}" if isinstance(e, json.JSONDecodeError) else str(shard)
+        raise ValueError(f"{where}: damaged corpus shard ({type(e).__name__}: {e}); restore it (e.g. git checkout "
+                         f"{shard.name})") from None
+    return records
+
+
 class Corpus:
     """A corpus directory, read whole into memory (ids only: ~10 MB per 100k turns of Python ints
     is fine at this project's scale). ``add`` appends to ``pending.jsonl``; ``seal`` turns that into
@@ -126,12 +143,9 @@ class Corpus:
             except ValueError as e:
                 raise ValueError(f"{self.path / MANIFEST} is not valid JSON: {e}") from None
         for shard in self._shards():
-            with gzip.open(shard, "rt", encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    rec = json.loads(line)
-                    _check_line(rec, f"{shard}:{n}")
-                    if self._take(rec):
-                        self._sealed.add((rec["id"], rec["turn"]))
+            for rec in _shard_records(shard):
+                if self._take(rec):
+                    self._sealed.add((rec["id"], rec["turn"]))
         pending = self.path / PENDING
         if pending.exists():
             with pending.open(encoding="utf-8") as f:

@@ -27,7 +27,7 @@ from ..config import Backend
 from ..machine import data_dir
 from .corpus import Corpus, default_corpus_dir
 from .data import MIX, Prompt, data_license, default_mix, read_fixed, read_prompts
-from .shards import load_shards, window_meta
+from .shards import covered_ids, load_shards, window_meta
 
 log = logging.getLogger("eagle2")
 
@@ -277,6 +277,16 @@ def _features_stage(run: _Run, records: list[dict]) -> dict:
     return r
 
 
+def _check_features(feat_dir: Path, records: list[dict], covered: set[str]) -> None:
+    """Every record to train on must have its features: a shard lost or damaged since the features
+    stage would otherwise shrink the training set silently, under a model card that counts it all."""
+    missing = [r["id"] for r in records if r["id"] not in covered]
+    if missing:
+        raise ValueError(f"{len(missing)} of the {len(records)} conversations to train on have no features in "
+                         f"{feat_dir} (e.g. {missing[0]}; a shard was lost or damaged): run the features stage "
+                         "too (--stages features,train,...) to compute them again")
+
+
 def _train_stage(run: _Run, records: list[dict], trained_on: dict | None, vocab) -> dict:
     """Stage 3: train the head on the records' examples (shards, or streamed)."""
     from dataclasses import replace
@@ -291,8 +301,9 @@ def _train_stage(run: _Run, records: list[dict], trained_on: dict | None, vocab)
         examples = StreamedExamples(run.model, records, context=opts.context, max_len=opts.max_len, backend=run.backend,
                                     features=feats)
     else:
-        examples = load_shards(run.feat_dir, window=window_meta(opts.context, opts.max_len),
-                               only={r["id"] for r in records})
+        window = window_meta(opts.context, opts.max_len)
+        _check_features(run.feat_dir, records, covered_ids(run.feat_dir, window))
+        examples = load_shards(run.feat_dir, window=window, only={r["id"] for r in records})
     cfg = opts.train_cfg or TrainConfig()
     if opts.max_minutes and cfg.max_minutes is None:
         cfg = replace(cfg, max_minutes=opts.max_minutes)

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -469,7 +470,12 @@ class Trainer:
         os.replace(tmp, self.dir / "ckpt.pt")
 
     def _load(self) -> None:
-        s = torch.load(self.dir / "ckpt.pt", map_location="cpu", weights_only=True)
+        path = self.dir / "ckpt.pt"
+        try:
+            s = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # cut short or overwritten
+            raise ValueError(f"{path} is damaged ({type(e).__name__}); delete it to train from the start, or "
+                             f"use a fresh --run-dir") from None
         if s.get("n_examples") != len(self.lengths):
             raise ValueError(f"checkpoint in {self.dir} was trained on {s.get('n_examples')} examples, now there "
                              f"are {len(self.lengths)}; use a fresh --run-dir or delete {self.dir / 'ckpt.pt'}")
