@@ -232,14 +232,20 @@ class Eagle2Generator:
     def _one_at_a_time(self, events: Iterator[RoundEvent]) -> Iterator[RoundEvent]:
         """The engine's rounds under the generator's lock. Generations may interleave round by round
         (two streams in one thread do), but two threads must not run rounds at once: they share the
-        target and draft caches. So threads calling ``generate`` together take turns by round."""
-        while True:
+        target and draft caches. So threads calling ``generate`` together take turns by round. A
+        generation abandoned midway (a stream left early) closes the engine's rounds under the lock
+        too: that runs the engine's cleanup, which keeps its cache for later prompts."""
+        try:
+            while True:
+                with self._lock:
+                    try:
+                        ev = next(events)
+                    except StopIteration:
+                        return
+                yield ev
+        finally:
             with self._lock:
-                try:
-                    ev = next(events)
-                except StopIteration:
-                    return
-            yield ev
+                events.close()
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt, settings: DecodeSettings | None = None, **kw) -> GenerationResult:
