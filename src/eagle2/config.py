@@ -235,7 +235,8 @@ class DecodeSettings:
 
         An eagle2 tree keeps at most its node budget, so a ``top_k`` above that budget is cut to it:
         a frontier node ranked below the budget has that many better nodes at its level, and so have
-        its children, so no tree changes, but a huge ``tree_top_k`` no longer drafts for a minute."""
+        its children, so no tree changes (up to ties in value; output is exact either way), but a huge
+        ``tree_top_k`` no longer drafts for a minute."""
         t = replace(base, method=self.method, adaptive=base.adaptive and not self.fixed_shape,
                     total_tokens=base.total_tokens if self.total_tokens is None else self.total_tokens,
                     depth=base.depth if self.depth is None else self.depth,
