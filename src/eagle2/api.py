@@ -207,7 +207,8 @@ class Eagle2Generator:
         for m in messages:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ValueError("each chat message needs a string 'role' and 'content'")
-            _check_unicode(m["role"] + m["content"])
+            _check_unicode(m["role"])
+            _check_unicode(m["content"])  # each on its own, so the position named is right
         if not any(m["content"].strip() for m in messages):
             raise ValueError("prompt is empty: every message has empty content")
         if not self.tokenizer.chat_template:
