@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from test_server import LOCAL, MSG, Gated, assert_error, sse, wait_for
 
 from eagle2.server import create_app, serve_in_thread
+from eagle2.server.config import ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
@@ -166,6 +167,26 @@ def test_20mb_body_is_refused_fast_with_bounded_memory(tiny_chat_generator):
     assert grown < 15, f"RSS grew {grown:.1f} MiB refusing three 20 MB bodies"
 
 
+def test_a_trickled_or_missing_body_times_out(tiny_chat_generator):
+    """A client that announces a body and sends it slowly, or never, gets 408 and loses the
+    connection after body_timeout_s; it does not hold the connection for as long as it likes."""
+    with serve_in_thread(create_app(tiny_chat_generator, body_timeout_s=0.5)) as url:
+        host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
+        for sent in (b"", b'{"messages": [', b'{"messages": [{"role": "user", "content": "hi"}]'):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: 10000\r\n\r\n".encode() + sent)
+            t0, got = time.perf_counter(), b""
+            while chunk := s.recv(65536):
+                got += chunk
+            s.close()
+            assert 0.4 < time.perf_counter() - t0 < 5, "the connection was held past the body timeout"
+            assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got, got[:200]
+        assert httpx.post(url + CHAT, json={"messages": MSG, "max_tokens": 2}, timeout=10).status_code == 200
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        ServerConfig(body_timeout_s=0)
+
+
 def test_body_and_prompt_limits_are_configurable(tiny_chat_generator):
     counting = Counting(tiny_chat_generator)
     c = TestClient(create_app(counting, max_body_bytes=1000, max_prompt_chars=50), base_url=LOCAL)
@@ -177,7 +198,7 @@ def test_body_and_prompt_limits_are_configurable(tiny_chat_generator):
     assert counting.encoded == 0  # refused before tokenizing
     assert c.post(CHAT, json={"messages": MSG, "max_tokens": 2}).status_code == 200
     h = c.get("/health").json()
-    assert h["limits"] == {"max_body_bytes": 1000, "max_prompt_chars": 50}
+    assert h["limits"] == {"max_body_bytes": 1000, "max_prompt_chars": 50, "body_timeout_s": 60.0}
 
 
 def test_full_queue_refuses_before_tokenizing(tiny_chat_generator):

@@ -440,6 +440,9 @@ def test_corpus_round_trips_ids_and_import_is_idempotent(tmp_path):
     shard.write_bytes(good)
     with pytest.raises(ValueError, match="temperature"):
         again.check_model("m", {"temperature": 0.7})
+    (tmp_path / "c" / "manifest.json").unlink()  # whose answers these are is now unknown: refused, not adopted
+    with pytest.raises(ValueError, match="2 shard.*no model in manifest.json"):
+        Corpus(tmp_path / "c").check_model("other", {"temperature": 0.0})
 
 
 def test_training_refuses_records_whose_features_were_lost(tiny, run, prompt_file, tmp_path):
@@ -680,3 +683,36 @@ def test_cli_corpus_import_and_show(tmp_path, capsys):
     (tmp_path / "c" / "manifest.json").write_text("{")
     assert main(["corpus", "show", "--corpus", corpus]) == 2
     assert "manifest.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_corpus_first_seal_writes_the_model_before_any_shard(tmp_path, monkeypatch):
+    """A seal cut short between shard and manifest never leaves shards whose model is unknown."""
+    import eagle2.train.corpus as corpus_mod
+
+    c = Corpus(tmp_path / "c")
+    c.add("dolly15k_en:1", 0, [1, 2], [3])
+
+    real = corpus_mod.os.replace
+
+    def cut(src, dst):  # interrupted as the shard is put in place
+        if "turns-" in str(dst):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(corpus_mod.os, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        c.seal("m", {"temperature": 0.0})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["model"] == "m"
+    with pytest.raises(ValueError, match="holds answers of m"):
+        Corpus(tmp_path / "c").check_model("other", {"temperature": 0.0})
+
+
+def test_nothing_to_train_says_why(tiny, prompt_file, tmp_path):
+    """Every prompt over --max-prompt-tokens: the run says so, instead of a bare "no examples"."""
+    opts = _opts(tmp_path / "r", prompt_file, stages=("responses", "features", "train"), max_prompt_tokens=2)
+    with pytest.raises(ValueError, match=r"nothing to train on: no answered turn of the 14 .*14 prompt turn\(s\) were "
+                                         r"longer than --max-prompt-tokens 2"):
+        run_pipeline(tiny, ToyTokenizer(), opts)
+    with pytest.raises(ValueError, match="run the responses stage first"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "s", prompt_file, stages=("train",)))

@@ -14,7 +14,7 @@ KEY_ON_COMMAND_LINE = ("--api-key is not accepted: a key on the command line is 
 
 
 def register(sub) -> None:
-    from ..server.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS
+    from ..server.config import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API and a web chat page",
                        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health "
@@ -37,6 +37,8 @@ def register(sub) -> None:
                    help="requests that may wait (or be tokenized) while one is decoded (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413 (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
+                   help="a request body not received whole within this is refused with 408 (default: %(default)s)")
     p.add_argument("--max-prompt-chars", type=int, default=DEFAULT_MAX_PROMPT_CHARS,
                    help="longer prompts are refused with 400 before tokenizing (default: %(default)s)")
     p.add_argument("--docs", action="store_true",
@@ -80,7 +82,8 @@ def _config(args, api_key: str | None):
         raise ValueError(f"port must be in [0, 65535]; got {args.port}")
     hosts = tuple(h.strip() for arg in (args.allowed_hosts or ()) for h in arg.split(",") if h.strip())
     return ServerConfig(api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                        max_prompt_chars=args.max_prompt_chars, host=args.host, allowed_hosts=hosts, docs=args.docs)
+                        max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout, host=args.host,
+                        allowed_hosts=hosts, docs=args.docs)
 
 
 def cmd_serve(args) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024  # a full-context prompt is ~40 kB of JSON; escaped non-ASCII text ~6x that
 DEFAULT_MAX_PROMPT_CHARS = 100_000  # ~3x what fills SmolLM2's 8192-token context with English text
+DEFAULT_BODY_TIMEOUT_S = 60.0  # a 2 MB body at 40 kB/s; a client slower than that holds a connection for nothing
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -23,6 +24,7 @@ class ServerConfig:
     max_queue: int = 16  # requests that may wait (or be tokenized) while one is decoded; more get 503
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before they are read
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # longer prompts get 400 before they are tokenized
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a body not received whole within this gets 408
     host: str = "127.0.0.1"  # the bind address: a Host header naming it is accepted
     allowed_hosts: tuple[str, ...] = ()  # further Host names accepted; "*" accepts any (no DNS-rebinding guard)
     docs: bool = False  # serve /docs, /redoc and /openapi.json
@@ -34,6 +36,9 @@ class ServerConfig:
             low = 0 if name == "max_queue" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
+        t = self.body_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"body_timeout_s must be a number of seconds > 0; got {t!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key.strip()):
             raise ValueError("api_key must be a non-empty string or None")
         if isinstance(self.allowed_hosts, str) or not all(isinstance(h, str) and h for h in self.allowed_hosts):

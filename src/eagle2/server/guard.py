@@ -9,6 +9,9 @@ messages through, so ``http.disconnect`` still reaches the routes.
 - Key: ``Authorization: Bearer <key>`` on /v1/* and the docs pages, when a key is set (401).
 - Body: at most ``max_body_bytes``; a larger declared ``Content-Length`` is refused unread, a
   chunked body once it grows past the limit (413). Memory per request is bounded by the limit.
+  The whole body must arrive within ``body_timeout_s`` (408 and the connection closed), so a client
+  that announces a body and trickles it (or never sends it) cannot hold a connection indefinitely.
+  Slow request *headers* are uvicorn's to bound, before this layer sees the request.
 - Refusals drain what the client is still sending (read and dropped, bounded in bytes and time)
   before answering: closing a socket with unread input resets it, and the client would lose the
   answer it is owed (it sees "peer closed connection" instead of the 413).
@@ -46,6 +49,7 @@ class Guard:
     def __init__(self, app, config: ServerConfig):
         self.app = app
         self.limit = config.max_body_bytes
+        self.body_timeout = float(config.body_timeout_s)
         self.key = config.api_key.encode() if config.api_key else None
         self.hosts = config.host_policy()
 
@@ -86,9 +90,15 @@ class Guard:
         if scope.get("method") in ("GET", "HEAD", "OPTIONS") and _header(scope, b"content-length") is None \
                 and _header(scope, b"transfer-encoding") is None:
             return b""
-        parts, size = [], 0
+        parts, size, deadline = [], 0, time.monotonic() + self.body_timeout
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                refused = Refused(408, f"request body not received within {self.body_timeout:g} s",
+                                  "request_timeout", {"Connection": "close"})
+                refused.pending = False  # not drained: the client is what is slow
+                raise refused from None
             if msg["type"] == "http.disconnect":
                 return None
             chunk = msg.get("body", b"")

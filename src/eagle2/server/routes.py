@@ -59,7 +59,8 @@ async def health(request: Request):
     return {"status": "ok", "model": s.model_name, "head": Path(head).name if head else "",
             "device": str(getattr(gen, "device", "")), "dtype": str(getattr(gen, "dtype", "")).replace("torch.", ""),
             "max_context": gen.max_context, "auth": cfg.api_key is not None, "queue": s.scheduler.snapshot(),
-            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_prompt_chars": cfg.max_prompt_chars}}
+            "limits": {"max_body_bytes": cfg.max_body_bytes, "max_prompt_chars": cfg.max_prompt_chars,
+                       "body_timeout_s": cfg.body_timeout_s}}
 
 
 @router.get("/v1/models")

@@ -212,6 +212,10 @@ class Corpus:
     def check_model(self, model: str, settings: dict) -> None:
         """Refuse to mix another model's answers, or sampled with greedy ones, into one corpus."""
         have = self.manifest.get("model")
+        if not have and self._shards():
+            raise ValueError(f"the corpus {self.path} has {len(self._shards())} shard(s) but no model in {MANIFEST} (deleted "
+                             f"or damaged?), so whose answers it holds is unknown; restore {self.path / MANIFEST} (e.g. "
+                             "with git checkout) or pass another --corpus")
         if have and model and have != model:
             raise ValueError(f"the corpus {self.path} holds answers of {have}, not {model}; pass another --corpus")
         temps = {s.get("settings", {}).get("temperature") for s in self.manifest.get("shards", [])} - {None}
@@ -259,6 +263,8 @@ class Corpus:
                 if (cid, k) not in self._sealed:
                     todo.append(self._stored_line(cid, k))
         shard = None
+        if todo and not (self.path / MANIFEST).exists():
+            self._write_manifest(model)  # first: a shard is never on disk without the model it belongs to
         if todo:
             taken = [int(p.name[6:11]) for p in self._shards() if p.name[6:11].isdigit()]
             shard = self.path / f"turns-{max(taken, default=-1) + 1:05d}.jsonl.gz"

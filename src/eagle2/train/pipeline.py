@@ -132,6 +132,19 @@ def _training_records(opts: PipelineOptions, corpus: Corpus | None, train_p: lis
     return corpus.records(exclude=dev_ids, only=only), corpus.summary(exclude=dev_ids, only=only)
 
 
+def _nothing_to_train(run: _Run, responses: dict | None) -> str:
+    """Why no conversation is there to train on, and what to do about it."""
+    opts = run.opts
+    where = f"the corpus {run.corpus.path}" if run.corpus is not None else f"{Path(opts.run_dir) / 'responses.jsonl'}"
+    why = [f"no answered turn of the {len(run.train_p)} chosen training prompt(s) is in {where}"]
+    if responses and responses.get("skipped_long"):
+        why.append(f"{responses['skipped_long']} prompt turn(s) were longer than --max-prompt-tokens "
+                   f"{opts.max_prompt_tokens} and were not answered (raise it, or choose other prompts)")
+    elif "responses" not in opts.stages:
+        why.append("run the responses stage first (--stages responses,features,train,export)")
+    return "nothing to train on: " + "; ".join(why)
+
+
 def _loss_vocab(opts: PipelineOptions, records: list[dict], vocab_size: int):
     """The draft vocabulary the head ships (None: none); the loss is computed over it when ``vocab_loss``."""
     from .export import draft_vocabulary
@@ -186,6 +199,8 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     if "responses" in opts.stages:
         summary["responses"] = _responses_stage(run)
     records, trained_on = _training_records(opts, run.corpus, run.train_p, run.dev_ids)
+    if not records and {"features", "train"} & set(opts.stages):
+        raise ValueError(_nothing_to_train(run, summary.get("responses")))
     if trained_on is not None:
         run.sources = list(dict.fromkeys(data_license(s) for s in trained_on["sources"])) or run.sources  # two ShareGPT files, one line
     if "features" in opts.stages and not opts.stream:
