@@ -120,7 +120,9 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
 def test_accept_rate_per_depth_and_round_profile():
     from eagle2.bench import Answer, accept_rate_per_depth, round_profile
 
-    assert accept_rate_per_depth([0, 1, 1, 3]) == [0.75, 0.3333, 1.0, 0.0]
+    # a round that stopped at an accepted leaf drafted nothing deeper: it does not count as a rejection
+    assert accept_rate_per_depth([(0, True), (1, True), (1, False), (3, False)]) == [0.75, 0.5, 1.0]
+    assert accept_rate_per_depth([(0, False), (2, True)]) == [1.0, 1.0, 0.0]
     a = Answer([1] * 10, "", 1.0, forwards=5, phases=dict(prefill=0.2, draft=0.3, verify=0.4))
     p = round_profile([a])
     assert p["rounds"] == 4 and p["draft"] == 75.0 and p["verify"] == 100.0 and p["other"] == 25.0

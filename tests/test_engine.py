@@ -225,6 +225,8 @@ def test_stats_are_consistent():
     assert s.new_tokens == len(r.token_ids) == 30
     assert s.rounds == 1 + len(s.accept_lengths)
     assert sum(s.accept_lengths) + s.rounds == s.new_tokens
+    assert [a for a, _ in s.accept_stops] == s.accept_lengths  # every round of this run grew a tree
+    assert all(not more for a, more in s.accept_stops if a == 4)  # depth 4 is the deepest: no children there
     assert s.mean_accept_len == pytest.approx(s.new_tokens / s.rounds)
     assert s.tokens_per_s > 0 and s.seconds >= s.draft_seconds + s.verify_seconds
 

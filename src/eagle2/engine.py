@@ -50,7 +50,8 @@ class Stats:
     tree_sizes: list = field(default_factory=list)  # nodes verified per drafted round, root included
     tree_depths: list = field(default_factory=list)  # deepest node per drafted round
     expected_accepts: list = field(default_factory=list)  # (calibrated expected, realised) accept length per drafted round
-    # (the three lists above have one entry per round that grew a tree, a root-only one included)
+    accept_stops: list = field(default_factory=list)  # (accepted, whether the last accepted node had children) per drafted round
+    # (the four lists above have one entry per round that grew a tree, a root-only one included)
 
     @property
     def mean_accept_len(self) -> float:
@@ -411,4 +412,5 @@ def _record_tree(stats: Stats, draft, path: torch.Tensor, rated: tuple[torch.Ten
     stats.tree_sizes.append(draft.size)
     stats.tree_depths.append(max(d))
     stats.expected_accepts.append((round(sum(min(1.0, x) for x in expected[1:]), 4), int(path.shape[0]) - 1))
+    stats.accept_stops.append((int(path.shape[0]) - 1, int(path[-1]) in draft.parents.tolist()))
     stats.draft_confidence.extend((d[i], p[i], i in on_path) for i in range(1, draft.size))

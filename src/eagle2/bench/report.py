@@ -138,7 +138,8 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {n} | {p['draft']} | {p['verify']} | {p['other']} | {p['total']} | {p['prefill_per_prompt']} |")
     rates = {n: s["accept_rate_per_depth"] for n, s in m.items() if s.get("accept_rate_per_depth")}
     if rates:
-        lines += ["", "## Acceptance rate per draft depth (P(depth d accepted | depth d-1 accepted))", ""]
+        lines += ["", "## Acceptance rate per draft depth (P(depth d accepted | depth d-1 accepted and a depth-d node "
+                  "drafted under it))", ""]
         for n, v in rates.items():
             lines.append(f"- {n}: " + ", ".join(f"d{d + 1} {x:.2f}" for d, x in enumerate(v)))
     lines += _tree_lines(m)

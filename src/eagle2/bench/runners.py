@@ -27,6 +27,7 @@ class Answer:
     tree_sizes: list = field(default_factory=list)  # per drafted round: nodes verified, root included
     tree_depths: list = field(default_factory=list)
     expected_accepts: list = field(default_factory=list)
+    accept_stops: list = field(default_factory=list)  # per drafted round: (accepted, last accepted node had children)
     phases: dict = field(default_factory=dict)  # engine methods: prefill / draft / verify seconds
 
 
@@ -47,7 +48,7 @@ class _EngineRunner:
                       draft_confidence=list(st.draft_confidence),
                       phases=dict(prefill=st.prefill_seconds, draft=st.draft_seconds, verify=st.verify_seconds),
                       tree_sizes=list(st.tree_sizes), tree_depths=list(st.tree_depths),
-                      expected_accepts=list(st.expected_accepts))
+                      expected_accepts=list(st.expected_accepts), accept_stops=list(st.accept_stops))
 
 
 class _HFRunner:

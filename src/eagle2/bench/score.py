@@ -31,14 +31,19 @@ def aggregate(records: list[dict], methods: list[str]) -> dict:
     return out
 
 
-def accept_rate_per_depth(accept_lengths: list[int]) -> list[float]:
-    """P(the depth-d draft token is accepted | depth d-1 was), d = 1.. : where drafts stop paying."""
+def accept_rate_per_depth(stops: list[tuple[int, bool]]) -> list[float]:
+    """P(a depth-d draft is accepted | depth d-1 was, and the tree had a depth-d node under it),
+    d = 1.. : where drafts stop paying. ``stops``: per drafted round, (drafted tokens accepted,
+    whether the last accepted node had children). A round whose tree ended at the accepted node
+    drafted nothing deeper, so it does not count against depth d: with adaptive trees, which stop
+    where the draft is unsure, counting it would mix "not drafted" into "rejected"."""
     rates = []
-    for d in range(1, (max(accept_lengths) if accept_lengths else 0) + 2):
-        reached = sum(1 for a in accept_lengths if a >= d - 1)
-        if not reached:
+    for d in range(1, max((a for a, _ in stops), default=0) + 2):
+        accepted = sum(1 for a, _ in stops if a >= d)
+        tried = accepted + sum(1 for a, more in stops if a == d - 1 and more)
+        if not tried:
             break
-        rates.append(round(sum(1 for a in accept_lengths if a >= d) / reached, 4))
+        rates.append(round(accepted / tried, 4))
     return rates
 
 
@@ -145,5 +150,5 @@ def speculation_stats(answers: dict, overall: dict, active: list[str]) -> dict:
         overall[m]["tree_per_round"] = tree_per_round(mine[m])
         overall[m]["calibration_per_depth"] = calibration_per_depth(confidence)
         overall[m]["accept_length_hist"] = _histogram(lengths)
-        overall[m]["accept_rate_per_depth"] = accept_rate_per_depth(lengths)
+        overall[m]["accept_rate_per_depth"] = accept_rate_per_depth([x for a in mine[m] for x in a.accept_stops])
     return calib
