@@ -44,9 +44,10 @@ class ScriptedGenerator:
         from eagle2.engine import GenerationResult, RoundEvent, Stats
 
         self.calls.append(method)
-        ids = self.tokenizer(ANSWER, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        full_ids = self.tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+        ids = full_ids[:max_new_tokens]
         stats = Stats()
-        result = GenerationResult([], "", stats, "stop", list(prompt))
+        result = GenerationResult([], "", stats, "length" if len(full_ids) > max_new_tokens else "stop", list(prompt))
         pattern = [0, 3, 1, 4, 2, 0, 5, 2, 3, 1]  # drafted tokens accepted per round (first = prefill)
 
         def events():
@@ -142,6 +143,7 @@ def test_chat_page_real_engine_and_api_key(browser, tiny_chat_generator):
         page.keyboard.press("Enter")
         page.wait_for_selector(".msg.assistant.error")
         assert "API key" in page.inner_text(".msg.assistant.error .bubble")
+        assert page.evaluate("document.activeElement.id") == "api-key"  # where the fix goes
         page.fill("#api-key", "s3cret")
         page.dispatch_event("#api-key", "change")
         page.fill("#input", "hello")
@@ -162,3 +164,88 @@ def test_page_assets_served(tiny_chat_generator):
     assert r.status_code == 200 and "text/html" in r.headers["content-type"] and "app.js" in r.text
     assert c.get("/static/app.js").status_code == 200
     assert c.get("/static/style.css").status_code == 200
+
+
+class Recording(ScriptedGenerator):
+    """ScriptedGenerator that records the messages of every request and streams slowly."""
+
+    def __init__(self, real):
+        super().__init__(real, delay=0.15)
+        self.prompts = []
+
+    def encode_prompt(self, prompt):
+        self.prompts.append([(m["role"], m["content"]) for m in prompt])
+        return super().encode_prompt(prompt)
+
+
+def _done(page, n: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll(\".msg.assistant[data-done='1']\").length === {n}",
+                           timeout=20000)
+
+
+def test_chat_page_history_matches_the_screen(browser, tiny_chat_generator):
+    """New chat, Stop and failures leave the conversation the model is sent equal to the one shown."""
+    from eagle2.server import create_app, serve_in_thread
+
+    rec = Recording(tiny_chat_generator)
+    with serve_in_thread(create_app(rec)) as url:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("#status-dot.ok")
+        # "New chat" while a reply streams: the new chat's first request carries only its own message
+        page.fill("#input", "first")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.assistant .bubble span")
+        page.click("#clear-btn")
+        page.fill("#input", "  indented\n    code  \n")
+        page.keyboard.press("Enter")
+        _done(page, 1)
+        assert rec.prompts[-1] == [("user", "  indented\n    code")]  # indentation kept, trailing blanks gone
+        assert page.locator(".msg").count() == 2
+        # Stop before a word came back: the message is taken back (bubble gone, text in the box)
+        rec.delay = 2.0
+        page.fill("#input", "never mind")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#stop:not([hidden])")
+        page.click("#stop")
+        page.wait_for_selector("#send:not([hidden])")
+        assert page.locator(".msg").count() == 2 and page.input_value("#input") == "never mind"
+        # an invalid Max tokens sends nothing and keeps the text
+        rec.delay = 0.01
+        sent = len(rec.prompts)
+        page.click("#settings-btn")
+        assert page.get_attribute("#settings-btn", "aria-expanded") == "true"
+        page.fill("#max-tokens", "0")
+        page.click("#send")
+        assert len(rec.prompts) == sent and page.input_value("#input") == "never mind"
+        assert page.evaluate("document.getElementById('max-tokens').validationMessage")
+        page.fill("#max-tokens", "8")
+        page.click("#send")
+        _done(page, 2)
+        assert rec.prompts[-1][-1] == ("user", "never mind") and len(rec.prompts[-1]) == 3
+        assert "cut off at Max tokens" in page.locator(".msg.assistant .meta").last.inner_text()
+        assert not errors, errors
+        page.close()
+
+
+def test_chat_page_failure_is_not_part_of_the_conversation(browser, tiny_chat_generator):
+    from eagle2.server import create_app, serve_in_thread
+
+    rec = Recording(tiny_chat_generator)
+    with serve_in_thread(create_app(rec, max_prompt_chars=40)) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#status-dot.ok")
+        page.fill("#input", "x" * 60)  # over --max-prompt-chars: a 400
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.assistant.error")
+        assert "prompt" in page.inner_text(".msg.assistant.error .error-text")
+        assert "not sent" in page.inner_text(".msg.user.unsent .meta")
+        assert page.input_value("#input") == "x" * 60  # back in the box, to shorten and send again
+        page.fill("#input", "short")
+        page.keyboard.press("Enter")
+        _done(page, 1)
+        assert rec.prompts[-1] == [("user", "short")]  # the refused message is not sent along
+        page.close()

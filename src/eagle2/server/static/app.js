@@ -1,34 +1,44 @@
 // eagle2 web chat: streams /v1/chat/completions and colours each round's accepted drafts.
+// Every text the page shows goes through textContent (never innerHTML): model output is data.
 (() => {
   "use strict";
   const $ = (id) => document.getElementById(id);
   const els = {
     messages: $("messages"), empty: $("empty"), input: $("input"), form: $("composer"), send: $("send"),
-    stop: $("stop"), settings: $("settings"), system: $("system"), temperature: $("temperature"),
-    tempVal: $("temp-val"), maxTokens: $("max-tokens"), apiKey: $("api-key"), modelName: $("model-name"),
-    dot: $("status-dot"), tps: $("stat-tps"), tau: $("stat-tau"), rounds: $("stat-rounds"), tokens: $("stat-tokens"),
+    stop: $("stop"), settings: $("settings"), settingsBtn: $("settings-btn"), system: $("system"),
+    temperature: $("temperature"), tempVal: $("temp-val"), maxTokens: $("max-tokens"), apiKey: $("api-key"),
+    modelName: $("model-name"), dot: $("status-dot"), announce: $("announce"),
+    tps: $("stat-tps"), tau: $("stat-tau"), rounds: $("stat-rounds"), tokens: $("stat-tokens"),
   };
   const store = window.localStorage;
+  const SSE_EVENT_END = /\r\n\r\n|\n\n|\r\r/;  // the SSE spec allows all three line endings
   let method = store.getItem("eagle2.method") || "eagle2";
-  let history = [];  // [{role, content}]
+  let history = [];  // [{role, content}] of the chat on screen; "New chat" starts a new array
+  let chat = 0;  // which chat is on screen: a reply that ends after "New chat" leaves the new one alone
   let controller = null;
   let maxContext = null;
 
   // ---- settings ----
   els.apiKey.value = store.getItem("eagle2.apiKey") || "";
   els.system.value = store.getItem("eagle2.system") || "";
-  els.maxTokens.value = store.getItem("eagle2.maxTokens") || "256";
+  els.maxTokens.value = store.getItem("eagle2.maxTokens") ?? "256";
   els.temperature.value = store.getItem("eagle2.temperature") || "0";
   els.tempVal.textContent = els.temperature.value;
   els.apiKey.addEventListener("change", () => store.setItem("eagle2.apiKey", els.apiKey.value.trim()));
   els.system.addEventListener("change", () => store.setItem("eagle2.system", els.system.value));
   els.maxTokens.addEventListener("change", () => store.setItem("eagle2.maxTokens", els.maxTokens.value));
+  els.maxTokens.addEventListener("input", () => els.maxTokens.setCustomValidity(""));
   els.temperature.addEventListener("input", () => {
     els.tempVal.textContent = els.temperature.value;
     store.setItem("eagle2.temperature", els.temperature.value);
   });
-  $("settings-btn").addEventListener("click", () => { els.settings.hidden = !els.settings.hidden; });
+  function showSettings(on) {
+    els.settings.hidden = !on;
+    els.settingsBtn.setAttribute("aria-expanded", on ? "true" : "false");
+  }
+  els.settingsBtn.addEventListener("click", () => showSettings(els.settings.hidden));
   $("clear-btn").addEventListener("click", () => {
+    chat += 1;
     if (controller) controller.abort();
     history = [];
     els.messages.querySelectorAll(".msg").forEach((m) => m.remove());
@@ -37,16 +47,29 @@
     els.input.focus();
   });
 
+  // ---- method switch (a radio group: arrow keys move the choice) ----
+  const methodButtons = [...document.querySelectorAll("#method-switch button")];
   function setMethod(m) {
     method = m;
     store.setItem("eagle2.method", m);
-    document.querySelectorAll("#method-switch button").forEach((b) => {
+    methodButtons.forEach((b) => {
       const on = b.dataset.method === m;
       b.classList.toggle("active", on);
       b.setAttribute("aria-checked", on ? "true" : "false");
+      b.tabIndex = on ? 0 : -1;
     });
   }
-  document.querySelectorAll("#method-switch button").forEach((b) => b.addEventListener("click", () => setMethod(b.dataset.method)));
+  methodButtons.forEach((b, i) => {
+    b.addEventListener("click", () => setMethod(b.dataset.method));
+    b.addEventListener("keydown", (e) => {
+      const step = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 }[e.key];
+      if (!step) return;
+      e.preventDefault();
+      const next = methodButtons[(i + step + methodButtons.length) % methodButtons.length];
+      setMethod(next.dataset.method);
+      next.focus();
+    });
+  });
   setMethod(method);
 
   function headers() {
@@ -57,12 +80,15 @@
   }
 
   // ---- server info ----
-  fetch("/health").then((r) => r.json()).then((h) => {
-    els.modelName.textContent = `${h.model} · ${h.device}${h.dtype ? " · " + h.dtype : ""}`;
-    els.dot.className = "dot ok";
-    maxContext = h.max_context;
-    if (h.auth && !els.apiKey.value) els.settings.hidden = false;
-  }).catch(() => { els.modelName.textContent = "server unreachable"; els.dot.className = "dot err"; });
+  function checkHealth() {
+    fetch("/health").then((r) => r.json()).then((h) => {
+      els.modelName.textContent = `${h.model} · ${h.device}${h.dtype ? " · " + h.dtype : ""}`;
+      els.dot.className = "dot ok";
+      maxContext = h.max_context;
+      if (h.auth && !els.apiKey.value) showSettings(true);
+    }).catch(() => { els.modelName.textContent = "server unreachable"; els.dot.className = "dot err"; });
+  }
+  checkHealth();
 
   // ---- stats ----
   function setStats(s) {
@@ -88,6 +114,13 @@
     return { wrap, bubble, meta };
   }
   function scroll() { els.messages.scrollTop = els.messages.scrollHeight; }
+  function atBottom() {  // the reader is following the reply (not scrolled up to read something)
+    const m = els.messages;
+    return m.scrollHeight - m.scrollTop - m.clientHeight < 48;
+  }
+  function note(meta, text) {
+    meta.append(document.createTextNode((meta.textContent ? " · " : "") + text));
+  }
 
   function appendRound(bubble, content, ext) {
     const draft = ext && ext.draft_text ? ext.draft_text : "";
@@ -122,88 +155,149 @@
     els.stop.hidden = !on;
   }
 
+  // ---- one request ----
+  function maxTokens() {
+    // null: the server's default (the room left in the context); undefined: invalid, nothing is sent
+    const raw = els.maxTokens.value.trim();
+    if (raw === "") return null;
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < 1) {
+      showSettings(true);
+      els.maxTokens.setCustomValidity("a whole number of tokens, at least 1 (empty: as many as fit)");
+      els.maxTokens.reportValidity();
+      return undefined;
+    }
+    return maxContext ? Math.min(n, maxContext - 1) : n;
+  }
+
+  async function httpError(r) {
+    const err = new Error(`HTTP ${r.status}`);
+    try {
+      const j = await r.json();
+      if (j.error) { err.message = j.error.message; err.code = j.error.code; }
+    } catch (e) { /* not JSON */ }
+    if (err.code === "context_length_exceeded") err.message += " (start a new chat with +, or lower Max tokens)";
+    return err;
+  }
+
+  async function readStream(r, reply, state) {
+    // Streams the reply into reply.bubble; true once the server's [DONE] arrived (the answer is whole).
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return false;
+      buf += decoder.decode(value, { stream: true });
+      let m;
+      while ((m = SSE_EVENT_END.exec(buf))) {
+        const event = buf.slice(0, m.index);
+        buf = buf.slice(m.index + m[0].length);
+        for (const line of event.split(/\r\n|\n|\r/)) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") return true;
+          onChunk(JSON.parse(data), reply, state);
+        }
+      }
+    }
+  }
+
+  function onChunk(chunk, reply, state) {
+    if (chunk.error) throw new Error(chunk.error.message);
+    const ch = chunk.choices && chunk.choices[0];
+    const content = ch && ch.delta ? ch.delta.content : null;
+    if (ch && ch.finish_reason) state.finish = ch.finish_reason;
+    if (content) {
+      const follow = atBottom();
+      appendRound(reply.bubble, content, chunk.eagle2);
+      state.answer += content;
+      if (follow) scroll();
+    }
+    if (chunk.eagle2 && typeof chunk.eagle2.tokens_per_s === "number") {
+      setStats(chunk.eagle2);
+      setMeta(reply.meta, chunk.eagle2, state.method);
+    }
+  }
+
+  function stopped(convo, user, reply, state, text) {
+    if (state.answer) {  // keep what came: the next turn continues from it
+      convo.push({ role: "assistant", content: state.answer });
+      note(reply.meta, "stopped");
+      reply.wrap.dataset.done = "1";
+      return;
+    }
+    convo.pop();  // stopped before a word came back: as if it was never sent
+    user.wrap.remove();
+    reply.wrap.remove();
+    if (!els.input.value) els.input.value = text;
+    els.empty.hidden = els.messages.querySelector(".msg") !== null;
+  }
+
+  function failed(convo, user, reply, state, text, e) {
+    convo.pop();  // the model never answered this message: it is not part of the conversation
+    user.wrap.classList.add("unsent");
+    const back = !els.input.value;
+    if (back) els.input.value = text;
+    note(user.meta, back ? "not sent: the text is back in the message box" : "not sent");
+    reply.wrap.classList.add("error");
+    const line = document.createElement("div");
+    line.className = "error-text";
+    line.textContent = "Error: " + e.message;
+    reply.bubble.append(line);
+    reply.meta.replaceChildren();
+    if (state.answer) note(reply.meta, "the partial answer above is not kept in the conversation");
+    reply.wrap.dataset.done = "error";
+    setStats(null);
+    els.announce.textContent = "Error: " + e.message;
+    checkHealth();  // a network error may mean the server is gone: the dot says so
+  }
+
   async function send(text) {
-    history.push({ role: "user", content: text });
-    addMessage("user", text);
-    const { wrap, bubble, meta } = addMessage("assistant", "");
-    bubble.classList.add("cursor");
+    const mt = maxTokens();
+    if (mt === undefined) return false;
+    const convo = history, mine = chat;
+    convo.push({ role: "user", content: text });
+    const user = addMessage("user", text);
+    const reply = addMessage("assistant", "");
+    reply.bubble.classList.add("cursor");
     const messages = [];
     if (els.system.value.trim()) messages.push({ role: "system", content: els.system.value.trim() });
-    messages.push(...history);
+    messages.push(...convo);
     const body = {
       model: "eagle2", messages, stream: true, method,
       temperature: parseFloat(els.temperature.value) || 0,
       stream_options: { include_usage: true },
     };
-    const mt = parseInt(els.maxTokens.value, 10);
-    if (mt > 0) body.max_tokens = mt;
+    if (mt) body.max_tokens = mt;
     controller = new AbortController();
     busy(true);
-    let answer = "";
-    let last = null;
-    const usedMethod = method;
+    const state = { answer: "", finish: null, method };
+    let focus = els.input;
     try {
       const r = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
       });
       if (!r.ok) {
-        let msg = `HTTP ${r.status}`;
-        try { const j = await r.json(); if (j.error) msg = j.error.message; } catch (e) { /* not JSON */ }
-        if (r.status === 401) { els.settings.hidden = false; els.apiKey.focus(); }
-        throw new Error(msg);
+        if (r.status === 401) { showSettings(true); focus = els.apiKey; }
+        throw await httpError(r);
       }
-      const reader = r.body.getReader();
-      const decoder = new TextDecoder();
-      let buf = "";
-      let done = false;
-      while (!done) {
-        const { value, done: end } = await reader.read();
-        if (end) break;
-        buf += decoder.decode(value, { stream: true });
-        let i;
-        while ((i = buf.indexOf("\n\n")) >= 0) {
-          const event = buf.slice(0, i);
-          buf = buf.slice(i + 2);
-          for (const line of event.split("\n")) {
-            if (!line.startsWith("data:")) continue;
-            const data = line.slice(5).trim();
-            if (data === "[DONE]") { done = true; break; }
-            const chunk = JSON.parse(data);
-            if (chunk.error) throw new Error(chunk.error.message);
-            const ch = chunk.choices && chunk.choices[0];
-            const content = ch && ch.delta ? ch.delta.content : null;
-            if (content) {
-              appendRound(bubble, content, chunk.eagle2);
-              answer += content;
-              scroll();
-            }
-            if (chunk.eagle2 && typeof chunk.eagle2.tokens_per_s === "number") {
-              last = chunk.eagle2;
-              setStats(last);
-              setMeta(meta, last, usedMethod);
-            }
-          }
-        }
-      }
-      history.push({ role: "assistant", content: answer });
-      wrap.dataset.done = "1";
+      if (!(await readStream(r, reply, state))) throw new Error("the connection closed before the answer was complete");
+      convo.push({ role: "assistant", content: state.answer });
+      if (state.finish === "length") note(reply.meta, "cut off at Max tokens");
+      reply.wrap.dataset.done = "1";
+      els.announce.textContent = state.answer;
     } catch (e) {
-      if (e.name === "AbortError") {
-        history.push({ role: "assistant", content: answer });
-        meta.append(document.createTextNode(" · stopped"));
-        wrap.dataset.done = "1";
-      } else {
-        history.pop();
-        wrap.classList.add("error");
-        bubble.textContent = "Error: " + e.message;
-        wrap.dataset.done = "error";
-      }
+      if (mine !== chat) return true;  // "New chat" ended it: that chat is gone from the screen
+      if (e.name === "AbortError") stopped(convo, user, reply, state, text);
+      else failed(convo, user, reply, state, text, e);
     } finally {
-      bubble.classList.remove("cursor");
+      reply.bubble.classList.remove("cursor");
       controller = null;
       busy(false);
-      els.input.focus();
+      focus.focus();
     }
+    return true;
   }
 
   // ---- composer ----
@@ -220,11 +314,14 @@
   });
   els.form.addEventListener("submit", (e) => {
     e.preventDefault();
-    const text = els.input.value.trim();
-    if (!text || controller) return;
+    const typed = els.input.value;
+    if (!typed.trim() || controller) return;
+    const text = typed.replace(/^\s*\n/, "").replace(/\s+$/, "");  // blank lines around it go; indentation stays
     els.input.value = "";
     autosize();
-    send(text);
+    send(text).then((sent) => {
+      if (!sent && !els.input.value) { els.input.value = typed; autosize(); }
+    });
   });
   els.stop.addEventListener("click", () => { if (controller) controller.abort(); });
 })();
