@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,21 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
     assert "is a file" in capsys.readouterr().err
     assert main(["tune", "--total-tokens", "8,x"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+    # all of these before the model loads (the test has none to load)
+    for argv, says in (
+            (["--out", "/proc/eagle2-nope"], "cannot create this directory"),
+            (["--seed", str(2**64 - 1), "--temperature", "1"], "seed must be an integer in"),
+            (["--categories", ","], "names no category"),
+            (["--compare-head", f"x={tmp_path}"], "no config.json there"),
+            (["--methods", "eagle2:16x4x8,eagle2:16x04x8"], "listed twice")):
+        assert main(["bench", "--questions", str(questions), *argv]) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert main(["bench", "--report", str(tmp_path / "r"), "--limit", "3"]) == 2
+    assert "--limit does not apply" in capsys.readouterr().err
+    assert main(["bench", "--report", str(tmp_path / "r"), "--title", "t"]) == 2
+    assert "--title needs --summary" in capsys.readouterr().err
+    assert main(["tune", "--limit", "50"]) == 2
+    assert "built-in dev prompts" in capsys.readouterr().err
 
 
 def test_accept_rate_per_depth_and_round_profile():
@@ -179,6 +195,57 @@ def test_tune_writes_config_that_load_uses(smol_tokenizer, tmp_path, monkeypatch
 
     gen3 = Eagle2Generator(model, smol_tokenizer, gen.head, model_key="tiny-tune-test", tree=TreeConfig(total_tokens=5))
     assert gen3.tree.total_tokens == 5
+
+
+def test_an_interrupted_bench_keeps_the_finished_questions(tiny_chat_generator, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a failing question) midway: the questions every method finished are written,
+    marked partial; nothing is written when none was finished."""
+    from eagle2.bench import Stopped, run_bench
+    from eagle2.bench import runners as runners_mod
+
+    qs = [{"question_id": i, "category": "c", "turns": [f"Say {i}."]} for i in range(3)]
+    real, calls = runners_mod._EngineRunner.__call__, [0]
+
+    def flaky(self, *a):
+        calls[0] += 1
+        if calls[0] == 2 + 2 * 2 + 1:  # 2 warm-ups, questions 0 and 1 (two methods each), then question 2
+            raise KeyboardInterrupt
+        return real(self, *a)
+
+    monkeypatch.setattr(runners_mod._EngineRunner, "__call__", flaky)
+    with pytest.raises(Stopped) as e:
+        run_bench(tiny_chat_generator, qs, ["vanilla", "eagle2"], out_dir=tmp_path / "o", max_new_tokens=4, turns=1,
+                  sweep=None, progress=False)
+    assert e.value.done == 2 and isinstance(e.value.__cause__, KeyboardInterrupt)
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert saved["partial"] == dict(questions_done=2, questions_total=3, reason="interrupted")
+    assert saved["n_questions"] == 2 and saved["methods"]["eagle2"]["prompts"] == 2
+    assert "Partial run" in (tmp_path / "o" / "results.md").read_text()
+    calls[0] = 0
+
+    def fails_after_warmup(self, *a):
+        calls[0] += 1
+        if calls[0] > 1:
+            raise ValueError("x")
+        return real(self, *a)
+
+    monkeypatch.setattr(runners_mod._EngineRunner, "__call__", fails_after_warmup)
+    with pytest.raises(ValueError, match="^x$"):  # nothing finished: the error itself, no results
+        run_bench(tiny_chat_generator, qs, ["vanilla"], out_dir=tmp_path / "p", max_new_tokens=4, turns=1, sweep=None,
+                  progress=False)
+    assert not (tmp_path / "p" / "results.json").exists()
+
+
+def test_summary_page_keeps_runs_of_the_same_name(tmp_path):
+    from eagle2.bench import summary_page
+
+    src = Path(__file__).resolve().parents[1] / "docs" / "results" / "2026-12-06ab-epyc-zen4" / "mtbench-t0"
+    for parent in ("a", "b"):
+        (tmp_path / parent / "x").mkdir(parents=True)
+        (tmp_path / parent / "x" / "results.json").write_text((src / "results.json").read_text())
+    page = summary_page([tmp_path / "a" / "x", tmp_path / "b" / "x"], tmp_path / "s.md", plots=False)
+    assert "a/x/results.md" in page and "b/x/results.md" in page
+    assert page.count("| eagle2 |") == 2
 
 
 def test_fixed_shape_methods(tiny_chat_generator, questions, tmp_path):
@@ -265,3 +332,19 @@ def test_tune_breaks_near_ties_toward_the_narrower_frontier():
     assert narrowest_near_best(race)["tree_top_k"] == 2
     race[0]["tokens_per_s"] = 170.0  # 4% behind: no longer a tie
     assert narrowest_near_best(race)["tree_top_k"] == 4
+
+
+def test_tune_dry_run_leaves_the_saved_plots_alone(tmp_path):
+    """The plots beside a tune file describe that file: a dry run (no --out) writes none there, and a
+    plot that cannot be written does not lose the tune file."""
+    from eagle2.tune import _write
+
+    result = dict(chosen=dict(total_tokens=4, depth=2, tree_top_k=2), vanilla=dict(tokens_per_s=10.0),
+                  forward_curve=dict(points=[dict(query_len=1, ms=1.0), dict(query_len=4, ms=2.0)]),
+                  candidates=[dict(total_tokens=4, depth=2, tree_top_k=2, tokens_per_s=12.0)], adaptive_top_k=2)
+    path = tmp_path / "tune" / "m.json"
+    _write(dict(result), path, save=False, out_dir=None, log=print)
+    assert not path.parent.exists()
+    (tmp_path / "blocked").write_text("a file where the plots' directory would go")
+    _write(result, path, save=True, out_dir=tmp_path / "blocked", log=print)
+    assert json.loads(path.read_text())["plots"] == {}

@@ -58,7 +58,7 @@ def parse_int_list(text, name: str) -> list[int]:
             raise ValueError(f"{name} must be comma-separated integers; got {text!r}") from None
     if not vals:
         raise ValueError(f"{name} is empty")
-    return vals
+    return list(dict.fromkeys(vals))  # a value given twice is one candidate, measured once
 
 
 def measure_forward_curve(gen, query_lens=QUERY_LENS, cached: int = 200, repeats: int = 5) -> list[dict]:
@@ -175,17 +175,26 @@ def _log_candidates(log, candidates, best, vanilla, adaptives, adaptive, speedup
 
 
 def _write(result: dict, path: Path, save: bool, out_dir, log) -> None:
-    """Plots (next to the tune file or into ``out_dir``), then the tune file itself, atomically."""
+    """Plots (next to the tune file, or into ``out_dir``), then the tune file itself, atomically. A
+    dry run writes plots only into ``out_dir``: the ones beside the tune file describe that file."""
     from . import plots
 
+    if out_dir is None and not save:
+        result["plots"] = {}
+        return
     out = Path(out_dir) if out_dir is not None else path.parent
     best = result["chosen"]
-    written = {"forward_curve": plots.forward_curve(result["forward_curve"]["points"],
-                                                    out / f"{path.stem}.forward_curve.png"),
-               "tokens_per_s": plots.tokens_per_s_vs_total_tokens(
-                   result["candidates"], out / f"{path.stem}.tokens_per_s.png",
-                   title=f"eagle2 tokens/s per tree (chosen {best['total_tokens']}/{best['depth']}/{best['tree_top_k']})",
-                   baseline=result["vanilla"]["tokens_per_s"])}
+    try:  # the plots are a view of the measurement: failing to draw them must not lose it
+        written = {"forward_curve": plots.forward_curve(result["forward_curve"]["points"],
+                                                        out / f"{path.stem}.forward_curve.png"),
+                   "tokens_per_s": plots.tokens_per_s_vs_total_tokens(
+                       result["candidates"], out / f"{path.stem}.tokens_per_s.png",
+                       title=f"eagle2 tokens/s per tree (chosen {best['total_tokens']}/{best['depth']}/"
+                             f"{best['tree_top_k']})",
+                       baseline=result["vanilla"]["tokens_per_s"])}
+    except OSError as e:
+        log(f"plots not written to {out}: {e.strerror or e}")
+        written = {}
     result["plots"] = {k: str(v) for k, v in written.items() if v}
     if save:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from ..machine import dtype_name, machine_info
-from .collect import RunSettings, collect, sweep_sizes, tree_settings, tune_curve
+from .collect import RunSettings, Stopped, check_seed, collect, sweep_sizes, tree_settings, tune_curve
 from .inputs import (ALL_METHODS, DEFAULT_METHODS, ENGINE_METHODS, HF_METHODS, SPECULATIVE, fixed_shape, is_engine,
                      load_questions, parse_heads, parse_methods, with_heads)
 from .report import regenerate, render_markdown, summary_line, summary_page, write_run
@@ -52,10 +52,10 @@ from .score import (FIELDS, accept_rate_per_depth, aggregate, calibration_bins, 
                     identical_fraction, round_profile, speculation_stats, tree_per_round)
 
 __all__ = ["ALL_METHODS", "DEFAULT_METHODS", "ENGINE_METHODS", "FIELDS", "HF_METHODS", "SPECULATIVE", "Answer",
-           "RunSettings", "accept_rate_per_depth", "backend_info", "calibration_bins", "calibration_per_depth",
-           "fixed_shape", "gguf_of", "is_engine", "load_questions", "parse_heads", "parse_methods", "regenerate",
-           "render_markdown", "round_profile", "run_bench", "summary_line", "summary_page", "tree_per_round",
-           "with_heads"]
+           "RunSettings", "Stopped", "accept_rate_per_depth", "backend_info", "calibration_bins",
+           "calibration_per_depth", "check_seed", "fixed_shape", "gguf_of", "is_engine", "load_questions",
+           "parse_heads", "parse_methods", "regenerate", "render_markdown", "round_profile", "run_bench",
+           "summary_line", "summary_page", "tree_per_round", "with_heads"]
 
 
 def backend_info(gen) -> dict:
@@ -104,6 +104,8 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     if not gen.tokenizer.chat_template:
         raise ValueError("bench needs a chat model (its tokenizer has no chat template)")
     tree = tree_settings(gen, total_tokens, depth, tree_top_k)
+    check_seed(seed, len(questions))
+    _check_first_turns(gen, questions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -114,7 +116,14 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
     runners = {m: runners[m] for m in methods if m in runners}
     active = list(runners)
 
-    records, answers = collect(runners, questions, s, progress)
+    stopped = None
+    try:
+        records, answers = collect(runners, questions, s, progress)
+    except Stopped as e:
+        if not e.records:
+            raise e.__cause__ from None
+        records, answers, stopped, n_all = e.records, e.answers, e, len(questions)
+        questions = questions[:e.done]
 
     greedy, reference = exactness(answers, records, active, len(questions)) if temperature == 0 else ({}, None)
     # speculation's own promise: the engine's greedy methods give our vanilla decode's text
@@ -131,13 +140,25 @@ def run_bench(gen, questions: list[dict], methods=DEFAULT_METHODS, *, out_dir, m
         temperature=temperature, turns=turns, questions_file=questions_file, n_questions=len(questions),
         n_prompts=len(records) // max(len(active), 1), methods=overall, per_category=per_category,
         greedy_identical=greedy, greedy_reference=reference, greedy_identical_vanilla=vs_vanilla, skipped=notes,
-        machine=machine_info(), calibration=calib, total_tokens_curve=_size_curve(gen, questions, sweep, tree, s),
-        prompts=records,
-        wall_seconds=None, plots={})
+        machine=machine_info(), calibration=calib,
+        total_tokens_curve=_size_curve(gen, questions, None if stopped else sweep, tree, s),
+        prompts=records, wall_seconds=None, plots={},
+        partial=dict(questions_done=len(questions), questions_total=n_all, reason=stopped.reason) if stopped else None)
     with (out / "answers.jsonl").open("w") as f:
         for (qi, m), al in answers.items():
             f.write(json.dumps({"question_id": questions[qi]["question_id"], "method": m, "turns": [a.text for a in al],
                                 "token_ids": [a.token_ids for a in al]}) + "\n")
     results["wall_seconds"] = round(time.perf_counter() - t_start, 2)
     write_run(out, results)
+    if stopped:
+        raise stopped
     return results
+
+
+def _check_first_turns(gen, questions: list[dict]) -> None:
+    """Every first turn fits the model's context (a later turn's length depends on the answers)."""
+    for q in questions:
+        n = len(gen.encode_prompt([{"role": "user", "content": q["turns"][0]}]))
+        if n >= gen.max_context:
+            raise ValueError(f"question {q['question_id']}: its first turn has {n} tokens; the model's context is "
+                             f"{gen.max_context}, leaving no room to generate (leave it out of --questions)")

@@ -35,9 +35,29 @@ class RunSettings:
             raise ValueError(f"temperature must be >= 0; got {self.temperature}")
 
 
+def check_seed(seed, n_questions: int) -> None:
+    """Question q's turn t samples with seed + 1000 q + t: every one of those must be a seed torch takes."""
+    from ..config import SEED_MAX, SEED_MIN
+
+    top = SEED_MAX - 1000 * n_questions
+    if isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= top:
+        raise ValueError(f"seed must be an integer in [{SEED_MIN}, {top}] for {n_questions} question(s) (question q's "
+                         f"turn t samples with seed + 1000 q + t); got {seed!r}")
+
+
+class Stopped(Exception):
+    """``collect`` ended early (Ctrl-C, or a question that failed): the records and answers of the
+    questions every method had finished, how many those are, and why it stopped."""
+
+    def __init__(self, records: list[dict], answers: dict, done: int, reason: str):
+        super().__init__(reason)
+        self.records, self.answers, self.done, self.reason = records, answers, done, reason
+
+
 def collect(runners: dict, questions: list[dict], s: RunSettings, progress: bool = True
             ) -> tuple[list[dict], dict[tuple[int, str], list[Answer]]]:
-    """(records: one dict per answered turn, answers: (question index, method) -> Answer per turn)."""
+    """(records: one dict per answered turn, answers: (question index, method) -> Answer per turn).
+    Raises ``Stopped`` (from the cause) when interrupted or when a question fails midway."""
     from tqdm.auto import tqdm
 
     active = list(runners)
@@ -49,21 +69,35 @@ def collect(runners: dict, questions: list[dict], s: RunSettings, progress: bool
     n_turns = [min(s.turns, len(q["turns"])) for q in questions]
     bar = tqdm(total=sum(n_turns) * len(active), desc="bench", unit="answer", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    for qi, q in enumerate(questions):
-        order = active[qi % len(active):] + active[:qi % len(active)] if active else []
-        for m in order:
-            msgs: list[dict] = []
-            for ti in range(n_turns[qi]):
-                msgs.append({"role": "user", "content": q["turns"][ti]})
-                a = runners[m](list(msgs), s.max_new_tokens, s.temperature, s.seed + 1000 * qi + ti)
-                msgs.append({"role": "assistant", "content": a.text})
-                answers.setdefault((qi, m), []).append(a)
-                records.append(dict(index=qi, question_id=q["question_id"], category=q["category"], turn=ti + 1,
-                                    method=m, new_tokens=len(a.token_ids), seconds=a.seconds, forwards=a.forwards))
-                bar.set_postfix_str(f"{m} q{q['question_id']} t{ti + 1} {len(a.token_ids) / a.seconds:.1f} tok/s")
-                bar.update(1)
-    bar.close()
+    qi = 0
+    try:
+        for qi, q in enumerate(questions):
+            order = active[qi % len(active):] + active[:qi % len(active)] if active else []
+            for m in order:
+                _answer_turns(runners[m], m, qi, q, n_turns[qi], s, records, answers, bar)
+    except (KeyboardInterrupt, Exception) as e:  # keep what is finished: minutes of measurement
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else \
+            f"question {questions[qi]['question_id']} failed: {e}"
+        raise Stopped([r for r in records if r["index"] < qi], {k: v for k, v in answers.items() if k[0] < qi},
+                      qi, reason) from e
+    finally:
+        bar.close()
     return records, answers
+
+
+def _answer_turns(runner, m: str, qi: int, q: dict, n_turns: int, s: RunSettings, records: list, answers: dict,
+                  bar) -> None:
+    """One method's answers to one question, turn by turn, each turn after its own previous answer."""
+    msgs: list[dict] = []
+    for ti in range(n_turns):
+        msgs.append({"role": "user", "content": q["turns"][ti]})
+        a = runner(list(msgs), s.max_new_tokens, s.temperature, s.seed + 1000 * qi + ti)
+        msgs.append({"role": "assistant", "content": a.text})
+        answers.setdefault((qi, m), []).append(a)
+        records.append(dict(index=qi, question_id=q["question_id"], category=q["category"], turn=ti + 1,
+                            method=m, new_tokens=len(a.token_ids), seconds=a.seconds, forwards=a.forwards))
+        bar.set_postfix_str(f"{m} q{q['question_id']} t{ti + 1} {len(a.token_ids) / a.seconds:.1f} tok/s")
+        bar.update(1)
 
 
 def tree_settings(gen, total_tokens, depth, tree_top_k) -> dict:

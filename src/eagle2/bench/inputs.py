@@ -55,9 +55,16 @@ def parse_methods(text: str | list | tuple) -> list[str]:
         raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(ALL_METHODS)}, or eagle2:NxDxK "
                          "(a fixed EAGLE-2 tree: N nodes, D levels, top-k K), eagle2:fixed (the tuned fixed tree) "
                          "or eagle2@NAME (another head, given by --compare-head NAME=DIR)")
-    if len(set(methods)) != len(methods):
+    same = [_shape_key(m) for m in methods]
+    if len(set(same)) != len(same):
         raise ValueError("a method is listed twice")
     return methods
+
+
+def _shape_key(m: str):
+    """What a method runs: eagle2:16x4x8 and eagle2:16x04x8 are the same tree."""
+    shape = fixed_shape(m)
+    return tuple(sorted(shape.items())) if shape else m
 
 
 def parse_heads(specs) -> dict[str, str]:
@@ -74,6 +81,8 @@ def parse_heads(specs) -> dict[str, str]:
             raise ValueError(f"head name {label!r} is given twice")
         if not Path(directory).is_dir():
             raise ValueError(f"head directory not found: {directory}")
+        if not (Path(directory) / "config.json").is_file():
+            raise ValueError(f"--compare-head {label}={directory}: no config.json there, so it is not a head directory")
         heads[label] = directory
     return heads
 
@@ -112,6 +121,8 @@ def load_questions(path, limit: int | None = None, categories=None) -> list[dict
     if categories:
         cats = [c.strip() for c in categories.split(",")] if isinstance(categories, str) else list(categories)
         cats = [c for c in cats if c]
+        if not cats:
+            raise ValueError(f"--categories {categories!r} names no category")
         known = sorted({q["category"] for q in questions})
         bad = [c for c in cats if c not in known]
         if bad:

@@ -54,9 +54,11 @@ def regenerate(run_dir, plots: bool = True) -> dict:
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     try:
+        if not isinstance(r, dict) or not r["methods"]:
+            raise KeyError("methods")
         r["plots"] = write_plots(r, run_dir) if plots else {}
         page = render_markdown(r)
-    except (KeyError, TypeError, AttributeError) as e:  # valid JSON of another shape
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # valid JSON of another shape
         raise ValueError(f"{path} is not an eagle2 bench result ({type(e).__name__}: {e})") from None
     if not plots:
         for name in PLOT_FILES.values():
@@ -105,6 +107,15 @@ def _heads_text(heads: dict | None) -> list[str]:
                                         for k, h in heads.items()) + "."]
 
 
+def _partial_text(r: dict) -> list[str]:
+    """A run cut short (Ctrl-C, a failing question) says so: its numbers cover the questions before."""
+    p = r.get("partial")
+    if not p:
+        return []
+    return [f"**Partial run:** stopped after {p['questions_done']} of {p['questions_total']} questions "
+            f"({p['reason']}); every number here covers those {p['questions_done']} questions, all methods."]
+
+
 def render_markdown(r: dict) -> str:
     m = r["methods"]
     vs_vanilla = r.get("greedy_identical_vanilla") or {}  # absent in runs recorded before it existed
@@ -116,7 +127,7 @@ def render_markdown(r: dict) -> str:
              f"{r['machine']['torch_threads']} torch threads), torch {r['machine']['torch']}, "
              f"transformers {r['machine']['transformers']}; backend {r.get('backend') or '?'}; "
              f"commit {r['machine'].get('commit') or '?'}. Wall time {r['wall_seconds']} s.",
-             f"Command: `{r.get('command') or '(not recorded)'}`", *_heads_text(r.get("heads")), "",
+             f"Command: `{r.get('command') or '(not recorded)'}`", *_heads_text(r.get("heads")), *_partial_text(r), "",
              "| method | tokens/s | speedup vs hf | speedup vs vanilla | tau (tokens/forward) | new tokens | seconds "
              "| greedy identical |" + (" identical to vanilla |" if vs_vanilla else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if vs_vanilla else "")]
@@ -145,7 +156,8 @@ def render_markdown(r: dict) -> str:
     lines += _tree_lines(m)
     for note in r.get("skipped", {}).items():
         lines.append(f"- {note[0]}: {note[1]}")
-    lines += ["", "## Per category", "", "tokens/s (speedup vs hf, tau)", ""]
+    base = "hf" if any(s.get("speedup_vs_hf") is not None for s in m.values()) else "vanilla"
+    lines += ["", "## Per category", "", f"tokens/s (speedup vs {base}, tau)", ""]
     names = list(m)
     lines += ["| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for cat, cm in r["per_category"].items():
@@ -153,7 +165,7 @@ def render_markdown(r: dict) -> str:
         for n in names:
             s = cm.get(n)
             cells.append("—" if s is None else
-                         f"{s['tokens_per_s']:.1f} ({_f(s['speedup_vs_hf'])}x, {_f(s['mean_accept_len'])})")
+                         f"{s['tokens_per_s']:.1f} ({_f(s.get('speedup_vs_' + base))}x, {_f(s['mean_accept_len'])})")
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     pts = r["total_tokens_curve"]["points"]
     if pts:
@@ -172,7 +184,8 @@ def summary_line(r: dict, out_dir) -> str:
     return json.dumps({"out": str(out_dir), "model": r["model"], "dtype": r["dtype"],
                        "prompts": r["n_prompts"], "wall_seconds": r["wall_seconds"],
                        "tokens_per_s": {k: v["tokens_per_s"] for k, v in r["methods"].items()},
-                       "speedup_vs_hf": {k: v["speedup_vs_hf"] for k, v in r["methods"].items()},
+                       "speedup_vs_hf": {k: v.get("speedup_vs_hf") for k, v in r["methods"].items()},
+                       "speedup_vs_vanilla": {k: v.get("speedup_vs_vanilla") for k, v in r["methods"].items()},
                        "mean_accept_len": {k: v["mean_accept_len"] for k, v in r["methods"].items()},
                        "greedy_identical": r["greedy_identical"],
                        "greedy_identical_vanilla": r.get("greedy_identical_vanilla") or {}})
@@ -202,11 +215,21 @@ def runs_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _run_names(run_dirs: list) -> list[str]:
+    """Each run's name on the page: its directory's name, or its path where two names would collide."""
+    base = [Path(d).name for d in run_dirs]
+    names = [b if base.count(b) == 1 else str(d) for b, d in zip(base, run_dirs)]
+    if len(set(names)) != len(names):
+        raise ValueError("a run directory is given twice")
+    return names
+
+
 def summary_page(run_dirs: list, page: Path, title: str | None = None, plots: bool = True) -> str:
     """A page (to be written at ``page``) over several runs: where and how they were measured, the
     table, and links to each run's own page. Regenerates each run's page (and plots) on the way."""
-    runs = {Path(d).name: regenerate(d, plots) for d in run_dirs}
-    links = {Path(d).name: os.path.relpath(Path(d) / "results.md", Path(page).parent) for d in run_dirs}
+    names = _run_names(run_dirs)
+    runs = {n: regenerate(d, plots) for n, d in zip(names, run_dirs)}
+    links = {n: os.path.relpath(Path(d) / "results.md", Path(page).parent) for n, d in zip(names, run_dirs)}
     if not runs:
         raise ValueError("no runs given")
     first = next(iter(runs.values()))

@@ -65,6 +65,9 @@ class _HFRunner:
         try:
             t0 = time.perf_counter()
             ids = torch.tensor([gen.encode_prompt(messages)], device=gen.device)
+            if ids.shape[1] >= gen.max_context:  # generate would run past the context the engine refuses
+                raise ValueError(f"prompt has {ids.shape[1]} tokens; the model's context is {gen.max_context}, "
+                                 "leaving no room to generate")
             kw = dict(max_new_tokens=max_new_tokens, eos_token_id=self.eos or None,
                       pad_token_id=self.eos[0] if self.eos else 0)
             if temperature > 0:

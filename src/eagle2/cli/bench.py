@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def register(sub) -> None:
     t.add_argument("--query-lens", default="1,2,4,8,16,32,64",
                    help="query lengths for the forward-time curve (default: %(default)s)")
     t.add_argument("--out", default=None, help="directory for the PNG plots (default: next to the tune file)")
-    t.add_argument("--dry-run", action="store_true", help="measure and print, but do not save the tune file")
+    t.add_argument("--dry-run", action="store_true",
+                   help="measure and print, but do not save the tune file (nor plots, unless --out is given)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(handler=cmd_tune)
 
@@ -94,15 +96,44 @@ def _check_pos(name, v):
         raise ValueError(f"{name} must be >= 1; got {v}")
 
 
+def _out_dir(path: str, flag: str) -> Path:
+    """The output directory, created now (before the model loads): a path that cannot be one fails
+    at once, not after the run."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create this directory ({e.strerror or e})") from None
+    if not os.access(p, os.W_OK):
+        raise ValueError(f"{flag} {path}: not writable")
+    return p
+
+
+# options that shape a run; --report runs nothing, so it refuses them rather than ignore them
+_RUN_ONLY = ("questions", "limit", "categories", "compare_head", "total_tokens", "depth", "tree_top_k")
+
+
 def cmd_report(args) -> int:
     from ..bench import regenerate, summary_page
 
+    given = [n for n in _RUN_ONLY if getattr(args, n) not in (None, [])]
+    if given:
+        raise ValueError(f"--report regenerates pages from results.json and runs nothing: "
+                         f"--{given[0].replace('_', '-')} does not apply")
+    if args.title and not args.summary:
+        raise ValueError("--title needs --summary FILE.md (it is the summary page's title)")
     if args.summary:
         page = Path(args.summary)
         if page.is_dir():
             raise ValueError(f"--summary {page} is a directory; give the page's file name, e.g. {page / 'results.md'}")
-        page.parent.mkdir(parents=True, exist_ok=True)
-        page.write_text(summary_page(args.report, page, args.title, plots=not args.no_plots))
+        _out_dir(str(page.parent), "--summary's directory")
+        text = summary_page(args.report, page, args.title, plots=not args.no_plots)
+        try:
+            page.write_text(text)
+        except OSError as e:
+            raise ValueError(f"--summary {page}: cannot write it ({e.strerror or e})") from None
         print(f"wrote {page}")
     else:
         for d in args.report:
@@ -112,7 +143,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ..bench import load_questions, parse_heads, parse_methods, run_bench, summary_line, with_heads
+    from ..bench import (Stopped, check_seed, load_questions, parse_heads, parse_methods, run_bench, summary_line,
+                         with_heads)
     from ..config import DecodeSettings
 
     if args.report:
@@ -120,8 +152,6 @@ def cmd_bench(args) -> int:
     if args.summary or args.no_plots:
         raise ValueError(f"{'--summary' if args.summary else '--no-plots'} needs --report RUN_DIR...")
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file; give a directory for the results")
     heads = parse_heads(args.compare_head)
     methods = with_heads(parse_methods(args.methods), heads)
     _check_pos("limit", args.limit)
@@ -140,12 +170,21 @@ def cmd_bench(args) -> int:
             raise ValueError("sweep values are total_tokens: each must be >= 2")
     qfile = args.questions or _default_questions()
     questions = load_questions(qfile, limit=args.limit, categories=args.categories)
+    check_seed(args.seed, len(questions))
+    _out_dir(args.out, "--out")
     gen = _load(args)
-    r = run_bench(gen, questions, methods, out_dir=args.out, max_new_tokens=args.max_new_tokens,
-                  temperature=args.temperature, turns=args.turns, total_tokens=args.total_tokens, depth=args.depth,
-                  tree_top_k=args.tree_top_k, sweep=sweep, seed=args.seed, prompt_lookup=args.prompt_lookup,
-                  progress=not args.no_progress, questions_file=str(qfile),
-                  command=" ".join(["eagle2", *sys.argv[1:]]), heads=heads)
+    try:
+        r = run_bench(gen, questions, methods, out_dir=args.out, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, turns=args.turns, total_tokens=args.total_tokens, depth=args.depth,
+                      tree_top_k=args.tree_top_k, sweep=sweep, seed=args.seed, prompt_lookup=args.prompt_lookup,
+                      progress=not args.no_progress, questions_file=str(qfile),
+                      command=" ".join(["eagle2", *sys.argv[1:]]), heads=heads)
+    except Stopped as e:
+        print(f"{e.reason}: the {e.done} questions every method finished are in {Path(args.out, 'results.md')} "
+              f"(marked partial)", file=sys.stderr)
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            return 130
+        return 2
     print(Path(args.out, "results.md").read_text())
     print(summary_line(r, args.out))
     return 0
@@ -176,7 +215,12 @@ def cmd_tune(args) -> int:
     else:
         from ..tune import DEV_PROMPTS
 
+        if args.limit > len(DEV_PROMPTS):
+            raise ValueError(f"there are {len(DEV_PROMPTS)} built-in dev prompts; --limit {args.limit} needs "
+                             "--questions FILE for more")
         prompts = list(DEV_PROMPTS[: args.limit])
+    if args.out is not None:
+        _out_dir(args.out, "--out")
     gen = _load(args)
     r = run_tune(gen, prompts, out_dir=args.out, max_new_tokens=args.max_new_tokens, query_lens=query_lens,
                  save=not args.dry_run, progress=not args.no_progress, **grids)

@@ -146,14 +146,18 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_train)
 
 
-def cmd_train(args) -> int:
-    from ..train.pipeline import STAGES, PipelineOptions, default_run_dir, run_pipeline
-    from ..train.trainer import TrainConfig
+def _stages(args) -> tuple[str, ...]:
+    from ..train.pipeline import STAGES
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"unknown stage {bad[0] if bad else '(none)'}; stages are {', '.join(STAGES)}")
+    return stages
+
+
+def _check_args(args) -> None:
+    """Every bad option, refused before the model loads."""
     for name in ("limit", "max_new_tokens", "max_prompt_tokens", "gen_batch_size", "shard_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -180,16 +184,30 @@ def cmd_train(args) -> int:
     if args.new_layer_lr_scale != 1.0 and not (args.arch == "eagle3" and args.init_head and args.head_layers > 1):
         raise ValueError("--new-layer-lr-scale applies to new layers only: it needs --arch eagle3, --init-head and "
                          "--head-layers deeper than that head")
-    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
-                      noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
-                      eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
-                      schedule_steps=args.schedule_steps,
-                      max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias,
-                      ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
-                      ttt_decay=args.ttt_decay, init_head=args.init_head,
-                      head_intermediate=args.head_intermediate, head_layers=args.head_layers,
-                      new_layer_lr_scale=args.new_layer_lr_scale, lookup_weight=args.lookup_weight, tv_weight=args.tv_weight,
-                      bf16={"auto": None, "bf16": True, "fp32": False}[args.train_precision])
+
+
+def _train_config(args):
+    from ..train.trainer import TrainConfig
+
+    return TrainConfig(lr=args.lr, epochs=args.epochs, batch_tokens=args.batch_tokens, warmup_steps=args.warmup_steps,
+                       noise=args.noise, ce_weight=args.ce_weight, eval_every=args.eval_every,
+                       eval_max_new_tokens=args.eval_max_new_tokens, seed=args.seed, max_steps=args.max_steps,
+                       schedule_steps=args.schedule_steps,
+                       max_minutes=args.max_minutes, fc_bias=not args.no_fc_bias,
+                       ttt_steps=(7 if args.arch == "eagle3" else 3) if args.ttt_steps is None else args.ttt_steps,
+                       ttt_decay=args.ttt_decay, init_head=args.init_head,
+                       head_intermediate=args.head_intermediate, head_layers=args.head_layers,
+                       new_layer_lr_scale=args.new_layer_lr_scale, lookup_weight=args.lookup_weight,
+                       tv_weight=args.tv_weight,
+                       bf16={"auto": None, "bf16": True, "fp32": False}[args.train_precision])
+
+
+def cmd_train(args) -> int:
+    from ..train.pipeline import PipelineOptions, default_run_dir, run_pipeline
+
+    stages = _stages(args)
+    _check_args(args)
+    cfg = _train_config(args)
     import torch
 
     from ..models import load_target
