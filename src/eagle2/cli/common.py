@@ -53,7 +53,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-top-k", type=int, default=None,
                    help=f"children per expanded node (default: tuned, else {TreeConfig.top_k})")
     p.add_argument("--lookup", type=int, default=None,
-                   help=f"eagle2 at T = 0: the longest prompt-lookup chain (tokens copied from an earlier occurrence "
+                   help=f"eagle2 at T <= {TreeConfig.draw_above}: the longest prompt-lookup chain (tokens copied from an earlier occurrence "
                         f"of the context's last few tokens) the tree may verify; 0 = none (default: {TreeConfig.lookup})")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
