@@ -106,7 +106,7 @@ def test_bench_cli_user_errors(tmp_path, questions, capsys):
     assert main(["bench", "--no-plots"]) == 2
     assert "--no-plots needs --report" in capsys.readouterr().err
     (tmp_path / "r").mkdir()
-    for shape in ("{}", "[1]", '{"methods": 3}'):  # valid JSON, not a bench result
+    for shape in ("{}", "[1]", '{"methods": 3}', '{"methods": {}}'):  # valid JSON, not a bench result
         (tmp_path / "r" / "results.json").write_text(shape)
         assert main(["bench", "--report", str(tmp_path / "r")]) == 2
         assert "is not an eagle2 bench result" in capsys.readouterr().err
@@ -246,6 +246,10 @@ def test_summary_page_keeps_runs_of_the_same_name(tmp_path):
     page = summary_page([tmp_path / "a" / "x", tmp_path / "b" / "x"], tmp_path / "s.md", plots=False)
     assert "a/x/results.md" in page and "b/x/results.md" in page
     assert page.count("| eagle2 |") == 2
+    bad = json.loads((tmp_path / "a" / "x" / "results.json").read_text())
+    (tmp_path / "a" / "x" / "results.json").write_text(json.dumps({**bad, "temperature": "1"}))
+    with pytest.raises(ValueError, match="a/x/results.json is not an eagle2 bench result"):
+        summary_page([tmp_path / "a" / "x"], tmp_path / "s.md", plots=False)
 
 
 def test_fixed_shape_methods(tiny_chat_generator, questions, tmp_path):

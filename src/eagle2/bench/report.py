@@ -56,6 +56,7 @@ def regenerate(run_dir, plots: bool = True) -> dict:
     try:
         if not isinstance(r, dict) or not r["methods"]:
             raise KeyError("methods")
+        format(r["temperature"], "g")  # the summary table formats it so
         r["plots"] = write_plots(r, run_dir) if plots else {}
         page = render_markdown(r)
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # valid JSON of another shape
