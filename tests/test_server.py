@@ -142,6 +142,7 @@ def test_chat_stream(client):
     assert len(fin) == 1 and fin[0]["choices"][0]["finish_reason"] == "length"
     assert fin[0]["eagle2"]["new_tokens"] == 20
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 20
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1])  # OpenAI: null until the last chunk
 
 
 def test_stop_and_seed(client):
@@ -262,6 +263,41 @@ def test_a_field_of_several_types_reports_the_branch_that_fits(client, path, ext
 ])
 def test_bad_completion_requests(client, body):
     assert_error(client.post("/v1/completions", json=body), 400)
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"logit_bias": {"28": -100}}, "logit_bias"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"), ({"top_logprobs": 3}, "top_logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
+])
+def test_what_the_server_cannot_honour_is_refused_not_ignored(client, extra, param):
+    """A client asking for a JSON answer, a banned token or a tool call must not get free text back as if it
+    had not asked."""
+    e = assert_error(client.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 2} | extra), 400, param)
+    assert e["code"] == "unsupported_parameter" and "not supported" in e["message"]
+
+
+def test_no_op_values_of_unsupported_fields_are_accepted(client):
+    body = {"messages": MSG, "max_tokens": 2, "logit_bias": {}, "response_format": {"type": "text"}, "tools": [],
+            "tool_choice": "none", "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False,
+            "parallel_tool_calls": True, "unknown_field": 1}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": False, "suffix": ""}
+                       ).status_code == 200
+    e = assert_error(client.post("/v1/chat/completions", json={"messages": MSG, "stream_options": {
+        "include_usage": True}}), 400, "stream_options")
+    assert "stream is true" in e["message"]
+
+
+def test_model_retrieval_and_head_requests(client):
+    name = client.get("/v1/models").json()["data"][0]["id"]
+    assert client.get(f"/v1/models/{name}").json()["id"] == name
+    e = assert_error(client.get("/v1/models/gpt-4o"), 404)
+    assert e["code"] == "model_not_found"
+    for path in ("/", "/health", "/v1/models"):
+        r = client.head(path)
+        assert r.status_code == 200 and not r.content, path
 
 
 def test_no_500_on_wrong_content_type(client):

@@ -56,6 +56,13 @@ class Formatter:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": None}
 
+    def _chunk(self, choices: list, **more) -> bytes:
+        """One stream chunk; with ``include_usage`` every chunk but the last carries ``usage: null`` (OpenAI)."""
+        body = {**self._head(self._chunk_object), "choices": choices, **more}
+        if self.include_usage:
+            body.setdefault("usage", None)
+        return sse(body)
+
     def _choice(self, text: str | None, finish: str | None, whole: bool, first: bool = False) -> dict:
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -79,19 +86,19 @@ class Formatter:
         """What a stream opens with (chat: the assistant role; completions: nothing)."""
         if not self.chat:
             return b""
-        return sse({**self._head(self._chunk_object), "choices": [self._choice(None, None, False, first=True)]})
+        return self._chunk([self._choice(None, None, False, first=True)])
 
     def round(self, r) -> bytes:
         """One scheduler ``Round`` as a chunk (nothing when it added no text)."""
         if not r.text:
             return b""
         ext = {"draft_text": r.draft_text, "tokens": r.tokens, "drafted": r.drafted, "method": self.method, **r.live}
-        return sse({**self._head(self._chunk_object), "choices": [self._choice(r.text, None, False)], "eagle2": ext})
+        return self._chunk([self._choice(r.text, None, False)], eagle2=ext)
 
     def last(self, result, queue_s: float) -> bytes:
         """The finish chunk with the stats, the usage chunk when asked for, and [DONE]."""
-        out = sse({**self._head(self._chunk_object), "choices": [self._choice(None, result.finish_reason, False)],
-                   "eagle2": stats(result.stats, self.method, queue_s)})
+        out = self._chunk([self._choice(None, result.finish_reason, False)], eagle2=stats(result.stats, self.method,
+                                                                                             queue_s))
         if self.include_usage:
-            out += sse({**self._head(self._chunk_object), "choices": [], "usage": usage(result)})
+            out += self._chunk([], usage=usage(result))
         return out + DONE

@@ -24,7 +24,7 @@ from .config import ServerConfig
 from .errors import APIError
 from .responses import KEEPALIVE, Formatter, sse_error
 from .scheduler import Done, Failed, Job, QueueFull, Round, Scheduler, Started
-from .schemas import ChatMessage, ChatRequest, Common, CompletionRequest
+from .schemas import ChatMessage, ChatRequest, Common, CompletionRequest, unsupported
 
 log = logging.getLogger("eagle2.server")
 
@@ -50,8 +50,8 @@ def _state(request: Request) -> AppState:
     return request.app.state.eagle2
 
 
-# ---- plain endpoints ---------------------------------------------------------------------------
-@router.get("/health")
+# ---- plain endpoints (HEAD too: probes and ``curl -I``) -------------------------------------------
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(request: Request):
     s = _state(request)
     gen, cfg = s.generator, s.config
@@ -63,14 +63,26 @@ async def health(request: Request):
                        "body_timeout_s": cfg.body_timeout_s}}
 
 
-@router.get("/v1/models")
+def _model_card(s: AppState) -> dict:
+    return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "eagle2",
+            "max_context": s.generator.max_context}
+
+
+@router.api_route("/v1/models", methods=["GET", "HEAD"])
 async def models(request: Request):
+    return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+@router.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
+async def model(model_id: str, request: Request):
     s = _state(request)
-    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": s.created,
-                                        "owned_by": "eagle2", "max_context": s.generator.max_context}]}
+    if model_id != s.model_name:
+        raise APIError(404, f"the model {model_id[:80]!r} does not exist; this server serves {s.model_name!r}",
+                       param="model", code="model_not_found")
+    return _model_card(s)
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def index():
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -78,6 +90,7 @@ async def index():
 # ---- generation endpoints ----------------------------------------------------------------------
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
+    _refuse_unsupported(req)
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
@@ -89,10 +102,21 @@ async def chat_completions(req: ChatRequest, request: Request):
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    _refuse_unsupported(req)
     prompt = req.prompt
     if isinstance(prompt, list) and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     return await _generate(request, req, prompt, "text", req.max_tokens, COMPLETIONS_MAX_TOKENS)
+
+
+def _refuse_unsupported(req: Common) -> None:
+    """A request asking for what this server does not do is refused, not answered as if it had not asked."""
+    name = unsupported(req)
+    if name:
+        raise APIError(400, f"{name} is not supported by this server (leave it out, or give its no-op value)",
+                       param=name, code="unsupported_parameter")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
 
 def _message_text(m: ChatMessage) -> str:
@@ -102,9 +126,11 @@ def _message_text(m: ChatMessage) -> str:
         return m.content
     parts = []
     for p in m.content:
-        if p.type != "text" or p.text is None:
+        if p.type != "text":
             raise APIError(400, f"unsupported content part type {p.type!r:.40}: only text parts are supported",
-                           param="messages")
+                           param="messages", code="unsupported_parameter")
+        if p.text is None:
+            raise APIError(400, "a text content part needs its 'text'", param="messages")
         parts.append(p.text)
     return "".join(parts)
 
@@ -209,8 +235,9 @@ async def _prepare(s: AppState, req: Common, prompt, param: str, max_tokens: int
         raise APIError(400, f"the prompt has {len(ids)} tokens; this model's maximum context length is {ctx} "
                             "tokens, leaving no room to generate", param=param, code="context_length_exceeded")
     if max_tokens is not None and max_tokens > room:
+        field = "max_completion_tokens" if getattr(req, "max_tokens", None) is None else "max_tokens"
         raise APIError(400, f"this model's maximum context length is {ctx} tokens; the prompt has {len(ids)} "
-                            f"and max_tokens asks for {max_tokens} more (at most {room})", param="max_tokens",
+                            f"and {field} asks for {max_tokens} more (at most {room})", param=field,
                        code="context_length_exceeded")
     try:  # the engine's own checks, now rather than inside the stream
         settings = DecodeSettings.of(

@@ -1,8 +1,11 @@
 """Request bodies of ``/v1/chat/completions`` and ``/v1/completions`` (pydantic, strict types).
 
 Every number a request can carry is bounded here to what the engine accepts, so a request that
-passes validation cannot make generation fail on a parameter. Unknown OpenAI fields are accepted
-and ignored. Extensions: ``method`` (``eagle2``, ``eagle1``, ``chain``, ``vanilla``) and ``top_k``.
+passes validation cannot make generation fail on a parameter. OpenAI features this server cannot
+honour (penalties, logit_bias, logprobs, tools, structured output, n > 1, ...) are refused with a
+400 ``unsupported_parameter`` (``unsupported``), never silently ignored; unknown fields outside that
+list are accepted and ignored. Extensions: ``method`` (``eagle2``, ``eagle1``, ``chain``,
+``vanilla``) and ``top_k``.
 """
 
 from __future__ import annotations
@@ -60,8 +63,8 @@ class Common(_Strict):
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
-    presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = None  # only the no-op value
-    frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = None
+    presence_penalty: float | None = None  # only the no-op value 0 (``unsupported``)
+    frequency_penalty: float | None = None
     user: str | None = None
     method: Literal[METHODS] = "eagle2"  # extension: eagle2 | eagle1 | chain | vanilla  # type: ignore[valid-type]
 
@@ -73,13 +76,47 @@ class Common(_Strict):
 class ChatRequest(Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Tokens | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None  # only false (``unsupported``)
 
 
 class CompletionRequest(Common):
     prompt: Union[str, Annotated[list[TokenId], Field(min_length=1)], Annotated[list[str], Field(min_length=1, max_length=1)],
                   Annotated[list[list[TokenId]], Field(min_length=1, max_length=1)]]
-    echo: Literal[False] | None = None
-    logprobs: None = None
-    suffix: None = None
+    echo: bool | None = None  # only false (``unsupported``)
+    logprobs: int | None = None  # only none
+    suffix: str | None = None  # only empty
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+
+
+def _no_op(name: str, v) -> bool:
+    """Whether an OpenAI field's value asks for nothing this server would have to do."""
+    if name == "logprobs":
+        return v is None or v is False
+    if v is None or v is False or v == 0 or v == "" or v == [] or v == {}:
+        return True
+    if name == "response_format":
+        return isinstance(v, dict) and v.get("type") == "text"
+    if name in ("tool_choice", "function_call"):
+        return v in ("none", "auto")
+    if name == "modalities":
+        return v == ["text"]
+    return False
+
+
+# fields of OpenAI's API that would change the answer (or its shape) in ways this server does not
+# implement: a request asking for one is refused, so a client never gets an answer it did not ask for
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "echo", "suffix",
+               "response_format", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+               "modalities", "audio", "prediction")
+
+
+def unsupported(req: BaseModel) -> str | None:
+    """The first field of ``req`` that asks for an unsupported feature, else None."""
+    extra = req.model_extra or {}
+    for name in UNSUPPORTED:
+        v = getattr(req, name, None) if name in type(req).model_fields else extra.get(name)
+        if name == "parallel_tool_calls" and not extra.get("tools"):
+            continue  # meaningless without tools
+        if not _no_op(name, v):
+            return name
+    return None
