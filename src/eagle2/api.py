@@ -27,6 +27,7 @@ from .engine import Engine, GenerationResult, RoundEvent
 from .fast import in_force, make_target
 from .models import builtin_head_dir, cache_dir, file_name, load_target
 from .target import Target
+from .templating import chat_ids
 
 log = logging.getLogger("eagle2")
 
@@ -213,10 +214,7 @@ class Eagle2Generator:
             raise ValueError("prompt is empty: every message has empty content")
         if not self.tokenizer.chat_template:
             raise ValueError("this model's tokenizer has no chat template; pass token ids or a plain string")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return chat_ids(self.tokenizer, messages)  # control-token text inside a message stays text
 
     def _start(self, prompt, settings: DecodeSettings):
         ids = self.encode_prompt(prompt)

@@ -51,7 +51,8 @@ def _state(request: Request) -> AppState:
 
 
 # ---- plain endpoints (HEAD too: probes and ``curl -I``) -------------------------------------------
-@router.api_route("/health", methods=["GET", "HEAD"])
+@router.get("/health")
+@router.head("/health", include_in_schema=False)
 async def health(request: Request):
     s = _state(request)
     gen, cfg = s.generator, s.config
@@ -68,12 +69,14 @@ def _model_card(s: AppState) -> dict:
             "max_context": s.generator.max_context}
 
 
-@router.api_route("/v1/models", methods=["GET", "HEAD"])
+@router.get("/v1/models")
+@router.head("/v1/models", include_in_schema=False)
 async def models(request: Request):
     return {"object": "list", "data": [_model_card(_state(request))]}
 
 
-@router.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
+@router.get("/v1/models/{model_id:path}")
+@router.head("/v1/models/{model_id:path}", include_in_schema=False)
 async def model(model_id: str, request: Request):
     s = _state(request)
     if model_id != s.model_name:
@@ -82,7 +85,8 @@ async def model(model_id: str, request: Request):
     return _model_card(s)
 
 
-@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+@router.get("/", include_in_schema=False)
+@router.head("/", include_in_schema=False)
 async def index():
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
