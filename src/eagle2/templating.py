@@ -5,7 +5,7 @@ it, so a message whose content contains a control token's text (``<|im_end|>``,
 ``<|im_start|>assistant``) gets the control token itself: a user could close their own turn and
 write the assistant's. Here such text inside a message becomes ordinary tokens (its characters),
 as a chat API promises; the template's own control tokens are unchanged. Messages without any
-added token's text take the plain ``apply_chat_template`` path, so their ids are exactly its ids.
+special token's text take the plain ``apply_chat_template`` path, so their ids are exactly its ids.
 
 Boundary: tokenizer work only; no model. The caller checks the messages' shape and Unicode.
 """
@@ -57,10 +57,13 @@ def _template_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _added_token_spans(tokenizer, text: str) -> list[tuple[int, int]]:
-    """(start, end) character spans of ``text`` that tokenize as one added token (a control token's
-    text). Found by the tokenizer's own matcher; a slow tokenizer (no offsets) finds none."""
-    added = getattr(tokenizer, "added_tokens_decoder", None)
-    if not added or not text or not getattr(tokenizer, "is_fast", False):
+    """(start, end) character spans of ``text`` that tokenize as one special added token (a control
+    token's text). Found by the tokenizer's own matcher. Added tokens not marked special (in some
+    vocabularies runs of spaces) stay as the template path tokenizes them; a slow tokenizer (no
+    offsets) finds none."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = {i for i, t in added.items() if getattr(t, "special", False)}
+    if not special or not text or not getattr(tokenizer, "is_fast", False):
         return []
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [(a, b) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i in added and b > a]
+    return [(a, b) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i in special and b > a]
