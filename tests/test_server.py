@@ -285,6 +285,9 @@ def test_no_op_values_of_unsupported_fields_are_accepted(client):
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": False, "suffix": ""}
                        ).status_code == 200
+    tool_turn = [MSG[0], {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]
+    e = assert_error(client.post("/v1/chat/completions", json={"messages": tool_turn}), 400)
+    assert e["code"] == "unsupported_parameter" and e["param"] == "messages.1.tool_calls"
     e = assert_error(client.post("/v1/chat/completions", json={"messages": MSG, "stream_options": {
         "include_usage": True}}), 400, "stream_options")
     assert "stream is true" in e["message"]

@@ -119,6 +119,10 @@ def _refuse_unsupported(req: Common) -> None:
     if name:
         raise APIError(400, f"{name} is not supported by this server (leave it out, or give its no-op value)",
                        param=name, code="unsupported_parameter")
+    for i, m in enumerate(getattr(req, "messages", ())):
+        if (m.model_extra or {}).get("tool_calls"):
+            raise APIError(400, "tool calls are not supported by this server (messages carry tool_calls)",
+                           param=f"messages.{i}.tool_calls", code="unsupported_parameter")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
 
