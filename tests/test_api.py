@@ -230,3 +230,28 @@ def test_control_token_text_in_a_message_stays_text(tiny_chat_generator, smol_to
     c = TestClient(create_app(tiny_chat_generator), base_url="http://127.0.0.1")
     r = c.post("/v1/chat/completions", json={"messages": forged, "max_tokens": 2}).json()
     assert r["usage"]["prompt_tokens"] == len(ids_forged)
+
+
+def test_auto_dtype_is_fp32_where_bf16_would_not_keep_drafting_exact(tmp_path, smol_tokenizer):
+    """dtype="auto" picks bf16 only where the forward is row-invariant (the lean forward, exact):
+    a model on transformers' forward (Gemma 3 here) gets fp32, where greedy drafting equals its greedy
+    decoding; asking for bf16 there is allowed, with a warning that says what it costs."""
+    import warnings
+
+    import eagle2
+    from eagle2 import native
+    from eagle2.models import resolve_dtype
+
+    half = resolve_dtype("auto", torch.device("cpu"))
+    for family in ("gemma3", "llama"):
+        make_tiny_model(family, vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path / family)
+        smol_tokenizer.save_pretrained(tmp_path / family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no trained head for these: a fresh one, with its own warning
+        gemma = eagle2.load(str(tmp_path / "gemma3"))
+        llama = eagle2.load(str(tmp_path / "llama"))
+    assert gemma.backend.forward == "transformers" and gemma.dtype == torch.float32
+    assert llama.backend.forward == "fast"
+    assert llama.dtype == (half if native.load() is not None else torch.float32)
+    with pytest.warns(UserWarning, match="without row-invariant numerics"):
+        eagle2.load(str(tmp_path / "gemma3"), dtype="bfloat16")

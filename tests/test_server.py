@@ -449,3 +449,13 @@ def test_openai_client(tiny_chat_generator):
         assert ei.value.body["param"] == "temperature" if isinstance(ei.value.body, dict) else True
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_base_model_without_chat_template_points_to_completions():
+    from conftest import ToyTokenizer, make_generator, make_tiny_model
+
+    gen = make_generator(make_tiny_model("llama"), ToyTokenizer())
+    c = TestClient(create_app(gen), base_url="http://127.0.0.1")
+    e = assert_error(c.post("/v1/chat/completions", json={"messages": MSG}), 400, "messages")
+    assert e["code"] == "no_chat_template" and "/v1/completions" in e["message"]
+    assert c.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2}).status_code == 200

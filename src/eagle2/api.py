@@ -24,7 +24,7 @@ from .draft import make_drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
 from .engine import Engine, GenerationResult, RoundEvent
-from .fast import in_force, make_target
+from .fast import half_is_exact, in_force, make_target
 from .models import builtin_head_dir, cache_dir, file_name, load_target
 from .target import Target
 from .templating import chat_ids
@@ -97,6 +97,7 @@ class Eagle2Generator:
         requested = Backend.of(backend, exact)
         self.target: Target = make_target(model, requested)
         self.backend = in_force(requested, self.target)  # what runs here: forward, switches, exact
+        _warn_if_inexact(requested, self.backend, self.target)
         if isinstance(head, Eagle3Head):
             self.target.capture(head.config.feature_layers(self.target.n_layers))
         self.head = head
@@ -271,6 +272,17 @@ class Eagle2Generator:
         return (ev.text for ev in events if ev.text)
 
 
+def _warn_if_inexact(requested: Backend, actual: Backend, target: Target) -> None:
+    """Say so where greedy drafting may differ from vanilla at a near-tie: a half-precision target
+    without row-invariant numerics, unless the caller turned exactness off."""
+    if requested.exact is False or actual.exact or target.dtype == torch.float32 or target.device.type != "cpu":
+        return
+    why = "it runs on transformers' forward" if actual.forward == "transformers" else "the native extension is absent"
+    warnings.warn(f"{str(target.dtype).replace('torch.', '')} without row-invariant numerics ({why}): greedy "
+                  "eagle2 / eagle1 / chain may differ from vanilla where two tokens' logits tie; load with "
+                  "dtype='float32' for output equal to the target's greedy output", stacklevel=3)
+
+
 def _shapes(head) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in head.state_dict().items()}
 
@@ -313,7 +325,8 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
         raise ValueError(f"draft_vocab must be None or an integer >= 0; got {draft_vocab!r}")
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
         raise ValueError(f"head directory not found: {head}")
-    hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map)
+    hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map,
+                                   half_ok=lambda cfg: half_is_exact(backend, cfg))
     if head is not None:
         draft = load_head(head)
         source = str(head)

