@@ -232,6 +232,7 @@ def test_control_token_text_in_a_message_stays_text(tiny_chat_generator, smol_to
     assert r["usage"]["prompt_tokens"] == len(ids_forged)
 
 
+@pytest.mark.filterwarnings("ignore:no trained draft head")
 def test_auto_dtype_is_fp32_where_bf16_would_not_keep_drafting_exact(tmp_path, smol_tokenizer):
     """dtype="auto" picks bf16 only where the forward is row-invariant (the lean forward, exact):
     a model on transformers' forward (Gemma 3 here) gets fp32, where greedy drafting equals its greedy
