@@ -408,9 +408,10 @@ def _record_tree(stats: Stats, draft, path: torch.Tensor, rated: tuple[torch.Ten
     depths = draft.depths.cpu()
     on_path = set(path.tolist())
     d, p = depths.tolist(), probs.tolist()  # lists: a tensor index per node costs more than the round's tree code
-    expected = p if rated is None else sampled_reach(draft.parents.tolist(), rated[1], rated[0])
+    parents = draft.parents.tolist()
+    expected = p if rated is None else sampled_reach(parents, rated[1], rated[0])
     stats.tree_sizes.append(draft.size)
     stats.tree_depths.append(max(d))
     stats.expected_accepts.append((round(sum(min(1.0, x) for x in expected[1:]), 4), int(path.shape[0]) - 1))
-    stats.accept_stops.append((int(path.shape[0]) - 1, int(path[-1]) in draft.parents.tolist()))
+    stats.accept_stops.append((int(path.shape[0]) - 1, int(path[-1]) in parents))
     stats.draft_confidence.extend((d[i], p[i], i in on_path) for i in range(1, draft.size))

@@ -88,7 +88,8 @@ def half_is_exact(backend: Backend, cfg) -> bool:
     if backend.exact is False:
         return True
     lean = backend.forward != "transformers" and config_supported(cfg)[0]
-    return lean and (backend.exact is True or native.load() is not None)
+    native_ok = backend.native and native.load() is not None  # as FastTarget resolves exact=None
+    return lean and (backend.exact is True or exact_default(torch.bfloat16, torch.device("cpu"), native_ok))
 
 
 @dataclass(frozen=True)
