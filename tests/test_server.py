@@ -387,6 +387,19 @@ def test_queue_overflow_is_503_and_fifo(tiny_chat_generator):
     assert h["rejected"] == 2 and h["completed"] == 3 and h["waiting"] == 0 and h["running"] == 0
 
 
+def test_answers_do_not_wait_for_delayed_acks(tiny_chat_generator):
+    """Nagle's algorithm is off on the server's connections: a small answer, whose head and body are
+    written apart, does not wait ~40 ms for the client's delayed ACK of the head."""
+    with serve_in_thread(create_app(tiny_chat_generator)) as url, httpx.Client(base_url=url, timeout=5) as c:
+        c.get("/health")
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[5] < 0.02, [round(t * 1e3, 1) for t in times]
+
+
 def test_disconnect_mid_stream_frees_the_slot(tiny_chat_generator):
     gated = Gated(tiny_chat_generator)
     app = create_app(gated, max_queue=0)  # one at a time, no waiting room

@@ -13,7 +13,10 @@ import gc
 import importlib.util
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -70,12 +73,33 @@ class Counting(Gated):
         return self.real.encode_prompt(prompt)
 
 
-def open_request(url: str, body: dict) -> socket.socket:
+class Slow(Gated):
+    """Takes ``delay`` s per round: a long generation is still running when the test acts."""
+
+    def __init__(self, real, delay: float):
+        super().__init__(real)
+        self.delay = delay
+
+    def stream_events(self, prompt, settings=None, **kw):
+        events, result = super().stream_events(prompt, settings, **kw)
+
+        def slow():
+            try:
+                for ev in events:
+                    time.sleep(self.delay)
+                    yield ev
+            finally:
+                events.close()
+
+        return slow(), result
+
+
+def open_request(url: str, body: dict, path: str = CHAT) -> socket.socket:
     """A request sent on a raw connection that the test can drop at will."""
     host, port = url.rsplit("/", 1)[-1].rsplit(":", 1)
     s = socket.create_connection((host, int(port)))
     data = json.dumps(body).encode()
-    s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
               f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return s
 
@@ -136,6 +160,106 @@ def test_dropped_non_streaming_requests_are_cancelled(tiny_chat_generator):
         q = health(url)["queue"]
     assert q["cancelled"] == 2 and q["completed"] == 0
     assert gated.rounds == [1]  # one generation ran, and only its first round
+
+
+def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator):
+    """Stopping the server (Ctrl-C, SIGTERM) answers every request at once, within uvicorn's grace
+    period: the running stream and a waiting one end with an SSE error event (not a cut connection),
+    a waiting non-streaming request gets a 503 JSON body, and decoding stops."""
+    slow = Slow(tiny_chat_generator, 0.02)
+    body = {"messages": MSG, "max_tokens": 900, "method": "vanilla"}
+    out = {}
+
+    def stream(name):
+        try:
+            with httpx.stream("POST", url + CHAT, json={**body, "stream": True}, timeout=20) as r:
+                out[name] = r.read().decode()
+        except httpx.HTTPError as e:  # the connection was cut
+            out[name] = e
+
+    def whole(name):
+        out[name] = httpx.post(url + CHAT, json=body, timeout=20)
+
+    app = create_app(slow)
+    threads = [threading.Thread(target=stream, args=("running",)), threading.Thread(target=stream, args=("queued",)),
+               threading.Thread(target=whole, args=("waiting",))]
+    with serve_in_thread(app) as url:
+        threads[0].start()
+        assert wait_for(lambda: health(url)["queue"]["running"] == 1)
+        for t in threads[1:]:
+            t.start()
+        assert wait_for(lambda: health(url)["queue"]["waiting"] == 2)
+        t0 = time.perf_counter()
+    stopped_s = time.perf_counter() - t0
+    for t in threads:
+        t.join(10)
+    assert stopped_s < 1.5, f"the server took {stopped_s:.1f} s to stop"  # nothing waited out the grace period
+    for name in ("running", "queued"):
+        assert isinstance(out[name], str), f"{name}: {out[name]!r}"
+        err = [x for x in sse(out[name]) if isinstance(x, dict) and "error" in x]
+        assert len(err) == 1 and err[0]["error"]["code"] == "server_shutting_down", out[name][-300:]
+    assert assert_error(out["waiting"], 503)["code"] == "server_shutting_down"
+    assert len(slow.rounds) == 1 and slow.rounds[0] < 900  # only the running one decoded, and it stopped
+    assert wait_for(lambda: not app.state.eagle2.scheduler._thread.is_alive(), 2)
+    c = TestClient(app, base_url=LOCAL)  # a request that reaches a stopping app is refused the same way
+    assert assert_error(c.post(CHAT, json=body), 503)["code"] == "server_shutting_down"
+
+
+BUSY_SERVER = """
+import sys, time, types, torch
+from eagle2.server.app import run
+
+class Busy:  # its one forward is argv[1] s of native code that cannot stop midway, as a long prefill
+    max_context, model_key = 64, "busy"
+
+    def encode_prompt(self, prompt):
+        return list(prompt)
+
+    def stream_events(self, ids, settings):
+        def events():
+            a = torch.randn(1000, 1000)
+            print("forward", flush=True)
+            end = time.time() + float(sys.argv[1])
+            while time.time() < end:
+                a @ a
+            stats = types.SimpleNamespace(tokens_per_s=1.0, mean_accept_len=1.0, rounds=1, new_tokens=1)
+            yield types.SimpleNamespace(text="x", draft_text="", token_ids=[1], drafted=0, stats=stats)
+        return events(), None
+
+run(Busy(), port=0, on_ready=lambda port: print(port, flush=True))
+"""
+
+
+@pytest.mark.parametrize("forward_s,interrupts", [(3.0, 1), (60.0, 2)])
+def test_ctrl_c_during_a_long_forward_exits_cleanly(forward_s, interrupts):
+    """Ctrl-C while the worker is inside a forward: the process waits for that forward to end and
+    exits; a second Ctrl-C exits at once. Neither aborts (std::terminate, -SIGABRT), which is what
+    exiting with a thread still inside torch's native code does."""
+    proc = subprocess.Popen([sys.executable, "-c", BUSY_SERVER, str(forward_s)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        s = open_request(f"http://127.0.0.1:{port}", {"prompt": [1, 2, 3], "max_tokens": 1, "stream": True},
+                         "/v1/completions")
+        assert proc.stdout.readline().strip() == "forward"
+        proc.send_signal(signal.SIGINT)
+        err = ""
+        while "waiting for the forward in progress" not in err:
+            line = proc.stderr.readline()
+            if not line:  # it exited
+                break
+            err += line
+        t0 = time.perf_counter()
+        if interrupts == 2:
+            proc.send_signal(signal.SIGINT)
+        err += proc.communicate(timeout=20)[1]
+        s.close()
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err[-500:])  # not -SIGABRT
+    assert "terminate called" not in err, err[-500:]
+    if interrupts == 2:
+        assert time.perf_counter() - t0 < 5, "a second Ctrl-C did not quit at once"
 
 
 # ---- 4: bounded input ----------------------------------------------------------------------------

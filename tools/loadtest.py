@@ -56,7 +56,7 @@ async def _one(client: httpx.AsyncClient, i: int, max_tokens: int, method: str, 
     body = {"model": "eagle2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": stream, "method": method}
     t0 = time.perf_counter()
-    first = None
+    first, error = None, None
     if not stream:
         r = await client.post("/v1/chat/completions", json=body, headers=headers)
         ok = r.status_code == 200
@@ -64,10 +64,13 @@ async def _one(client: httpx.AsyncClient, i: int, max_tokens: int, method: str, 
         text = j["choices"][0]["message"]["content"] if ok else None
         tokens = j["usage"]["completion_tokens"] if ok else 0
         status = r.status_code
+        error = None if ok else _error_code(r.text)
     else:
         text, tokens, status, done = "", 0, 0, False
         async with client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
             status = r.status_code
+            if status != 200:
+                error = _error_code((await r.aread()).decode())
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -76,6 +79,8 @@ async def _one(client: httpx.AsyncClient, i: int, max_tokens: int, method: str, 
                     done = True
                     break
                 c = json.loads(d)
+                if "error" in c:  # an SSE error event: the stream failed after it began
+                    error = c["error"].get("code") or c["error"].get("type")
                 if c.get("choices"):
                     piece = c["choices"][0]["delta"].get("content")
                     if piece:
@@ -86,7 +91,16 @@ async def _one(client: httpx.AsyncClient, i: int, max_tokens: int, method: str, 
         ok = status == 200 and done
     t1 = time.perf_counter()
     return {"i": i, "prompt": prompt, "stream": stream, "ok": ok, "status": status, "text": text, "tokens": tokens,
-            "latency": t1 - t0, "ttft": (first - t0) if first else None}
+            "latency": t1 - t0, "ttft": (first - t0) if first else None, "error": error}
+
+
+def _error_code(text: str) -> str | None:
+    """The ``code`` (else ``type``) of an OpenAI error body, or None when it is not one."""
+    try:
+        e = json.loads(text)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return e.get("code") or e.get("type")
 
 
 async def run_load(url: str, clients: int = 8, requests: int = 48, max_tokens: int = 32, method: str = "eagle2",
@@ -115,13 +129,14 @@ async def run_load(url: str, clients: int = 8, requests: int = 48, max_tokens: i
     wrong = []
     for r in results:
         if not r["ok"]:
-            wrong.append((r["i"], f"status {r['status']}"))
+            wrong.append((r["i"], f"status {r['status']}" + (f" {r['error']}" if r["error"] else "")))
             continue
         want = (expected or {}).get(r["prompt"], by_prompt.setdefault(r["prompt"], r["text"]))
         if r["text"] != want:
             wrong.append((r["i"], "answer differs"))
-    lat = sorted(r["latency"] for r in results)
-    ttft = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    answered = [r for r in results if r["ok"]]  # a refusal's latency is not a generation's
+    lat = sorted(r["latency"] for r in answered)
+    ttft = sorted(r["ttft"] for r in answered if r["ttft"] is not None)
 
     def pct(xs, q):
         return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
@@ -130,7 +145,7 @@ async def run_load(url: str, clients: int = 8, requests: int = 48, max_tokens: i
     return {"clients": clients, "requests": requests, "ok": sum(r["ok"] for r in results), "wrong": wrong,
             "wall_s": round(wall, 3), "p50_s": round(pct(lat, 0.5), 3), "p95_s": round(pct(lat, 0.95), 3),
             "max_s": round(lat[-1], 3) if lat else None, "ttft_p50_s": round(pct(ttft, 0.5), 3),
-            "req_per_s": round(len(results) / wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "req_per_s": round(len(answered) / wall, 3), "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
             "mean_latency_s": round(statistics.mean(lat), 3) if lat else None}
 
 

@@ -8,13 +8,18 @@ Concurrency model: the generator decodes one sequence at a time, so one worker t
 generation, and requests wait in a bounded FIFO (503 + Retry-After when it is full); tokenizing
 runs on its own thread, inside the same bound. The event loop never runs the model, and the native
 forward releases the GIL while it computes, so the server stays responsive during a long prefill.
+When the server is told to stop (Ctrl-C, SIGTERM), every job ends at once, before uvicorn's grace
+period: a stream in progress with an SSE error event, a waiting request with a 503; ``run`` then
+waits for the worker to leave the forward it is in (a long prefill cannot stop midway).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +34,8 @@ from .guard import Guard
 from .routes import STATIC_DIR, AppState, router
 from .scheduler import Scheduler
 
+log = logging.getLogger("eagle2.server")
+
 
 def create_app(generator, config: ServerConfig | None = None, **settings) -> FastAPI:
     """The server for ``generator`` (an ``Eagle2Generator``). ``config`` (or ``ServerConfig``'s fields
@@ -41,7 +48,7 @@ def create_app(generator, config: ServerConfig | None = None, **settings) -> Fas
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        sched.stop()
+        sched.close()
         pool.shutdown(wait=False)
 
     docs = config.docs
@@ -63,8 +70,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ValueError(f"cannot resolve host {host!r}: {e}") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # proto says TCP: asyncio turns Nagle's algorithm off only on such sockets, else each response's
+    # body waits for the client's delayed ACK of its head (~40 ms per answer and per stream chunk)
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(addr)
@@ -79,8 +88,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def _server(app, log_level: str):
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # end every job before uvicorn waits out its grace period for the responses in progress
+            # (and then cuts them): each stream ends with an error event, each waiting request a 503
+            app.state.eagle2.scheduler.close()
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2, access_log=False)
-    return uvicorn.Server(config)
+    return Server(config)
 
 
 def run(generator, config: ServerConfig | None = None, port: int = 8000, log_level: str = "warning",
@@ -98,6 +114,22 @@ def run(generator, config: ServerConfig | None = None, port: int = 8000, log_lev
         _server(app, log_level).run(sockets=[sock])
     finally:
         sock.close()
+        _await_worker(app.state.eagle2.scheduler)
+
+
+def _await_worker(sched: Scheduler) -> None:
+    """Let the worker leave its forward before the interpreter exits: a thread still inside torch's
+    native code then aborts the process (std::terminate). Ctrl-C again quits at once, without
+    finalizing the interpreter, for the same reason."""
+    try:
+        if sched.running is not None:
+            log.warning("waiting for the forward in progress to end (Ctrl-C again quits at once)")
+        while not sched.stop(timeout=0.2):  # a timed wait, so that a second Ctrl-C is seen
+            pass
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 @contextlib.contextmanager

@@ -36,6 +36,12 @@ def internal(what: str) -> APIError:
     return APIError(500, f"{what}: internal server error", type="server_error")
 
 
+def shutting_down() -> APIError:
+    """The answer to every request the server drops because it stops (new, waiting or running)."""
+    return APIError(503, "the server is shutting down; retry later", type="server_error",
+                    code="server_shutting_down")
+
+
 def from_generation(e: BaseException) -> APIError:
     """The answer for an exception raised while generating: ``ValueError`` is the engine refusing a
     parameter (400, its one-line message); anything else is our fault (500, logged)."""

@@ -21,9 +21,9 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from ..config import DecodeSettings
 from .config import ServerConfig
-from .errors import APIError
+from .errors import APIError, shutting_down
 from .responses import KEEPALIVE, Formatter, sse_error
-from .scheduler import Done, Failed, Job, QueueFull, Round, Scheduler, Started
+from .scheduler import Done, Failed, Job, QueueFull, Round, Scheduler, ShuttingDown, Started
 from .schemas import ChatMessage, ChatRequest, Common, CompletionRequest, unsupported
 
 log = logging.getLogger("eagle2.server")
@@ -188,6 +188,8 @@ def _reserve(sched: Scheduler) -> Job:
         raise APIError(503, f"the server is busy: {sched.max_queue} requests are already waiting; retry later",
                        type="server_error", code="queue_full",
                        headers={"Retry-After": str(sched.retry_after())}) from None
+    except ShuttingDown:
+        raise shutting_down() from None
 
 
 # ---- checks before a job may start -------------------------------------------------------------

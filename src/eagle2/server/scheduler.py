@@ -5,7 +5,9 @@ The generator decodes one sequence at a time. A request first *reserves* a place
 then *starts* its job, which waits in FIFO order for the worker. The worker runs ``run_job``: it
 streams the generator's rounds to the job's event queue on the event loop, checks the job's cancel
 flag after every target forward, and always ends with exactly one terminal event (``Done`` or
-``Failed``), whatever goes wrong, so no request waits forever. This module knows nothing of HTTP.
+``Failed``), whatever goes wrong, so no request waits forever. ``close`` (the server stops) ends
+every job at once, waiting or running, with a 503, and refuses new ones. This module knows nothing
+of HTTP.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import APIError, from_generation, internal
+from .errors import APIError, from_generation, internal, shutting_down
 
 log = logging.getLogger("eagle2.server")
 
 
 class QueueFull(Exception):
+    pass
+
+
+class ShuttingDown(Exception):
     pass
 
 
@@ -113,10 +119,14 @@ class Scheduler:
         self.completed = self.cancelled = self.rejected = 0
         self._thread: threading.Thread | None = None
         self._avg_s = 1.0  # running mean of job seconds, for Retry-After
+        self.closed = False  # the server stops: no new job, every job ended
 
     def reserve(self, loop: asyncio.AbstractEventLoop) -> Job:
-        """A place in the queue, or ``QueueFull``. Release it with ``start``, ``cancel`` or ``release``."""
+        """A place in the queue, or ``QueueFull`` (``ShuttingDown``). Release it with ``start``, ``cancel``
+        or ``release``."""
         with self._lock:
+            if self.closed:
+                raise ShuttingDown
             if self.waiting >= self.max_queue and not (self.running is None and self.waiting == 0):
                 self.rejected += 1
                 raise QueueFull
@@ -127,6 +137,9 @@ class Scheduler:
         """Queue a reserved job for the worker (after its ids and settings are set)."""
         with self._lock:
             if job.state != "reserved":
+                return
+            if self.closed:  # it was being tokenized when the server began to stop
+                self._drop(job)
                 return
             job.state = "waiting"
             job.enqueued = time.perf_counter()
@@ -151,12 +164,42 @@ class Scheduler:
                 self.waiting -= 1
                 self.cancelled += 1
 
+    def close(self) -> None:
+        """The server stops: refuse new jobs and end every job now with a 503, the waiting ones (which
+        leave the queue) and the running one (whose decoding stops after this round)."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            while True:
+                try:
+                    job = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and job.state == "waiting":
+                    self._drop(job)
+            job = self.running
+            if job is not None and not job.resolved:
+                job.cancel.set()
+                job.emit(Failed(shutting_down()))
+        self._q.put(None)  # the worker exits after its job
+
+    def _drop(self, job: Job) -> None:
+        """End a job that never ran (the lock is held)."""
+        job.state = "cancelled"
+        self.waiting -= 1
+        self.cancelled += 1
+        job.emit(Failed(shutting_down()))
+
     def retry_after(self) -> int:
         return max(1, int(self._avg_s * (self.waiting + 1) + 0.999))
 
     def _take(self, job: Job) -> bool:
         with self._lock:
             if job.state == "cancelled":
+                return False
+            if self.closed:  # taken from the queue just as the server began to stop
+                self._drop(job)
                 return False
             job.state = "running"
             self.waiting -= 1
@@ -190,9 +233,12 @@ class Scheduler:
                     job.emit(Failed(internal("generation failed")))
                 self._finish(job, started)
 
-    def stop(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            self._q.put(None)
+    def stop(self, timeout: float | None = None) -> bool:
+        """End every job (``close``) and wait (up to ``timeout`` s) for the worker; whether it has exited."""
+        self.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()
 
     def snapshot(self) -> dict:
         with self._lock:
