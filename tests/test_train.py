@@ -716,3 +716,117 @@ def test_nothing_to_train_says_why(tiny, prompt_file, tmp_path):
         run_pipeline(tiny, ToyTokenizer(), opts)
     with pytest.raises(ValueError, match="run the responses stage first"):
         run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "s", prompt_file, stages=("train",)))
+
+
+def test_prompt_files_of_unexpected_shapes(tmp_path):
+    """A record whose turn is not text is skipped like any record without a usable prompt; a file that
+    is no list of records, two prompts under one id, two files of one name or a file without a prompt
+    are refused with the file named, before any model runs."""
+    from eagle2.train.data import read_prompts
+    from eagle2.train.pipeline import choose_prompts
+
+    odd = [{"prompt": 123}, {"question": ["a"]}, {"instruction": None}, {"turns": [1, 2]}, {"turns": "ab"},
+           {"conversations": "hi"}, {"conversations": ["hi"]}, {"messages": [{"role": "user", "content": ["x"]}]},
+           {"prompt": "a lone \ud800 surrogate: no UTF-8, a tokenizer's TypeError"}]
+    path = tmp_path / "odd.jsonl"  # written raw: a U+2028 inside a string is valid JSON, and one line
+    path.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in odd)
+                    + json.dumps({"prompt": "fine\u2028too ✓"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [p.messages[-1]["content"] for p in read_prompts(path)] == ["fine\u2028too ✓"]
+    bad = {"scalar.json": "42", "dup.jsonl": '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n',
+           "binary.jsonl": b"\x8b\x08\x00"}
+    for name, text in bad.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(ValueError, match=rf"{name}: (neither a JSON list|records 0 and 1 .* same id '1'|not a UTF-8)"):
+            read_prompts(tmp_path / name)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "odd.jsonl").write_text('{"prompt": "other"}\n{"prompt": "more"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    for files, why in (((path, tmp_path / "d" / "odd.jsonl"), "two prompt files named 'odd'"),
+                       ((path, path), "two prompt files named 'odd'"), ((tmp_path / "empty.jsonl",), "holds no usable")):
+        with pytest.raises(ValueError, match=why):
+            choose_prompts(PipelineOptions(run_dir=tmp_path / "r", prompts=tuple(map(str, files))))
+    (tmp_path / "again.jsonl").write_text('{"prompt": "other"}\n{"prompt": "new"}\n')  # "other" twice: asked once
+    train, dev, _ = choose_prompts(PipelineOptions(run_dir=tmp_path / "r", prompts=(str(tmp_path / "d" / "odd.jsonl"),
+                                                                                   str(tmp_path / "again.jsonl"))))
+    assert sorted(p.messages[-1]["content"] for p in train + dev) == ["more", "new", "other"]
+
+
+def test_stages_refuse_another_models_corpus(tiny, prompt_file, tmp_path):
+    """The features and train stages read the corpus too: answers of another model, or token ids its
+    tokenizer wrote beyond this target's vocabulary, are refused in one line instead of training on
+    another text or failing in the embedding."""
+    ids = [f"prompts:{i}" for i in range(16)]
+    for name, model, top in (("other", "other-model", VOCAB - 1), ("wide", "tiny-llama", VOCAB + 5)):
+        c = Corpus(tmp_path / name)
+        for cid in ids:
+            c.add(cid, 0, [1, 2, 3], [4, top, 5])
+        c.seal(model, {"temperature": 0.0})
+    with pytest.raises(ValueError, match="holds answers of other-model, not tiny-llama"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "r", prompt_file, stages=("features",),
+                                                 corpus=tmp_path / "other"))
+    with pytest.raises(ValueError, match=rf"holds token id {VOCAB + 5} .*beyond the target's vocabulary of {VOCAB}"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "r", prompt_file, stages=("features", "train"),
+                                                 corpus=tmp_path / "wide"))
+
+
+def test_cli_paths_that_cannot_be_written(tmp_path, capsys):
+    """A directory that cannot be created is refused before the model loads, and an OS error (a path
+    under a file, a read-only disk) or a file that is not text is one line, not a traceback."""
+    from eagle2.cli import main
+
+    (tmp_path / "f").write_text("")
+    under_file = str(tmp_path / "f" / "sub")
+    for flag in ("--run-dir", "--out", "--corpus"):
+        assert main(["train", flag, under_file, "--model", "/nonexistent/model"]) == 2
+        assert f"{flag} {under_file} cannot be created or written" in capsys.readouterr().err
+    src = tmp_path / "responses.jsonl"
+    src.write_text(json.dumps({"id": "dolly15k_en:1", "prompt_ids": [1, 2], "response_ids": [3]}) + "\n")
+    assert main(["corpus", "import", str(src), "--corpus", under_file]) == 2
+    assert capsys.readouterr().err.startswith("error: [Errno 20] Not a directory")
+    (tmp_path / "gz.jsonl").write_bytes(gzip.compress(b"{}\n"))
+    assert main(["corpus", "import", str(tmp_path / "gz.jsonl"), "--corpus", str(tmp_path / "c")]) == 2
+    assert "gz.jsonl: not a responses JSONL (not UTF-8 text" in capsys.readouterr().err
+
+
+def test_a_run_directory_belongs_to_one_target(tiny, prompt_file, tmp_path):
+    """Feature shards and checkpoints are one target's: another target's run directory is refused
+    (its shards held token ids beyond this target's vocabulary: an IndexError deep in training)."""
+    with pytest.raises(ValueError, match="nothing to export"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "r", prompt_file, stages=("export",)))
+    with pytest.raises(ValueError, match="the run directory .* holds a run of tiny-llama, not other-model"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "r", prompt_file, stages=("export",),
+                                                 base_model="other-model"))
+    (tmp_path / "r" / "stats.json").write_text('{"stage_seconds": {')  # cut while written (before it was atomic)
+    with pytest.raises(ValueError, match="stats.json is not valid JSON .*delete it"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "r", prompt_file, stages=("export",)))
+
+
+def test_cli_corpus_finds_the_corpus_train_writes(tmp_path, capsys, monkeypatch):
+    """Without --corpus, `eagle2 corpus` looks where `eagle2 train --model MODEL` keeps the corpus: in
+    the run directory for a model that is not built in (not a new folder under the repo's corpus/)."""
+    from eagle2.cli import main
+    from eagle2.train.corpus import default_corpus_dir
+    from eagle2.train.pipeline import default_run_dir
+
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path))
+    model = str(tmp_path / "my-model")
+    c = Corpus(default_corpus_dir(model, default_run_dir(model)))
+    c.add("dolly15k_en:1", 0, [1, 2], [3])
+    c.seal(model, {"temperature": 0.0})
+    assert c.path.is_relative_to(tmp_path)
+    assert main(["corpus", "show", "--model", model]) == 0
+    assert "| dolly15k_en | 1 | 0 | 1 | 2 | 1 |" in capsys.readouterr().out
+
+
+def test_a_shard_replaced_by_another_corpus_is_refused(tmp_path):
+    """A sealed shard is the one its seal recorded (sha256 in the manifest): another model's shard of the
+    same name copied over it reads as valid records, so it is refused, not trained on."""
+    for name, answer in (("a", [3]), ("b", [VOCAB + 9])):
+        c = Corpus(tmp_path / name)
+        c.add("dolly15k_en:1", 0, [1, 2], answer)
+        c.seal(name, {"temperature": 0.0})
+    assert Corpus(tmp_path / "a").records()[0]["response_ids"] == [3]
+    shard = "turns-00000.jsonl.gz"
+    (tmp_path / "a" / shard).write_bytes((tmp_path / "b" / shard).read_bytes())
+    with pytest.raises(ValueError, match=f"{shard}: damaged corpus shard .*sha256"):
+        Corpus(tmp_path / "a")

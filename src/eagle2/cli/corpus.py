@@ -23,7 +23,9 @@ def register(sub) -> None:
     p.add_argument("action", choices=["show", "import"])
     p.add_argument("files", nargs="*", metavar="FILE", help="import: responses JSONL files")
     p.add_argument("--model", default="smollm2-135m", help="the model whose answers these are (default: %(default)s)")
-    p.add_argument("--corpus", default=None, metavar="DIR", help="corpus directory (default: corpus/<model>)")
+    p.add_argument("--corpus", default=None, metavar="DIR",
+                   help="corpus directory (default: where eagle2 train keeps it: corpus/<model> for a built-in model, "
+                        "else $EAGLE2_CACHE/runs/<model>/corpus)")
     p.add_argument("--temperature", type=float, default=0.0, help="import: the answers' sampling temperature")
     p.add_argument("--max-new-tokens", type=int, default=256, help="import: the answers' length cap")
     p.add_argument("--max-prompt-tokens", type=int, default=320, help="import: the prompt length limit used")
@@ -32,9 +34,11 @@ def register(sub) -> None:
 
 
 def cmd_corpus(args) -> int:
-    from ..train.corpus import Corpus, corpus_table, import_responses, repo_corpus_root
+    from ..train.corpus import Corpus, corpus_table, default_corpus_dir, import_responses
+    from ..train.pipeline import default_run_dir
 
-    path = Path(args.corpus) if args.corpus else repo_corpus_root() / args.model
+    # where `eagle2 train --model MODEL` keeps it: corpus/<model> for a built-in one, else in its run directory
+    path = Path(args.corpus) if args.corpus else default_corpus_dir(args.model, default_run_dir(args.model))
     if args.action == "show":
         if args.files:
             raise ValueError("show takes no files")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -166,9 +167,15 @@ def _check_args(args) -> None:
         raise ValueError(f"--temperature must be a finite number >= 0; got {args.temperature}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1; got {args.threads}")
-    for flag, d in (("--out", args.out), ("--run-dir", args.run_dir), ("--corpus", args.corpus)):
+    stages = _stages(args)
+    written = (("--out", args.out, "export" in stages), ("--run-dir", args.run_dir, True),
+               ("--corpus", args.corpus, "responses" in stages and not args.fixed_responses))
+    for flag, d, writes in written:
         if d and Path(d).exists() and not Path(d).is_dir():
             raise ValueError(f"{flag} {d} is a file; give a directory")
+        if d and writes and not _writable(Path(d)):
+            raise ValueError(f"{flag} {d} cannot be created or written (read-only, no permission, or under a "
+                             "file); give another directory")
     if args.init_head and not (Path(args.init_head) / "config.json").is_file():
         raise ValueError(f"--init-head {args.init_head}: not a head directory (no config.json there)")
     if (args.context or 0) < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
@@ -184,6 +191,14 @@ def _check_args(args) -> None:
     if args.new_layer_lr_scale != 1.0 and not (args.arch == "eagle3" and args.init_head and args.head_layers > 1):
         raise ValueError("--new-layer-lr-scale applies to new layers only: it needs --arch eagle3, --init-head and "
                          "--head-layers deeper than that head")
+
+
+def _writable(d: Path) -> bool:
+    """Whether directory ``d`` can be written, or created where it does not exist yet."""
+    d = d.absolute()
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    return d.is_dir() and os.access(d, os.W_OK)
 
 
 def _train_config(args):

@@ -119,6 +119,14 @@ def _shard_records(shard: Path) -> list[dict]:
     return records
 
 
+def _check_sha256(shard: Path, want: str | None) -> None:
+    """A sealed shard must be the one its seal recorded: another corpus's shard copied over it (another
+    model's or tokenizer's ids) would read back as valid records."""
+    if want and hashlib.sha256(shard.read_bytes()).hexdigest() != want:
+        raise ValueError(f"{shard}: damaged corpus shard (not the sha256 {MANIFEST} records for it: replaced or "
+                         f"changed since it was sealed); restore it (e.g. git checkout {shard.name})")
+
+
 class Corpus:
     """A corpus directory, read whole into memory (ids only: ~10 MB per 100k turns of Python ints
     is fine at this project's scale). ``add`` appends to ``pending.jsonl``; ``seal`` turns that into
@@ -142,7 +150,9 @@ class Corpus:
                 self.manifest = json.loads((self.path / MANIFEST).read_text())
             except ValueError as e:
                 raise ValueError(f"{self.path / MANIFEST} is not valid JSON: {e}") from None
+        sums = {s["file"]: s.get("sha256") for s in self.manifest.get("shards", [])}
         for shard in self._shards():
+            _check_sha256(shard, sums.get(shard.name))
             for rec in _shard_records(shard):
                 if self._take(rec):
                     self._sealed.add((rec["id"], rec["turn"]))
@@ -209,15 +219,18 @@ class Corpus:
             raise ValueError(f"another process is writing the corpus {self.path}; wait for it or stop it") from None
         return f
 
-    def check_model(self, model: str, settings: dict) -> None:
-        """Refuse to mix another model's answers, or sampled with greedy ones, into one corpus."""
+    def check_model(self, model: str, settings: dict | None) -> None:
+        """Refuse to mix another model's answers, or sampled with greedy ones, into one corpus;
+        ``settings`` None: a reader, refused only another model's answers."""
         have = self.manifest.get("model")
+        if have and model and have != model:
+            raise ValueError(f"the corpus {self.path} holds answers of {have}, not {model}; pass another --corpus")
+        if settings is None:
+            return
         if not have and self._shards():
             raise ValueError(f"the corpus {self.path} has {len(self._shards())} shard(s) but no model in {MANIFEST} (deleted "
                              f"or damaged?), so whose answers it holds is unknown; restore {self.path / MANIFEST} (e.g. "
                              "with git checkout) or pass another --corpus")
-        if have and model and have != model:
-            raise ValueError(f"the corpus {self.path} holds answers of {have}, not {model}; pass another --corpus")
         temps = {s.get("settings", {}).get("temperature") for s in self.manifest.get("shards", [])} - {None}
         if temps and settings.get("temperature") not in temps:
             raise ValueError(f"the corpus {self.path} holds answers at temperature {sorted(temps)}, this run uses "
@@ -371,18 +384,21 @@ def _read_responses(path: Path) -> list[tuple[str, list[int], list[int]]]:
     """(id, prompt ids, response ids) of every line of a responses JSONL, or a ValueError naming the
     first bad line."""
     records = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                cid, p, r = rec["id"], rec["prompt_ids"], rec["response_ids"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: not a responses record (need id, prompt_ids, response_ids)") from None
-            if not (_token_ids(p) and p and _token_ids(r)):
-                raise ValueError(f"{path}:{n}: prompt_ids (non-empty) and response_ids must be lists of token ids >= 0")
-            records.append((str(cid), p, r))
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON may hold a raw U+2028
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a responses JSONL (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            cid, p, r = rec["id"], rec["prompt_ids"], rec["response_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: not a responses record (need id, prompt_ids, response_ids)") from None
+        if not (_token_ids(p) and p and _token_ids(r)):
+            raise ValueError(f"{path}:{n}: prompt_ids (non-empty) and response_ids must be lists of token ids >= 0")
+        records.append((str(cid), p, r))
     return records
 
 

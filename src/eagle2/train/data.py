@@ -38,7 +38,9 @@ def _from_record(rec: dict, fallback_id: str) -> Prompt | None:
     followups: tuple = ()
     if "conversations" in rec or "messages" in rec:
         turns = rec.get("conversations") or rec.get("messages") or []
-        for t in turns:
+        for t in turns if isinstance(turns, list) else ():
+            if not isinstance(t, dict):
+                continue
             role = _ROLES.get(t.get("from", t.get("role", "")))
             text = t.get("value", t.get("content", ""))
             if role is None or not isinstance(text, str):
@@ -53,33 +55,51 @@ def _from_record(rec: dict, fallback_id: str) -> Prompt | None:
     elif "question" in rec:
         msgs = [{"role": "user", "content": rec["question"]}]
     elif "instruction" in rec:
-        text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        msgs = [{"role": "user", "content": text}]
-    elif "turns" in rec and rec["turns"]:
+        text, extra = rec["instruction"], rec.get("input")
+        msgs = [{"role": "user", "content": f"{text}\n\n{extra}" if isinstance(text, str) and extra else text}]
+    elif "turns" in rec and isinstance(rec["turns"], list) and rec["turns"]:
         msgs = [{"role": "user", "content": rec["turns"][0]}]
         followups = tuple(t for t in rec["turns"][1:] if isinstance(t, str) and t.strip())
-    if not msgs or msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
+    text = msgs[-1]["content"] if msgs else None
+    if not msgs or msgs[-1]["role"] != "user" or not isinstance(text, str) or not text.strip():
+        return None  # no user turn whose text is a non-empty string
+    if not all(_utf8(t) for t in [m["content"] for m in msgs] + list(followups)):
         return None
     return Prompt(rid, tuple(msgs), followups)
+
+
+def _utf8(text: str) -> bool:
+    """Whether a tokenizer can take ``text``: JSON's escaped lone surrogates ("\\ud800") are no UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Read one prompt file (json list or jsonl). Records without a usable user turn are skipped."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark some editors write is not JSON
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     try:
         records = json.loads(text)
         if isinstance(records, dict):
             records = [records]
+        elif not isinstance(records, list):
+            raise ValueError(f"{path}: neither a JSON list of records nor JSONL (the file is one "
+                             f"{type(records).__name__})")
     except json.JSONDecodeError:
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON may hold a raw U+2028
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    out, seen = [], set()
+    out, seen, ids = [], set(), {}
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise ValueError(f"{path}: record {i} is not a JSON object")
@@ -90,7 +110,11 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         key = p.messages[-1]["content"]
         if key in seen:
             continue
+        if p.id in ids:  # the id names the corpus conversation: two prompts under one would share one answer
+            raise ValueError(f"{path}: records {ids[p.id]} and {i} are different prompts with the same id "
+                             f"{p.id.split(':', 1)[1]!r}; give each prompt its own id")
         seen.add(key)
+        ids[p.id] = i
         out.append(p)
     return out
 
@@ -142,15 +166,21 @@ def default_mix(data_dir: str | Path, limit: int | None = None, seed: int = 0) -
             rng.shuffle(ps)
             ps = ps[:n]
         parts.append(ps)
-    seen, mix = set(), []
-    for ps in parts:
-        for p in ps:
-            key = p.messages[-1]["content"]
-            if key not in seen:
-                seen.add(key)
-                mix.append(p)
+    mix = unique_prompts([p for ps in parts for p in ps])
     rng.shuffle(mix)
     return mix[:limit] if limit else mix
+
+
+def unique_prompts(prompts: list[Prompt]) -> list[Prompt]:
+    """The first prompt of each text (the last user turn): one asked twice would be answered twice,
+    and could sit in the training set and among the held-out dev prompts at once."""
+    seen, out = set(), []
+    for p in prompts:
+        key = p.messages[-1]["content"]
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
 
 
 def read_fixed(path: str | Path) -> list[tuple[Prompt, str]]:
@@ -162,7 +192,7 @@ def read_fixed(path: str | Path) -> list[tuple[Prompt, str]]:
         records = json.loads(text)
         records = [records] if isinstance(records, dict) else records
     except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = [json.loads(line) for line in text.split("\n") if line.strip()]
     out = []
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from pathlib import Path
 from ..config import Backend
 from ..machine import data_dir
 from .corpus import Corpus, default_corpus_dir
-from .data import MIX, Prompt, data_license, default_mix, read_fixed, read_prompts
+from .data import MIX, Prompt, data_license, default_mix, read_fixed, read_prompts, unique_prompts
 from .shards import covered_ids, load_shards, window_meta
 
 log = logging.getLogger("eagle2")
@@ -76,11 +77,16 @@ class PipelineOptions:
 
 def _stats(run_dir: Path) -> dict:
     p = run_dir / "stats.json"
-    return json.loads(p.read_text()) if p.exists() else {"stage_seconds": {}}
+    try:
+        return json.loads(p.read_text()) if p.exists() else {"stage_seconds": {}}
+    except ValueError as e:
+        raise ValueError(f"{p} is not valid JSON ({e}); delete it (it holds the stage times of the model card)") from None
 
 
 def _save_stats(run_dir: Path, stats: dict) -> None:
-    (run_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    tmp = run_dir / "stats.json.tmp"  # then renamed: a stop while writing never leaves half a file
+    tmp.write_text(json.dumps(stats, indent=2) + "\n")
+    os.replace(tmp, run_dir / "stats.json")
 
 
 def _add_time(run_dir: Path, stage: str, seconds: float, **kw) -> None:
@@ -90,17 +96,38 @@ def _add_time(run_dir: Path, stage: str, seconds: float, **kw) -> None:
     _save_stats(run_dir, s)
 
 
+def _claim_run_dir(run_dir: Path, model: str) -> None:
+    """Record the target in stats.json, and refuse a run directory of another target: its feature
+    shards and checkpoint are that model's (other token ids, another hidden size)."""
+    st = _stats(run_dir)
+    if st.get("model") and model and st["model"] != model:
+        raise ValueError(f"the run directory {run_dir} holds a run of {st['model']}, not {model}; pass another "
+                         "--run-dir")
+    if model and not st.get("model"):
+        _save_stats(run_dir, {**st, "model": model})
+
+
 def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], list[str]]:
     """(training prompts, dev prompts, data sources). Dev prompts are the last ``dev_prompts`` of the
     full list and never trained on; ``limit`` takes a prefix of the rest."""
     sources = []
     if opts.prompts:
         allp: list[Prompt] = []
+        stems: dict[str, str] = {}
         for f in opts.prompts:
             if not Path(f).is_file():
                 raise ValueError(f"prompt file not found: {f}")
-            allp.extend(read_prompts(f))
+            if Path(f).stem in stems:  # the stem is the source part of every conversation id
+                raise ValueError(f"two prompt files named {Path(f).stem!r} ({stems[Path(f).stem]} and {f}) would share "
+                                 "conversation ids in the corpus; give each file once, under its own name")
+            stems[Path(f).stem] = str(f)
+            ps = read_prompts(f)
+            if not ps:
+                raise ValueError(f"prompt file {f} holds no usable prompt (a user turn with text); see --help for "
+                                 "the formats")
+            allp.extend(ps)
             sources.append(data_license(Path(f).name))
+        allp = unique_prompts(allp)  # each file is deduplicated as it is read; across files here
         # Shuffled together, as the default mix is, so that --limit N and the held-out dev prompts are a fair
         # sample of every file given rather than the head of the first one.
         random.Random(0).shuffle(allp)
@@ -143,6 +170,18 @@ def _nothing_to_train(run: _Run, responses: dict | None) -> str:
     elif "responses" not in opts.stages:
         why.append("run the responses stage first (--stages responses,features,train,export)")
     return "nothing to train on: " + "; ".join(why)
+
+
+def _check_token_ids(run: _Run, records: list[dict]) -> None:
+    """Every id must be a token of the target: a corpus or responses file written with another tokenizer
+    (a mislabelled import) would otherwise fail deep in the target's embedding, or train on another text."""
+    vocab = int(run.model.config.vocab_size)
+    for r in records:
+        top = max(max(r["prompt_ids"], default=0), max(r["response_ids"], default=0))
+        if top >= vocab:
+            where = f"the corpus {run.corpus.path}" if run.corpus is not None else "responses.jsonl"
+            raise ValueError(f"{where} holds token id {top} (in {r['id']}), beyond the target's vocabulary of {vocab}: "
+                             "it was written with another tokenizer; pass this model's --corpus")
 
 
 def _loss_vocab(opts: PipelineOptions, records: list[dict], vocab_size: int):
@@ -198,9 +237,12 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
     summary: dict = {}
     if "responses" in opts.stages:
         summary["responses"] = _responses_stage(run)
+    if run.corpus is not None:  # the responses stage checked it already; the other stages read it
+        run.corpus.check_model(opts.model_arg or opts.base_model, None)
     records, trained_on = _training_records(opts, run.corpus, run.train_p, run.dev_ids)
     if not records and {"features", "train"} & set(opts.stages):
         raise ValueError(_nothing_to_train(run, summary.get("responses")))
+    _check_token_ids(run, records)
     if trained_on is not None:
         run.sources = list(dict.fromkeys(data_license(s) for s in trained_on["sources"])) or run.sources  # two ShareGPT files, one line
     if "features" in opts.stages and not opts.stream:
@@ -225,6 +267,7 @@ def _start(model, tokenizer, opts: PipelineOptions) -> _Run:
     run = Path(opts.run_dir)
     e3 = _check_arch(opts)
     run.mkdir(parents=True, exist_ok=True)
+    _claim_run_dir(run, opts.model_arg or opts.base_model)
     if e3:  # EAGLE-3: its own feature shards (three layers + final) and training directory
         from . import eagle3
         feat_dir, train_dir = eagle3.feature_dir(run, model), run / "train-eagle3"
