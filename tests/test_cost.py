@@ -63,3 +63,25 @@ def test_sampled_acceptance_counts_the_children_tried_on_the_accepted_path():
     acc.update([-1, 0, 1], [0, 0, 1], [0, 1, 2])  # a chain accepted whole
     assert acc.tried.tolist() == [[3.0, 2.0], [2.0, 1.0]]
     assert acc.accepted.flatten().tolist() == pytest.approx([1.4, 1.25, 1.4, 0.25])
+
+
+def test_a_slow_target_is_measured_with_fewer_repeats_and_says_so(caplog):
+    import time
+
+    from eagle2.cost import time_calls
+
+    calls = [0, 0]
+
+    def slow(i):
+        def fn():
+            calls[i] += 1
+            time.sleep(0.05)
+        return fn
+
+    with caplog.at_level("WARNING", logger="eagle2"):
+        times = time_calls([slow(0), slow(1)], repeats=5, budget_s=0.15)  # warm-up ~0.1 s: one repeat fits
+    assert [len(t) for t in times] == [1, 1] and calls == [2, 2]
+    assert "measuring this machine's round costs" in caplog.text
+    caplog.clear()
+    fast = time_calls([lambda: None, lambda: None], repeats=5, budget_s=0.15)
+    assert [len(t) for t in fast] == [5, 5] and not caplog.text

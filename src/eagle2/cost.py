@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ log = logging.getLogger("eagle2")
 
 PROBE_QUERY_LENS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 PROBE_CACHED = (128, 1024)  # cached lengths the verify curve is measured at; interpolated linearly between
+PROBE_BUDGET_S = 20.0  # the verify curve's repeats after the warm-up pass, at most (about)
 COST_VERSION = 3  # bump when the probe or the file layout changes
 
 
@@ -149,25 +151,46 @@ class SampledAcceptance:
 
 
 # ---- the probe ------------------------------------------------------------------------------------
-def time_calls(fns: list, repeats: int) -> list[list[float]]:
+def time_calls(fns: list, repeats: int, budget_s: float | None = None, progress: bool | None = False
+               ) -> list[list[float]]:
     """Milliseconds of ``repeats`` calls of each function, after one warm-up call each. Calls are
     interleaved (one of each per pass), so a burst of other work on the machine spoils one pass
-    rather than every call of one function."""
+    rather than every call of one function.
+
+    ``budget_s``: when the warm-up pass says the repeats would take longer than this, fewer are made
+    (at least one). A target slow enough for that (a 262k vocabulary in fp32 on two cores) makes
+    each call long, and a long call varies relatively less. ``progress``: a bar over the calls
+    (None: when stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(fns) * (1 + repeats), desc="measuring round costs", unit="call", leave=False,
+               disable=None if progress is None else not progress, file=sys.stderr)
+    warm_s = 0.0
     for fn in fns:
+        t0 = time.perf_counter()
         fn()
+        warm_s += time.perf_counter() - t0
+        bar.update()
+    if budget_s is not None and warm_s * repeats > budget_s:
+        repeats = max(1, int(budget_s / max(warm_s, 1e-9)))
+        log.warning("measuring this machine's round costs for this model (once; about %.0f s more) ...",
+                    warm_s * repeats)
+        bar.total = len(fns) * (1 + repeats)
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
             times[i].append(1000 * (time.perf_counter() - t0))
+            bar.update()
+    bar.close()
     return times
 
 
-def _best_ms(fns: list, repeats: int) -> list[float]:
+def _best_ms(fns: list, repeats: int, budget_s: float | None = None, progress: bool | None = False) -> list[float]:
     """The fastest call of each function: interference only ever adds time, so the minimum is the
     estimate of the cost itself least disturbed by it."""
-    return [min(t) for t in time_calls(fns, repeats)]
+    return [min(t) for t in time_calls(fns, repeats, budget_s, progress)]
 
 
 def verify_steps(target, cached: int, query_lens) -> list:
@@ -207,15 +230,16 @@ def _monotone(ms: list[float]) -> list[float]:
     return out
 
 
-def probe(target, drafter, top_k: int = 8, repeats: int = 5) -> CostModel:
-    """Measure this machine: a few seconds for a 135M model on two cores."""
+def probe(target, drafter, top_k: int = 8, repeats: int = 5, progress: bool | None = None) -> CostModel:
+    """Measure this machine: a few seconds for a 135M model on two cores. The verify curve's repeats
+    are cut to fit ``PROBE_BUDGET_S`` where the target is slow; ``progress`` as in ``time_calls``."""
     max_len = target.max_len
     cached = [c for c in PROBE_CACHED if c + max(PROBE_QUERY_LENS) + 1 < max_len] or [max(1, max_len // 4)]
     short_c, long_c = cached[0], cached[-1]
     steps = verify_steps(target, short_c, PROBE_QUERY_LENS)
     if long_c != short_c:
         steps += verify_steps(target, long_c, PROBE_QUERY_LENS)
-    ms = _best_ms(steps, repeats)
+    ms = _best_ms(steps, repeats, PROBE_BUDGET_S, progress)
     n = len(PROBE_QUERY_LENS)
     short, long_ = _monotone(ms[:n]), _monotone(ms[n:] or ms[:n])
     level_ms, row_ms, fixed_ms = drafter.probe_ms(top_k, repeats)
