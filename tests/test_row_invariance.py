@@ -301,3 +301,27 @@ def test_a_shared_beginning_is_copied_not_taken(bf16_generator):
     assert other.token_ids == gen.generate(b, max_new_tokens=12, reuse_prefix=False).token_ids
     a_next = a + a_answer + [1, 2, 3]
     assert gen.generate(a_next, max_new_tokens=4).stats.reused_prefix == len(a) + len(a_answer) - 1
+
+
+def test_a_long_prefill_runs_in_chunks_a_consumer_can_stop_between(bf16_generator, monkeypatch):
+    """A row-invariant target prefills in ``PREFILL_CHUNK``-token forwards, each but the last followed by a
+    token-less event: the answer is one full forward's, and closing the events there runs no more forwards."""
+    import eagle2.engine as engine
+
+    gen = bf16_generator
+    gen.clear_cache()
+    prompt = torch.randint(0, 512, (100,), generator=torch.Generator().manual_seed(17)).tolist()
+    whole = gen.generate(prompt, max_new_tokens=16, reuse_prefix=False)
+    monkeypatch.setattr(engine, "PREFILL_CHUNK", 32)
+    calls, forward = [], gen.target.forward
+    monkeypatch.setattr(gen.target, "forward", lambda cache, toks, *a, **k: calls.append(toks.shape[0]) or
+                        forward(cache, toks, *a, **k))
+    events, result = gen.stream_events(prompt, max_new_tokens=16, reuse_prefix=False)
+    events = list(events)
+    assert calls[:4] == [32, 32, 32, 4] and [ev.token_ids for ev in events[:3]] == [[], [], []]
+    assert result.token_ids == whole.token_ids and result.stats.rounds == whole.stats.rounds
+    calls.clear()
+    events, result = gen.stream_events(prompt, max_new_tokens=16, reuse_prefix=False)
+    next(events)  # the first chunk is in; the client goes away
+    events.close()
+    assert calls == [32] and result.token_ids == []

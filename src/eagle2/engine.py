@@ -12,7 +12,9 @@ starts with the same tokens as one of them (a chat's next turn, which repeats th
 takes that cache (and the draft head's, ``Drafter.hand_over``) and prefills only what follows them.
 That happens only where the target is ``row_invariant`` (the lean forward's exact numerics, the CPU
 default): the kept keys/values are then bit for bit the ones a fresh prefill would compute, so the
-output does not depend on what ran before.
+output does not depend on what ran before. For the same reason a row-invariant target prefills a long
+prompt in chunks of ``PREFILL_CHUNK`` tokens (the same bits as one forward) and yields an event without
+tokens after each but the last, so that a consumer can stop there (the server, when its client left).
 
 The engine knows nothing of transformers (target.py does) or of HTTP / argument parsing.
 ``method="vanilla"`` runs the same loop with a root-only tree: plain autoregressive decoding.
@@ -34,6 +36,9 @@ from .target import Target
 from .cost import CostModel, SampledAcceptance
 from .tree import Budget, path_probs, sampled_reach, single_node_tree
 from .verify import greedy_accept, sample_accept, sample_token, target_probs
+
+
+PREFILL_CHUNK = 256  # prompt tokens per prefill forward where it is row-invariant (which runs 64-row calls anyway)
 
 
 @dataclass
@@ -183,7 +188,8 @@ class Engine:
         recent call's cache where the prompt begins with its tokens (False: prefill the whole prompt)."""
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         capacity = len(prompt_ids) + run.budget + tree.node_cap + 1
-        cache, logits, hidden, run.stats.reused_prefix, draft = self._prefill(prompt_ids, capacity, reuse_prefix)
+        cache, logits, hidden, run.stats.reused_prefix, draft = yield from self._prefill(
+            prompt_ids, capacity, reuse_prefix, run.stats)
         kept = _Kept(list(prompt_ids), cache, [hidden])
         try:
             yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost, draft)
@@ -192,19 +198,20 @@ class Engine:
                 kept.draft = self.drafter.hand_over() if kept.drafted else None  # the head's pairs too, if it ran
                 self._kept = [kept] + self._kept[:KEPT_CACHES - 1]
 
-    def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool):
+    def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool, stats: Stats):
         """The prompt into a target cache: the kept cache that shares the longest prefix with it, cut to
         that prefix, or a copy of that prefix where it is less than half of the kept cache (``reuse``); then
-        one causal forward over the rest. Returns (cache, logits [1, V]
-        after the last prompt token, features [n, F] of every prompt token, tokens reused, the draft head's
-        committed pairs kept with that cache or None)."""
+        causal forwards over the rest (``_chunks``), yielding a token-less event between them. Returns
+        (cache, logits [1, V] after the last prompt token, features [n, F] of every prompt token, tokens
+        reused, the draft head's committed pairs kept with that cache or None)."""
         tgt, dev, n = self.target, self.target.device, len(prompt_ids)
         # only where the kept entries are those a fresh prefill would compute; >= 1 token runs: its logits
         shared = [k.common(prompt_ids, n - 1) for k in self._kept] if reuse and tgt.row_invariant else []
         m = max(shared, default=0)
+        feats = []  # [*, F] blocks of the prompt's features
         if m:
             kept = self._kept[shared.index(m)]
-            earlier = torch.cat(kept.feats)[:m]  # [m, F]
+            feats.append(torch.cat(kept.feats)[:m])  # [m, F]
             if 2 * m >= len(kept.ids):  # the prompt continues that call: its cache (and head's pairs) are this call's
                 self._kept.remove(kept)
                 cache, draft = kept.cache, kept.draft
@@ -212,11 +219,21 @@ class Engine:
             else:  # only a beginning is shared (a system prompt): a copy, and the kept cache keeps serving its own
                 cache, draft = tgt.copy_prefix(kept.cache, m), None
         else:
-            cache, earlier, draft = tgt.new_cache(capacity=capacity), None, None
-        rest = torch.tensor(prompt_ids[m:], dtype=torch.long, device=dev)
-        logits, hidden = tgt.forward(cache, rest, torch.arange(m, n, device=dev), None,
-                                     logits_rows=slice(n - m - 1, n - m))
-        return cache, logits, hidden if earlier is None else torch.cat([earlier, hidden]), m, draft
+            cache, draft = tgt.new_cache(capacity=capacity), None
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
+        for a, b in self._chunks(m, n):
+            logits, hidden = tgt.forward(cache, ids[a:b], torch.arange(a, b, device=dev), None,
+                                         logits_rows=slice(b - a - 1, b - a))
+            feats.append(hidden)
+            if b < n:
+                yield RoundEvent([], 0, "", "", stats)
+        return cache, logits, torch.cat(feats) if len(feats) > 1 else feats[0], m, draft
+
+    def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[start, end) as the prefill's forwards: ``PREFILL_CHUNK`` tokens each where the target is
+        row-invariant (each row's bits do not depend on the rows beside it), else one forward."""
+        step = PREFILL_CHUNK if self.target.row_invariant else end - start
+        return [(a, min(end, a + step)) for a in range(start, end, step)]
 
     def _rounds(self, run: "_Run", kept: "_Kept", logits: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig,
                 sampling: SamplingConfig, cost: CostModel | None, draft: Committed | None) -> Iterator[RoundEvent]:

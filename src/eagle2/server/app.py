@@ -10,7 +10,7 @@ runs on its own thread, inside the same bound. The event loop never runs the mod
 forward releases the GIL while it computes, so the server stays responsive during a long prefill.
 When the server is told to stop (Ctrl-C, SIGTERM), every job ends at once, before uvicorn's grace
 period: a stream in progress with an SSE error event, a waiting request with a 503; ``run`` then
-waits for the worker to leave the forward it is in (a long prefill cannot stop midway).
+waits for the worker to leave the forward it is in (a round, or a chunk of a long prompt's prefill).
 """
 
 from __future__ import annotations
