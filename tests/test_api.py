@@ -30,6 +30,9 @@ def gen():
     (dict(temperature=float("nan")), "finite"),
     (dict(temperature=1e-40), "temperature must be 0"),  # logits / T overflow: wrong tokens, not greedy ones
     (dict(temperature=True), "temperature"),
+    (dict(temperature=10**400), "temperature"),  # an int beyond every float
+    (dict(top_p=np.float32("nan")), "top_p"),
+    (dict(top_k=np.float64(2.0)), "top_k"),
     (dict(top_k=True), "top_k"),
     (dict(seed=True), "seed"),
     (dict(seed=2**70), "seed"),
@@ -175,6 +178,20 @@ def test_prompts_of_array_types_and_settings_checked_at_the_call(gen):
 
     assert "".join(gen.stream([1, 2, 3], eagle2.DecodeSettings.of(max_new_tokens=6, method="vanilla"))) == \
         gen.generate([1, 2, 3], max_new_tokens=6, method="vanilla").text
+
+
+def test_sampling_settings_of_numpy_types_are_taken_as_numbers(gen):
+    """numpy's scalars (what an array's element is) are numbers like Python's, as prompt ids of numpy
+    types are: the same settings, the same tokens."""
+    from eagle2.config import SamplingConfig
+
+    s = SamplingConfig(temperature=np.float32(0.5), top_p=np.float64(0.75), top_k=np.int32(3), seed=np.uint64(7))
+    assert s == SamplingConfig(temperature=float(np.float32(0.5)), top_p=0.75, top_k=3, seed=7)
+    assert all(type(getattr(s, f)) is t for f, t in (("temperature", float), ("top_p", float), ("top_k", int),
+                                                      ("seed", int)))
+    ref = gen.generate([1, 2, 3], max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=4, seed=5).token_ids
+    assert gen.generate([1, 2, 3], max_new_tokens=6, temperature=np.float32(1.0), top_p=np.float32(0.9),
+                        top_k=np.int64(4), seed=np.int64(5)).token_ids == ref
 
 
 def test_a_huge_tree_top_k_is_cut_to_the_node_budget(gen):

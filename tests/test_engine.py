@@ -217,6 +217,64 @@ def test_stop_strings_and_streaming(tiny_chat_generator):
     assert streamed == r.text
 
 
+def test_a_fixed_shape_wider_than_the_draft_vocabulary():
+    """eagle1 / chain with ``tree_top_k`` above the draft vocabulary (an FR-Spec list of 3 tokens, or a
+    6-token model): a node gets at most that many children, at T = 0 (output transformers' greedy),
+    at T <= draw_above (top-k tree) and above it (drawn children), also where max_new_tokens cuts the
+    tree to one level, which the rank prior then makes 8 wide."""
+    from eagle2.draft_head import HeadConfig, init_head
+
+    model, small = make_tiny_model("llama", vocab_size=16, seed=1), make_tiny_model("llama", vocab_size=6, seed=3)
+    head = init_head(HeadConfig.from_target(model.config))
+    head.draft_vocab = torch.tensor([5, 1, 7])
+    for m, gen in ((model, make_generator(model, head=head)), (small, make_generator(small))):
+        for n, depth in ((3, 4), (12, 1)):  # 3 tokens: the last round's tree is cut to one level
+            for method in ("eagle1", "chain"):
+                shape = dict(total_tokens=16, depth=depth, tree_top_k=8)
+                assert gen.generate(PROMPTS[0], max_new_tokens=n, method=method, **shape).token_ids == \
+                    hf_greedy(m, PROMPTS[0], n), (method, depth, n)
+                for t in (0.5, 1.0):
+                    r = gen.generate(PROMPTS[0], max_new_tokens=n, method=method, temperature=t, seed=0, **shape)
+                    assert len(r.token_ids) == n and max(r.token_ids) < m.config.vocab_size
+
+
+def _sampled_with_one_token_kept(gen, prompt, n):
+    """Outputs at T > 0 where top-k 1 or top-p 0.01 keeps only the target's best token (of 16 tokens the
+    best has at least 1/16): at 1e-4, at draw_above (the top-k tree), above it (drawn children), for
+    every tree kind."""
+    shapes = [("eagle2", {}), ("eagle2", dict(total_tokens=10, depth=4, tree_top_k=4)),
+              ("eagle1", dict(total_tokens=10, depth=4, tree_top_k=4)), ("chain", dict(depth=4))]
+    for method, shape in shapes:
+        for t in (1e-4, 0.7, 1.0, 5.0):
+            for keep in (dict(top_k=1), dict(top_p=0.01)):
+                yield (method, shape, t, keep), gen.generate(prompt, max_new_tokens=n, method=method, temperature=t,
+                                                             seed=0, **keep, **shape)
+
+
+def test_sampling_that_keeps_one_token_is_greedy():
+    """top-k 1 / a tiny top-p leave the target one token, so any temperature and any tree must give the
+    greedy output token for token: a drawn child outside the kept token is always rejected, whatever q."""
+    model = make_tiny_model("llama", vocab_size=16, seed=2)
+    gen = make_generator(model, head=fit_head(model), cost_model=cost_model(0.5, level_ms=0.1))
+    ref = hf_greedy(model, PROMPTS[0], 20)
+    taus = []
+    for case, r in _sampled_with_one_token_kept(gen, PROMPTS[0], 20):
+        assert r.token_ids == ref, case
+        taus.append(r.stats.mean_accept_len)
+    assert max(taus) > 1.5, "drafts were rarely accepted: the accept path was not exercised"
+
+
+def test_negative_control_catches_top_k_and_top_p_ignored(monkeypatch):
+    import eagle2.engine as engine
+    from eagle2.verify import target_probs
+
+    model = make_tiny_model("llama", vocab_size=16, seed=2)
+    gen = make_generator(model, cost_model=cost_model(0.5, level_ms=0.1))
+    monkeypatch.setattr(engine, "target_probs", lambda logits, t, top_k=0, top_p=1.0: target_probs(logits, t))
+    ref = hf_greedy(model, PROMPTS[0], 20)
+    assert sum(r.token_ids != ref for _, r in _sampled_with_one_token_kept(gen, PROMPTS[0], 20)) >= 16
+
+
 def test_stats_are_consistent():
     model = make_tiny_model("qwen2", vocab_size=16)
     gen = make_generator(model)

@@ -359,6 +359,107 @@ def test_negative_control_catches_a_wrong_sampler(sampling_gen, monkeypatch):
     assert _chi2_pvalue(counts, joint) < 1e-3
 
 
+REPEATS = [4, 0, 4, 1, 4, 2, 4, 3, 4, 4, 5, 4]  # "4 t" occurred for every t: lookup has a chain after any root
+
+
+def _lookup_counts(sampling_gen, monkeypatch, n, temperature, top_k, top_p):
+    """Counts of the cost-aware tree (free verification) at T <= draw_above on REPEATS, where every first
+    round merges a prompt-lookup chain into the top-k candidates."""
+    from eagle2 import lookup
+    from eagle2.api import Eagle2Generator
+
+    model, gen = sampling_gen
+    chains = []
+    propose = lookup.PromptLookup.propose
+
+    def counting(self, limit):
+        out = propose(self, limit)
+        chains.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(lookup.PromptLookup, "propose", counting)
+    deep = Eagle2Generator(model, gen.tokenizer, gen.head, cost_model=cost_model(0.0, level_ms=0.0))
+    assert not deep.tree.draws(temperature)
+    counts, accepted = _sample_counts(deep, REPEATS, n, temperature, top_k, top_p, shape={})
+    assert sum(1 for c in chains if c) >= n, "prompt lookup proposed too few chains: the merge was barely tested"
+    return _exact_joint(model, REPEATS, 3, temperature, top_k, top_p), counts, accepted
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 0, 1.0), (0.7, 3, 0.9)])
+def test_sampled_top_k_tree_with_lookup_chains_matches_target(sampling_gen, monkeypatch, temperature, top_k, top_p):
+    """At 0 < T <= draw_above the cost-aware tree is the top-k tree with a prompt-lookup chain merged in:
+    deterministic children, each accepted with the target's probability. Exact with top-k / top-p too."""
+    joint, counts, accepted = _lookup_counts(sampling_gen, monkeypatch, N_SAMPLES, temperature, top_k, top_p)
+    assert accepted > N_SAMPLES // 4
+    assert _chi2_pvalue(counts, joint) > 1e-3
+
+
+def test_negative_control_catches_a_wrong_sampler_on_lookup_chains(sampling_gen, monkeypatch):
+    import eagle2.engine as engine
+
+    monkeypatch.setattr(engine, "sample_accept", _wrong_sample_accept)
+    joint, counts, _ = _lookup_counts(sampling_gen, monkeypatch, N_SAMPLES, 0.5, 0, 1.0)
+    assert _chi2_pvalue(counts, joint) < 1e-3
+
+
+DRAFT_VOCAB = [2, 0, 5, 1]  # FR-Spec: the drafter proposes only these, in this column order
+
+
+def _reduced_vocab_generator(sampling_gen, adaptive: bool):
+    """The sampling model with a copy of its head drafting over DRAFT_VOCAB: drawn trees carry q over
+    those four columns (``Tree.q_ids``); ``adaptive``: the cost-aware tree, under free verification."""
+    import copy
+
+    from eagle2.api import Eagle2Generator
+
+    model, gen = sampling_gen
+    head = copy.deepcopy(gen.head)
+    head.draft_vocab = torch.tensor(DRAFT_VOCAB)
+    kw = dict(cost_model=cost_model(0.0, level_ms=0.0)) if adaptive else {}
+    return model, Eagle2Generator(model, gen.tokenizer, head, **kw)
+
+
+def _frspec_counts(gen, adaptive, n):
+    """_sample_counts at T = 1, top-p 0.9, checking that every drafted token is in DRAFT_VOCAB."""
+    seen = []
+    grow = gen.drafter.grow
+
+    def spy(*a, **kw):
+        tree = grow(*a, **kw)
+        seen.extend(tree.tokens[1:].tolist())
+        return tree
+
+    gen.drafter.grow = spy
+    counts, accepted = _sample_counts(gen, PROMPT, n, 1.0, 0, 0.9, shape={} if adaptive else None)
+    assert seen and set(seen) <= set(DRAFT_VOCAB)
+    return counts, accepted
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sampled_drafts_over_a_reduced_vocabulary_match_target(sampling_gen, adaptive):
+    """Drawn children over an FR-Spec draft vocabulary (q over its columns, mapped to tokens by
+    ``Tree.q_ids``) with top-p on the target: tokens the draft cannot propose come from the residual,
+    and the first three tokens follow the target exactly, for the fixed and the adaptive tree."""
+    model, gen = _reduced_vocab_generator(sampling_gen, adaptive)
+    joint = _exact_joint(model, PROMPT, 3, 1.0, 0, 0.9)
+    counts, accepted = _frspec_counts(gen, adaptive, N_SAMPLES)
+    assert accepted > N_SAMPLES // 4
+    assert _chi2_pvalue(counts, joint) > 1e-3
+
+
+def test_negative_control_catches_q_read_without_its_token_ids(sampling_gen, monkeypatch):
+    """A plausible bug: q's column j taken as token j (``q_ids`` ignored). The test above catches it."""
+    def columns_as_tokens(tree, node, like):
+        row = tree.draft_q[node].to(like.dtype)  # [Vq]
+        return torch.zeros_like(like).index_copy_(0, torch.arange(row.shape[0]), row)
+
+    model, gen = _reduced_vocab_generator(sampling_gen, False)
+    monkeypatch.setattr(verify, "_proposal", columns_as_tokens)  # (every tree here is drawn: draft_q is set)
+    joint = _exact_joint(model, PROMPT, 3, 1.0, 0, 0.9)
+    counts, _ = _frspec_counts(gen, False, N_SAMPLES // 2)  # a large bias: fewer samples show it
+    assert _chi2_pvalue(counts, joint) < 1e-3
+
+
 @pytest.mark.slow
 def test_smollm2_sampling_matches_target(smol_fp32):
     """The real model: top-k 3 keeps the support small enough to enumerate 3 tokens exactly."""

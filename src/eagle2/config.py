@@ -9,6 +9,7 @@ this module imports torch.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping
@@ -131,8 +132,19 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed tak
 MAX_STOP_CHARS = 1024  # a stop string is matched against the text's tail every round
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _real(x) -> float | None:
+    """x as a float where it is a real number of any type (numpy's scalars too), else None (a bool too)."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return None
+    try:
+        return float(x)
+    except OverflowError:  # an int beyond every float
+        return math.inf
+
+
+def _integer(x) -> int | None:
+    """x as an int where it is an integer of any type (numpy's too), else None (a bool too)."""
+    return int(x) if isinstance(x, numbers.Integral) and not isinstance(x, bool) else None
 
 
 @dataclass(frozen=True)
@@ -149,16 +161,19 @@ class SamplingConfig:
     seed: int | None = None  # seeds the torch.Generator used for every random draw
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if not _number(t) or not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
-            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}; got {t!r}")
-        if not _number(self.top_p) or not (0 < self.top_p <= 1):
+        t, p, k = _real(self.temperature), _real(self.top_p), _integer(self.top_k)
+        seed = None if self.seed is None else _integer(self.seed)
+        if t is None or not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+            raise ValueError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}; "
+                             f"got {self.temperature!r}")
+        if p is None or not 0 < p <= 1:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+        if k is None or k < 0:
             raise ValueError(f"top_k must be an integer >= 0; got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+        if self.seed is not None and (seed is None or not SEED_MIN <= seed <= SEED_MAX):
             raise ValueError(f"seed must be None or an integer in [-2**63, 2**64 - 1]; got {self.seed!r}")
+        for name, v in (("temperature", t), ("top_p", p), ("top_k", k), ("seed", seed)):
+            object.__setattr__(self, name, v)  # numpy's scalars as Python's, which torch and JSON take
 
     @property
     def greedy(self) -> bool:

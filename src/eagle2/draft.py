@@ -195,14 +195,16 @@ class Drafter:
         """The round's tree. ``budget`` (with ``cfg.dynamic``) lets the cost rule pick its depth and size;
         ``draw`` (T > 0) draws the children instead of taking the top-k; ``chain`` (tokens and their
         log-probabilities, at most ``max_depth``; the cost-aware tree only) is merged into the
-        candidates before the rule picks what to verify (prompt lookup, lookup.py)."""
+        candidates before the rule picks what to verify (prompt lookup, lookup.py). A node has at most
+        ``vocab`` children, the draft vocabulary's size (FR-Spec's can be smaller than ``cfg.top_k``)."""
+        vocab = self.target.vocab_size if self.vocab_ids is None else self.vocab_ids.shape[0]
+        static_k = min(cfg.top_k, vocab)  # a fixed shape's children per node
         if draw is not None:
-            vocab = self.target.vocab_size if self.vocab_ids is None else self.vocab_ids.shape[0]
             if cfg.method == "eagle2" and cfg.dynamic and budget is not None:
                 return self._grow_sampled(root, root_out, min(cfg.depth_cap, max_depth), min(cfg.width, vocab),
                                           budget, draw)
             layout = (_sampled_layout(draw, cfg, max_depth, budget, vocab) if cfg.method == "eagle2"
-                      else _static_layout(cfg.method, cfg.total_tokens, min(cfg.depth, max_depth), cfg.top_k))
+                      else _static_layout(cfg.method, cfg.total_tokens, min(cfg.depth, max_depth), static_k))
             if len(layout[1]) == 1:
                 return single_node_tree(root)
             return self._grow_static(root, root_out, *layout[1:], draw=draw)
@@ -212,7 +214,7 @@ class Drafter:
                                           budget, chain)
             return self._grow_dynamic(root, root_out, min(cfg.depth, max_depth), cfg.top_k, cfg.total_tokens)
         depth = min(cfg.depth, max_depth)
-        return self._grow_static(root, root_out, *_static_layout(cfg.method, cfg.total_tokens, depth, cfg.top_k)[1:])
+        return self._grow_static(root, root_out, *_static_layout(cfg.method, cfg.total_tokens, depth, static_k)[1:])
 
     def _grow_dynamic(self, root: Tensor, root_out: Tensor, depth: int, top_k: int, total_tokens: int,
                       budget: Budget | None = None, chain: tuple[list[int], list[float]] | None = None) -> Tree:
