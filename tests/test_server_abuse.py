@@ -206,8 +206,10 @@ def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator):
 
 
 BUSY_SERVER = """
-import sys, time, types, torch
+import signal, sys, time, types, torch
 from eagle2.server.app import run
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job (CI) inherits it ignored
 
 class Busy:  # its one forward is argv[1] s of native code that cannot stop midway, as a long prefill
     max_context, model_key = 64, "busy"
