@@ -192,6 +192,14 @@ def test_sampling_settings_of_numpy_types_are_taken_as_numbers(gen):
     ref = gen.generate([1, 2, 3], max_new_tokens=6, temperature=1.0, top_p=0.9, top_k=4, seed=5).token_ids
     assert gen.generate([1, 2, 3], max_new_tokens=6, temperature=np.float32(1.0), top_p=np.float32(0.9),
                         top_k=np.int64(4), seed=np.int64(5)).token_ids == ref
+    from eagle2.config import DecodeSettings
+
+    d = DecodeSettings(max_new_tokens=np.int64(6), total_tokens=np.int32(8), depth=np.int64(3), tree_top_k=np.int8(2),
+                       lookup=np.int64(0))
+    assert d == DecodeSettings(max_new_tokens=6, total_tokens=8, depth=3, tree_top_k=2, lookup=0)
+    assert type(d.max_new_tokens) is int and type(d.tree_top_k) is int
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        DecodeSettings(max_new_tokens=np.float64(6.0))
 
 
 def test_a_huge_tree_top_k_is_cut_to_the_node_budget(gen):

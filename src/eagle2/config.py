@@ -200,6 +200,10 @@ class DecodeSettings:
     reuse_prefix: bool = True  # start from a recent call's target cache where the prompt begins with its tokens
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "total_tokens", "depth", "tree_top_k", "lookup"):
+            n = _integer(getattr(self, name))
+            if n is not None:
+                object.__setattr__(self, name, n)  # numpy's integers as Python's, as SamplingConfig takes them
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1; got {self.max_new_tokens!r}")
         if not isinstance(self.sampling, SamplingConfig):
