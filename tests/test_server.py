@@ -472,3 +472,25 @@ def test_a_base_model_without_chat_template_points_to_completions():
     e = assert_error(c.post("/v1/chat/completions", json={"messages": MSG}), 400, "messages")
     assert e["code"] == "no_chat_template" and "/v1/completions" in e["message"]
     assert c.post("/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 2}).status_code == 200
+
+
+def test_a_job_sends_one_terminal_event_and_nothing_after_it():
+    """``close`` may end a running job (a 503) while its worker still sends rounds and then its own end:
+    the event loop gets the first terminal event only."""
+    import asyncio
+
+    from eagle2.server.errors import shutting_down
+    from eagle2.server.scheduler import Done, Failed, Job, Round
+
+    loop = asyncio.new_event_loop()
+    try:
+        job = Job(loop)
+        job.emit(Round("a", "", 1, 0, {}))
+        job.emit(Failed(shutting_down()))
+        job.emit(Round("b", "", 1, 0, {}))
+        job.emit(Done(None))
+        loop.run_until_complete(asyncio.sleep(0))  # the callbacks run
+        got = [job.events.get_nowait() for _ in range(job.events.qsize())]
+    finally:
+        loop.close()
+    assert [type(e).__name__ for e in got] == ["Round", "Failed"]

@@ -72,11 +72,15 @@ class Job:
         self.stream = False  # whether the rounds are wanted (streaming) or only the end
         self.enqueued = time.perf_counter()
         self.resolved = False  # a terminal event was sent
+        self._emitting = threading.Lock()
 
     def emit(self, event) -> None:
-        """Hand an event to the event loop (from any thread)."""
-        if isinstance(event, (Done, Failed)):
-            self.resolved = True
+        """Hand an event to the event loop (from any thread); nothing after the terminal one (``close``
+        may end a running job while its worker still sends rounds)."""
+        with self._emitting:
+            if self.resolved:
+                return
+            self.resolved = isinstance(event, (Done, Failed))
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server is stopping, nobody is listening
