@@ -76,6 +76,22 @@ def cost_model(verify_per_node_ms: float, level_ms: float = 0.5, row_ms: float =
     return CostModel(q, ms, ms, 128, 1024, level_ms, 1.0, row_ms)
 
 
+def lookup_chains(monkeypatch) -> list[int]:
+    """The length of every chain prompt lookup proposes from now on (a test's proof that lookup ran)."""
+    from eagle2 import lookup
+
+    lengths: list[int] = []
+    propose = lookup.PromptLookup.propose
+
+    def counting(self, limit):
+        out = propose(self, limit)
+        lengths.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(lookup.PromptLookup, "propose", counting)
+    return lengths
+
+
 def make_generator(model, tokenizer=None, head=None, **kw):
     from eagle2.api import Eagle2Generator
     from eagle2.draft_head import HeadConfig, init_head

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import DATA, cost_model, fit_head, make_generator, make_tiny_model
+from conftest import DATA, cost_model, fit_head, lookup_chains, make_generator, make_tiny_model
 
 FAMILIES = ["llama", "qwen2", "mistral", "gemma3"]
 TREES = [dict(total_tokens=10, depth=4, tree_top_k=4), dict(total_tokens=4, depth=6, tree_top_k=2),
@@ -96,19 +96,10 @@ def test_cost_aware_tree_takes_its_own_frontier_width(family):
 def test_greedy_with_lookup_equals_transformers(family, monkeypatch):
     """Repetitive prompts make prompt lookup propose chains; the cost-aware tree merges them and
     the output stays transformers' greedy, with lookup and without."""
-    from eagle2 import lookup
     from eagle2.config import TreeConfig
 
     name, model, head = family
-    proposed = []
-    propose = lookup.PromptLookup.propose
-
-    def counting(self, limit):
-        out = propose(self, limit)
-        proposed.append(len(out[0]))
-        return out
-
-    monkeypatch.setattr(lookup.PromptLookup, "propose", counting)
+    proposed = lookup_chains(monkeypatch)
     prompts = [[3, 4, 5, 6, 3, 4, 5, 6, 3, 4, 5], [7, 8, 9] * 5, [1, 2, 3, 4, 5, 6, 7, 8]]
     for k in (8, 0):
         gen = make_generator(model, head=head, tree=TreeConfig(adaptive=True, top_k=2, lookup=k),

@@ -9,7 +9,7 @@ from eagle2 import verify
 from eagle2.tree import build_tree
 from eagle2.verify import greedy_accept, sample_accept, target_probs
 
-from conftest import cost_model, make_generator, make_tiny_model
+from conftest import cost_model, lookup_chains, make_generator, make_tiny_model
 
 
 def onehot_logits(n, v, argmax):
@@ -365,19 +365,10 @@ REPEATS = [4, 0, 4, 1, 4, 2, 4, 3, 4, 4, 5, 4]  # "4 t" occurred for every t: lo
 def _lookup_counts(sampling_gen, monkeypatch, n, temperature, top_k, top_p):
     """Counts of the cost-aware tree (free verification) at T <= draw_above on REPEATS, where every first
     round merges a prompt-lookup chain into the top-k candidates."""
-    from eagle2 import lookup
     from eagle2.api import Eagle2Generator
 
     model, gen = sampling_gen
-    chains = []
-    propose = lookup.PromptLookup.propose
-
-    def counting(self, limit):
-        out = propose(self, limit)
-        chains.append(len(out[0]))
-        return out
-
-    monkeypatch.setattr(lookup.PromptLookup, "propose", counting)
+    chains = lookup_chains(monkeypatch)
     deep = Eagle2Generator(model, gen.tokenizer, gen.head, cost_model=cost_model(0.0, level_ms=0.0))
     assert not deep.tree.draws(temperature)
     counts, accepted = _sample_counts(deep, REPEATS, n, temperature, top_k, top_p, shape={})
