@@ -280,6 +280,45 @@ def test_stats_are_consistent():
     assert s.tokens_per_s > 0 and s.seconds >= s.draft_seconds + s.verify_seconds
 
 
+def _run_all(streams) -> None:
+    """Advance the streams one event at a time, in turn, until every one has ended."""
+    live = [iter(events) for events in streams]
+    while live:
+        for events in list(live):
+            if next(events, None) is None:
+                live.remove(events)
+
+
+@pytest.mark.parametrize("method, temperature", [("eagle2", 0.0), ("eagle1", 0.0), ("eagle2", 1.0)])
+def test_interleaved_streams_draft_as_they_would_alone(family, method, temperature):
+    """Two streams advanced round by round in turn: each keeps its own draft pairs, so its drafts (the
+    accepted lengths, round by round) and its seeded samples are those of the same call run alone."""
+    _, model, head = family
+    gen = make_generator(model, head=head, cost_model=cost_model(0.5, level_ms=0.1))
+    kw = dict(max_new_tokens=40, method=method, temperature=temperature, seed=5, reuse_prefix=False)
+    alone = [gen.generate(p, **kw) for p in PROMPTS[:2]]
+    pairs = [gen.stream_events(p, **kw) for p in PROMPTS[:2]]
+    _run_all(events for events, _ in pairs)
+    for a, (_, r) in zip(alone, pairs):
+        assert r.token_ids == a.token_ids
+        assert r.stats.accept_lengths == a.stats.accept_lengths
+    assert max(a.stats.mean_accept_len for a in alone) > 1.5  # drafts were accepted: there was state to keep
+
+
+def test_a_cost_probe_between_rounds_leaves_the_stream_its_drafts(family):
+    _, model, head = family
+    gen = make_generator(model, head=head)
+    kw = dict(max_new_tokens=40, method="eagle1", reuse_prefix=False)
+    alone = gen.generate(PROMPTS[0], **kw)
+    events, r = gen.stream_events(PROMPTS[0], **kw)
+    events = iter(events)
+    for _ in range(3):
+        next(events)
+    gen.engine.drafter.probe_ms(2, repeats=1, context=20)
+    _run_all([events])
+    assert r.token_ids == alone.token_ids and r.stats.accept_lengths == alone.stats.accept_lengths
+
+
 # ---- the real model --------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -247,15 +247,23 @@ class Drafter:
     def probe_ms(self, top_k: int, repeats: int = 4, context: int = 200) -> tuple[float, float, float]:
         """(ms of a draft level apart from its rows, ms per frontier row, ms of a round's fixed drafting
         part) over ``context`` committed pairs: fixed-shape growth at depth 1, and at depth 4 with
-        frontiers of 1 and of ``top_k`` nodes. Leaves the drafter reset."""
-        from .cost import _best_ms
-
+        frontiers of 1 and of ``top_k`` nodes, in a cache of its own: a decode that waits between rounds
+        (another stream's) finds its committed pairs as it left them."""
         dev = self.target.device
         g = torch.Generator().manual_seed(0)
         feats = torch.randn(context, self.feature_width, generator=g).to(dev, self.target.dtype)
         toks = torch.randint(0, self.target.vocab_size, (context,), generator=g).to(dev)
         root = toks[-1]
-        self.reset()
+        held = self.hand_over()
+        try:
+            return self._probe(feats, toks, root, top_k, repeats, context)
+        finally:
+            self.resume(held, held.pairs)
+
+    def _probe(self, feats: Tensor, toks: Tensor, root: Tensor, top_k: int, repeats: int, context: int
+               ) -> tuple[float, float, float]:
+        from .cost import _best_ms
+
         self.commit(feats[:-3], toks[:-3])
 
         def round_at(depth: int, width: int):
@@ -266,7 +274,6 @@ class Drafter:
             return run
 
         one, narrow, wide = _best_ms([round_at(1, top_k), round_at(4, 1), round_at(4, top_k)], repeats)
-        self.reset()
         level_1, level_k = max(0.0, (narrow - one) / 3), max(0.0, (wide - one) / 3)
         row = max(0.0, (level_k - level_1) / (top_k - 1)) if top_k > 1 else 0.0
         return max(0.0, level_1 - row), row, one

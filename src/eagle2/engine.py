@@ -16,6 +16,10 @@ output does not depend on what ran before. For the same reason a row-invariant t
 prompt in chunks of ``PREFILL_CHUNK`` tokens (the same bits as one forward) and yields an event without
 tokens after each but the last, so that a consumer can stop there (the server, when its client left).
 
+Calls may interleave round by round (two streams advanced in turn, the server's jobs): each keeps its
+own target cache, and the draft head's committed pairs move to whichever call drafts next
+(``_claim_drafter``), so a call's tokens and drafts do not depend on what ran between its rounds.
+
 The engine knows nothing of transformers (target.py does) or of HTTP / argument parsing.
 ``method="vanilla"`` runs the same loop with a root-only tree: plain autoregressive decoding.
 """
@@ -168,6 +172,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self._kept: list[_Kept] = []  # the caches the last calls left, newest first, until a call takes one
+        self._drafting: _Run | None = None  # the decode whose committed pairs the drafter holds
 
     def forget(self) -> None:
         """Drop the kept caches."""
@@ -194,9 +199,31 @@ class Engine:
         try:
             yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost, draft)
         finally:  # kept only if the cache holds exactly its tokens (not after a forward that failed midway)
+            draft = self._release_drafter(run) if kept.drafted else None
             if self.target.row_invariant and cache.get_seq_length() == len(kept.ids):
-                kept.draft = self.drafter.hand_over() if kept.drafted else None  # the head's pairs too, if it ran
+                kept.draft = draft  # the head's pairs too, if it ran
                 self._kept = [kept] + self._kept[:KEPT_CACHES - 1]
+
+    def _claim_drafter(self, run: "_Run") -> None:
+        """Give the drafter ``run``'s committed pairs. Decodes may interleave round by round (two streams,
+        the server's jobs); each keeps its own pairs: the decode that used the drafter last parks them
+        on itself and takes them back when it next drafts. Only references move."""
+        if self._drafting is run:
+            return
+        if self._drafting is not None:
+            self._drafting.parked = self.drafter.hand_over()
+        if run.parked is not None:
+            self.drafter.resume(run.parked, run.parked.pairs)
+            run.parked = None
+        self._drafting = run
+
+    def _release_drafter(self, run: "_Run") -> Committed:
+        """``run``'s committed pairs, taken from the drafter (or from where they were parked) as it ends."""
+        if self._drafting is run:
+            self._drafting = None
+            return self.drafter.hand_over()
+        parked, run.parked = run.parked, None
+        return parked
 
     def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool, stats: Stats):
         """The prompt into a target cache: the kept cache that shares the longest prefix with it, cut to
@@ -250,6 +277,7 @@ class Engine:
         yield run.emit([root], 0)
         if use_draft:
             kept.drafted = True  # (decode then hands the drafter's pairs over with the cache)
+            self._claim_drafter(run)
             if draft is None:
                 self.drafter.reset()
                 start = 0
@@ -276,6 +304,7 @@ class Engine:
                 if lookup is not None:
                     copied, logps, matched = lookup.propose(max_depth)
                     chain = (copied, logps)
+                self._claim_drafter(run)
                 draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth,
                                           budgets.at(length), draw, chain)
             else:
@@ -333,6 +362,7 @@ class _Run:
         self.out = result if result is not None else GenerationResult([], "", self.stats, "length", list(prompt_ids))
         self.out.stats, self.out.prompt_token_ids = self.stats, list(prompt_ids)
         self.tracker = TextTracker(engine.tokenizer, stop)
+        self.parked: Committed | None = None  # its draft pairs while another decode drafts (``_claim_drafter``)
         self.rng = torch.Generator(device=engine.target.device)
         if sampling.seed is not None:
             self.rng.manual_seed(sampling.seed)
