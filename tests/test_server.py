@@ -83,7 +83,7 @@ class Gated:
 def test_health_models_and_page(client, tiny_chat_generator):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["max_context"] == tiny_chat_generator.max_context
-    assert h["queue"]["running"] == 0 and h["queue"]["max_queue"] == 16
+    assert h["queue"]["running"] == 0 and h["queue"]["max_queue"] == 16 and h["queue"]["parallel"] == 4
     m = client.get("/v1/models").json()
     assert m["object"] == "list" and m["data"][0]["object"] == "model" and m["data"][0]["id"]
     assert "text/html" in client.get("/").headers["content-type"]
@@ -326,7 +326,7 @@ def test_cli_serve_options(monkeypatch):
     from eagle2.cli import build_parser, main
 
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.api_key_file, args.max_queue) == ("127.0.0.1", 8000, None, 16)
+    assert (args.host, args.port, args.api_key_file, args.max_queue, args.parallel) == ("127.0.0.1", 8000, None, 16, 4)
     assert (args.max_body_bytes, args.max_prompt_chars, args.allowed_hosts, args.docs) == (2 * 2**20, 100_000,
                                                                                            None, False)
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--api-key-file", "kf",
@@ -335,6 +335,7 @@ def test_cli_serve_options(monkeypatch):
     assert args.allowed_hosts == ["a,b"] and args.docs
     assert main(["serve", "--port", "70000"]) == 2
     assert main(["serve", "--max-queue", "-1"]) == 2
+    assert main(["serve", "--parallel", "0"]) == 2
     import socket
 
     with socket.socket() as s:  # a busy port fails fast, before loading the model
@@ -356,7 +357,7 @@ def wait_for(cond, timeout=10.0):
 def test_queue_overflow_is_503_and_fifo(tiny_chat_generator):
     gated = Gated(tiny_chat_generator)
     gated.gate.clear()
-    app = create_app(gated, max_queue=2)
+    app = create_app(gated, max_queue=2, parallel=1)
     results = {}
 
     def post(i):
@@ -387,6 +388,54 @@ def test_queue_overflow_is_503_and_fifo(tiny_chat_generator):
     assert h["rejected"] == 2 and h["completed"] == 3 and h["waiting"] == 0 and h["running"] == 0
 
 
+def test_a_short_request_is_not_held_behind_a_long_one(tiny_chat_generator):
+    """Requests decode side by side, a round of each in turn: a short one sent while a long one runs
+    ends first, and both get the answers they would get alone (sampled ones with a seed too)."""
+    from test_server_abuse import Slow
+
+    slow = Slow(tiny_chat_generator, 0.01)
+    long_body = {"messages": MSG, "max_tokens": 300, "temperature": 1.0, "seed": 7, "method": "eagle2"}
+    short_body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6, "temperature": 1.0,
+                  "seed": 3}
+    alone = [tiny_chat_generator.generate(b["messages"], max_new_tokens=b["max_tokens"], temperature=1.0,
+                                          seed=b["seed"]).text for b in (long_body, short_body)]
+    done = {}
+
+    def post(name, body):
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        done[name] = (time.perf_counter(), r.json()["choices"][0]["message"]["content"])
+
+    with serve_in_thread(create_app(slow)) as url:
+        first = threading.Thread(target=post, args=("long", long_body))
+        first.start()
+        assert wait_for(lambda: slow.rounds and slow.rounds[0] >= 3)
+        post("short", short_body)
+        first.join(60)
+    assert done["short"][0] < done["long"][0]
+    assert [done["long"][1], done["short"][1]] == alone
+    assert len(slow.rounds) == 2 and slow.rounds[1] < slow.rounds[0]
+
+
+def test_parallel_1_decodes_one_at_a_time(tiny_chat_generator):
+    gated = Gated(tiny_chat_generator)
+    gated.gate.clear()
+    with serve_in_thread(create_app(gated, max_queue=4, parallel=1)) as url:
+        t = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions",
+                                                       json={"messages": MSG, "max_tokens": 3}, timeout=30))
+        t.start()
+        assert gated.started.wait(10)
+        t2 = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions",
+                                                        json={"messages": MSG, "max_tokens": 3}, timeout=30))
+        t2.start()
+        assert wait_for(lambda: httpx.get(url + "/health").json()["queue"]["waiting"] == 1)
+        assert httpx.get(url + "/health").json()["queue"]["running"] == 1
+        gated.gate.set()
+        t.join(30)
+        t2.join(30)
+    with pytest.raises(ValueError, match="parallel"):
+        create_app(tiny_chat_generator, parallel=0)
+
+
 def test_answers_do_not_wait_for_delayed_acks(tiny_chat_generator):
     """Nagle's algorithm is off on the server's connections: a small answer, whose head and body are
     written apart, does not wait ~40 ms for the client's delayed ACK of the head."""
@@ -402,7 +451,7 @@ def test_answers_do_not_wait_for_delayed_acks(tiny_chat_generator):
 
 def test_disconnect_mid_stream_frees_the_slot(tiny_chat_generator):
     gated = Gated(tiny_chat_generator)
-    app = create_app(gated, max_queue=0)  # one at a time, no waiting room
+    app = create_app(gated, max_queue=0, parallel=1)  # one at a time, no waiting room
     with serve_in_thread(app) as url:
         body = {"messages": MSG, "max_tokens": 900, "stream": True, "method": "vanilla"}
         with httpx.Client(timeout=30) as c:

@@ -145,7 +145,7 @@ def test_dropped_non_streaming_requests_are_cancelled(tiny_chat_generator):
     gated = Gated(tiny_chat_generator)
     gated.gate.clear()  # the running job holds before its first round
     body = {"messages": MSG, "max_tokens": 900, "method": "vanilla"}
-    with serve_in_thread(create_app(gated, max_queue=4)) as url:
+    with serve_in_thread(create_app(gated, max_queue=4, parallel=1)) as url:
         running = open_request(url, body)
         assert gated.started.wait(10)
         waiting = open_request(url, body)
@@ -180,7 +180,7 @@ def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator):
     def whole(name):
         out[name] = httpx.post(url + CHAT, json=body, timeout=20)
 
-    app = create_app(slow)
+    app = create_app(slow, parallel=1)
     threads = [threading.Thread(target=stream, args=("running",)), threading.Thread(target=stream, args=("queued",)),
                threading.Thread(target=whole, args=("waiting",))]
     with serve_in_thread(app) as url:
@@ -331,7 +331,7 @@ def test_full_queue_refuses_before_tokenizing(tiny_chat_generator):
     counting = Counting(tiny_chat_generator)
     counting.gate.clear()
     threads = []
-    with serve_in_thread(create_app(counting, max_queue=1)) as url:
+    with serve_in_thread(create_app(counting, max_queue=1, parallel=1)) as url:
         def post():
             httpx.post(url + CHAT, json={"messages": MSG, "max_tokens": 2}, timeout=30)
 

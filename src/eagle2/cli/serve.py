@@ -19,8 +19,9 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API and a web chat page",
                        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health "
                                    "(OpenAI request/response schemas, streaming as server-sent events) and a web "
-                                   "chat page at /. One sequence is decoded at a time; other requests wait in a "
-                                   "FIFO queue of --max-queue places (503 + Retry-After when full). The API key, "
+                                   "chat page at /. Up to --parallel requests are decoded at once, a round of each in "
+                                   "turn; others wait in a FIFO queue of --max-queue places (503 + Retry-After "
+                                   "when full). The API key, "
                                    "if any, comes from $EAGLE2_API_KEY or --api-key-file.")
     _model_args(p)
     p.add_argument("--host", default="127.0.0.1",
@@ -33,8 +34,11 @@ def register(sub) -> None:
     p.add_argument("--allowed-hosts", action="append", default=None, metavar="NAME[,NAME...]",
                    help="Host header names to answer besides the bind address (and localhost on a loopback "
                         "bind); '*' answers any name, which turns off the DNS-rebinding guard (repeatable)")
+    p.add_argument("--parallel", type=int, default=4, metavar="N",
+                   help="requests decoded at once, one target forward of each in turn, so that a short one is "
+                        "not held behind a long one; each holds its own cache (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=16,
-                   help="requests that may wait (or be tokenized) while one is decoded (default: %(default)s)")
+                   help="requests that may wait (or be tokenized) while --parallel are decoded (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413 (default: %(default)s)")
     p.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S, metavar="SECONDS",
@@ -81,7 +85,8 @@ def _config(args, api_key: str | None):
     if not 0 <= args.port <= 65535:
         raise ValueError(f"port must be in [0, 65535]; got {args.port}")
     hosts = tuple(h.strip() for arg in (args.allowed_hosts or ()) for h in arg.split(",") if h.strip())
-    return ServerConfig(api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+    return ServerConfig(api_key=api_key, max_queue=args.max_queue, parallel=args.parallel,
+                        max_body_bytes=args.max_body_bytes,
                         max_prompt_chars=args.max_prompt_chars, body_timeout_s=args.body_timeout, host=args.host,
                         allowed_hosts=hosts, docs=args.docs)
 

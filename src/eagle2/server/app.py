@@ -42,7 +42,7 @@ def create_app(generator, config: ServerConfig | None = None, **settings) -> Fas
     as keywords, e.g. ``api_key=``, ``max_queue=``) says what it accepts."""
     config = replace(config or ServerConfig(), **settings)
     name = config.model_name or getattr(generator, "model_key", "") or "eagle2"
-    sched = Scheduler(generator, config.max_queue)
+    sched = Scheduler(generator, config.max_queue, config.parallel)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagle2-tokenize")
 
     @contextlib.asynccontextmanager
@@ -122,7 +122,7 @@ def _await_worker(sched: Scheduler) -> None:
     native code then aborts the process (std::terminate). Ctrl-C again quits at once, without
     finalizing the interpreter, for the same reason."""
     try:
-        if sched.running is not None:
+        if sched.running:
             log.warning("waiting for the forward in progress to end (Ctrl-C again quits at once)")
         while not sched.stop(timeout=0.2):  # a timed wait, so that a second Ctrl-C is seen
             pass

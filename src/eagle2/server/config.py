@@ -21,7 +21,8 @@ class ServerConfig:
     """What one server instance accepts and from whom."""
 
     api_key: str | None = None  # require 'Authorization: Bearer <key>' on /v1/* (and the docs, when on)
-    max_queue: int = 16  # requests that may wait (or be tokenized) while one is decoded; more get 503
+    max_queue: int = 16  # requests that may wait (or be tokenized) while ``parallel`` are decoded; more get 503
+    parallel: int = 4  # requests decoded at once, a round of each in turn (each holds its own cache)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before they are read
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # longer prompts get 400 before they are tokenized
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a body not received whole within this gets 408
@@ -31,7 +32,7 @@ class ServerConfig:
     model_name: str | None = None  # the model id clients see; None: the generator's model key
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_body_bytes", "max_prompt_chars"):
+        for name in ("max_queue", "parallel", "max_body_bytes", "max_prompt_chars"):
             v = getattr(self, name)
             low = 0 if name == "max_queue" else 1
             if not isinstance(v, int) or isinstance(v, bool) or v < low:

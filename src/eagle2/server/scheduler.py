@@ -1,13 +1,14 @@
 """The one worker thread that runs every generation, and the bounded FIFO in front of it.
 
-The generator decodes one sequence at a time. A request first *reserves* a place (so the limit
-``max_queue`` also bounds requests still being tokenized; a full queue is refused before any work),
-then *starts* its job, which waits in FIFO order for the worker. The worker runs ``run_job``: it
-streams the generator's rounds to the job's event queue on the event loop, checks the job's cancel
-flag after every target forward, and always ends with exactly one terminal event (``Done`` or
-``Failed``), whatever goes wrong, so no request waits forever. ``close`` (the server stops) ends
-every job at once, waiting or running, with a 503, and refuses new ones. This module knows nothing
-of HTTP.
+The worker decodes up to ``parallel`` jobs at once, one target forward of each in turn (the engine
+keeps each call's caches apart), so a short request is not held behind a long one; the others wait
+in FIFO order. A request first *reserves* a place (so the limit ``max_queue`` also bounds requests
+still being tokenized; a full queue is refused before any work), then *starts* its job. For each job
+the worker streams the generator's rounds to the job's event queue on the event loop, checks the
+job's cancel flag before every target forward, and always ends with exactly one terminal event
+(``Done`` or ``Failed``), whatever goes wrong, so no request waits forever. ``close`` (the server
+stops) ends every job at once, waiting or running, with a 503, and refuses new ones. This module
+knows nothing of HTTP.
 """
 
 from __future__ import annotations
@@ -87,51 +88,75 @@ class Job:
             pass
 
 
-def run_job(generator, job: Job) -> None:
-    """The worker's whole job: decode, stream rounds if wanted, end with Done or Failed."""
-    job.emit(Started(time.perf_counter() - job.enqueued))
-    try:
-        events, result = generator.stream_events(job.ids, job.settings)
+class Decoding:
+    """One job the worker decodes: its engine events, advanced one target forward per ``step``, and the
+    worker seconds spent on it (the job's own cost, apart from the others' rounds between its own)."""
+
+    def __init__(self, generator, job: Job):
+        self.job, self.events, self.work_s = job, None, 0.0
+        job.emit(Started(time.perf_counter() - job.enqueued))
+        t0 = time.perf_counter()
         try:
-            for ev in events:
-                if job.cancel.is_set():
-                    break
-                if job.stream:
-                    st = ev.stats
-                    job.emit(Round(ev.text, ev.draft_text, len(ev.token_ids), ev.drafted,
-                                   {"tokens_per_s": round(st.tokens_per_s, 2),
-                                    "mean_accept_len": round(st.mean_accept_len, 3),
-                                    "rounds": st.rounds, "new_tokens": st.new_tokens}))
+            self.events, self.result = generator.stream_events(job.ids, job.settings)
+        except Exception as e:  # noqa: BLE001 (answered to the request that caused it)
+            job.emit(Failed(from_generation(e)))
+        self.work_s += time.perf_counter() - t0
+
+    def step(self) -> bool:
+        """Decode one more forward and send it if wanted; whether the job has ended (its terminal
+        event sent, or its client gone)."""
+        job = self.job
+        if self.events is None or job.resolved or job.cancel.is_set():
+            return self.close()
+        t0 = time.perf_counter()
+        try:
+            ev = next(self.events)
+        except StopIteration:
+            job.emit(Done(self.result))
+            return self.close()
+        except Exception as e:  # noqa: BLE001 (answered to the request that caused it)
+            job.emit(Failed(from_generation(e)))
+            return self.close()
         finally:
+            self.work_s += time.perf_counter() - t0
+        if job.stream and not job.cancel.is_set():
+            st = ev.stats
+            job.emit(Round(ev.text, ev.draft_text, len(ev.token_ids), ev.drafted,
+                           {"tokens_per_s": round(st.tokens_per_s, 2), "mean_accept_len": round(st.mean_accept_len, 3),
+                            "rounds": st.rounds, "new_tokens": st.new_tokens}))
+        return False
+
+    def close(self) -> bool:
+        """End the engine's events (its cleanup keeps the cache for a next turn)."""
+        if self.events is not None:
+            events, self.events = self.events, None
             events.close()
-    except Exception as e:  # noqa: BLE001 (answered to the request that caused it)
-        job.emit(Failed(from_generation(e)))
-        return
-    job.emit(Done(result))
+        return True
 
 
 class Scheduler:
-    """One worker thread, a FIFO of at most ``max_queue`` reserved or waiting jobs (plus the running one)."""
+    """One worker thread that decodes up to ``parallel`` jobs round by round in turn, and a FIFO of at most
+    ``max_queue`` reserved or waiting jobs behind them."""
 
-    def __init__(self, generator, max_queue: int):
+    def __init__(self, generator, max_queue: int, parallel: int = 1):
         self.generator = generator
-        self.max_queue = max_queue
+        self.max_queue, self.parallel = max_queue, parallel
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.waiting = 0
-        self.running: Job | None = None
+        self.running: list[Job] = []  # the jobs being decoded, in turn
         self.completed = self.cancelled = self.rejected = 0
         self._thread: threading.Thread | None = None
-        self._avg_s = 1.0  # running mean of job seconds, for Retry-After
+        self._avg_s = 1.0  # running mean of a job's own worker seconds, for Retry-After
         self.closed = False  # the server stops: no new job, every job ended
 
     def reserve(self, loop: asyncio.AbstractEventLoop) -> Job:
         """A place in the queue, or ``QueueFull`` (``ShuttingDown``). Release it with ``start``, ``cancel``
-        or ``release``."""
+        or ``release``. A job that will find a free decoding slot takes no place in the queue."""
         with self._lock:
             if self.closed:
                 raise ShuttingDown
-            if self.waiting >= self.max_queue and not (self.running is None and self.waiting == 0):
+            if self.waiting >= self.max_queue + self.parallel - len(self.running):
                 self.rejected += 1
                 raise QueueFull
             self.waiting += 1
@@ -170,7 +195,7 @@ class Scheduler:
 
     def close(self) -> None:
         """The server stops: refuse new jobs and end every job now with a 503, the waiting ones (which
-        leave the queue) and the running one (whose decoding stops after this round)."""
+        leave the queue) and the running ones (whose decoding stops before their next round)."""
         with self._lock:
             if self.closed:
                 return
@@ -182,11 +207,11 @@ class Scheduler:
                     break
                 if job is not None and job.state == "waiting":
                     self._drop(job)
-            job = self.running
-            if job is not None and not job.resolved:
-                job.cancel.set()
-                job.emit(Failed(shutting_down()))
-        self._q.put(None)  # the worker exits after its job
+            for job in self.running:
+                if not job.resolved:
+                    job.cancel.set()
+                    job.emit(Failed(shutting_down()))
+        self._q.put(None)  # the worker exits once its jobs have stopped
 
     def _drop(self, job: Job) -> None:
         """End a job that never ran (the lock is held)."""
@@ -207,35 +232,54 @@ class Scheduler:
                 return False
             job.state = "running"
             self.waiting -= 1
-            self.running = job
+            self.running.append(job)
             return True
 
-    def _finish(self, job: Job, started: float) -> None:
+    def _finish(self, work: Decoding | None, job: Job) -> None:
+        if not job.resolved:  # never leave a request waiting
+            job.emit(Failed(internal("generation failed")))
         with self._lock:
             job.state = "done"
-            self.running = None
+            self.running.remove(job)
             if job.cancel.is_set():
                 self.cancelled += 1
             else:
                 self.completed += 1
-            self._avg_s = 0.8 * self._avg_s + 0.2 * (time.perf_counter() - started)
+            if work is not None:
+                self._avg_s = 0.8 * self._avg_s + 0.2 * work.work_s
 
-    def _loop(self) -> None:
-        while True:
-            job = self._q.get()
+    def _admit(self, decoding: list[Decoding]) -> bool:
+        """Start queued jobs while a slot is free (waiting for one when nothing is decoded); False once the
+        server stops and nothing is left to decode."""
+        while len(decoding) < self.parallel:
+            try:
+                job = self._q.get(block=not decoding)
+            except queue.Empty:
+                return True
             if job is None:
-                return
+                self._q.put(None)  # seen again (and then final) once the jobs in hand have stopped
+                return bool(decoding)
             if not self._take(job):
                 continue
-            started = time.perf_counter()
             try:
-                run_job(self.generator, job)
+                decoding.append(Decoding(self.generator, job))
             except BaseException:  # never let the worker die, never leave a request waiting
                 log.exception("generation job failed")
-            finally:
-                if not job.resolved:
-                    job.emit(Failed(internal("generation failed")))
-                self._finish(job, started)
+                self._finish(None, job)
+        return True
+
+    def _loop(self) -> None:
+        decoding: list[Decoding] = []
+        while self._admit(decoding):
+            for work in list(decoding):  # one target forward each, in turn
+                try:
+                    ended = work.step()
+                except BaseException:  # never let the worker die, never leave a request waiting
+                    log.exception("generation job failed")
+                    ended = True
+                if ended:
+                    decoding.remove(work)
+                    self._finish(work, work.job)
 
     def stop(self, timeout: float | None = None) -> bool:
         """End every job (``close``) and wait (up to ``timeout`` s) for the worker; whether it has exited."""
@@ -246,5 +290,6 @@ class Scheduler:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return {"running": int(self.running is not None), "waiting": self.waiting, "max_queue": self.max_queue,
+            return {"running": len(self.running), "parallel": self.parallel, "waiting": self.waiting,
+                    "max_queue": self.max_queue,
                     "completed": self.completed, "cancelled": self.cancelled, "rejected": self.rejected}
