@@ -23,6 +23,9 @@ def gen():
     (dict(prompt=[1] * 64), "context"),
     (dict(prompt=[99]), "outside the vocabulary"),
     (dict(total_tokens=1), "total_tokens"),
+    (dict(total_tokens=10**9), "total_tokens must be at most 256"),  # its cache and mask were allocated
+    (dict(depth=10**6, method="chain"), "depth must be at most 64"),
+    (dict(lookup=10**6), "lookup must be at most 64"),
     (dict(depth=0), "depth"),
     (dict(tree_top_k=0), "tree_top_k"),
     (dict(temperature=-0.5), "temperature"),

@@ -63,6 +63,11 @@ class Backend:
         return cls.from_env("auto" if backend is None else backend, exact)
 
 
+# A round verifies its nodes in one forward with an [N, cache + N] mask, and drafts one head step per
+# level: far beyond these, a round takes seconds (or the memory) for nothing a draft head can reach.
+TREE_LIMITS = {"total_tokens": 256, "max_nodes": 256, "depth": 64, "max_depth": 64, "lookup": 64}
+
+
 @dataclass(frozen=True)
 class TreeConfig:
     """Shape of the draft tree verified in one target forward.
@@ -95,6 +100,9 @@ class TreeConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 shown = "tree_top_k" if name == "top_k" else name
                 raise ValueError(f"{shown} must be an integer >= {low}; got {v!r}")
+        for name, high in TREE_LIMITS.items():
+            if getattr(self, name) > high:
+                raise ValueError(f"{name} must be at most {high}; got {getattr(self, name)}")
         d = self.draw_above
         if not isinstance(d, (int, float)) or isinstance(d, bool) or not d >= 0:
             raise ValueError(f"draw_above must be a number >= 0; got {d!r}")
