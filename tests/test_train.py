@@ -489,6 +489,20 @@ def test_limit_samples_every_prompt_file(tmp_path):
     assert not {p.messages[-1]["content"] for p in dev} & {p.messages[-1]["content"] for p in train}
 
 
+def test_a_base_model_conversation_has_one_bos():
+    """Without a chat template the turns are one text: a tokenizer that adds BOS adds it once."""
+    from eagle2.train.responses import encode_chat
+
+    class WithBos:
+        chat_template = None
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1] * add_special_tokens + [int(t) for t in text.split()]}
+
+    turns = [{"role": "user", "content": "5 6"}, {"role": "assistant", "content": "7"}, {"role": "user", "content": "8"}]
+    assert encode_chat(WithBos(), turns) == [1, 5, 6, 7, 8]
+
+
 def test_multi_turn_is_conditioned_on_the_first_answer(tiny, tmp_path):
     """A second turn is asked after the target's own first answer (as MT-bench's second turns are)
     and trains as its own record with that whole conversation as its prompt."""

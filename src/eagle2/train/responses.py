@@ -68,8 +68,9 @@ def encode_chat(tokenizer, messages) -> list[int]:
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]
-    # no chat template (toy tokenizers, base models): the raw texts of the turns, one after the other
-    return [int(i) for m in messages for i in tokenizer(m["content"])["input_ids"]]
+    # no chat template (toy tokenizers, base models): the turns' texts as one text, a blank line between
+    # them, tokenized once (one BOS where the tokenizer adds one, not one per turn)
+    return [int(i) for i in tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]]
 
 
 def read_responses(path: str | Path) -> list[dict]:
