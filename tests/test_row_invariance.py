@@ -271,19 +271,23 @@ def test_no_reuse_where_rows_are_not_invariant():
         assert gen.generate(prompt + answer + [1, 2], max_new_tokens=4).stats.reused_prefix == 0
 
 
-def test_next_turn_keeps_the_draft_heads_pairs_too(bf16_generator, monkeypatch):
-    """The draft head's committed pairs travel with a kept cache: the next turn feeds the head only the
-    pairs it has not seen (not the whole conversation again), and the answer stays a full prefill's."""
+def test_next_turn_drafts_as_a_fresh_call(bf16_generator, monkeypatch):
+    """A next turn takes the target's kept cache, but the draft head commits the whole prompt's pairs
+    in one call, as a fresh call does: the head's forward is not row-invariant, and pairs it committed a
+    few per round in the earlier turn would draft, and at T > 0 sample, differently than a fresh call."""
     gen = bf16_generator
     gen.clear_cache()
     first = torch.randint(0, 512, (60,), generator=torch.Generator().manual_seed(11)).tolist()
     follow = first + gen.generate(first, max_new_tokens=20).token_ids + [7, 8, 9]
     rows, commit = [], gen.drafter.commit
     monkeypatch.setattr(gen.drafter, "commit", lambda f, t: rows.append(t.shape[0]) or commit(f, t))
-    out = gen.generate(follow, max_new_tokens=16)
-    assert out.stats.reused_prefix == len(follow) - 4 and rows[0] <= 10  # 3 new tokens, the answer's tail
-    monkeypatch.undo()
-    assert out.token_ids == gen.generate(follow, max_new_tokens=16, reuse_prefix=False).token_ids
+    kw = dict(max_new_tokens=16, temperature=1.0, seed=4)
+    out = gen.generate(follow, **kw)
+    reused_rows, rows[:] = rows[:], []
+    fresh = gen.generate(follow, reuse_prefix=False, **kw)
+    assert out.stats.reused_prefix == len(follow) - 4 and reused_rows[0] == len(follow)
+    assert reused_rows == rows and out.token_ids == fresh.token_ids
+    assert out.stats.accept_lengths == fresh.stats.accept_lengths
 
 
 def test_a_shared_beginning_is_copied_not_taken(bf16_generator):
@@ -301,6 +305,11 @@ def test_a_shared_beginning_is_copied_not_taken(bf16_generator):
     assert other.token_ids == gen.generate(b, max_new_tokens=12, reuse_prefix=False).token_ids
     a_next = a + a_answer + [1, 2, 3]
     assert gen.generate(a_next, max_new_tokens=4).stats.reused_prefix == len(a) + len(a_answer) - 1
+    long_system = torch.randint(0, 512, (70,), generator=g).tolist()  # more than half of each conversation
+    c = long_system + torch.randint(0, 512, (40,), generator=g).tolist()
+    c_answer = gen.generate(c, max_new_tokens=12).token_ids
+    assert gen.generate(long_system + [4, 5, 6], max_new_tokens=4).stats.reused_prefix == 70
+    assert gen.generate(c + c_answer + [1], max_new_tokens=4).stats.reused_prefix == len(c) + len(c_answer) - 1
 
 
 def test_a_long_prefill_runs_in_chunks_a_consumer_can_stop_between(bf16_generator, monkeypatch):

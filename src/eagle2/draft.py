@@ -87,7 +87,7 @@ def _sampled_layout(draw: Draw, cfg: TreeConfig, max_depth: int, budget: Budget 
 
 @dataclass(frozen=True)
 class Committed:
-    """A drafter's cache of committed pairs, handed over to wait for a call that continues its tokens."""
+    """A drafter's cache of committed pairs, set aside (``Drafter.hand_over``) to be taken back later."""
 
     cache: StaticCache
     pairs: int  # committed true pairs (f_i, t_{i+1}) at cache entries 0..pairs-1
@@ -132,17 +132,15 @@ class Drafter:
         self.length = 0
 
     def hand_over(self) -> "Committed":
-        """The committed pairs, for a later call that continues the same tokens (``resume``); the drafter
-        goes on with an empty cache of its own."""
+        """The committed pairs, set aside to be taken back later (``resume``: a decode that waits while
+        another drafts, or the cost probe); the drafter goes on with an empty cache of its own."""
         done = Committed(self.cache, self.length)
         self.cache, self.length = self.cache.empty_like(), 0
         return done
 
-    def resume(self, done: "Committed", pairs: int) -> int:
-        """Continue from ``done`` (``hand_over``), keeping at most its first ``pairs`` committed pairs, the
-        ones whose tokens the new call shares. Returns how many it kept."""
-        self.cache, self.length = done.cache, min(done.pairs, pairs)
-        return self.length
+    def resume(self, done: "Committed") -> None:
+        """Continue from pairs set aside by ``hand_over``."""
+        self.cache, self.length = done.cache, done.pairs
 
     def _rope_rows(self, n: int) -> tuple[Tensor, Tensor]:
         """cos, sin [n, D] for positions 0..n-1, as ``DraftHead.rope`` computes them."""
@@ -258,7 +256,7 @@ class Drafter:
         try:
             return self._probe(feats, toks, root, top_k, repeats, context)
         finally:
-            self.resume(held, held.pairs)
+            self.resume(held)
 
     def _probe(self, feats: Tensor, toks: Tensor, root: Tensor, top_k: int, repeats: int, context: int
                ) -> tuple[float, float, float]:

@@ -9,7 +9,9 @@ per target forward. A round:
 
 The target caches the last ``KEPT_CACHES`` calls left behind are kept (``_Kept``): a prompt that
 starts with the same tokens as one of them (a chat's next turn, which repeats the conversation so far)
-takes that cache (and the draft head's, ``Drafter.hand_over``) and prefills only what follows them.
+takes that cache and prefills only what follows them. The draft head recommits the whole prompt's
+(feature, token) pairs in one call, as a fresh call does: its own forward is not row-invariant, so pairs it
+committed a few per round in the earlier call would draft (and at T > 0 sample) differently.
 That happens only where the target is ``row_invariant`` (the lean forward's exact numerics, the CPU
 default): the kept keys/values are then bit for bit the ones a fresh prefill would compute, so the
 output does not depend on what ran before. For the same reason a row-invariant target prefills a long
@@ -193,15 +195,14 @@ class Engine:
         recent call's cache where the prompt begins with its tokens (False: prefill the whole prompt)."""
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         capacity = len(prompt_ids) + run.budget + tree.node_cap + 1
-        cache, logits, hidden, run.stats.reused_prefix, draft = yield from self._prefill(
+        cache, logits, hidden, run.stats.reused_prefix = yield from self._prefill(
             prompt_ids, capacity, reuse_prefix, run.stats)
         kept = _Kept(list(prompt_ids), cache, [hidden])
         try:
-            yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost, draft)
+            yield from self._rounds(run, kept, logits, hidden, tree, sampling, cost)
         finally:  # kept only if the cache holds exactly its tokens (not after a forward that failed midway)
-            draft = self._release_drafter(run) if kept.drafted else None
+            self._release_drafter(run)
             if self.target.row_invariant and cache.get_seq_length() == len(kept.ids):
-                kept.draft = draft  # the head's pairs too, if it ran
                 self._kept = [kept] + self._kept[:KEPT_CACHES - 1]
 
     def _claim_drafter(self, run: "_Run") -> None:
@@ -213,24 +214,22 @@ class Engine:
         if self._drafting is not None:
             self._drafting.parked = self.drafter.hand_over()
         if run.parked is not None:
-            self.drafter.resume(run.parked, run.parked.pairs)
+            self.drafter.resume(run.parked)
             run.parked = None
         self._drafting = run
 
-    def _release_drafter(self, run: "_Run") -> Committed:
-        """``run``'s committed pairs, taken from the drafter (or from where they were parked) as it ends."""
+    def _release_drafter(self, run: "_Run") -> None:
+        """``run`` ends: its committed pairs are nobody's (the drafter's cache serves the next call)."""
         if self._drafting is run:
             self._drafting = None
-            return self.drafter.hand_over()
-        parked, run.parked = run.parked, None
-        return parked
+        run.parked = None
 
     def _prefill(self, prompt_ids: list[int], capacity: int, reuse: bool, stats: Stats):
         """The prompt into a target cache: the kept cache that shares the longest prefix with it, cut to
-        that prefix, or a copy of that prefix where it is less than half of the kept cache (``reuse``); then
-        causal forwards over the rest (``_chunks``), yielding a token-less event between them. Returns
-        (cache, logits [1, V] after the last prompt token, features [n, F] of every prompt token, tokens
-        reused, the draft head's committed pairs kept with that cache or None)."""
+        that prefix, or a copy of that prefix where more than ``TAKE_TAIL`` kept tokens follow it
+        (``reuse``); then causal forwards over the rest (``_chunks``), yielding a token-less event between
+        them. Returns (cache, logits [1, V] after the last prompt token, features [n, F] of every prompt
+        token, tokens reused)."""
         tgt, dev, n = self.target, self.target.device, len(prompt_ids)
         # only where the kept entries are those a fresh prefill would compute; >= 1 token runs: its logits
         shared = [k.common(prompt_ids, n - 1) for k in self._kept] if reuse and tgt.row_invariant else []
@@ -239,14 +238,14 @@ class Engine:
         if m:
             kept = self._kept[shared.index(m)]
             feats.append(torch.cat(kept.feats)[:m])  # [m, F]
-            if 2 * m >= len(kept.ids):  # the prompt continues that call: its cache (and head's pairs) are this call's
+            if len(kept.ids) - m <= TAKE_TAIL:  # the prompt continues that call: its cache is this call's
                 self._kept.remove(kept)
-                cache, draft = kept.cache, kept.draft
+                cache = kept.cache
                 tgt.keep(cache, m, torch.empty(0, dtype=torch.long, device=dev))  # cut to the common prefix
             else:  # only a beginning is shared (a system prompt): a copy, and the kept cache keeps serving its own
-                cache, draft = tgt.copy_prefix(kept.cache, m), None
+                cache = tgt.copy_prefix(kept.cache, m)
         else:
-            cache, draft = tgt.new_cache(capacity=capacity), None
+            cache = tgt.new_cache(capacity=capacity)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         for a, b in self._chunks(m, n):
             logits, hidden = tgt.forward(cache, ids[a:b], torch.arange(a, b, device=dev), None,
@@ -254,7 +253,7 @@ class Engine:
             feats.append(hidden)
             if b < n:
                 yield RoundEvent([], 0, "", "", stats)
-        return cache, logits, torch.cat(feats) if len(feats) > 1 else feats[0], m, draft
+        return cache, logits, torch.cat(feats) if len(feats) > 1 else feats[0], m
 
     def _chunks(self, start: int, end: int) -> list[tuple[int, int]]:
         """[start, end) as the prefill's forwards: ``PREFILL_CHUNK`` tokens each where the target is
@@ -263,9 +262,8 @@ class Engine:
         return [(a, min(end, a + step)) for a in range(start, end, step)]
 
     def _rounds(self, run: "_Run", kept: "_Kept", logits: torch.Tensor, hidden: torch.Tensor, tree: TreeConfig,
-                sampling: SamplingConfig, cost: CostModel | None, draft: Committed | None) -> Iterator[RoundEvent]:
-        """``decode`` after the prefill: the first token, then one round per target forward. ``draft``: the
-        head's committed pairs kept with a reused cache."""
+                sampling: SamplingConfig, cost: CostModel | None) -> Iterator[RoundEvent]:
+        """``decode`` after the prefill: the first token, then one round per target forward."""
         dev, cache = self.target.device, kept.cache
         prompt_ids, n_prompt = kept.ids[:], len(kept.ids)
         use_draft = tree.method != "vanilla" and self.drafter is not None
@@ -275,16 +273,11 @@ class Engine:
         run.stats.rounds = 1
         run.stats.prefill_seconds = time.perf_counter() - run.t0
         yield run.emit([root], 0)
-        if use_draft:
-            kept.drafted = True  # (decode then hands the drafter's pairs over with the cache)
+        if use_draft:  # the prompt's pairs (f_i, t_{i+1}), committed with the first round's
             self._claim_drafter(run)
-            if draft is None:
-                self.drafter.reset()
-                start = 0
-            else:  # the pairs (f_i, t_{i+1}) a reused cache's head still holds: those whose tokens this prompt shares
-                start = self.drafter.resume(draft, run.stats.reused_prefix - 1)
-            feats = hidden[start:]  # [n - start, H] features not yet paired in the draft cache ...
-            pair_tokens = torch.cat([prompt[start + 1:], prompt.new_tensor([root])])  # ... with their next tokens
+            self.drafter.reset()
+            feats = hidden  # [n, H]
+            pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # [n]
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
         acceptance = None
         drawn = tree.draws(sampling.temperature)
@@ -402,6 +395,10 @@ class _Run:
 
 
 KEPT_CACHES = 4  # conversations whose caches wait for their next turn (SmolLM2 in bf16: ~27 KB per token)
+# A next turn may re-render the end of the last answer (a chat template strips it, closes the turn), so a
+# prompt that shares all but this many of a kept cache's tokens takes that cache; one that shares less (a
+# system prompt, another conversation's beginning) copies the shared part and leaves the cache to its owner.
+TAKE_TAIL = 32
 
 
 @dataclass
@@ -412,8 +409,6 @@ class _Kept:
     ids: list
     cache: object
     feats: list
-    drafted: bool = False  # whether the draft head ran in the call that filled the cache ...
-    draft: Committed | None = None  # ... and then its committed pairs, handed over with it
 
     def add(self, tokens: list[int], feats: torch.Tensor) -> None:
         self.ids.extend(tokens)
