@@ -416,6 +416,47 @@ def test_a_short_request_is_not_held_behind_a_long_one(tiny_chat_generator):
     assert len(slow.rounds) == 2 and slow.rounds[1] < slow.rounds[0]
 
 
+def test_a_job_ends_in_the_turn_of_its_last_forward():
+    """Its answer does not wait for the other jobs' next rounds: once its last forward is out, the
+    worker finishes it before turning to the next job."""
+    import asyncio
+    import types
+
+    from eagle2.server.scheduler import Scheduler
+
+    log, both_queued = [], threading.Event()
+
+    class Fake:
+        def stream_events(self, ids, settings):
+            name, n = ids
+            result = types.SimpleNamespace(finish_reason="length", token_ids=[])
+
+            def events():
+                for i in range(n):
+                    both_queued.wait(10)
+                    log.append(name)
+                    result.token_ids.append(i)
+                    yield None  # (not streamed: the worker reads only the result)
+                log.append(name + " end")
+            return events(), result
+
+    loop = asyncio.new_event_loop()
+    sched = Scheduler(Fake(), max_queue=4, parallel=2)
+    jobs = []
+    for name, n in (("long", 6), ("short", 2)):
+        jobs.append(sched.reserve(loop))
+        jobs[-1].ids, jobs[-1].settings = (name, n), types.SimpleNamespace(max_new_tokens=n)
+        sched.start(jobs[-1])
+    both_queued.set()
+    try:
+        assert wait_for(lambda: all(job.resolved for job in jobs), 10)
+    finally:
+        sched.stop(5)
+        loop.close()
+    last = max(i for i, x in enumerate(log) if x == "short")
+    assert log[last + 1] == "short end" and log.count("long") == 6, log
+
+
 def test_parallel_1_decodes_one_at_a_time(tiny_chat_generator):
     gated = Gated(tiny_chat_generator)
     gated.gate.clear()

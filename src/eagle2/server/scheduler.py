@@ -88,6 +88,13 @@ class Job:
             pass
 
 
+def _round(ev) -> Round:
+    st = ev.stats
+    return Round(ev.text, ev.draft_text, len(ev.token_ids), ev.drafted,
+                 {"tokens_per_s": round(st.tokens_per_s, 2), "mean_accept_len": round(st.mean_accept_len, 3),
+                  "rounds": st.rounds, "new_tokens": st.new_tokens})
+
+
 class Decoding:
     """One job the worker decodes: its engine events, advanced one target forward per ``step``, and the
     worker seconds spent on it (the job's own cost, apart from the others' rounds between its own)."""
@@ -119,11 +126,13 @@ class Decoding:
             return self.close()
         finally:
             self.work_s += time.perf_counter() - t0
-        if job.stream and not job.cancel.is_set():
-            st = ev.stats
-            job.emit(Round(ev.text, ev.draft_text, len(ev.token_ids), ev.drafted,
-                           {"tokens_per_s": round(st.tokens_per_s, 2), "mean_accept_len": round(st.mean_accept_len, 3),
-                            "rounds": st.rounds, "new_tokens": st.new_tokens}))
+        if job.cancel.is_set():
+            return self.close()
+        if job.stream:
+            job.emit(_round(ev))
+        out = self.result
+        if out.finish_reason == "stop" or len(out.token_ids) >= job.settings.max_new_tokens:
+            return self.step()  # its last forward: the rest is bookkeeping, done now rather than a turn later
         return False
 
     def close(self) -> bool:
@@ -269,17 +278,18 @@ class Scheduler:
         return True
 
     def _loop(self) -> None:
-        decoding: list[Decoding] = []
+        decoding: list[Decoding] = []  # in turn: the first is the next to take a target forward
         while self._admit(decoding):
-            for work in list(decoding):  # one target forward each, in turn
-                try:
-                    ended = work.step()
-                except BaseException:  # never let the worker die, never leave a request waiting
-                    log.exception("generation job failed")
-                    ended = True
-                if ended:
-                    decoding.remove(work)
-                    self._finish(work, work.job)
+            work = decoding.pop(0)
+            try:
+                ended = work.step()
+            except BaseException:  # never let the worker die, never leave a request waiting
+                log.exception("generation job failed")
+                ended = True
+            if ended:
+                self._finish(work, work.job)
+            else:
+                decoding.append(work)
 
     def stop(self, timeout: float | None = None) -> bool:
         """End every job (``close``) and wait (up to ``timeout`` s) for the worker; whether it has exited."""
