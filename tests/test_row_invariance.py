@@ -305,7 +305,7 @@ def test_a_shared_beginning_is_copied_not_taken(bf16_generator):
     assert other.token_ids == gen.generate(b, max_new_tokens=12, reuse_prefix=False).token_ids
     a_next = a + a_answer + [1, 2, 3]
     assert gen.generate(a_next, max_new_tokens=4).stats.reused_prefix == len(a) + len(a_answer) - 1
-    long_system = torch.randint(0, 512, (70,), generator=g).tolist()  # more than half of each conversation
+    long_system = torch.randint(0, 512, (70,), generator=g).tolist()  # most of a conversation, yet 51 kept tokens follow
     c = long_system + torch.randint(0, 512, (40,), generator=g).tolist()
     c_answer = gen.generate(c, max_new_tokens=12).token_ids
     assert gen.generate(long_system + [4, 5, 6], max_new_tokens=4).stats.reused_prefix == 70

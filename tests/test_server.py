@@ -436,7 +436,7 @@ def test_a_job_ends_in_the_turn_of_its_last_forward():
                     both_queued.wait(10)
                     log.append(name)
                     result.token_ids.append(i)
-                    yield None  # (not streamed: the worker reads only the result)
+                    yield types.SimpleNamespace(final=i == n - 1)  # (not streamed: nothing else is read)
                 log.append(name + " end")
             return events(), result
 
@@ -455,6 +455,26 @@ def test_a_job_ends_in_the_turn_of_its_last_forward():
         loop.close()
     last = max(i for i, x in enumerate(log) if x == "short")
     assert log[last + 1] == "short end" and log.count("long") == 6, log
+
+
+def test_a_client_leaving_does_not_disturb_the_job_beside_it(tiny_chat_generator):
+    gen = Gated(tiny_chat_generator)
+    body = {"messages": MSG, "max_tokens": 300, "stream": True, "method": "vanilla"}
+    kept = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 120, "temperature": 1.0,
+            "seed": 5}
+    alone = tiny_chat_generator.generate(kept["messages"], max_new_tokens=120, temperature=1.0, seed=5).text
+    got = []
+    with serve_in_thread(create_app(gen, parallel=2)) as url:
+        with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            t = threading.Thread(target=lambda: got.append(httpx.post(url + "/v1/chat/completions", json=kept,
+                                                                      timeout=60).json()))
+            t.start()
+            assert wait_for(lambda: len(gen.rounds) == 2 and gen.rounds[1] >= 2)
+        t.join(60)  # the stream above was dropped at once
+        assert wait_for(lambda: httpx.get(url + "/health").json()["queue"]["running"] == 0, 5)
+        q = httpx.get(url + "/health").json()["queue"]
+    assert q["cancelled"] == 1 and q["completed"] == 1 and gen.rounds[0] < 300
+    assert got[0]["choices"][0]["message"]["content"] == alone
 
 
 def test_parallel_1_decodes_one_at_a_time(tiny_chat_generator):

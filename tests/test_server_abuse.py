@@ -162,10 +162,11 @@ def test_dropped_non_streaming_requests_are_cancelled(tiny_chat_generator):
     assert gated.rounds == [1]  # one generation ran, and only its first round
 
 
-def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator):
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator, parallel):
     """Stopping the server (Ctrl-C, SIGTERM) answers every request at once, within uvicorn's grace
-    period: the running stream and a waiting one end with an SSE error event (not a cut connection),
-    a waiting non-streaming request gets a 503 JSON body, and decoding stops."""
+    period: the running streams and a waiting one end with an SSE error event (not a cut connection),
+    a non-streaming request gets a 503 JSON body, and decoding stops."""
     slow = Slow(tiny_chat_generator, 0.02)
     body = {"messages": MSG, "max_tokens": 900, "method": "vanilla"}
     out = {}
@@ -180,7 +181,7 @@ def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator):
     def whole(name):
         out[name] = httpx.post(url + CHAT, json=body, timeout=20)
 
-    app = create_app(slow, parallel=1)
+    app = create_app(slow, parallel=parallel)
     threads = [threading.Thread(target=stream, args=("running",)), threading.Thread(target=stream, args=("queued",)),
                threading.Thread(target=whole, args=("waiting",))]
     with serve_in_thread(app) as url:
@@ -188,7 +189,8 @@ def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator):
         assert wait_for(lambda: health(url)["queue"]["running"] == 1)
         for t in threads[1:]:
             t.start()
-        assert wait_for(lambda: health(url)["queue"]["waiting"] == 2)
+        assert wait_for(lambda: health(url)["queue"]["waiting"] == 3 - parallel)
+        assert wait_for(lambda: len(slow.rounds) == parallel and min(slow.rounds) > 0)
         t0 = time.perf_counter()
     stopped_s = time.perf_counter() - t0
     for t in threads:
@@ -199,7 +201,7 @@ def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator):
         err = [x for x in sse(out[name]) if isinstance(x, dict) and "error" in x]
         assert len(err) == 1 and err[0]["error"]["code"] == "server_shutting_down", out[name][-300:]
     assert assert_error(out["waiting"], 503)["code"] == "server_shutting_down"
-    assert len(slow.rounds) == 1 and slow.rounds[0] < 900  # only the running one decoded, and it stopped
+    assert len(slow.rounds) == parallel and max(slow.rounds) < 900  # only the running ones decoded, and stopped
     assert wait_for(lambda: not app.state.eagle2.scheduler._thread.is_alive(), 2)
     c = TestClient(app, base_url=LOCAL)  # a request that reaches a stopping app is refused the same way
     assert assert_error(c.post(CHAT, json=body), 503)["code"] == "server_shutting_down"

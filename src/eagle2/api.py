@@ -253,7 +253,10 @@ class Eagle2Generator:
         ``max_new_tokens=256, method="eagle2", temperature=0.0, top_p=1.0, top_k=0, seed=None,
         total_tokens=None, depth=None, tree_top_k=None, stop=None, lookup=None, reuse_prefix=True`` (or
         ``sampling=SamplingConfig(...)``). The target cache a call leaves is reused by the next call whose
-        prompt starts with the same tokens (a chat's next turn); ``reuse_prefix=False`` prefills it all."""
+        prompt starts with the same tokens (a chat's next turn); ``reuse_prefix=False`` prefills it all.
+        A ``seed`` fixes the answer for the given settings (whatever ran before or beside it); other
+        settings draw differently: the trees near the token budget, and so the draws, depend on
+        ``max_new_tokens``, so a shorter seeded answer need not be the start of a longer one."""
         events, result = self._start(prompt, DecodeSettings.of(settings, **kw))
         for _ in events:
             pass

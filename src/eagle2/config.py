@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
 from typing import Mapping
 
 METHODS = ("eagle2", "eagle1", "chain", "vanilla")
@@ -65,7 +66,7 @@ class Backend:
 
 # A round verifies its nodes in one forward with an [N, cache + N] mask, and drafts one head step per
 # level: far beyond these, a round takes seconds (or the memory) for nothing a draft head can reach.
-TREE_LIMITS = {"total_tokens": 256, "max_nodes": 256, "depth": 64, "max_depth": 64, "lookup": 64}
+TREE_LIMITS = MappingProxyType({"total_tokens": 256, "max_nodes": 256, "depth": 64, "max_depth": 64, "lookup": 64})
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,14 @@ per target forward. A round:
 
 The target caches the last ``KEPT_CACHES`` calls left behind are kept (``_Kept``): a prompt that
 starts with the same tokens as one of them (a chat's next turn, which repeats the conversation so far)
-takes that cache and prefills only what follows them. The draft head recommits the whole prompt's
-(feature, token) pairs in one call, as a fresh call does: its own forward is not row-invariant, so pairs it
-committed a few per round in the earlier call would draft (and at T > 0 sample) differently.
-That happens only where the target is ``row_invariant`` (the lean forward's exact numerics, the CPU
-default): the kept keys/values are then bit for bit the ones a fresh prefill would compute, so the
-output does not depend on what ran before. For the same reason a row-invariant target prefills a long
-prompt in chunks of ``PREFILL_CHUNK`` tokens (the same bits as one forward) and yields an event without
-tokens after each but the last, so that a consumer can stop there (the server, when its client left).
+takes that cache and prefills only what follows them. That happens only where the target is
+``row_invariant`` (the lean forward's exact numerics, the CPU default): the kept keys/values are then bit
+for bit the ones a fresh prefill would compute, so the output does not depend on what ran before. For
+the same reason a row-invariant target prefills a long prompt in chunks of ``PREFILL_CHUNK`` tokens (the
+same bits as one forward) and yields an event without tokens after each but the last, so that a consumer
+can stop there (the server, when its client left). The draft head, though, recommits the whole prompt's
+(feature, token) pairs in one call, as a fresh call does: its own forward is not row-invariant, so pairs
+it committed a few per round in the earlier call would draft (and at T > 0 sample) differently.
 
 Calls may interleave round by round (two streams advanced in turn, the server's jobs): each keeps its
 own target cache, and the draft head's committed pairs move to whichever call drafts next
@@ -88,6 +88,7 @@ class RoundEvent:
     text: str  # new text; may lag the tokens (incomplete characters, a possible stop string)
     draft_text: str  # the part of `text` that came from accepted drafts
     stats: Stats
+    final: bool = False  # the call's last forward is done: what follows is bookkeeping (and held-back text)
 
 
 @dataclass
@@ -208,13 +209,17 @@ class Engine:
     def _claim_drafter(self, run: "_Run") -> None:
         """Give the drafter ``run``'s committed pairs. Decodes may interleave round by round (two streams,
         the server's jobs); each keeps its own pairs: the decode that used the drafter last parks them
-        on itself and takes them back when it next drafts. Only references move."""
-        if self._drafting is run:
+        on itself and takes them back when it next drafts. The caches swap; a decode's first claim
+        while another holds the drafter allocates it one."""
+        dr, last = self.drafter, self._drafting
+        if last is run:
             return
-        if self._drafting is not None:
-            self._drafting.parked = self.drafter.hand_over()
+        if last is not None and run.parked is not None:
+            last.parked = Committed(dr.cache, dr.length)
+        elif last is not None:
+            last.parked = dr.hand_over()
         if run.parked is not None:
-            self.drafter.resume(run.parked)
+            dr.resume(run.parked)
             run.parked = None
         self._drafting = run
 
@@ -323,7 +328,7 @@ class Engine:
             yield run.emit(accepted + [bonus], len(accepted))
         tail = run.finish()
         if tail:
-            yield RoundEvent([], 0, tail, "", run.stats)
+            yield RoundEvent([], 0, tail, "", run.stats, True)
 
     def _verify(self, cache, length: int, draft, sampling: SamplingConfig, run: "_Run"):
         """One target forward over root + tree, acceptance, and the cache cut to the accepted path.
@@ -381,7 +386,7 @@ class _Run:
         out.text = tracker.sent
         self.stats.new_tokens = len(out.token_ids)
         self.stats.seconds = time.perf_counter() - self.t0
-        return RoundEvent(kept, len(kept_d), draft_text + bonus_text, draft_text, self.stats)
+        return RoundEvent(kept, len(kept_d), draft_text + bonus_text, draft_text, self.stats, self.finished())
 
     def finished(self) -> bool:
         return self.out.finish_reason == "stop" or len(self.out.token_ids) >= self.budget

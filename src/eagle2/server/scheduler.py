@@ -100,7 +100,7 @@ class Decoding:
     worker seconds spent on it (the job's own cost, apart from the others' rounds between its own)."""
 
     def __init__(self, generator, job: Job):
-        self.job, self.events, self.work_s = job, None, 0.0
+        self.job, self.events, self.result, self.work_s = job, None, None, 0.0
         job.emit(Started(time.perf_counter() - job.enqueued))
         t0 = time.perf_counter()
         try:
@@ -130,9 +130,8 @@ class Decoding:
             return self.close()
         if job.stream:
             job.emit(_round(ev))
-        out = self.result
-        if out.finish_reason == "stop" or len(out.token_ids) >= job.settings.max_new_tokens:
-            return self.step()  # its last forward: the rest is bookkeeping, done now rather than a turn later
+        if ev.final:  # its last forward is done: end it now rather than a turn later
+            return self.step()
         return False
 
     def close(self) -> bool:
@@ -147,7 +146,9 @@ class Scheduler:
     """One worker thread that decodes up to ``parallel`` jobs round by round in turn, and a FIFO of at most
     ``max_queue`` reserved or waiting jobs behind them."""
 
-    def __init__(self, generator, max_queue: int, parallel: int = 1):
+    def __init__(self, generator, max_queue: int, parallel: int):
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1; got {parallel}")
         self.generator = generator
         self.max_queue, self.parallel = max_queue, parallel
         self._q: queue.Queue = queue.Queue()
@@ -245,7 +246,7 @@ class Scheduler:
             return True
 
     def _finish(self, work: Decoding | None, job: Job) -> None:
-        if not job.resolved:  # never leave a request waiting
+        if not job.resolved and not job.cancel.is_set():  # never leave a request waiting (a cancelled one has left)
             job.emit(Failed(internal("generation failed")))
         with self._lock:
             job.state = "done"
