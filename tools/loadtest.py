@@ -8,8 +8,9 @@
 
 Load (default): N concurrent clients send M chat requests (half streaming), every answer is
 checked, p50/p95 latency, throughput and server memory are reported. Greedy decoding is
-deterministic, so every answer to the same prompt must be identical (and, with --model, equal to
-the engine's own output); streamed answers must equal the non-streamed ones.
+deterministic, and so is sampling with a seed (--temperature > 0 sends seed 0), so every answer to
+the same prompt must be identical (and, with --model, equal to the engine's own output, however the
+server interleaves its --parallel requests); streamed answers must equal the non-streamed ones.
 
 --abuse N: N requests, at most --clients at a time, mixing normal requests (streaming or not) with
 oversized bodies, malformed JSON, bad parameters, foreign Host headers and clients that drop
@@ -41,6 +42,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Ex
            "What does a CPU do?", "Name a famous painter."]
 
 
+SEED = 0  # of every sampled request: its answer is then fixed, however requests interleave
+
+
 def _rss_mb() -> float:
     try:
         import psutil
@@ -50,11 +54,14 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-async def _one(client: httpx.AsyncClient, i: int, max_tokens: int, method: str, headers: dict) -> dict:
+async def _one(client: httpx.AsyncClient, i: int, max_tokens: int, method: str, headers: dict,
+               temperature: float = 0.0) -> dict:
     prompt = PROMPTS[i % len(PROMPTS)]
     stream = i % 2 == 1
     body = {"model": "eagle2", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream, "method": method}
+            "temperature": temperature, "stream": stream, "method": method}
+    if temperature > 0:
+        body["seed"] = SEED
     t0 = time.perf_counter()
     first, error = None, None
     if not stream:
@@ -104,7 +111,7 @@ def _error_code(text: str) -> str | None:
 
 
 async def run_load(url: str, clients: int = 8, requests: int = 48, max_tokens: int = 32, method: str = "eagle2",
-                   api_key: str | None = None, expected: dict | None = None) -> dict:
+                   api_key: str | None = None, expected: dict | None = None, temperature: float = 0.0) -> dict:
     """Fire ``requests`` requests from ``clients`` concurrent workers; returns a summary dict."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     todo: asyncio.Queue = asyncio.Queue()
@@ -120,7 +127,7 @@ async def run_load(url: str, clients: int = 8, requests: int = 48, max_tokens: i
                     i = todo.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                results.append(await _one(client, i, max_tokens, method, headers))
+                results.append(await _one(client, i, max_tokens, method, headers, temperature))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
@@ -314,6 +321,8 @@ def _args(argv):
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--method", default="eagle2")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled requests, each with seed 0 (load)")
+    ap.add_argument("--parallel", type=int, default=4, help="the in-process server's --parallel (with --model)")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole load this many times (memory check)")
     ap.add_argument("--abuse", type=int, default=0, metavar="N", help="run the abuse mix of N requests instead")
@@ -330,7 +339,7 @@ def _measure(url: str, args, expected: dict | None = None, vocab: int = 1000) ->
         return asyncio.run(run_abuse(url, args.abuse, args.clients, args.max_tokens, args.method, args.api_key,
                                      expected, args.deadline))
     return asyncio.run(run_load(url, args.clients, args.requests, args.max_tokens, args.method, args.api_key,
-                                expected))
+                                expected, args.temperature))
 
 
 def main(argv=None) -> int:
@@ -345,10 +354,11 @@ def main(argv=None) -> int:
     from eagle2.server import create_app, serve_in_thread
 
     gen = eagle2.load(args.model, head=args.head, dtype=args.dtype, device=args.device)
+    sampled = dict(temperature=args.temperature, seed=SEED) if args.temperature > 0 and not args.abuse else {}
     expected = {p: gen.generate([{"role": "user", "content": p}], max_new_tokens=args.max_tokens,
-                                method=args.method).text for p in PROMPTS}
+                                method=args.method, **sampled).text for p in PROMPTS}
     print(f"model {gen.model_key} on {gen.device} ({gen.dtype}), head {gen.head_source}", file=sys.stderr)
-    with serve_in_thread(create_app(gen, max_queue=max(16, args.clients))) as url:
+    with serve_in_thread(create_app(gen, max_queue=max(16, args.clients), parallel=args.parallel)) as url:
         for k in range(args.rounds):
             gc.collect()
             rss0 = _rss_mb()
