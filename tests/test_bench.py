@@ -246,6 +246,7 @@ def test_summary_page_keeps_runs_of_the_same_name(tmp_path):
     page = summary_page([tmp_path / "a" / "x", tmp_path / "b" / "x"], tmp_path / "s.md", plots=False)
     assert "a/x/results.md" in page and "b/x/results.md" in page
     assert page.count("| eagle2 |") == 2
+    assert page.count("torch ISA AVX512, bfloat16,") == 2  # each run names its own ISA and dtype
     bad = json.loads((tmp_path / "a" / "x" / "results.json").read_text())
     (tmp_path / "a" / "x" / "results.json").write_text(json.dumps({**bad, "temperature": "1"}))
     with pytest.raises(ValueError, match="a/x/results.json is not an eagle2 bench result"):

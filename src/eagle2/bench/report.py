@@ -246,6 +246,7 @@ def summary_page(run_dirs: list, page: Path, title: str | None = None, plots: bo
              "## Runs", ""]
     for name, r in runs.items():
         cmd = r.get("command") or "(not recorded)"
-        lines += [f"- [{name}]({links[name]}): `{cmd}` "
-                  f"(commit {r['machine'].get('commit') or '?'}, {r['wall_seconds']} s)"]
+        m = r["machine"]  # a run may differ from the first (another dtype, a forced ISA): each says its own
+        lines += [f"- [{name}]({links[name]}): `{cmd}` (commit {m.get('commit') or '?'}, torch ISA "
+                  f"{m.get('isa', '?')}, {r['dtype']}, {r['wall_seconds']} s)"]
     return "\n".join(lines) + "\n"
