@@ -10,8 +10,9 @@ Checkpoint layout (e.g. yuhuili/EAGLE-LLaMA3-Instruct-8B): ``config.json`` (a Ll
 ``num_hidden_layers: 1`` plus ``"bias"`` for fc; absent means true) and ``model.safetensors`` or
 ``pytorch_model.bin`` with keys ``fc.weight`` (+ ``fc.bias``), ``layers.0.self_attn.{q,k,v,o}_proj.weight``
 (+ q/k/v biases for Qwen2-style targets), ``layers.0.mlp.{gate,up,down}_proj.weight``,
-``layers.0.post_attention_layernorm.weight``. A ``model.`` prefix (vLLM's naming) and an
-``embed_tokens.weight`` are tolerated on load. This module never touches a transformers model.
+``layers.0.post_attention_layernorm.weight``. A ``model.`` prefix (vLLM's naming) and copies of the
+target's ``embed_tokens.weight`` / ``lm_head.weight`` are tolerated on load; any other tensor the head
+does not run is refused. This module never touches a transformers model.
 """
 
 from __future__ import annotations
@@ -200,6 +201,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), new
 
 
+DERIVED = ("rotary_emb.inv_freq",)  # buffers older checkpoints persisted; recomputed from rope_theta
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"  # optional: {"token_ids": [N] int64}, most frequent first
 
 
@@ -268,6 +270,12 @@ class DraftHead(nn.Module):
         if missing:
             raise ValueError(f"head weights in {directory} lack {', '.join(missing[:4])}"
                              + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
+        # A tensor this head does not run (a layer's input norm, HASS's extra norms, an o_proj bias) was
+        # part of the head's math: dropping it would draft with another model, so refuse it.
+        unknown = [k for k in state if k not in expected and not k.endswith(DERIVED)]
+        if unknown:
+            raise ValueError(f"head weights in {directory} have tensors this head does not use: "
+                             f"{', '.join(sorted(unknown)[:4])}")
         for k, v in expected.items():
             if tuple(state[k].shape) != tuple(v.shape):
                 raise ValueError(f"head weight {k} has shape {tuple(state[k].shape)}; config.json implies {tuple(v.shape)}")

@@ -135,6 +135,9 @@ class Eagle3Config:
     @classmethod
     def from_json(cls, d: dict) -> "Eagle3Config":
         """Parse an official config.json; refuse what this head cannot run, saying why."""
+        if "transformer_layer_config" in d:  # vLLM's speculators layout: nested config, layers.0.* weights
+            raise ValueError("EAGLE-3 head config.json is in the speculators format (transformer_layer_config), which "
+                             "is not supported; use the EAGLE-3 layout (a flat Llama config, midlayer.* weights)")
         eagle = d.get("eagle_config") or {}
         if eagle.get("use_aux_hidden_state", True) is False:
             raise ValueError("EAGLE-3 head config sets use_aux_hidden_state = false: such a head reads one hidden "
@@ -142,10 +145,10 @@ class Eagle3Config:
         if d.get("target_hidden_size") not in (None, d.get("hidden_size")):
             raise ValueError(f"EAGLE-3 head has hidden size {d.get('hidden_size')} but target_hidden_size "
                              f"{d['target_hidden_size']}: heads narrower than their target are not supported")
-        scaling = d.get("rope_scaling")
+        scaling = d.get("rope_scaling") or d.get("rope_parameters")  # transformers 5 writes the latter
         if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            log.warning("EAGLE-3 head config has rope_scaling %s; the head runs plain RoPE (output is exact, "
-                        "acceptance may drop on long contexts)", scaling)
+            log.warning("EAGLE-3 head config has rope scaling %s; the head runs plain RoPE (output is exact, "
+                        "acceptance may drop)", scaling)
         ids = d.get("eagle_aux_hidden_state_layer_ids") or eagle.get("eagle_aux_hidden_state_layer_ids")
         try:
             heads = int(d["num_attention_heads"])
@@ -282,16 +285,24 @@ def is_eagle3(directory: str | Path) -> bool:
     d = read_head_config(Path(directory))
     if "draft_vocab_size" in d or any("eagle3" in str(a).lower() for a in d.get("architectures") or []):
         return True
-    st = Path(directory) / "model.safetensors"
-    if st.exists():
-        try:
+    return any(k.removeprefix("model.").startswith("midlayer.") for k in _weight_names(Path(directory)))
+
+
+def _weight_names(directory: Path) -> list[str]:
+    """The tensor names of a head's model.safetensors (else pytorch_model.bin), without reading the
+    tensors ([] when unreadable: the loader then reports it)."""
+    st, binf = directory / "model.safetensors", directory / "pytorch_model.bin"
+    try:
+        if st.exists():
             from safetensors import safe_open
 
             with safe_open(str(st), framework="pt") as f:
-                return any(k.removeprefix("model.").startswith("midlayer.") for k in f.keys())
-        except Exception:
-            return False  # unreadable: the EAGLE-1/2 loader reports it
-    return False
+                return list(f.keys())
+        if binf.exists():  # mmap: the names without loading the weights (zip format, torch >= 1.6)
+            return list(torch.load(binf, map_location="cpu", weights_only=True, mmap=True).keys())
+    except Exception:
+        pass
+    return []
 
 
 def _check_keys(directory: Path, state: dict, expected: dict) -> None:

@@ -416,7 +416,8 @@ def _layout_words(layers: int) -> str:
     if layers == 1:
         return "Official EAGLE-3 layout: `config.json` + `model.safetensors` (bf16 weights, int64 `d2t`, bool `t2d`)."
     return (f"The official EAGLE-3 layout extended by this project to {layers} decoder layers (`num_hidden_layers`; "
-            "the later ones as `layers.i.*`): eagle2 runs it, SGLang and vLLM load one-layer heads only.")
+            "the later ones as `layers.i.*`): eagle2 runs it; SGLang and vLLM name a deeper head's extra layers "
+            "otherwise, so they read only the one-layer layout correctly.")
 
 
 def export_eagle3(src: str | Path, out: str | Path, info: dict, n_layers: int) -> Path:
