@@ -26,7 +26,7 @@ from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
 from .engine import Engine, GenerationResult, RoundEvent
 from .fast import half_is_exact, in_force, make_target
 from .models import builtin_head_dir, cache_dir, file_name, load_target
-from .target import Target
+from .target import Target, check_supported
 from .templating import chat_ids
 
 log = logging.getLogger("eagle2")
@@ -178,7 +178,7 @@ class Eagle2Generator:
         """Token ids from: token ids (a list, or a 1-D tensor / array), a list of chat messages, or a
         string (chat template applied when the tokenizer has one)."""
         if isinstance(prompt, str):
-            return self._encode_text(prompt)
+            return self._in_vocabulary(self._encode_text(prompt))
         if hasattr(prompt, "ndim") and hasattr(prompt, "tolist"):  # a torch tensor or numpy array
             prompt = _one_sequence(prompt)
         if isinstance(prompt, dict):
@@ -188,10 +188,14 @@ class Eagle2Generator:
         if len(prompt) == 0:
             raise ValueError("prompt is empty")
         if all(isinstance(m, dict) for m in prompt):
-            return self._encode_messages(list(prompt))
+            return self._in_vocabulary(self._encode_messages(list(prompt)))
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
             raise ValueError("prompt must be token ids (ints), chat messages (dicts) or a string")
-        ids = [int(t) for t in prompt]
+        return self._in_vocabulary([int(t) for t in prompt])
+
+    def _in_vocabulary(self, ids: list[int]) -> list[int]:
+        """ids, each checked against the model's vocabulary: a tokenizer with more tokens than the model
+        (a mismatched pair) gives ids the embedding has no row for."""
         bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
@@ -290,6 +294,16 @@ def _shapes(head) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in head.state_dict().items()}
 
 
+def _fresh_head(config) -> DraftHead:
+    """A freshly initialised head sized from the target's config; a config without the sizes a head
+    takes (OPT names its MLP width ``ffn_dim``) is refused in one line."""
+    try:
+        return init_head(HeadConfig.from_target(config))
+    except AttributeError as e:
+        raise ValueError(f"cannot size a draft head for this {config.model_type} model: its config has no "
+                         f"{getattr(e, 'name', None) or e}; pass a trained head= for it") from None
+
+
 def load_head(directory: str | Path) -> DraftHead | Eagle3Head:
     """A head directory in either released layout: EAGLE-3 (config with ``draft_vocab_size`` or an
     Eagle3 architecture, or ``midlayer`` weights) or EAGLE-1/2. Fit to the target is checked by
@@ -328,8 +342,11 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
         raise ValueError(f"draft_vocab must be None or an integer >= 0; got {draft_vocab!r}")
     if head is not None and not Path(head).is_dir():  # fail before the (slow) model load
         raise ValueError(f"head directory not found: {head}")
+    if tree is not None and not isinstance(tree, TreeConfig):
+        raise ValueError(f"tree must be None or a TreeConfig; got {type(tree).__name__}")
     hf, tok, builtin = load_target(model, dtype=dtype, device=device, device_map=device_map,
                                    half_ok=lambda cfg: half_is_exact(backend, cfg))
+    check_supported(hf)  # before a head is sized from its config
     if head is not None:
         draft = load_head(head)
         source = str(head)
@@ -340,7 +357,7 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
         warnings.warn(f"no trained draft head for {model!r}: using a freshly initialised head. Output is still "
                       "exact, but drafts are rarely accepted, so decoding is slower than vanilla. Train one with "
                       "`eagle2 train`.", stacklevel=2)
-        draft = init_head(HeadConfig.from_target(hf.config))
+        draft = _fresh_head(hf.config)
         source = "random-init"
     return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source,
                            backend=backend, draft_vocab=draft_vocab)

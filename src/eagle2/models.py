@@ -11,10 +11,12 @@ well under a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -81,7 +83,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}: {e}") from None
+        raise ValueError(f"unknown device {device!r}: {_first_line(e)}") from None
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {device!r}: this package runs on cpu, cuda or mps")
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
@@ -140,7 +142,10 @@ def builtin_head_dir(name: str) -> Path | None:
 
 
 def _gguf_to_cache(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF once with transformers and store it as a plain HF directory (fp32)."""
+    """Dequantize a GGUF once with transformers and store it as a plain HF directory (fp32).
+
+    Written to a directory of this process's own, then renamed into place: a process converting
+    the same file at the same time never sees a half-written copy, and the first to finish wins."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to %s (one time)", gguf, out)
@@ -148,16 +153,33 @@ def _gguf_to_cache(gguf: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # a truncated or foreign file fails deep in the GGUF reader, in any way
-        raise ValueError(f"cannot read {gguf} as a GGUF model ({type(e).__name__}: {e})") from None
+        raise ValueError(f"cannot read {gguf} as a GGUF model ({type(e).__name__}: {_first_line(e)})") from None
     model.hf_quantizer = None  # dequantized already; lets save_pretrained write safetensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists() and not (out / "config.json").exists():
+            shutil.rmtree(out, ignore_errors=True)  # an unfinished copy from an older version
+        tmp.rename(out)
+    except Exception as e:  # cannot write (read-only, full, not a directory) or another process won the rename
+        if (out / "config.json").exists():
+            return  # another process finished the same conversion first
+        raise ValueError(f"cannot store the converted {gguf.name} under {out.parent} ({_first_line(e)}); "
+                         "set EAGLE2_CACHE to a writable directory with room for it") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _gguf_key(path: Path) -> str:
+    """The cache name of a GGUF file: its stem and a digest of where it is, its size and its mtime,
+    so another file of the same name and size (a fine-tune of the same model) or a file rewritten in
+    place converts anew instead of loading a stale copy."""
+    st = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{file_name(path.stem)[:100]}-{digest}"
 
 
 def local_model_dir(model: str) -> tuple[Path | str, str | None]:
@@ -172,8 +194,7 @@ def local_model_dir(model: str) -> tuple[Path | str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ValueError(f"GGUF file not found: {path}")
-        key = f"{path.stem}-{path.stat().st_size}"
-        out = cache_dir() / "models" / key
+        out = cache_dir() / "models" / _gguf_key(path)
         if not (out / "config.json").exists():
             _gguf_to_cache(path, out)
         return out, None
@@ -217,39 +238,79 @@ def float_weights(model) -> Callable[[str], Tensor | None]:
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    """An error's message as one line (a first line that ends in a colon goes on below it), at most 300
+    characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _what_to_do(model: str, src: Path | str) -> str:
+    """The advice a failed load ends with: a converted copy in the cache may be damaged; a hub id needs the hub."""
+    if isinstance(src, Path) and cache_dir().resolve() in src.resolve().parents:
+        return f"; if {src} (the converted copy) is damaged, delete it to convert {model!r} again"
+    if isinstance(src, str):
+        return (f"; {model!r} is not a local directory or file, so it was taken as a hub id: where the hub is "
+                "unreachable, download the model elsewhere and pass its directory")
+    return ""
+
+
+def _unloadable(model: str, src: Path | str, e: Exception) -> ValueError:
+    """The one-line error for a model that would not load, with what to do about it."""
+    return ValueError(f"could not load model {model!r}: {_first_line(e).rstrip('.')}{_what_to_do(model, src)}")
+
+
+def _from_pretrained(src: Path | str, **kwargs):
+    """The model with sdpa attention, or eager where the family has no sdpa (Gemma 2): both take a tree mask."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa", **kwargs)
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+    return AutoModelForCausalLM.from_pretrained(src, attn_implementation="eager", **kwargs)
 
 
 def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "auto", device_map=None,
                 half_ok: Callable | None = None):
-    """Load (model, tokenizer, builtin_name). The model is in eval mode with sdpa attention.
+    """Load (model, tokenizer, builtin_name). The model is in eval mode with sdpa (else eager) attention.
 
     half_ok(config) -> bool: with ``dtype="auto"`` on a CPU, whether bf16 may be chosen for this model
     (the caller's exactness rule, ``fast.half_is_exact``); when it says no, fp32."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoTokenizer
 
     src, builtin = local_model_dir(model)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if dtype == "auto" and dt != torch.float32 and dev.type == "cpu" and half_ok is not None:
-        try:
-            if not half_ok(AutoConfig.from_pretrained(src)):
-                dt = torch.float32
-                log.info("dtype auto: float32, as bf16 would not keep greedy drafting exact for %s here", model)
-        except (OSError, ValueError):
-            pass  # no readable config: the load below says why
-    kwargs = dict(dtype=dt, attn_implementation="sdpa")
+    unreadable = (OSError, ValueError, SafetensorError, pickle.UnpicklingError)  # a missing, cut or foreign file
+    try:
+        config = AutoConfig.from_pretrained(src)  # first, so an unreachable hub is retried once, not per file
+    except unreadable as e:
+        raise _unloadable(model, src, e) from None
+    if dtype == "auto" and dt != torch.float32 and dev.type == "cpu" and half_ok is not None and not half_ok(config):
+        dt = torch.float32
+        log.info("dtype auto: float32, as bf16 would not keep greedy drafting exact for %s here", model)
+    kwargs = dict(dtype=dt)
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         tok = AutoTokenizer.from_pretrained(src)
-        hf = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"could not load model {model!r}: {_first_line(e)}") from None
+    except unreadable as e:
+        raise ValueError(f"could not load the tokenizer of model {model!r}: {_first_line(e)}") from None
+    try:
+        hf = _from_pretrained(src, **kwargs)
+    except unreadable as e:
+        raise _unloadable(model, src, e) from None
     except (RuntimeError, AssertionError, TypeError, KeyError) as e:
-        if device_map is None:
+        if device_map is not None:
+            raise ValueError(f"device_map {device_map!r} does not work here: {_first_line(e)}") from None
+        if not isinstance(e, RuntimeError):
             raise
-        raise ValueError(f"device_map {device_map!r} does not work here: {_first_line(e)}") from None
+        # torch.load's message for a cut .bin file, or out of memory
+        raise _unloadable(model, src, e) from None
     if any(p.device.type == "meta" for p in hf.parameters()):
         raise ValueError(f"device_map {device_map!r} left weights off-loaded to disk; the target must fit in memory")
     if device_map is None:

@@ -11,7 +11,8 @@ layers, concatenated (read with forward hooks on the decoder layers, only while 
 Sliding-window models (Gemma 3, Mistral, Qwen2 with the window on) get a dict of masks, one per
 layer type, with the window applied by position; a single full mask would silently let the
 sliding layers see past their window. Models whose attention cannot take a custom mask
-(flash attention) are switched to sdpa; models with recurrent state are refused.
+(flash attention) are switched to sdpa; models with recurrent state, or whose decoder does not keep
+its layers as ``layers`` (GPT-2, Falcon), are refused.
 """
 
 from __future__ import annotations
@@ -39,17 +40,31 @@ def cap_logits(logits: Tensor, cap: float | None) -> Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def check_supported(model) -> None:
+    """Raise ``UnsupportedModelError`` (one line, saying why) for a model this adapter cannot run: an
+    encoder-decoder, layers with recurrent state, or a decoder that does not keep its layers as ``layers``
+    (GPT-2, Falcon): the features, the captured layers and the cache are read through that list."""
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{cfg.model_type} is an encoder-decoder model; eagle2 needs a decoder-only causal LM")
+    layer_types = list(getattr(cfg, "layer_types", None) or [])
+    bad = sorted({t for t in layer_types if t not in _LAYER_TYPES_OK})
+    if bad:
+        raise UnsupportedModelError(
+            f"{cfg.model_type} has {', '.join(bad)} layers; their state cannot be rolled back to an accepted "
+            "path, so tree verification is not supported for this model")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(getattr(decoder, "layers", None), torch.nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not supported: its decoder does not keep its layers as `layers` "
+            "(supported: Llama-style models such as Llama, Qwen, Mistral, Phi-3, Gemma)")
+
+
 class Target:
     def __init__(self, model):
+        check_supported(model)
         cfg = model.config
-        if getattr(cfg, "is_encoder_decoder", False):
-            raise UnsupportedModelError(f"{cfg.model_type} is an encoder-decoder model; eagle2 needs a decoder-only causal LM")
         layer_types = list(getattr(cfg, "layer_types", None) or [])
-        bad = sorted({t for t in layer_types if t not in _LAYER_TYPES_OK})
-        if bad:
-            raise UnsupportedModelError(
-                f"{cfg.model_type} has {', '.join(bad)} layers; their state cannot be rolled back to an accepted "
-                "path, so tree verification is not supported for this model")
         impl = getattr(cfg, "_attn_implementation", None)
         if impl not in _MASKABLE:
             try:
