@@ -297,6 +297,26 @@ def test_wrong_d2t_or_layers_change_the_drafts(family, tmp_path):
     assert run(load_head(shifted))[1] != good_drafts
 
 
+def first_draft(model, head, backend: str):
+    """(generator, the drafter's log-probs after a prefill of PROMPTS[2], reference): ``reference(layers)`` is
+    the head's own forward on transformers' ``hidden_states[i]`` for i in layers, to tell which it read."""
+    gen = generator(model, head, Backend(forward=backend, lowbit=False))  # the head's own weights
+    ids = torch.tensor(PROMPTS[2])
+    _, feats = gen.target.forward(gen.target.new_cache(64), ids, torch.arange(ids.shape[0]), None)
+    logp = gen.drafter._logp(gen.drafter.commit(feats[:-1], ids[1:]))
+    with torch.no_grad():
+        hidden = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+        emb = model.get_input_embeddings()(ids[None, 1:])
+    pos = torch.arange(ids.shape[0] - 1)[None]
+
+    @torch.no_grad()
+    def reference(layers):
+        out, _ = head(torch.cat([hidden[i] for i in layers], -1)[:, :-1], emb, pos)
+        return torch.log_softmax(head.logits(out[0, -1]), -1)
+
+    return gen, logp, reference
+
+
 @pytest.mark.parametrize("backend", ["transformers", "fast"])
 def test_head_reads_the_layers_its_config_names(tmp_path, backend):
     """A SpecForge-style config naming the outputs of layers 1, 3, 4 makes the drafter see
@@ -307,19 +327,7 @@ def test_head_reads_the_layers_its_config_names(tmp_path, backend):
     with torch.no_grad():
         head.fc.weight.mul_(10.0)  # make the features dominate the draft distribution
     d = write_official(tmp_path, head, "st", {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 3, 4]}})
-    gen = generator(model, load_head(d), Backend(forward=backend, lowbit=False))  # the head's own weights
-    ids = torch.tensor(PROMPTS[2])
-    _, feats = gen.target.forward(gen.target.new_cache(64), ids, torch.arange(ids.shape[0]), None)
-    logp = gen.drafter._logp(gen.drafter.commit(feats[:-1], ids[1:]))
-    with torch.no_grad():
-        hidden = model(input_ids=ids[None], output_hidden_states=True).hidden_states
-        emb = model.get_input_embeddings()(ids[None, 1:])
-        pos = torch.arange(ids.shape[0] - 1)[None]
-
-        def reference(layers):
-            out, _ = head(torch.cat([hidden[i] for i in layers], -1)[:, :-1], emb, pos)
-            return torch.log_softmax(head.logits(out[0, -1]), -1)
-
+    _, logp, reference = first_draft(model, load_head(d), backend)
     assert torch.allclose(logp, reference((2, 4, 5)), atol=1e-4)
     assert (logp - reference((1, 3, 4))).abs().max() > 0.05
 

@@ -1,4 +1,4 @@
-"""The EAGLE-3 draft head, and its save/load in the official EAGLE-3 layout.
+"""The EAGLE-3 draft head: save/load in the official EAGLE-3 layout, load from the speculators format.
 
 Architecture (EAGLE-3, arXiv 2503.01840, as released by SafeAILab/EAGLE and served by SGLang and
 vLLM): the features are three of the target's residual streams (low, mid, high), concatenated,
@@ -8,13 +8,24 @@ un-normed h as the residual, then post-attention norm and MLP. Its output, befor
 next step's h (fc is skipped for an H-wide input); ``lm_head(norm(out))`` gives logits over the
 head's own draft vocabulary of Vd tokens. The embedding is the target's (passed in by the caller).
 This project also runs deeper heads (``num_hidden_layers`` > 1: plain decoder layers ``layers.i.*``
-after the midlayer), which SGLang and vLLM do not load.
+after the midlayer), which SGLang and vLLM do not load in this layout.
 
 Checkpoint layout: ``config.json`` (a one-layer Llama config plus ``draft_vocab_size``, optionally
 ``eagle_config.eagle_aux_hidden_state_layer_ids``) and ``model.safetensors`` or ``pytorch_model.bin``
 with keys ``fc.weight``, ``midlayer.{input_layernorm,hidden_norm,post_attention_layernorm}.weight``,
 ``midlayer.self_attn.{q,k,v,o}_proj.weight``, ``midlayer.mlp.{gate,up,down}_proj.weight``,
 ``norm.weight``, ``lm_head.weight`` [Vd, H], ``d2t`` [Vd] int64 and ``t2d`` [V] bool.
+
+The speculators format (vllm-project/speculators; vLLM reads it, e.g. RedHatAI's
+``*-speculator.eagle3`` heads) holds the same head under other names, and is translated to the
+layout above on load (``speculators_config``, ``official_keys``): ``config.json`` has
+``speculators_model_type: "eagle3"``, the decoder layer's Llama config nested under
+``transformer_layer_config``, and ``draft_vocab_size``, ``norm_before_residual`` (vLLM: True when
+absent), ``target_hidden_size`` and ``eagle_aux_hidden_state_layer_ids`` at the top level, the last
+read as vLLM reads it: hidden_states indices, as they are. Weights: ``layers.0.*`` is the midlayer
+(``layers.i.*`` for i >= 1 are our ``layers.{i-1}.*``); ``fc``, ``norm``, ``lm_head``, ``d2t``,
+``t2d`` as above; an ``embed_tokens`` copy of the target's is ignored. What the head would need
+beyond this loader (``norm_before_fc``, a trained embedding, a non-Llama layer, biases) is refused.
 
 Draft vocabulary: target id = draft id i + d2t[i]; t2d[v] is True when target token v is in the
 draft vocabulary; draft ids follow ascending target ids (vocab 10, kept {1, 3, 4, 8}: d2t =
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,21 +61,88 @@ def default_layers(n_layers: int) -> tuple[int, int, int]:
     return (2, n_layers // 2, n_layers - 3)
 
 
-def layers_from_config_ids(ids) -> tuple[int, ...]:
-    """``eagle_aux_hidden_state_layer_ids`` -> hidden_states indices.
-
-    Two conventions ship under this one field. SpecForge / SGLang write the *output* of layer j
-    (the default reads [1, L // 2 - 1, L - 4]; SGLang adds 1), vLLM reads the ids as hidden_states
-    indices (the default reads [2, L // 2, L - 3]). We resolve it as SGLang does since its PR
-    #25454: a first id of 1 (the output of the first layer; no head taps the embeddings) means
-    the output convention, and every id gets + 1; otherwise the ids are hidden_states indices."""
+def three_layer_ids(ids) -> tuple[int, int, int]:
+    """``eagle_aux_hidden_state_layer_ids`` as three integers, else a one-line refusal."""
     try:
         ids = tuple(int(i) for i in ids)
     except (TypeError, ValueError):
         raise ValueError(f"eagle_aux_hidden_state_layer_ids must be a list of integers; got {ids!r}") from None
     if len(ids) != 3:
         raise ValueError(f"eagle_aux_hidden_state_layer_ids must name 3 layers (low, mid, high); got {list(ids)}")
+    return ids
+
+
+def layers_from_config_ids(ids) -> tuple[int, ...]:
+    """``eagle_aux_hidden_state_layer_ids`` of an official-layout config -> hidden_states indices.
+
+    Two conventions ship under this one field. SpecForge / SGLang write the *output* of layer j
+    (the default reads [1, L // 2 - 1, L - 4]; SGLang adds 1), vLLM reads the ids as hidden_states
+    indices (the default reads [2, L // 2, L - 3]). We resolve it as SGLang does since its PR
+    #25454: a first id of 1 (the output of the first layer; no head taps the embeddings) means
+    the output convention, and every id gets + 1; otherwise the ids are hidden_states indices.
+    (A speculators config is read as vLLM reads it, with no such guess: ``speculators_config``.)"""
+    ids = three_layer_ids(ids)
     return tuple(i + 1 for i in ids) if ids[0] == 1 else ids
+
+
+# ---- the speculators format (vLLM's) ---------------------------------------------------------
+# Flags at its top level that add math this head does not run (vLLM and speculators read them).
+_SPECULATORS_UNRUN = {"norm_before_fc": "an RMSNorm over the 3 features before fc (input_norm)",
+                      "embed_requires_grad": "its own trained embedding (vLLM would use it, not the target's)"}
+
+
+def is_speculators(d: dict) -> bool:
+    """Whether a head's config.json is in the speculators format."""
+    return "speculators_model_type" in d or "transformer_layer_config" in d
+
+
+def speculators_config(d: dict) -> tuple[dict, tuple[int, ...] | None]:
+    """A speculators config.json -> (the flat official config ``Eagle3Config`` parses, the capture
+    points as hidden_states indices or None for the default). As vLLM's speculators adapter does,
+    the flat config is the nested ``transformer_layer_config`` with ``draft_vocab_size``,
+    ``target_hidden_size`` and ``norm_before_residual`` (True when absent) lifted from the top;
+    the layer ids are used as they are, since vLLM hands them to its capture (the input of
+    layer i, i.e. hidden_states[i]) unchanged. Refuses, in one line, what this head cannot run."""
+    kind = d.get("speculators_model_type", "eagle3")
+    if kind != "eagle3":
+        raise ValueError(f"speculators head of type {kind!r}: only speculators_model_type 'eagle3' is supported")
+    layer = d.get("transformer_layer_config")
+    if not isinstance(layer, dict):
+        raise ValueError("speculators EAGLE-3 config.json lacks a transformer_layer_config object")
+    if layer.get("model_type", "llama") != "llama":  # e.g. qwen3: q_norm / k_norm in the layer
+        raise ValueError(f"speculators EAGLE-3 head has a {layer['model_type']!r} decoder layer; only 'llama' "
+                         "layers are supported")
+    unrun = [f"{k} ({what})" for k, what in _SPECULATORS_UNRUN.items() if d.get(k)]
+    unrun += [f"transformer_layer_config.{k}" for k in ("attention_bias", "mlp_bias") if layer.get(k)]
+    if unrun:
+        raise ValueError(f"speculators EAGLE-3 head sets {', '.join(unrun)}, which is not supported")
+    ids_key = "eagle_aux_hidden_state_layer_ids"
+    flat = {k: v for k, v in layer.items() if k != ids_key}
+    if isinstance(flat.get("eagle_config"), dict):  # the ids travel beside the flat config, never through its guess
+        flat["eagle_config"] = {k: v for k, v in flat["eagle_config"].items() if k != ids_key}
+    flat.update(draft_vocab_size=d.get("draft_vocab_size"), norm_before_residual=d.get("norm_before_residual", True))
+    if d.get("target_hidden_size") is not None:
+        flat["target_hidden_size"] = d["target_hidden_size"]
+    ids = d.get(ids_key) or layer.get(ids_key) or (layer.get("eagle_config") or {}).get(ids_key)
+    return flat, None if ids is None else three_layer_ids(ids)
+
+
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
+
+
+def official_keys(state: dict) -> dict:
+    """Speculators tensor names -> official ones: ``layers.0.*`` is the midlayer, ``layers.i.*``
+    (i >= 1) our ``layers.{i-1}.*``. A checkpoint already naming a ``midlayer`` is left as it is
+    (vLLM renames midlayer -> layers.0 and loads either)."""
+    if any(k.startswith("midlayer.") for k in state):
+        return state
+    out = {}
+    for k, v in state.items():
+        m = _LAYER_KEY.match(k)
+        if m:
+            k = ("midlayer." if m[1] == "0" else f"layers.{int(m[1]) - 1}.") + k[m.end():]
+        out[k] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -134,10 +213,15 @@ class Eagle3Config:
 
     @classmethod
     def from_json(cls, d: dict) -> "Eagle3Config":
-        """Parse an official config.json; refuse what this head cannot run, saying why."""
-        if "transformer_layer_config" in d:  # vLLM's speculators layout: nested config, layers.0.* weights
-            raise ValueError("EAGLE-3 head config.json is in the speculators format (transformer_layer_config), which "
-                             "is not supported; use the EAGLE-3 layout (a flat Llama config, midlayer.* weights)")
+        """Parse a config.json, official or speculators (``speculators_config``); refuse what this
+        head cannot run, saying why."""
+        if is_speculators(d):
+            flat, layers = speculators_config(d)
+            return replace(cls._from_official(flat), layers=layers)
+        return cls._from_official(d)
+
+    @classmethod
+    def _from_official(cls, d: dict) -> "Eagle3Config":
         eagle = d.get("eagle_config") or {}
         if eagle.get("use_aux_hidden_state", True) is False:
             raise ValueError("EAGLE-3 head config sets use_aux_hidden_state = false: such a head reads one hidden "
@@ -267,8 +351,11 @@ class Eagle3Head(nn.Module):
     @classmethod
     def load(cls, directory: str | Path) -> "Eagle3Head":
         directory = Path(directory)
-        cfg = Eagle3Config.from_json(read_head_config(directory))
+        raw = read_head_config(directory)
+        cfg = Eagle3Config.from_json(raw)
         state = {k.removeprefix("model."): v for k, v in load_weight_file(directory).items()}
+        if is_speculators(raw):
+            state = official_keys(state)
         if "fc.bias" in state and not cfg.bias:
             cfg = replace(cfg, bias=True)
         head = cls(cfg)
@@ -280,10 +367,12 @@ class Eagle3Head(nn.Module):
 
 
 def is_eagle3(directory: str | Path) -> bool:
-    """Whether a head directory holds an EAGLE-3 head: its config names an Eagle3 architecture or
-    a draft vocabulary, or its weights have a ``midlayer``."""
+    """Whether a head directory holds an EAGLE-3 head: its config names an Eagle3 architecture, a
+    draft vocabulary or speculators type eagle3, or its weights have a ``midlayer``."""
     d = read_head_config(Path(directory))
     if "draft_vocab_size" in d or any("eagle3" in str(a).lower() for a in d.get("architectures") or []):
+        return True
+    if d.get("speculators_model_type") == "eagle3":
         return True
     return any(k.removeprefix("model.").startswith("midlayer.") for k in _weight_names(Path(directory)))
 
