@@ -284,3 +284,30 @@ def test_auto_dtype_is_fp32_where_bf16_would_not_keep_drafting_exact(tmp_path, s
     assert llama.dtype == (half if native.load() is not None else torch.float32)
     with pytest.warns(UserWarning, match="without row-invariant numerics"):
         eagle2.load(str(tmp_path / "gemma3"), dtype="bfloat16")
+
+
+def test_decoding_on_another_thread_than_the_loading_one_warns_once(caplog):
+    """Rounds on a thread other than the (living) loading thread warn once, naming the fix; a generator
+    built on a thread that has exited (eagle2.load_off_thread) does not warn."""
+    import threading
+
+    from eagle2 import load_off_thread
+
+    def decode_elsewhere(gen):
+        t = threading.Thread(target=lambda: [gen.generate([1, 2, 3], max_new_tokens=2) for _ in range(2)])
+        t.start()
+        t.join()
+
+    built_here = make_generator(make_tiny_model("llama"))
+    with caplog.at_level("WARNING", logger="eagle2"):
+        built_here.generate([1, 2, 3], max_new_tokens=2)
+        assert "another thread" not in caplog.text  # the loading thread itself
+        decode_elsewhere(built_here)
+    assert caplog.text.count("another thread than the one that loaded the model") == 1
+    assert "eagle2.load_off_thread" in caplog.text
+    caplog.clear()
+    built_off = load_off_thread(lambda: make_generator(make_tiny_model("llama")))
+    with caplog.at_level("WARNING", logger="eagle2"):
+        decode_elsewhere(built_off)
+    assert "another thread" not in caplog.text
+

@@ -347,7 +347,7 @@ def test_cli_serve_options(monkeypatch):
 def test_serve_loads_on_a_thread_that_exits(monkeypatch, capsys):
     """The model loads on its own thread, which has ended when the server starts (so the worker is the one
     thread with an OpenMP pool); a failed load is the CLI's one error line."""
-    from eagle2.server import load_off_thread
+    from eagle2 import load_off_thread
 
     seen = []
 

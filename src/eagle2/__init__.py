@@ -6,10 +6,10 @@
     print(out.text, out.stats.mean_accept_len, out.stats.tokens_per_s)
 """
 
-from .api import Eagle2Generator, load
+from .api import Eagle2Generator, load, load_off_thread
 from .config import Backend, DecodeSettings, SamplingConfig, TreeConfig
 from .engine import GenerationResult, RoundEvent, Stats
 
-__all__ = ["load", "Eagle2Generator", "Backend", "DecodeSettings", "TreeConfig", "SamplingConfig", "GenerationResult",
+__all__ = ["load", "load_off_thread", "Eagle2Generator", "Backend", "DecodeSettings", "TreeConfig", "SamplingConfig", "GenerationResult",
            "RoundEvent", "Stats"]
 __version__ = "0.1.0"

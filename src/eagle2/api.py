@@ -13,7 +13,7 @@ import numbers
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from .target import Target, check_supported
 from .templating import chat_ids
 
 log = logging.getLogger("eagle2")
+T = TypeVar("T")
 
 
 def eos_ids_of(model, tokenizer) -> set[int]:
@@ -106,6 +107,8 @@ class Eagle2Generator:
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self._lock = threading.RLock()  # one round at a time, whichever thread asks (see _one_at_a_time)
+        self._home = threading.current_thread()  # the thread that loaded the model (see _check_thread)
+        self._thread_warned = False
         self.model_key = model_key
         self.tree = tree or load_tuned(model_key) or TreeConfig(adaptive=True)
         self._given_cost = cost_model
@@ -221,7 +224,21 @@ class Eagle2Generator:
             raise ValueError("this model's tokenizer has no chat template; pass token ids or a plain string")
         return chat_ids(self.tokenizer, messages)  # control-token text inside a message stays text
 
+    def _check_thread(self) -> None:
+        """Warn once when rounds run on another thread than the one that loaded the model while that one
+        lives: torch's OpenMP then keeps a thread pool for each, pools that sleep between parallel
+        regions, and a forward on the CPU ran at about half speed (docs/design.md, the native stack)."""
+        home = self._home
+        if self._thread_warned or self.device.type != "cpu" or home is threading.current_thread() \
+                or not home.is_alive():
+            return
+        self._thread_warned = True
+        log.warning("decoding on another thread than the one that loaded the model, which is still running: on a "
+                    "CPU this can halve the speed (two OpenMP thread pools); decode from the loading thread, or "
+                    "load with eagle2.load_off_thread(lambda: eagle2.load(...))")
+
     def _start(self, prompt, settings: DecodeSettings):
+        self._check_thread()
         ids = self.encode_prompt(prompt)
         if len(ids) >= self.target.max_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.target.max_len}, "
@@ -302,6 +319,35 @@ def _fresh_head(config) -> DraftHead:
     except AttributeError as e:
         raise ValueError(f"cannot size a draft head for this {config.model_type} model: its config has no "
                          f"{getattr(e, 'name', None) or e}; pass a trained head= for it") from None
+
+
+def load_off_thread(load: Callable[[], T]) -> T:
+    """``load()`` (e.g. ``lambda: eagle2.load(...)``), run on a thread of its own that then exits: its
+    result, or its exception raised here. For a program that decodes on another thread than the one
+    that loads (a server's worker).
+
+    Why: torch's OpenMP runtime (libgomp) gives every thread that starts parallel work a pool of
+    threads, which lives as long as that thread. Once more threads sit in pools than the machine has
+    CPUs, every pool sleeps between parallel regions instead of spinning, and a forward is a few
+    hundred regions: a model loaded on the main thread and decoded on a worker ran at about half
+    speed (``eagle2 serve`` on a 2-core CPU). A load on a thread that exits leaves no pool behind.
+    Ctrl-C raises KeyboardInterrupt here at once but cannot stop the load, which runs on in a daemon
+    thread (one left inside torch can abort the interpreter's exit: a CLI quits with ``os._exit``)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = load()
+        except BaseException as e:  # noqa: BLE001 (handed to the caller)
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="eagle2-load", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a timed wait, so that Ctrl-C is seen
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def load_head(directory: str | Path) -> DraftHead | Eagle3Head:

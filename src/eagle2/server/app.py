@@ -1,4 +1,4 @@
-"""Assembling and running the server: ``load_off_thread``, ``create_app``, ``run`` and ``serve_in_thread``.
+"""Assembling and running the server: ``create_app``, ``run`` and ``serve_in_thread``.
 
 The pieces live beside this module: ``schemas`` (request bodies), ``scheduler`` (the worker and
 its queue), ``responses`` (OpenAI bodies and SSE chunks), ``routes`` (the endpoints), ``guard``
@@ -11,8 +11,8 @@ forward releases the GIL while it computes, so the server stays responsive durin
 When the server is told to stop (Ctrl-C, SIGTERM), every job ends at once, before uvicorn's grace
 period: a stream in progress with an SSE error event, a waiting request with a 503; ``run`` then
 waits for the worker to leave the forward it is in (a round, or a chunk of a long prompt's prefill).
-The model is loaded on a thread that then exits (``load_off_thread``), so that the worker is the only
-thread with an OpenMP pool.
+``eagle2 serve`` loads the model on a thread that then exits (``eagle2.load_off_thread``), so that the
+worker is the only thread with an OpenMP pool.
 """
 
 from __future__ import annotations
@@ -37,38 +37,6 @@ from .routes import STATIC_DIR, AppState, router
 from .scheduler import Scheduler
 
 log = logging.getLogger("eagle2.server")
-
-
-def load_off_thread(load):
-    """``load()`` (e.g. ``eagle2.load(...)``), run on a thread of its own that then exits; its result, or
-    its exception raised here.
-
-    Why: the worker generates on its own thread, and torch's OpenMP runtime (libgomp) gives every thread
-    that starts parallel work a pool of threads that lives as long as that thread. Once more threads sit
-    in pools than the machine has CPUs, every pool sleeps between parallel regions instead of spinning,
-    and a forward is a few hundred regions: loaded on the main thread, the server decoded at about half
-    the speed of the same model on one thread (2-core CPU). A load on a thread that exits leaves no pool.
-    Ctrl-C during the load quits at once: the load cannot be stopped, and a thread left inside torch
-    aborts the interpreter's exit."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = load()
-        except BaseException as e:  # noqa: BLE001 (handed to the caller)
-            box["error"] = e
-
-    thread = threading.Thread(target=target, name="eagle2-load", daemon=True)
-    thread.start()
-    try:
-        while thread.is_alive():
-            thread.join(0.2)  # a timed wait, so that Ctrl-C is seen
-    except KeyboardInterrupt:
-        sys.stderr.flush()
-        os._exit(130)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def create_app(generator, config: ServerConfig | None = None, **settings) -> FastAPI:
