@@ -1,6 +1,7 @@
 """Bad input: a ValueError with a clear message from the API, a one-line error and exit 2 from the CLI."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -286,28 +287,41 @@ def test_auto_dtype_is_fp32_where_bf16_would_not_keep_drafting_exact(tmp_path, s
         eagle2.load(str(tmp_path / "gemma3"), dtype="bfloat16")
 
 
-def test_decoding_on_another_thread_than_the_loading_one_warns_once(caplog):
-    """Rounds on a thread other than the (living) loading thread warn once, naming the fix; a generator
-    built on a thread that has exited (eagle2.load_off_thread) does not warn."""
-    import threading
-
+def test_decoding_on_a_second_living_thread_warns_once(caplog):
+    """Rounds on a thread while another that loaded or ran the generator lives warn once, naming the fix;
+    a generator built on a thread that has exited (eagle2.load_off_thread) and run on one thread at a time
+    does not warn, and a second thread decoding while the first lives does."""
     from eagle2 import load_off_thread
 
-    def decode_elsewhere(gen):
-        t = threading.Thread(target=lambda: [gen.generate([1, 2, 3], max_new_tokens=2) for _ in range(2)])
-        t.start()
-        t.join()
+    def decode_elsewhere(gen, hold: threading.Event | None = None):
+        def work():
+            for _ in range(2):
+                gen.generate([1, 2, 3], max_new_tokens=2)
+            if hold is not None:
+                hold.wait()  # stay alive
 
+        t = threading.Thread(target=work)
+        t.start()
+        return t
+
+    warned = "decoding on a second thread"
     built_here = make_generator(make_tiny_model("llama"))
     with caplog.at_level("WARNING", logger="eagle2"):
         built_here.generate([1, 2, 3], max_new_tokens=2)
-        assert "another thread" not in caplog.text  # the loading thread itself
-        decode_elsewhere(built_here)
-    assert caplog.text.count("another thread than the one that loaded the model") == 1
-    assert "eagle2.load_off_thread" in caplog.text
+        assert warned not in caplog.text  # the loading thread itself
+        decode_elsewhere(built_here).join()
+    assert caplog.text.count(warned) == 1 and "eagle2.load_off_thread" in caplog.text
     caplog.clear()
     built_off = load_off_thread(lambda: make_generator(make_tiny_model("llama")))
+    hold = threading.Event()
     with caplog.at_level("WARNING", logger="eagle2"):
-        decode_elsewhere(built_off)
-    assert "another thread" not in caplog.text
-
+        decode_elsewhere(built_off).join()  # one thread at a time: no warning
+        decode_elsewhere(built_off).join()
+        assert warned not in caplog.text
+        first = decode_elsewhere(built_off, hold)
+        while not any(t is first for t in built_off._threads):
+            time.sleep(0.01)
+        decode_elsewhere(built_off).join()  # while the first still lives
+        hold.set()
+        first.join()
+    assert caplog.text.count(warned) == 1

@@ -12,6 +12,7 @@ import logging
 import numbers
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -107,7 +108,7 @@ class Eagle2Generator:
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
         self._lock = threading.RLock()  # one round at a time, whichever thread asks (see _one_at_a_time)
-        self._home = threading.current_thread()  # the thread that loaded the model (see _check_thread)
+        self._threads = weakref.WeakSet([threading.current_thread()])  # that loaded it or ran rounds (_check_thread)
         self._thread_warned = False
         self.model_key = model_key
         self.tree = tree or load_tuned(model_key) or TreeConfig(adaptive=True)
@@ -225,17 +226,18 @@ class Eagle2Generator:
         return chat_ids(self.tokenizer, messages)  # control-token text inside a message stays text
 
     def _check_thread(self) -> None:
-        """Warn once when rounds run on another thread than the one that loaded the model while that one
+        """Warn once when rounds run on a thread while another that loaded the model or ran rounds still
         lives: torch's OpenMP then keeps a thread pool for each, pools that sleep between parallel
         regions, and a forward on the CPU ran at about half speed (docs/design.md, the native stack)."""
-        home = self._home
-        if self._thread_warned or self.device.type != "cpu" or home is threading.current_thread() \
-                or not home.is_alive():
+        here = threading.current_thread()
+        others = [t for t in self._threads if t is not here and t.is_alive()]
+        self._threads.add(here)
+        if self._thread_warned or not others or self.device.type != "cpu":
             return
         self._thread_warned = True
-        log.warning("decoding on another thread than the one that loaded the model, which is still running: on a "
-                    "CPU this can halve the speed (two OpenMP thread pools); decode from the loading thread, or "
-                    "load with eagle2.load_off_thread(lambda: eagle2.load(...))")
+        log.warning("decoding on a second thread while another that loaded or ran this generator lives: on a CPU "
+                    "this can halve the speed (an OpenMP thread pool for each); decode from one thread, loaded with "
+                    "eagle2.load_off_thread(lambda: eagle2.load(...)) when it is not the loading one")
 
     def _start(self, prompt, settings: DecodeSettings):
         self._check_thread()
