@@ -288,10 +288,16 @@ def test_auto_dtype_is_fp32_where_bf16_would_not_keep_drafting_exact(tmp_path, s
 
 
 def test_decoding_on_a_second_living_thread_warns_once(caplog):
-    """Rounds on a thread while another that loaded or ran the generator lives warn once, naming the fix;
-    a generator built on a thread that has exited (eagle2.load_off_thread) and run on one thread at a time
-    does not warn, and a second thread decoding while the first lives does."""
-    from eagle2 import load_off_thread
+    """A generator built directly (no compute thread) warns once when rounds run on a thread while another
+    that built or ran it lives, naming the fix; one built on a thread that has exited and run on one thread
+    at a time does not warn, and a second thread decoding while the first lives does."""
+
+    def built_on_a_thread_that_exits():
+        box = []
+        t = threading.Thread(target=lambda: box.append(make_generator(make_tiny_model("llama"))))
+        t.start()
+        t.join()
+        return box[0]
 
     def decode_elsewhere(gen, hold: threading.Event | None = None):
         def work():
@@ -310,9 +316,9 @@ def test_decoding_on_a_second_living_thread_warns_once(caplog):
         built_here.generate([1, 2, 3], max_new_tokens=2)
         assert warned not in caplog.text  # the loading thread itself
         decode_elsewhere(built_here).join()
-    assert caplog.text.count(warned) == 1 and "eagle2.load_off_thread" in caplog.text
+    assert caplog.text.count(warned) == 1 and "from the main thread only or from other threads only" in caplog.text
     caplog.clear()
-    built_off = load_off_thread(lambda: make_generator(make_tiny_model("llama")))
+    built_off = built_on_a_thread_that_exits()
     hold = threading.Event()
     with caplog.at_level("WARNING", logger="eagle2"):
         decode_elsewhere(built_off).join()  # one thread at a time: no warning

@@ -344,21 +344,8 @@ def test_cli_serve_options(monkeypatch):
         assert main(["serve", "--port", str(s.getsockname()[1]), "--model", "/nonexistent"]) == 2
 
 
-def test_serve_loads_on_a_thread_that_exits(monkeypatch, capsys):
-    """The model loads on its own thread, which has ended when the server starts (so the worker is the one
-    thread with an OpenMP pool); a failed load is the CLI's one error line."""
-    from eagle2 import load_off_thread
-
-    seen = []
-
-    def load():
-        seen.append(threading.current_thread())
-        return "gen"
-
-    assert load_off_thread(load) == "gen"
-    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
-    with pytest.raises(ValueError, match="^bad model$"):
-        load_off_thread(lambda: (_ for _ in ()).throw(ValueError("bad model")))
+def test_serve_a_failed_load_is_one_error_line(capsys):
+    """The load runs on the compute thread (tests/test_compute.py); its failure is the CLI's one error line."""
     from eagle2.cli import main
 
     assert main(["serve", "--port", "0", "--model", "/nonexistent"]) == 2

@@ -18,7 +18,8 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-from . import cost, kernels, native
+from . import compute, cost, kernels, native
+from .compute import ComputeThread
 from .config import Backend, DecodeSettings, TreeConfig
 from .cost import CostModel
 from .draft import make_drafter
@@ -80,16 +81,23 @@ def _check_unicode(text: str) -> None:
         raise ValueError(f"prompt is not valid Unicode: a lone surrogate at character {e.start}") from None
 
 
+_END = object()  # the end of a generation's rounds (next's default)
+LOAD_THREAD = "eagle2-load"  # the name of load_off_thread's threads (the CLI exits at once while one runs)
+
+
 class Eagle2Generator:
     """A target model + draft head ready to generate. Threads may share one: their rounds take turns."""
 
     def __init__(self, model, tokenizer, head: DraftHead | Eagle3Head, *, model_key: str = "",
                  tree: TreeConfig | None = None, head_source: str = "", backend: Backend | str = "auto",
-                 draft_vocab: int | None = None, cost_model: CostModel | None = None, exact: bool | None = None):
+                 draft_vocab: int | None = None, cost_model: CostModel | None = None, exact: bool | None = None,
+                 compute: ComputeThread | None = None):
         """head: an EAGLE-1/2 ``DraftHead`` or an ``Eagle3Head`` (whose features are three target
         layers, captured in the target's forward). backend, exact: as for ``load``; ``self.backend`` is
         the ``Backend`` in force. cost_model: this machine's round costs for the dynamic tree; None
-        measures them on first use."""
+        measures them on first use. compute: the thread that runs the rounds threads other than the
+        main one ask for (``load`` passes the process's, ``compute.shared()``; see ``_on_compute``);
+        None runs every round on the thread that asks."""
         self.model = model
         self.tokenizer = tokenizer
         if isinstance(head, Eagle3Head):
@@ -107,8 +115,9 @@ class Eagle2Generator:
         self.drafter = make_drafter(head, self.target, draft_vocab, self.backend)
         self.eos_ids = eos_ids_of(model, tokenizer)
         self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
+        self._compute = compute
         self._lock = threading.RLock()  # one round at a time, whichever thread asks (see _one_at_a_time)
-        self._threads = weakref.WeakSet([threading.current_thread()])  # that loaded it or ran rounds (_check_thread)
+        self._threads = weakref.WeakSet([threading.current_thread()])  # that built it or ran rounds (_note_thread)
         self._thread_warned = False
         self.model_key = model_key
         self.tree = tree or load_tuned(model_key) or TreeConfig(adaptive=True)
@@ -125,19 +134,44 @@ class Eagle2Generator:
         verify curve (the target's) and probes only its own drafting costs."""
         if not Path(directory).is_dir():
             raise ValueError(f"head directory not found: {directory}")
+        return self._on_compute(self._with_head, directory)
+
+    def _with_head(self, directory: str | Path) -> "Eagle2Generator":
         head = load_head(directory)
         same = type(head) is type(self.head) and _shapes(head) == _shapes(self.head)
         other = Eagle2Generator(self.model, self.tokenizer, head, model_key=self.model_key, tree=self.tree,
                                 head_source=str(directory), backend=self.backend,
-                                cost_model=self.cost_model() if same else None)
+                                cost_model=self.cost_model() if same else None, compute=self._compute)
         if not same:
             other._given_cost = cost.with_draft_costs(self.cost_model(), other.drafter, self.tree.width)
         return other
 
     def clear_cache(self) -> None:
         """Drop the target caches kept for later prompts (``reuse_prefix``); the next call prefills all."""
+        self._on_compute(self._locked, self.engine.forget)
+
+    def _on_compute(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` where this thread's rounds run: here on the main thread (or on any thread when
+        the generator has no compute thread), on the compute thread from every other thread.
+
+        Why: torch keeps an OpenMP thread pool for each thread that runs parallel work, and two pools
+        on one machine halved the speed (``compute``). The main thread lives as long as the process and
+        is where a script or notebook does its own torch work, so its rounds stay on it; other threads
+        (a server's worker, a web framework's request pool) come and go, and one thread serves them all.
+        Either way the process keeps one pool, unless it decodes from both."""
+        if self._compute is None or threading.current_thread() is threading.main_thread():
+            return fn(*args)
+        return self._compute.run(fn, *args)
+
+    def _locked(self, fn: Callable[..., T], *args) -> T:
         with self._lock:
-            self.engine.forget()
+            return fn(*args)
+
+    def _round(self, events: Iterator[RoundEvent]):
+        """The next event of ``events`` (``_END`` after the last), run where rounds run (``_on_compute``)."""
+        self._note_thread()
+        with self._lock:
+            return next(events, _END)
 
     def cost_model(self, refit: bool = False) -> CostModel:
         """This machine's round costs for this model, head, dtype, backend and the cost-aware tree's
@@ -158,8 +192,8 @@ class Eagle2Generator:
         found = None if refit or not self.model_key else cost.load_cached(key)
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
-            with self._lock:  # the probe runs the target and the head on their caches
-                found = cost.probe(self.target, self.drafter, self.tree.width)
+            # the probe runs the target and the head on their caches
+            found = self._on_compute(self._locked, cost.probe, self.target, self.drafter, self.tree.width)
             if self.model_key:
                 cost.save(key, found)
         self._costs[key] = found
@@ -225,22 +259,24 @@ class Eagle2Generator:
             raise ValueError("this model's tokenizer has no chat template; pass token ids or a plain string")
         return chat_ids(self.tokenizer, messages)  # control-token text inside a message stays text
 
-    def _check_thread(self) -> None:
-        """Warn once when rounds run on a thread while another that loaded the model or ran rounds still
-        lives: torch's OpenMP then keeps a thread pool for each, pools that sleep between parallel
-        regions, and a forward on the CPU ran at about half speed (docs/design.md, the native stack)."""
+    def _note_thread(self) -> None:
+        """Warn once when rounds run on a thread while another that built the generator or ran rounds
+        still lives (for a generator from ``load``: rounds from the main thread and from others). torch's
+        OpenMP then keeps a thread pool for each, pools that sleep between parallel regions, and a
+        forward on the CPU ran at about half speed (``compute``)."""
         here = threading.current_thread()
+        if self._thread_warned or here in self._threads:
+            return
         others = [t for t in self._threads if t is not here and t.is_alive()]
         self._threads.add(here)
-        if self._thread_warned or not others or self.device.type != "cpu":
+        if not others or self.device.type != "cpu":
             return
         self._thread_warned = True
-        log.warning("decoding on a second thread while another that loaded or ran this generator lives: on a CPU "
-                    "this can halve the speed (an OpenMP thread pool for each); decode from one thread, loaded with "
-                    "eagle2.load_off_thread(lambda: eagle2.load(...)) when it is not the loading one")
+        log.warning("decoding on a second thread while another that built or ran this generator lives: on a CPU "
+                    "this can halve the speed (an OpenMP thread pool for each); decode from one thread, or, with a "
+                    "generator from eagle2.load, from the main thread only or from other threads only")
 
     def _start(self, prompt, settings: DecodeSettings):
-        self._check_thread()
         ids = self.encode_prompt(prompt)
         if len(ids) >= self.target.max_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.target.max_len}, "
@@ -253,22 +289,20 @@ class Eagle2Generator:
         return self._one_at_a_time(events), result
 
     def _one_at_a_time(self, events: Iterator[RoundEvent]) -> Iterator[RoundEvent]:
-        """The engine's rounds under the generator's lock. Generations may interleave round by round
-        (two streams in one thread do), but two threads must not run rounds at once: they share the
-        target and draft caches. So threads calling ``generate`` together take turns by round. A
-        generation abandoned midway (a stream left early) closes the engine's rounds under the lock
-        too: that runs the engine's cleanup, which keeps its cache for later prompts."""
+        """The engine's rounds, each on the compute thread (when the generator has one) and under the
+        generator's lock. Generations may interleave round by round (two streams in one thread do),
+        but two threads must not run rounds at once: they share the target and draft caches. So
+        threads calling ``generate`` together take turns by round. A generation abandoned midway (a
+        stream left early) closes the engine's rounds the same way: that runs the engine's cleanup,
+        which keeps its cache for later prompts."""
         try:
             while True:
-                with self._lock:
-                    try:
-                        ev = next(events)
-                    except StopIteration:
-                        return
+                ev = self._on_compute(self._round, events)
+                if ev is _END:
+                    return
                 yield ev
         finally:
-            with self._lock:
-                events.close()
+            self._on_compute(self._locked, events.close)
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt, settings: DecodeSettings | None = None, **kw) -> GenerationResult:
@@ -324,17 +358,14 @@ def _fresh_head(config) -> DraftHead:
 
 
 def load_off_thread(load: Callable[[], T]) -> T:
-    """``load()`` (e.g. ``lambda: eagle2.load(...)``), run on a thread of its own that then exits: its
-    result, or its exception raised here. For a program that decodes on another thread than the one
-    that loads (a server's worker).
+    """``load()`` run on a thread of its own that then exits: its result, or its exception raised here.
+    ``eagle2.load`` loads this way itself.
 
-    Why: torch's OpenMP runtime (libgomp) gives every thread that starts parallel work a pool of
-    threads, which lives as long as that thread. Once more threads sit in pools than the machine has
-    CPUs, every pool sleeps between parallel regions instead of spinning, and a forward is a few
-    hundred regions: a model loaded on the main thread and decoded on a worker ran at about half
-    speed (``eagle2 serve`` on a 2-core CPU). A load on a thread that exits leaves no pool behind.
-    Ctrl-C raises KeyboardInterrupt here at once but cannot stop the load, which runs on in a daemon
-    thread (one left inside torch can abort the interpreter's exit: a CLI quits with ``os._exit``)."""
+    Why: torch's OpenMP runtime gives every thread that starts parallel work a pool of threads, which
+    lives as long as that thread, and two pools on one machine halved the speed (``compute``). A load
+    on a thread that exits leaves no pool behind, whichever thread then decodes. Ctrl-C raises
+    KeyboardInterrupt here at once but cannot stop the load, which runs on in a daemon thread (one
+    left inside torch can abort the interpreter's exit: the CLI quits with ``os._exit``)."""
     box: dict = {}
 
     def target():
@@ -343,7 +374,7 @@ def load_off_thread(load: Callable[[], T]) -> T:
         except BaseException as e:  # noqa: BLE001 (handed to the caller)
             box["error"] = e
 
-    thread = threading.Thread(target=target, name="eagle2-load", daemon=True)
+    thread = threading.Thread(target=target, name=LOAD_THREAD, daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(0.2)  # a timed wait, so that Ctrl-C is seen
@@ -381,7 +412,16 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     output token for token in bf16 / fp16 too (fp32 is covered by the contract with transformers).
     None: ``fast.exact_default`` (on for a CPU with the native extension, where it is also the faster
     path, fp32 included); False: ATen's kernels, where a near-tie may flip between a tree row and a
-    one-token step."""
+    one-token step.
+
+    Threads: the load runs on a thread that then exits (``load_off_thread``); rounds asked for on the
+    main thread run there, and those asked for on any other thread run on the process's compute
+    thread (``compute.shared()``). torch keeps a CPU thread pool per thread that computes, and two
+    pools on one machine halved the speed: so a script, a notebook or a server keeps one."""
+    return load_off_thread(lambda: _load(model, head, dtype, device, device_map, tree, backend, draft_vocab, exact))
+
+
+def _load(model, head, dtype, device, device_map, tree, backend, draft_vocab, exact) -> Eagle2Generator:
     backend = Backend.of(backend, exact)  # the environment is read here, once; bad values fail before the load
     if not isinstance(model, (str, Path)):
         raise ValueError(f"model must be a name, a directory, a .gguf file or a hub id; got {type(model).__name__}")
@@ -404,8 +444,8 @@ def load(model: str = "smollm2-135m", head: str | None = None, dtype: str | torc
     else:
         warnings.warn(f"no trained draft head for {model!r}: using a freshly initialised head. Output is still "
                       "exact, but drafts are rarely accepted, so decoding is slower than vanilla. Train one with "
-                      "`eagle2 train`.", stacklevel=2)
+                      "`eagle2 train`.", stacklevel=1)
         draft = _fresh_head(hf.config)
         source = "random-init"
     return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source,
-                           backend=backend, draft_vocab=draft_vocab)
+                           backend=backend, draft_vocab=draft_vocab, compute=compute.shared())

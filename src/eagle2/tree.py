@@ -27,6 +27,8 @@ Glossary (used by every module of the package):
   that chain would propose first (``lookup.copy_hits``; the trainer's ``--lookup-weight`` weighs them).
 - reused prefix: the prompt tokens whose target keys/values a recent call left in its cache
   (engine.py; a chat's earlier turns), which the next call does not prefill again.
+- compute thread: the one thread that runs a loaded generator's rounds asked for on threads other
+  than the main one (compute.py; torch keeps a CPU thread pool per thread that computes).
 
 Worked example: tokens [r, a, b, c] with parents [-1, 0, 0, 1] (a, b children of the root,
 c child of a) and a prefix of 7 tokens give depths [0, 1, 1, 2], positions [7, 8, 8, 9],

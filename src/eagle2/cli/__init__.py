@@ -59,12 +59,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        _exit_now_if_computing(130)
         return 130
     except BrokenPipeError:
         return 0
     except OSError as e:  # a path that cannot be read or written, a full disk: the system's one-line reason
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _exit_now_if_computing(code: int) -> None:
+    """Quit at once while a load (which Ctrl-C cannot stop) or a round on the compute thread is still
+    inside torch: a thread left there can abort the interpreter's normal exit."""
+    import threading
+
+    from ..api import LOAD_THREAD
+    from ..compute import shared
+
+    loading = any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate())
+    if loading or shared().busy():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -98,16 +98,15 @@ def cmd_serve(args) -> int:
         import uvicorn  # noqa: F401
     except ModuleNotFoundError as e:
         raise ValueError(f"serving needs {e.name}: pip install 'eagle2[serve]'") from None
-    from ..api import load_off_thread
     from ..server.app import bind_socket, run
 
     bind_socket(args.host, args.port).close()  # fail fast (before the model load) on a busy port
     if not _is_loopback(args.host) and not config.api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use "
               "it (set EAGLE2_API_KEY or --api-key-file)", file=sys.stderr)
-    try:  # on a thread that exits, so that the server's worker is the one OpenMP pool (load_off_thread)
-        gen = load_off_thread(lambda: _load(args))
-    except KeyboardInterrupt:  # the load runs on, and a thread left inside torch aborts the interpreter's exit
+    try:
+        gen = _load(args)
+    except KeyboardInterrupt:  # the load runs on in its thread, and a thread left inside torch aborts the exit
         sys.stderr.flush()
         os._exit(130)
     host = f"[{args.host}]" if ":" in args.host else args.host

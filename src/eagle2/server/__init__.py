@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server with a web chat page, for one ``Eagle2Generator``.
 
 ``create_app(generator, ServerConfig(...))`` builds the FastAPI app; ``run(generator, config)``
-serves it with uvicorn (load the generator with ``eagle2.load_off_thread``: see there); ``eagle2 serve`` is the command line for it. Needs the ``serve`` extra
+serves it with uvicorn (a generator from ``eagle2.load``); ``eagle2 serve`` is the command line for it. Needs the ``serve`` extra
 (fastapi, uvicorn, pydantic); ``ServerConfig`` alone does not, so the CLI can read its defaults.
 """
 

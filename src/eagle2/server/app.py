@@ -11,8 +11,8 @@ forward releases the GIL while it computes, so the server stays responsive durin
 When the server is told to stop (Ctrl-C, SIGTERM), every job ends at once, before uvicorn's grace
 period: a stream in progress with an SSE error event, a waiting request with a 503; ``run`` then
 waits for the worker to leave the forward it is in (a round, or a chunk of a long prompt's prefill).
-``eagle2 serve`` loads the model on a thread that then exits (``eagle2.load_off_thread``), so that the
-worker is the only thread with an OpenMP pool.
+The worker hands each round to the generator, and a generator from ``eagle2.load`` runs it on the
+process's compute thread (``eagle2.compute``): one OpenMP pool, whichever thread asks.
 """
 
 from __future__ import annotations

@@ -1,0 +1,132 @@
+"""The compute thread: rounds asked for off the main thread run on one thread, whichever threads ask."""
+
+import logging
+import threading
+
+import pytest
+
+from eagle2.compute import ComputeThread, shared
+
+from conftest import make_generator, make_tiny_model
+
+
+def test_calls_run_on_the_compute_thread_in_order_with_their_errors():
+    ct = ComputeThread(name="test-compute")
+    here = threading.current_thread()
+    ran_on = ct.run(threading.current_thread)
+    assert ran_on is not here and ran_on.name == "test-compute" and ran_on.daemon
+    assert ct.run(lambda a, b=0: a + b, 2, b=3) == 5
+    assert ct.run(lambda: ct.run(threading.current_thread)) is ran_on  # a call from inside runs inline
+    with pytest.raises(KeyError, match="missing"):
+        ct.run(lambda: {}["missing"])
+    assert ct.run(threading.current_thread) is ran_on and not ct.busy()  # an error leaves it serving
+    order = []
+
+    def caller(i):
+        for k in range(20):
+            ct.run(lambda: order.append((i, k)))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(order) == [(i, k) for i in range(4) for k in range(20)]
+    assert all([k for j, k in order if j == i] == list(range(20)) for i in range(4))  # each caller's in order
+
+
+def _record_forward_threads(gen) -> set:
+    seen: set = set()
+    forward = gen.target.forward
+
+    def recording(*args, **kwargs):
+        seen.add(threading.current_thread())
+        return forward(*args, **kwargs)
+
+    gen.target.forward = recording  # the engine calls the target's forward for prefill and every round
+    return seen
+
+
+def _in_threads(*calls):
+    """Run each call on a thread of its own, all at once: their results, in order (errors re-raised)."""
+    out: dict = {}
+
+    def run(i, call):
+        try:
+            out[i] = call()
+        except BaseException as e:  # noqa: BLE001 (raised below)
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(len(calls)):
+        if isinstance(out[i], BaseException):
+            raise out[i]
+    return [out[i] for i in range(len(calls))]
+
+
+def test_rounds_asked_for_off_the_main_thread_run_on_the_compute_thread(caplog):
+    """Generations from several threads at once (streams left midway among them) get what each gets
+    alone, and every target forward runs on the compute thread, without a warning. The main thread's
+    rounds run on the main thread; doing both warns once (two OpenMP pools)."""
+    ct = ComputeThread(name="test-compute")
+    [gen] = _in_threads(lambda: make_generator(
+        make_tiny_model("llama", vocab_size=16, max_position_embeddings=96), compute=ct))  # that thread exits
+    seen = _record_forward_threads(gen)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    [alone] = _in_threads(lambda: [gen.generate(p, max_new_tokens=24, method="vanilla").token_ids for p in prompts])
+
+    def left_early_then_whole(i, method):
+        stream = gen.stream(prompts[i], max_new_tokens=24, method=method)
+        next(stream, None)
+        stream.close()  # its rounds are closed on the compute thread too (the engine's cleanup)
+        return gen.generate(prompts[i], max_new_tokens=24, method=method).token_ids
+
+    with caplog.at_level(logging.WARNING, logger="eagle2"):
+        for _ in range(2):
+            assert _in_threads(*(lambda i=i, m=m: left_early_then_whole(i, m)
+                                 for i, m in enumerate(("eagle2", "chain", "vanilla")))) == alone
+        _in_threads(gen.clear_cache)
+        assert seen == {ct._thread} and "second thread" not in caplog.text
+        assert gen.generate(prompts[0], max_new_tokens=24).token_ids == alone[0]
+    assert seen == {ct._thread, threading.main_thread()}
+    assert caplog.text.count("second thread") == 1
+
+
+def test_load_leaves_no_pool_and_serves_other_threads_on_the_shared_compute_thread(monkeypatch, tmp_path,
+                                                                                   smol_tokenizer):
+    """eagle2.load loads on a thread that exits and gives the generator the process's compute thread;
+    a failed load raises its own error in the caller."""
+    import warnings
+
+    import eagle2
+    from eagle2 import api
+
+    make_tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path / "llama")
+    smol_tokenizer.save_pretrained(tmp_path / "llama")
+    loaded_on = []
+    load_target = api.load_target
+
+    def recording_load(*args, **kwargs):
+        loaded_on.append(threading.current_thread())
+        return load_target(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load_target", recording_load)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no trained head: a fresh one, with its own warning
+        gen = eagle2.load(str(tmp_path / "llama"))
+    assert loaded_on[0] is not threading.current_thread() and not loaded_on[0].is_alive()
+    assert gen._compute is shared()
+    seen = _record_forward_threads(gen)
+    _in_threads(lambda: gen.generate("Hi", max_new_tokens=4))
+    assert seen == {shared()._thread}
+
+    def failing_load(*args, **kwargs):
+        raise ValueError("cannot read this model")
+
+    monkeypatch.setattr(api, "load_target", failing_load)
+    with pytest.raises(ValueError, match="^cannot read this model$"):
+        eagle2.load(str(tmp_path / "llama"))
