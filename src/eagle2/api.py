@@ -289,7 +289,7 @@ class Eagle2Generator:
         return self._one_at_a_time(events), result
 
     def _one_at_a_time(self, events: Iterator[RoundEvent]) -> Iterator[RoundEvent]:
-        """The engine's rounds, each on the compute thread (when the generator has one) and under the
+        """The engine's rounds, each where this thread's rounds run (``_on_compute``) and under the
         generator's lock. Generations may interleave round by round (two streams in one thread do),
         but two threads must not run rounds at once: they share the target and draft caches. So
         threads calling ``generate`` together take turns by round. A generation abandoned midway (a

@@ -1,8 +1,9 @@
 """An OpenAI-compatible HTTP server with a web chat page, for one ``Eagle2Generator``.
 
 ``create_app(generator, ServerConfig(...))`` builds the FastAPI app; ``run(generator, config)``
-serves it with uvicorn (a generator from ``eagle2.load``); ``eagle2 serve`` is the command line for it. Needs the ``serve`` extra
-(fastapi, uvicorn, pydantic); ``ServerConfig`` alone does not, so the CLI can read its defaults.
+serves it with uvicorn (a generator from ``eagle2.load``); ``eagle2 serve`` is the command line for
+it. Needs the ``serve`` extra (fastapi, uvicorn, pydantic); ``ServerConfig`` alone does not, so the
+CLI can read its defaults.
 """
 
 from .config import ServerConfig
