@@ -209,6 +209,8 @@ def _refusal(tmp_path, layer_edit=None, **top) -> str:
     (dict(norm_before_fc=True), None, "norm_before_fc"),
     (dict(embed_requires_grad=True), None, "embed_requires_grad"),
     (dict(speculators_model_type="peagle"), None, "speculators head of type 'peagle'"),
+    (dict(speculators_model_type="eagle", architectures=["EagleSpeculator"], draft_vocab_size=None), None,
+     "speculators head of type 'eagle'"),  # an EAGLE-1 speculator: not read as an EAGLE-1/2 head either
     (dict(target_hidden_size=64), None, "narrower than their target"),
     (dict(layer_ids=[2, 4]), None, "must name 3 layers"),
     (dict(transformer_layer_config="llama"), None, "lacks a transformer_layer_config"),

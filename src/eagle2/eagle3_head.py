@@ -367,12 +367,13 @@ class Eagle3Head(nn.Module):
 
 
 def is_eagle3(directory: str | Path) -> bool:
-    """Whether a head directory holds an EAGLE-3 head: its config names an Eagle3 architecture, a
-    draft vocabulary or speculators type eagle3, or its weights have a ``midlayer``."""
+    """Whether a head directory holds an EAGLE-3 head: its config names an Eagle3 architecture or a
+    draft vocabulary, or is in the speculators format (whose reader refuses every other speculators
+    kind in one line), or its weights have a ``midlayer``."""
     d = read_head_config(Path(directory))
     if "draft_vocab_size" in d or any("eagle3" in str(a).lower() for a in d.get("architectures") or []):
         return True
-    if d.get("speculators_model_type") == "eagle3":
+    if is_speculators(d):
         return True
     return any(k.removeprefix("model.").startswith("midlayer.") for k in _weight_names(Path(directory)))
 
