@@ -345,7 +345,7 @@ def test_cli_serve_options(monkeypatch):
 
 
 def test_serve_a_failed_load_is_one_error_line(capsys):
-    """The load runs on the compute thread (tests/test_compute.py); its failure is the CLI's one error line."""
+    """The load runs on a thread of its own (tests/test_compute.py); its failure is the CLI's one error line."""
     from eagle2.cli import main
 
     assert main(["serve", "--port", "0", "--model", "/nonexistent"]) == 2

@@ -359,7 +359,8 @@ def main(argv=None) -> int:
         return gen, {p: gen.generate([{"role": "user", "content": p}], max_new_tokens=args.max_tokens,
                                      method=args.method, **sampled).text for p in PROMPTS}
 
-    gen, expected = eagle2.load_off_thread(prepare)  # on a thread that exits: the rounds run in the one OpenMP pool
+    # off the main thread: the reference answers run on the compute thread, as the server's rounds will (one pool)
+    gen, expected = eagle2.load_off_thread(prepare)
     print(f"model {gen.model_key} on {gen.device} ({gen.dtype}), head {gen.head_source}", file=sys.stderr)
     with serve_in_thread(create_app(gen, max_queue=max(16, args.clients), parallel=args.parallel)) as url:
         for k in range(args.rounds):

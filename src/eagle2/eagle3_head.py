@@ -371,9 +371,8 @@ def is_eagle3(directory: str | Path) -> bool:
     draft vocabulary, or is in the speculators format (whose reader refuses every other speculators
     kind in one line), or its weights have a ``midlayer``."""
     d = read_head_config(Path(directory))
-    if "draft_vocab_size" in d or any("eagle3" in str(a).lower() for a in d.get("architectures") or []):
-        return True
-    if is_speculators(d):
+    eagle3_arch = any("eagle3" in str(a).lower() for a in d.get("architectures") or [])
+    if "draft_vocab_size" in d or eagle3_arch or is_speculators(d):
         return True
     return any(k.removeprefix("model.").startswith("midlayer.") for k in _weight_names(Path(directory)))
 

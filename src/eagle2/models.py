@@ -83,7 +83,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}: {_first_line(e)}") from None
+        raise ValueError(f"unknown device {device!r}: {_one_line(e)}") from None
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {device!r}: this package runs on cpu, cuda or mps")
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
@@ -153,7 +153,7 @@ def _gguf_to_cache(gguf: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # a truncated or foreign file fails deep in the GGUF reader, in any way
-        raise ValueError(f"cannot read {gguf} as a GGUF model ({type(e).__name__}: {_first_line(e)})") from None
+        raise ValueError(f"cannot read {gguf} as a GGUF model ({type(e).__name__}: {_one_line(e)})") from None
     model.hf_quantizer = None  # dequantized already; lets save_pretrained write safetensors
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -167,7 +167,7 @@ def _gguf_to_cache(gguf: Path, out: Path) -> None:
     except Exception as e:  # cannot write (read-only, full, not a directory) or another process won the rename
         if (out / "config.json").exists():
             return  # another process finished the same conversion first
-        raise ValueError(f"cannot store the converted {gguf.name} under {out.parent} ({_first_line(e)}); "
+        raise ValueError(f"cannot store the converted {gguf.name} under {out.parent} ({_one_line(e)}); "
                          "set EAGLE2_CACHE to a writable directory with room for it") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -237,9 +237,9 @@ def float_weights(model) -> Callable[[str], Tensor | None]:
     return get
 
 
-def _first_line(e: Exception) -> str:
-    """An error's message as one line (a first line that ends in a colon goes on below it), at most 300
-    characters."""
+def _one_line(e: Exception) -> str:
+    """An error's whole message as one line (a first line that ends in a colon goes on below it), at
+    most 300 characters."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
@@ -256,7 +256,7 @@ def _what_to_do(model: str, src: Path | str) -> str:
 
 def _unloadable(model: str, src: Path | str, e: Exception) -> ValueError:
     """The one-line error for a model that would not load, with what to do about it."""
-    return ValueError(f"could not load model {model!r}: {_first_line(e).rstrip('.')}{_what_to_do(model, src)}")
+    return ValueError(f"could not load model {model!r}: {_one_line(e).rstrip('.')}{_what_to_do(model, src)}")
 
 
 def _from_pretrained(src: Path | str, **kwargs):
@@ -299,14 +299,14 @@ def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "au
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except unreadable as e:
-        raise ValueError(f"could not load the tokenizer of model {model!r}: {_first_line(e)}") from None
+        raise ValueError(f"could not load the tokenizer of model {model!r}: {_one_line(e)}") from None
     try:
         hf = _from_pretrained(src, **kwargs)
     except unreadable as e:
         raise _unloadable(model, src, e) from None
     except (RuntimeError, AssertionError, TypeError, KeyError) as e:
         if device_map is not None:
-            raise ValueError(f"device_map {device_map!r} does not work here: {_first_line(e)}") from None
+            raise ValueError(f"device_map {device_map!r} does not work here: {_one_line(e)}") from None
         if not isinstance(e, RuntimeError):
             raise
         # torch.load's message for a cut .bin file, or out of memory

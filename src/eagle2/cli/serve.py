@@ -104,11 +104,7 @@ def cmd_serve(args) -> int:
     if not _is_loopback(args.host) and not config.api_key:
         print(f"warning: listening on {args.host} without an API key: anyone who can reach this machine can use "
               "it (set EAGLE2_API_KEY or --api-key-file)", file=sys.stderr)
-    try:
-        gen = _load(args)
-    except KeyboardInterrupt:  # the load runs on in its thread, and a thread left inside torch aborts the exit
-        sys.stderr.flush()
-        os._exit(130)
+    gen = _load(args)  # Ctrl-C here: main() exits at once while the load runs on (_exit_now_if_computing)
     host = f"[{args.host}]" if ":" in args.host else args.host
 
     def ready(port: int) -> None:
