@@ -334,3 +334,88 @@ def test_a_long_prefill_runs_in_chunks_a_consumer_can_stop_between(bf16_generato
     next(events)  # the first chunk is in; the client goes away
     events.close()
     assert calls == [32] and result.token_ids == []
+
+
+@pytest.mark.parametrize("capture", [(), (0, 1, 2)])
+def test_forwards_run_together_give_each_ones_bits(capture):
+    """``forward_many`` runs small forwards of several sequences in one pass over the weights (a server's
+    requests side by side): each call's logits, features and cache entries are the bits it gets alone,
+    with or without captured layers (an EAGLE-3 head's features), in groups of up to 64 rows."""
+    from eagle2.target import Forward
+
+    tgt = FastTarget(wide_model(torch.bfloat16, vocab_size=512), backend=Backend(exact=True))
+    if not tgt.stack.is_native:
+        pytest.skip("native forward unavailable")
+    tgt.capture(capture)
+    g = torch.Generator().manual_seed(5)
+    with torch.inference_mode():
+        caches = []
+        for n in (37, 120, 5, 64, 90):
+            cache = tgt.new_cache(capacity=n + 64)
+            tgt.forward(cache, torch.randint(0, 512, (n,), generator=g), torch.arange(n), None)
+            caches.append(cache)
+        calls = []
+        for cache, m in zip(caches, (6, 1, 17, 40, 30)):  # 6 + 1 + 17 + 40 rows run together, then 30
+            tree, depth = random_tree(m, g)
+            allowed = torch.cat([torch.ones(m, cache.length, dtype=torch.bool), tree], dim=1)
+            calls.append(Forward(cache, torch.randint(0, 512, (m,), generator=g), cache.length + depth, allowed))
+        calls[1].allowed, calls[2].logits_rows = None, slice(3, 9)  # a causal step; logits of some rows only
+        alone = [tgt.copy_prefix(c, c.length) for c in caches]
+        want = [tgt.forward(a, c.tokens, c.positions, c.allowed, c.logits_rows) for a, c in zip(alone, calls)]
+        got = tgt.forward_many(calls)
+    for (wl, wf), (gl, gf), a, c in zip(want, got, alone, caches):
+        n = a.length
+        assert c.length == n and torch.equal(gl, wl) and torch.equal(gf, wf)
+        assert torch.equal(c.k[:, :, :, :n], a.k[:, :, :, :n]) and torch.equal(c.v[:, :, :, :n], a.v[:, :, :, :n])
+    assert got[0][1].shape[-1] == tgt.hidden_size * max(1, len(capture))
+
+
+def test_decodes_stepped_together_give_their_own_tokens(bf16_generator, monkeypatch):
+    """Several generations advanced together (``step_together``, one target forward of each per step,
+    run as one) give the tokens each gives alone, greedy and seeded sampling, tree and plain alike; the
+    shared forwards did run together; a decode that fails ends alone."""
+    from eagle2 import fast
+
+    gen = bf16_generator
+    g = torch.Generator().manual_seed(13)
+    jobs = [(torch.randint(0, 512, (n,), generator=g).tolist(), kw) for n, kw in (
+        (40, dict(max_new_tokens=30)), (90, dict(max_new_tokens=12, method="vanilla")),
+        (15, dict(max_new_tokens=40, temperature=0.8, seed=3)), (60, dict(max_new_tokens=25, method="chain")))]
+    alone = [gen.generate(p, reuse_prefix=False, **kw) for p, kw in jobs]
+    together = []
+    monkeypatch.setattr(fast.FastTarget, "_together", _counting(fast.FastTarget._together, together))
+    started = [gen.begin(p, reuse_prefix=False, **kw) for p, kw in jobs]
+
+    def failing(decode):  # the fifth decode fails after its third event
+        seen = 0
+        answer = None
+        while True:
+            item = decode.send(answer)
+            seen += not isinstance(item, fast.Forward)
+            if seen > 3:
+                decode.close()
+                raise RuntimeError("this decode fails")
+            answer = yield item
+
+    bad, _ = gen.begin(jobs[0][0], max_new_tokens=30, reuse_prefix=False)
+    decodes = [d for d, _ in started] + [failing(bad)]
+    errors, steps = {}, 0
+    while decodes:
+        out = gen.step_together(decodes)
+        steps += 1
+        for d, st in zip(list(decodes), out):
+            if st.error is not None:
+                errors[id(d)] = str(st.error)
+            if st.ended:
+                decodes.remove(d)
+    assert [r.token_ids for _, r in started] == [a.token_ids for a in alone]
+    assert [r.text for _, r in started] == [a.text for a in alone]
+    assert list(errors.values()) == ["this decode fails"]
+    assert len(together) > 10 and max(together) == 5  # steps with up to all five decodes in one forward
+
+
+def _counting(fn, sizes: list):
+    def wrapped(self, calls):
+        sizes.append(len(calls))
+        return fn(self, calls)
+    return wrapped

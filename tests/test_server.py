@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import closing
 
 import httpx
 import pytest
@@ -48,6 +49,22 @@ def assert_error(r, status=400, param=None):
     return body["error"]
 
 
+def relay(decode, hook):
+    """A decode from ``generator.begin`` passed through, its forwards and their answers included, with
+    ``hook(item)`` called on every item (a forward it asks for, or an event) before it goes on."""
+    from eagle2.target import Forward
+
+    with closing(decode):
+        answer = None
+        while True:
+            try:
+                item = decode.send(answer)
+            except StopIteration:
+                return
+            hook(item, isinstance(item, Forward))
+            answer = yield item
+
+
 class Gated:
     """Wraps a generator: each generation waits for ``gate`` before its first round; counts rounds."""
 
@@ -61,20 +78,19 @@ class Gated:
     def __getattr__(self, name):
         return getattr(self.real, name)
 
-    def stream_events(self, prompt, settings=None, **kw):
-        events, result = self.real.stream_events(prompt, settings, **kw)
+    def begin(self, prompt, settings=None, **kw):
+        decode, result = self.real.begin(prompt, settings, **kw)
         self.rounds.append(0)
         idx = len(self.rounds) - 1
+
+        def count(item, is_forward):
+            if not is_forward:
+                self.rounds[idx] += 1
 
         def wrapped():
             self.started.set()
             self.gate.wait(30)
-            try:
-                for ev in events:
-                    self.rounds[idx] += 1
-                    yield ev
-            finally:
-                events.close()
+            return (yield from relay(decode, count))
 
         return wrapped(), result
 
@@ -430,12 +446,13 @@ def test_a_job_ends_in_the_turn_of_its_last_forward():
     import asyncio
     import types
 
+    from eagle2.engine import step_together
     from eagle2.server.scheduler import Scheduler
 
     log, both_queued = [], threading.Event()
 
-    class Fake:
-        def stream_events(self, ids, settings):
+    class Fake:  # decodes that need no target forward
+        def begin(self, ids, settings):
             name, n = ids
             result = types.SimpleNamespace(finish_reason="length", token_ids=[])
 
@@ -447,6 +464,12 @@ def test_a_job_ends_in_the_turn_of_its_last_forward():
                     yield types.SimpleNamespace(final=i == n - 1)  # (not streamed: nothing else is read)
                 log.append(name + " end")
             return events(), result
+
+        def step_together(self, decodes):
+            return step_together(None, decodes)
+
+        def end(self, decode):
+            decode.close()
 
     loop = asyncio.new_event_loop()
     sched = Scheduler(Fake(), max_queue=4, parallel=2)

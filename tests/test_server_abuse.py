@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from test_server import LOCAL, MSG, Gated, assert_error, sse, wait_for
+from test_server import LOCAL, MSG, Gated, assert_error, relay, sse, wait_for
 
 from eagle2.server import create_app, serve_in_thread
 from eagle2.server.config import ServerConfig
@@ -51,14 +51,17 @@ class Failing(Gated):
         super().__init__(real)
         self.exc = exc
 
-    def stream_events(self, prompt, settings=None, **kw):
-        events, result = super().stream_events(prompt, settings, **kw)
+    def begin(self, prompt, settings=None, **kw):
+        decode, result = super().begin(prompt, settings, **kw)
+        seen = []
 
-        def failing():
-            yield next(events)
-            raise self.exc
+        def fail_after_first(item, is_forward):
+            if seen:
+                raise self.exc
+            if not is_forward:
+                seen.append(item)
 
-        return failing(), result
+        return relay(decode, fail_after_first), result
 
 
 class Counting(Gated):
@@ -80,18 +83,14 @@ class Slow(Gated):
         super().__init__(real)
         self.delay = delay
 
-    def stream_events(self, prompt, settings=None, **kw):
-        events, result = super().stream_events(prompt, settings, **kw)
+    def begin(self, prompt, settings=None, **kw):
+        decode, result = super().begin(prompt, settings, **kw)
 
-        def slow():
-            try:
-                for ev in events:
-                    time.sleep(self.delay)
-                    yield ev
-            finally:
-                events.close()
+        def sleep(item, is_forward):
+            if not is_forward:
+                time.sleep(self.delay)
 
-        return slow(), result
+        return relay(decode, sleep), result
 
 
 def open_request(url: str, body: dict, path: str = CHAT) -> socket.socket:
@@ -209,6 +208,7 @@ def test_shutdown_ends_every_request_with_an_error(tiny_chat_generator, parallel
 
 BUSY_SERVER = """
 import signal, sys, time, types, torch
+from eagle2.engine import step_together
 from eagle2.server.app import run
 
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal: a background job (CI) inherits it ignored
@@ -219,7 +219,7 @@ class Busy:  # its one forward is argv[1] s of native code that cannot stop midw
     def encode_prompt(self, prompt):
         return list(prompt)
 
-    def stream_events(self, ids, settings):
+    def begin(self, ids, settings):
         def events():
             a = torch.randn(1000, 1000)
             print("forward", flush=True)
@@ -227,8 +227,14 @@ class Busy:  # its one forward is argv[1] s of native code that cannot stop midw
             while time.time() < end:
                 a @ a
             stats = types.SimpleNamespace(tokens_per_s=1.0, mean_accept_len=1.0, rounds=1, new_tokens=1)
-            yield types.SimpleNamespace(text="x", draft_text="", token_ids=[1], drafted=0, stats=stats)
+            yield types.SimpleNamespace(text="x", draft_text="", token_ids=[1], drafted=0, stats=stats, final=True)
         return events(), None
+
+    def step_together(self, decodes):
+        return step_together(None, decodes)
+
+    def end(self, decode):
+        decode.close()
 
 run(Busy(), port=0, on_ready=lambda port: print(port, flush=True))
 """

@@ -25,7 +25,7 @@ from .cost import CostModel
 from .draft import make_drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
-from .engine import Engine, GenerationResult, RoundEvent
+from .engine import Engine, GenerationResult, RoundEvent, Step, Steps, run_alone, step_together
 from .fast import half_is_exact, in_force, make_target
 from .models import builtin_head_dir, cache_dir, file_name, load_target
 from .target import Target, check_supported
@@ -276,7 +276,8 @@ class Eagle2Generator:
                     "this can halve the speed (an OpenMP thread pool for each); decode from one thread, or, with a "
                     "generator from eagle2.load, from the main thread only or from other threads only")
 
-    def _start(self, prompt, settings: DecodeSettings):
+    def _steps(self, prompt, settings: DecodeSettings) -> tuple[Steps, GenerationResult]:
+        """The engine's steps for ``prompt`` (its forwards left to the caller) and the result they fill."""
         ids = self.encode_prompt(prompt)
         if len(ids) >= self.target.max_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.target.max_len}, "
@@ -284,9 +285,34 @@ class Eagle2Generator:
         tree = settings.tree(self.tree)
         result = GenerationResult([], "", None, "length", ids)
         cost_model = self.cost_model() if tree.dynamic else None
-        events = self.engine.decode(ids, tree, settings.sampling, settings.max_new_tokens, settings.stop, result,
-                                    cost_model, settings.reuse_prefix)
-        return self._one_at_a_time(events), result
+        steps = self.engine.steps(ids, tree, settings.sampling, settings.max_new_tokens, settings.stop, result,
+                                  cost_model, settings.reuse_prefix)
+        return steps, result
+
+    def _start(self, prompt, settings: DecodeSettings):
+        steps, result = self._steps(prompt, settings)
+        return self._one_at_a_time(run_alone(self.target, steps)), result
+
+    # ---- side by side ----------------------------------------------------------------------
+    def begin(self, prompt, settings: DecodeSettings | None = None, **kw) -> tuple[Steps, GenerationResult]:
+        """(decode, result): a generation to advance with ``step_together`` beside others (a server's
+        requests); ``result`` fills as it goes. Arguments as for ``generate``. End one early with ``end``."""
+        return self._on_compute(self._locked, self._steps, prompt, DecodeSettings.of(settings, **kw))
+
+    def step_together(self, decodes: list[Steps]) -> list[Step]:
+        """One target forward of each decode from ``begin``, run together (``engine.step_together``): one
+        pass over the weights for all where the target allows it, every decode's tokens those it gives
+        alone. Per decode its events and, once it has ended, its error if any."""
+        return self._on_compute(self._round_together, decodes)
+
+    def end(self, decode: Steps) -> None:
+        """Stop a decode from ``begin`` (its cleanup keeps its cache for a next turn)."""
+        self._on_compute(self._locked, decode.close)
+
+    def _round_together(self, decodes: list[Steps]) -> list[Step]:
+        self._note_thread()
+        with self._lock:
+            return step_together(self.target, decodes)
 
     def _one_at_a_time(self, events: Iterator[RoundEvent]) -> Iterator[RoundEvent]:
         """The engine's rounds, each where this thread's rounds run (``_on_compute``) and under the

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from contextlib import closing
+from typing import Generator, Iterator
 
 import torch
 
@@ -38,7 +39,7 @@ from . import masks
 from .config import SamplingConfig, TreeConfig
 from .draft import Committed, Drafter, Draw
 from .lookup import PromptLookup
-from .target import Target
+from .target import Forward, Target
 from .cost import CostModel, SampledAcceptance
 from .tree import Budget, path_probs, sampled_reach, single_node_tree
 from .verify import greedy_accept, sample_accept, sample_token, target_probs
@@ -194,6 +195,15 @@ class Engine:
         the drafts are sampled (``draft.Draw``) and a ``SampledAcceptance`` learns from every round how
         often they are accepted, which shapes the next rounds' trees. ``reuse_prefix``: start from a
         recent call's cache where the prompt begins with its tokens (False: prefill the whole prompt)."""
+        return run_alone(self.target, self.steps(prompt_ids, tree, sampling, max_new_tokens, stop, result, cost,
+                                                 reuse_prefix))
+
+    def steps(self, prompt_ids: list[int], tree: TreeConfig, sampling: SamplingConfig, max_new_tokens: int,
+              stop: tuple[str, ...] = (), result: GenerationResult | None = None,
+              cost: CostModel | None = None, reuse_prefix: bool = True) -> Steps:
+        """``decode`` with its target forwards left to the caller: yields each ``Forward`` it needs (send
+        back the target's (logits, features) for it) and the events, one after each forward. ``decode``
+        runs the forwards at once (``run_alone``); ``step_together`` runs several decodes' together."""
         run = _Run(self, prompt_ids, sampling, max_new_tokens, stop, result)
         capacity = len(prompt_ids) + run.budget + tree.node_cap + 1
         cache, logits, hidden, run.stats.reused_prefix = yield from self._prefill(
@@ -253,8 +263,7 @@ class Engine:
             cache = tgt.new_cache(capacity=capacity)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         for a, b in self._chunks(m, n):
-            logits, hidden = tgt.forward(cache, ids[a:b], torch.arange(a, b, device=dev), None,
-                                         logits_rows=slice(b - a - 1, b - a))
+            logits, hidden = yield Forward(cache, ids[a:b], torch.arange(a, b, device=dev), None, slice(b - a - 1, b - a))
             feats.append(hidden)
             if b < n:
                 yield RoundEvent([], 0, "", "", stats)
@@ -308,7 +317,7 @@ class Engine:
             else:
                 draft = single_node_tree(root_t)
             run.stats.draft_seconds += time.perf_counter() - t_round
-            path, bonus, hidden = self._verify(cache, length, draft, sampling, run)
+            path, bonus, hidden = yield from self._verify(cache, length, draft, sampling, run)
             accepted = draft.tokens[path[1:]].tolist()
             run.stats.accept_lengths.append(len(accepted))
             if grown:
@@ -334,18 +343,95 @@ class Engine:
         """One target forward over root + tree, acceptance, and the cache cut to the accepted path.
         Returns (path [A + 1] node indices, bonus token, hidden [N, H])."""
         t0 = time.perf_counter()
-        tgt = self.target
         allowed = masks.after_prefix(draft.mask, length)  # [N, length + N]
-        logits, hidden = tgt.forward(cache, draft.tokens, length + draft.depths, allowed)
+        logits, hidden = yield Forward(cache, draft.tokens, length + draft.depths, allowed)
         if sampling.greedy:
             path, bonus = greedy_accept(draft, logits)
         else:
             path, bonus = sample_accept(draft, target_probs(logits, sampling.temperature, sampling.top_k,
                                                             sampling.top_p), run.rng)
-        tgt.keep(cache, length, path)
+        self.target.keep(cache, length, path)
         run.stats.verify_seconds += time.perf_counter() - t0
         run.stats.rounds += 1
         return path, bonus, hidden
+
+
+Steps = Generator["RoundEvent | Forward", "tuple[torch.Tensor, torch.Tensor] | None", None]  # Engine.steps
+
+
+def run_alone(target: Target, steps: Steps) -> Iterator[RoundEvent]:
+    """A decode's events, each target forward it asks for run at once on ``target``. Closing this closes
+    the decode (its cleanup keeps its cache for a next turn)."""
+    with closing(steps):
+        answer = None
+        while True:
+            try:
+                item = steps.send(answer)
+            except StopIteration:
+                return
+            answer = None
+            if isinstance(item, Forward):
+                answer = target.forward(item.cache, item.tokens, item.positions, item.allowed, item.logits_rows)
+            else:
+                yield item
+
+
+@dataclass
+class Step:
+    """What one decode did in a ``step_together``: the events it yielded (one per forward; a finished
+    decode's tail too), and the error that ended it, if any. ``ended``: it has no more events."""
+
+    events: list = field(default_factory=list)
+    error: BaseException | None = None
+    ended: bool = False
+
+
+def step_together(target: Target, decodes: list[Steps]) -> list[Step]:
+    """Advance each decode by one target forward, their forwards run together (``Target.forward_many``:
+    one pass over the weights, each row bit for bit as alone), so that each decode's tokens are those it
+    gives alone. A decode yields its drafts' forward, then (after the shared forward) its event; one whose
+    last event comes is run to its end. An error ends only the decodes it came from; an ended decode is
+    closed. A server decodes its requests side by side this way."""
+    out = [Step() for _ in decodes]
+    asks = [(i, f) for i, d in enumerate(decodes) if (f := _to_event(d, out[i], None)) is not None]
+    try:
+        answers = target.forward_many([f for _, f in asks]) if asks else []
+    except Exception as e:  # noqa: BLE001 (each decode in the call ends with it)
+        answers = [e] * len(asks)
+    for (i, _), answer in zip(asks, answers):
+        while answer is not None:  # a decode that asks for a second forward before its event runs it alone
+            f = _to_event(decodes[i], out[i], answer)
+            answer = None if f is None else _forward_alone(target, f)
+    for d, st in zip(decodes, out):
+        if st.error is not None or st.ended:
+            st.ended = True
+            d.close()
+    return out
+
+
+def _to_event(decode: Steps, st: Step, answer) -> Forward | None:
+    """Run ``decode`` (sending it ``answer``: a forward's result, or an error to raise there) until it asks
+    for a forward (returned) or has yielded an event (None; after its final event, to its end)."""
+    try:
+        item = decode.throw(answer) if isinstance(answer, BaseException) else decode.send(answer)
+        while not isinstance(item, Forward):
+            st.events.append(item)
+            if not item.final:
+                return None
+            item = next(decode)
+        return item
+    except StopIteration:
+        st.ended = True
+    except Exception as e:  # noqa: BLE001 (it ends this decode only)
+        st.error = e
+    return None
+
+
+def _forward_alone(target: Target, f: Forward):
+    try:
+        return target.forward(f.cache, f.tokens, f.positions, f.allowed, f.logits_rows)
+    except Exception as e:  # noqa: BLE001 (sent into the decode, which ends with it)
+        return e
 
 
 class _Run:

@@ -46,7 +46,7 @@ from .config import Backend
 from .draft_head import ACTIVATIONS
 from .kernels import Linear, linear, lowbit_runs, lowbit_usable, packing_works
 from .models import float_weights
-from .target import Target
+from .target import Forward, Target
 
 _FAMILIES = ("llama", "qwen2", "mistral")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -212,6 +212,28 @@ class Stack:
             x = self._layers(x, cos, sin, bias, cache, past, lo, hi, None, python)
             seen[hi] = x
         out = x if self.final_norm is None else rms(self.final_norm, x, self.dims.eps, self._native is not None)
+        return out, [seen[i] for i in capture]
+
+    def multi(self, x: Tensor, cos: Tensor, sin: Tensor, biases: list[Tensor], caches: list["StaticCache"],
+              capture: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+        """Several sequences' steps in one pass over the weights (natively; ``is_native`` and ``exact``
+        only): x [1, R, H], each sequence's rows after the previous one's, R <= ``EXACT_ROWS``; cos, sin
+        [1, 1, R, D]; biases[j] [1, 1, t_j, past_j + t_j] with past_j = caches[j].length. Writes each
+        sequence's keys/values into its own cache (lengths unchanged) and returns, as ``capturing`` does,
+        the output after the final norm and the captured residual streams, each [1, R, H]. Every row is
+        bit for bit the one a forward of its sequence alone gives (csrc: decoder_forward_multi)."""
+        dm, per, n = self.dims, len(native.LayerTensors._fields), len(self.layers)
+        pasts = [c.length for c in caches]
+        cuts = sorted({0, n, *capture})
+        seen = {0: x}
+        for lo, hi in zip(cuts, cuts[1:]):
+            norm = self.final_norm if hi == n and not capture else None  # as ``__call__`` / ``capturing`` apply it
+            x = self._native.decoder_forward_multi(x, cos, sin, biases, [c.k[lo:hi] for c in caches],
+                                                   [c.v[lo:hi] for c in caches], pasts, self._flat[per * lo:per * hi],
+                                                   norm, dm.n_heads, dm.kv_heads, dm.head_dim, dm.inter, dm.eps,
+                                                   dm.scale, self.packed, self._act, None)
+            seen[hi] = x
+        out = rms(self.final_norm, x, dm.eps, True) if capture and self.final_norm is not None else x
         return out, [seen[i] for i in capture]
 
     def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, bias: Tensor, cache: "StaticCache", past: int, lo: int,
@@ -461,6 +483,44 @@ class FastTarget(Target):
         features = torch.cat(seen, dim=-1) if seen else hidden  # [T, 3H] captured, else [T, H]
         return self.logits(rows), features
 
+    @torch.inference_mode()
+    def forward_many(self, calls: list[Forward]) -> list[tuple[Tensor, Tensor]]:
+        """``Target.forward_many``: where rows are invariant and the stack native, calls of few rows (a
+        verification's tree, a decode step) run in groups of up to ``EXACT_ROWS`` rows, one pass over the
+        weights per group, with the same bits as one at a time; the rest one at a time."""
+        if not (self.row_invariant and self.stack.is_native):
+            return super().forward_many(calls)
+        out: list = [None] * len(calls)
+        for group in _groups([c.tokens.shape[0] for c in calls], EXACT_ROWS):
+            if len(group) == 1:
+                c = calls[group[0]]
+                out[group[0]] = self.forward(c.cache, c.tokens, c.positions, c.allowed, c.logits_rows)
+            else:
+                for i, res in zip(group, self._together([calls[i] for i in group])):
+                    out[i] = res
+        return out
+
+    def _together(self, calls: list[Forward]) -> list[tuple[Tensor, Tensor]]:
+        """``forward`` of a group of calls of R <= ``EXACT_ROWS`` rows in all, in one ``Stack.multi``."""
+        sizes = [c.tokens.shape[0] for c in calls]
+        biases = []
+        for c, t in zip(calls, sizes):
+            past = c.cache.length
+            allowed = masks.causal(t, past, device=self.device) if c.allowed is None else c.allowed[:, :past + t]
+            biases.append(additive_mask(allowed[None], self.dtype))  # [1, 1, t, past + t]
+            c.cache.reserve(t)
+        cos, sin = self.rope.rows(torch.cat([c.positions for c in calls])[None])  # [1, R, D]
+        x = self.embed(torch.cat([c.tokens for c in calls])[None])  # [1, R, H]
+        hidden, seen = self.stack.multi(x, cos[:, None], sin[:, None], biases, [c.cache for c in calls],
+                                        self.feature_layers)
+        for c, t in zip(calls, sizes):
+            c.cache.length += t
+        hidden = hidden[0].split(sizes)  # [t_j, H] each
+        feats = [torch.cat(parts, dim=-1) for parts in zip(*(s[0].split(sizes) for s in seen))] if seen else hidden
+        rows = [h if c.logits_rows is None else h[c.logits_rows] for h, c in zip(hidden, calls)]
+        logits = self.logits(torch.cat(rows)).split([r.shape[0] for r in rows])  # one lm_head pass for all
+        return list(zip(logits, feats))
+
     @property
     def row_invariant(self) -> bool:
         """Whether each row of a forward, and so each cache entry, depends only on its token, its position
@@ -489,6 +549,20 @@ class FastTarget(Target):
             cache.k[:, :, :, start:start + n] = cache.k[:, :, :, src]
             cache.v[:, :, :, start:start + n] = cache.v[:, :, :, src]
         cache.length = start + n
+
+
+def _groups(sizes: list[int], limit: int) -> list[list[int]]:
+    """Indices of ``sizes`` in groups of consecutive items whose sizes add up to at most ``limit`` (an item
+    larger than that alone)."""
+    groups: list[list[int]] = []
+    total = limit + 1
+    for i, n in enumerate(sizes):
+        if total + n > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += n
+    return groups
 
 
 def _rows(parts) -> Tensor:

@@ -18,6 +18,7 @@ its layers as ``layers`` (GPT-2, Falcon), are refused.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -58,6 +59,18 @@ def check_supported(model) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not supported: its decoder does not keep its layers as `layers` "
             "(supported: Llama-style models such as Llama, Qwen, Mistral, Phi-3, Gemma)")
+
+
+@dataclass
+class Forward:
+    """One target forward as a decode asks for it: ``Target.forward``'s arguments, held so that a driver
+    can run it beside other decodes' forwards (``Target.forward_many``)."""
+
+    cache: object
+    tokens: Tensor  # [T] long
+    positions: Tensor  # [T] long
+    allowed: Tensor | None  # [T, past + T] bool, or None: causal
+    logits_rows: Tensor | slice | None = None
 
 
 class Target:
@@ -174,6 +187,11 @@ class Target:
             # [T, 3H]; a sharded model's layers may sit on other devices than its last one
             return self.logits(rows), torch.cat([seen[i][0].to(hidden.device) for i in self.feature_layers], dim=-1)
         return self.logits(rows), hidden
+
+    def forward_many(self, calls: list[Forward]) -> list[tuple[Tensor, Tensor]]:
+        """``forward`` of each call, each on its own cache: [(logits, features)] in order. Here one after
+        another; ``FastTarget`` runs small ones together in one pass over the weights."""
+        return [self.forward(c.cache, c.tokens, c.positions, c.allowed, c.logits_rows) for c in calls]
 
     def _hooks(self, seen: dict) -> list:
         """Forward hooks that put the captured layers' residual streams, [1, T, H], into ``seen``:

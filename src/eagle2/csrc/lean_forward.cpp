@@ -1039,6 +1039,17 @@ std::map<std::string, int64_t> activation_codes() {
 
 }  // namespace
 
+// The rest of a layer once its attention is computed: x + o(attn) [B, T, H], then the MLP block with
+// its residual. fused: the fused RMSNorm (steps of up to 64 rows), else ATen's.
+at::Tensor layer_tail(const at::Tensor& x, const at::Tensor& attn, const c10::optional<at::Tensor>* w, int64_t inter,
+                      int64_t act, bool packed, bool exact, bool fused, double eps) {
+  at::Tensor y = x + linear(attn, *w[kO], w[kOBias], packed, w[kOBlocks], exact);
+  at::Tensor h = fused ? rms(y, *w[kPostNorm], eps) : rms_aten(y, *w[kPostNorm], eps);
+  at::Tensor gu = linear(h, *w[kGateUp], c10::nullopt, packed, w[kGateUpBlocks], exact);
+  return y + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[kDown], c10::nullopt, packed,
+                    w[kDownBlocks], exact);
+}
+
 // x: [B, T, H] layer input; cos, sin: [B, 1, T, D]; bias: [B, 1, T, S] additive mask (S = past + T);
 // weights: kLayerSlots per layer, in Slot order (native.LayerTensors); k_cache, v_cache: [L, B, Hkv, C, D],
 // written at past..S-1; act: an Act code; exact: row-invariant numerics for steps of up to 64 rows
@@ -1083,13 +1094,56 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
       at::Tensor keys = kc.slice(2, 0, s), vals = vc.slice(2, 0, s);  // [B, Hkv, S, D]
       o = at::scaled_dot_product_attention(q, keys, vals, bias, 0.0, false, scale, g > 1);
     }
-    x = x + linear(o.transpose(1, 2).reshape({b, t, hq * d}), *w[kO], w[kOBias], packed, w[kOBlocks], exact);
-    h = norm(x, *w[kPostNorm]);
-    at::Tensor gu = linear(h, *w[kGateUp], c10::nullopt, packed, w[kGateUpBlocks], exact);
-    x = x + linear(activation(gu.slice(-1, 0, inter), act) * gu.slice(-1, inter), *w[kDown], c10::nullopt, packed,
-                   w[kDownBlocks], exact);
+    x = layer_tail(x, o.transpose(1, 2).reshape({b, t, hq * d}), w, inter, act, packed, exact, fused, eps);
   }
   return final_norm.has_value() ? norm(x, *final_norm) : x;
+}
+
+// Several sequences' steps in one pass over the weights, for a server decoding them side by side.
+// x: [1, R, H], sequence j's t_j rows after sequence j-1's, R = sum t_j <= 64; cos, sin: [1, 1, R, D];
+// for each sequence j: bias[j] [1, 1, t_j, past_j + t_j] additive, k_caches[j], v_caches[j] [L, 1, Hkv, C, D]
+// written at past_j .. past_j + t_j - 1. Other arguments as decoder_forward's, always exact.
+// The projections and the MLP take all R rows in one call, so the weights are read once for every
+// sequence (reading them is most of a small step's time); RoPE, the cache writes and attention run
+// per sequence against its own cache. The linears are row-invariant and exact_attention reduces each
+// row over the keys it may see, so every row is bit for bit the row decoder_forward gives when its
+// sequence runs alone (tested). Returns [1, R, H], after final_norm unless it is None.
+at::Tensor decoder_forward_multi(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin,
+                                 const std::vector<at::Tensor>& bias, const std::vector<at::Tensor>& k_caches,
+                                 const std::vector<at::Tensor>& v_caches, const std::vector<int64_t>& pasts,
+                                 const std::vector<c10::optional<at::Tensor>>& weights,
+                                 const c10::optional<at::Tensor>& final_norm, int64_t hq, int64_t hk, int64_t d,
+                                 int64_t inter, double eps, double scale, bool packed, int64_t act,
+                                 const c10::optional<at::Tensor>& attn_input) {
+  c10::InferenceMode guard;
+  const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
+  const int64_t r = x.size(1), seqs = static_cast<int64_t>(bias.size());
+  TORCH_CHECK(x.size(0) == 1 && r <= 64 && seqs > 0 && static_cast<int64_t>(k_caches.size()) == seqs &&
+              static_cast<int64_t>(v_caches.size()) == seqs && static_cast<int64_t>(pasts.size()) == seqs &&
+              weights.size() % kLayerSlots == 0,
+              "decoder_forward_multi: x [1, R <= 64, H] and one bias, cache pair and past per sequence expected");
+  int64_t total = 0;
+  for (const auto& bj : bias) total += bj.size(2);
+  TORCH_CHECK(total == r, "decoder_forward_multi: the sequences' rows (", total, ") must add up to x's (", r, ")");
+  const int64_t n_layers = static_cast<int64_t>(weights.size() / kLayerSlots);
+  for (int64_t i = 0; i < n_layers; ++i) {
+    const auto* w = &weights[kLayerSlots * i];
+    at::Tensor h = i == 0 && attn_input.has_value() ? *attn_input
+                   : w[kInputNorm].has_value()         ? rms(x, *w[kInputNorm], eps)
+                                                       : x;
+    at::Tensor qkv = linear(h, *w[kQkv], w[kQkvBias], packed, w[kQkvBlocks], true);  // [1, R, (Hq + 2 Hkv) D]
+    std::vector<at::Tensor> outs;  // each sequence's attention output, [1, t_j, Hq, D]
+    for (int64_t j = 0, r0 = 0; j < seqs; ++j) {
+      const int64_t t = bias[j].size(2), s = pasts[j] + t;
+      at::Tensor kc = k_caches[j].select(0, i), vc = v_caches[j].select(0, i);  // [1, Hkv, C, D]
+      at::Tensor q = rope_qkv(qkv.slice(1, r0, r0 + t).contiguous(), cos_c.slice(2, r0, r0 + t).contiguous(),
+                              sin_c.slice(2, r0, r0 + t).contiguous(), kc, vc, pasts[j], hq, hk, d);
+      outs.push_back(exact_attention(q, kc, vc, bias[j], s, scale).transpose(1, 2));
+      r0 += t;
+    }
+    x = layer_tail(x, at::cat(outs, 1).reshape({1, r, hq * d}), w, inter, act, packed, true, true, eps);
+  }
+  return final_norm.has_value() ? rms(x, *final_norm, eps) : x;
 }
 
 // The compute functions run with the GIL released, so other Python threads (a server's event loop)
@@ -1099,6 +1153,8 @@ at::Tensor decoder_forward(at::Tensor x, const at::Tensor& cos, const at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("decoder_forward", &decoder_forward, "the lean decoder stack (see fast.py)", release());
+  m.def("decoder_forward_multi", &decoder_forward_multi,
+        "several sequences' steps in one pass over the weights, each against its own cache (see fast.py)", release());
   m.def("rms", &rms, "fused RMSNorm (bit-identical to fast._rms)", release());
   m.def("rms_aten", &rms_aten, "RMSNorm as ATen ops", release());
   m.def("block_linear", &block_linear, "x @ W.T (+ b) from 4- or 8-bit block records (AMX or AVX512-BF16)",

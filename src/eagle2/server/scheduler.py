@@ -1,8 +1,9 @@
 """The one worker thread that runs every generation, and the bounded FIFO in front of it.
 
-The worker decodes up to ``parallel`` jobs at once, one target forward of each in turn (the engine
-keeps each call's caches apart), so a short request is not held behind a long one; the others wait
-in FIFO order. A request first *reserves* a place (so the limit ``max_queue`` also bounds requests
+The worker decodes up to ``parallel`` jobs side by side: each step advances every one of them by one
+target forward, the forwards run together in one pass over the weights (``generator.step_together``;
+each job's tokens are those it gets alone), so a short request is not held behind a long one and the
+jobs share the cost of reading the weights; the others wait in FIFO order. A request first *reserves* a place (so the limit ``max_queue`` also bounds requests
 still being tokenized; a full queue is refused before any work), then *starts* its job. For each job
 the worker streams the generator's rounds to the job's event queue on the event loop, checks the
 job's cancel flag before every target forward, and always ends with exactly one terminal event
@@ -96,54 +97,48 @@ def _round(ev) -> Round:
 
 
 class Decoding:
-    """One job the worker decodes: its engine events, advanced one target forward per ``step``, and the
-    worker seconds spent on it (the job's own cost, apart from the others' rounds between its own)."""
+    """One job the worker decodes: its engine decode (``generator.begin``), advanced one target forward per
+    ``step_together``, and the worker seconds spent on it (its share of each step it took part in)."""
 
     def __init__(self, generator, job: Job):
-        self.job, self.events, self.result, self.work_s = job, None, None, 0.0
+        self.job, self.decode, self.result, self.work_s = job, None, None, 0.0
         job.emit(Started(time.perf_counter() - job.enqueued))
         t0 = time.perf_counter()
         try:
-            self.events, self.result = generator.stream_events(job.ids, job.settings)
+            self.decode, self.result = generator.begin(job.ids, job.settings)
         except Exception as e:  # noqa: BLE001 (answered to the request that caused it)
             job.emit(Failed(from_generation(e)))
         self.work_s += time.perf_counter() - t0
 
-    def step(self) -> bool:
-        """Decode one more forward and send it if wanted; whether the job has ended (its terminal
-        event sent, or its client gone)."""
-        job = self.job
-        if self.events is None or job.resolved or job.cancel.is_set():
-            return self.close()
-        t0 = time.perf_counter()
-        try:
-            ev = next(self.events)
-        except StopIteration:
-            job.emit(Done(self.result))
-            return self.close()
-        except Exception as e:  # noqa: BLE001 (answered to the request that caused it)
-            job.emit(Failed(from_generation(e)))
-            return self.close()
-        finally:
-            self.work_s += time.perf_counter() - t0
-        if job.cancel.is_set():
-            return self.close()
-        if job.stream:
-            job.emit(_round(ev))
-        if ev.final:  # its last forward is done: end it now rather than a turn later
-            return self.step()
-        return False
+    def wanted(self) -> bool:
+        """Whether it takes the next forward: it runs, and has neither ended nor lost its client."""
+        return self.decode is not None and not self.job.resolved and not self.job.cancel.is_set()
 
-    def close(self) -> bool:
-        """End the engine's events (its cleanup keeps the cache for a next turn)."""
-        if self.events is not None:
-            events, self.events = self.events, None
-            events.close()
-        return True
+    def take(self, step, seconds: float) -> bool:
+        """Send what the job's step produced (its events if streamed, its end); whether the job has ended
+        (its terminal event sent, or its client gone)."""
+        job = self.job
+        self.work_s += seconds
+        if job.cancel.is_set():
+            return True
+        if job.stream:
+            for ev in step.events:
+                job.emit(_round(ev))
+        if step.error is not None:
+            job.emit(Failed(from_generation(step.error)))
+        elif step.ended:
+            job.emit(Done(self.result))
+        return step.ended or step.error is not None
+
+    def close(self, generator) -> None:
+        """End the engine's decode (its cleanup keeps the cache for a next turn)."""
+        if self.decode is not None:
+            decode, self.decode = self.decode, None
+            generator.end(decode)
 
 
 class Scheduler:
-    """One worker thread that decodes up to ``parallel`` jobs round by round in turn, and a FIFO of at most
+    """One worker thread that decodes up to ``parallel`` jobs side by side, and a FIFO of at most
     ``max_queue`` reserved or waiting jobs behind them."""
 
     def __init__(self, generator, max_queue: int, parallel: int):
@@ -279,18 +274,41 @@ class Scheduler:
         return True
 
     def _loop(self) -> None:
-        decoding: list[Decoding] = []  # in turn: the first is the next to take a target forward
+        decoding: list[Decoding] = []  # the jobs decoded side by side, each taking one forward per step
         while self._admit(decoding):
-            work = decoding.pop(0)
+            live = []
+            for work in decoding:
+                if work.wanted():
+                    live.append(work)
+                else:
+                    self._end(work)
+            decoding = []
+            if not live:
+                continue
+            t0 = time.perf_counter()
             try:
-                ended = work.step()
+                steps = self.generator.step_together([work.decode for work in live])
             except BaseException:  # never let the worker die, never leave a request waiting
-                log.exception("generation job failed")
-                ended = True
-            if ended:
-                self._finish(work, work.job)
-            else:
-                decoding.append(work)
+                log.exception("generation step failed")
+                steps = None
+            share = (time.perf_counter() - t0) / len(live)
+            for i, work in enumerate(live):
+                try:
+                    ended = steps is None or work.take(steps[i], share)
+                except BaseException:
+                    log.exception("generation job failed")
+                    ended = True
+                if ended:
+                    self._end(work)
+                else:
+                    decoding.append(work)
+
+    def _end(self, work: Decoding) -> None:
+        try:
+            work.close(self.generator)
+        except BaseException:  # never let the worker die
+            log.exception("closing a generation failed")
+        self._finish(work, work.job)
 
     def stop(self, timeout: float | None = None) -> bool:
         """End every job (``close``) and wait (up to ``timeout`` s) for the worker; whether it has exited."""
