@@ -25,7 +25,7 @@ from .cost import CostModel
 from .draft import make_drafter
 from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
-from .engine import Engine, GenerationResult, RoundEvent, Step, Steps, run_alone, step_together
+from .engine import Engine, GenerationResult, RoundEvent, Step, Steps, run_alone
 from .fast import half_is_exact, in_force, make_target
 from .models import builtin_head_dir, cache_dir, file_name, load_target
 from .target import Target, check_supported
@@ -312,7 +312,7 @@ class Eagle2Generator:
     def _round_together(self, decodes: list[Steps]) -> list[Step]:
         self._note_thread()
         with self._lock:
-            return step_together(self.target, decodes)
+            return self.engine.step_together(decodes)
 
     def _one_at_a_time(self, events: Iterator[RoundEvent]) -> Iterator[RoundEvent]:
         """The engine's rounds, each where this thread's rounds run (``_on_compute``) and under the

@@ -22,6 +22,13 @@ Calls may interleave round by round (two streams advanced in turn, the server's 
 own target cache, and the draft head's committed pairs move to whichever call drafts next
 (``_claim_drafter``), so a call's tokens and drafts do not depend on what ran between its rounds.
 
+A decode is written as ``Engine.steps``, which yields the target forwards it needs (``target.Forward``)
+besides its events, and takes each forward's result back: ``decode`` runs them at once, one by one
+(``run_alone``); ``step_together`` advances several decodes by one forward each and runs their forwards
+as one (``Target.forward_many``: one pass over the weights, whose reading is most of a small forward's
+time). Where the target is row-invariant every row of that shared forward has the bits it has alone, so
+a decode's tokens do not depend on the decodes beside it.
+
 The engine knows nothing of transformers (target.py does) or of HTTP / argument parsing.
 ``method="vanilla"`` runs the same loop with a root-only tree: plain autoregressive decoding.
 """
@@ -177,6 +184,16 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self._kept: list[_Kept] = []  # the caches the last calls left, newest first, until a call takes one
         self._drafting: _Run | None = None  # the decode whose committed pairs the drafter holds
+        self._beside = 1  # decodes whose forwards run together in the step under way (``step_together``)
+
+    def step_together(self, decodes: list[Steps]) -> list["Step"]:
+        """``step_together`` on this engine's target, each decode sizing its tree for a forward shared
+        with the others (``Budget.shared_by``)."""
+        self._beside = len(decodes)
+        try:
+            return step_together(self.target, decodes)
+        finally:
+            self._beside = 1
 
     def forget(self) -> None:
         """Drop the kept caches."""
@@ -312,8 +329,10 @@ class Engine:
                     copied, logps, matched = lookup.propose(max_depth)
                     chain = (copied, logps)
                 self._claim_drafter(run)
+                # A greedy round sizes its tree for a forward shared with the decodes beside it; a sampled one does
+                # not, since its tree shapes its draws and a seeded answer must not depend on what runs beside it.
                 draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth,
-                                          budgets.at(length), draw, chain)
+                                          budgets.at(length, 1 if drawn else self._beside), draw, chain)
             else:
                 draft = single_node_tree(root_t)
             run.stats.draft_seconds += time.perf_counter() - t_round
@@ -523,14 +542,15 @@ class _Budgets:
         self.tree, self.cost = tree, cost
         self._curves: dict[int, torch.Tensor] = {}
 
-    def at(self, cached: int) -> Budget | None:
+    def at(self, cached: int, beside: int = 1) -> Budget | None:
+        """The budget of a round over ``cached`` tokens whose forward runs with ``beside`` - 1 others'."""
         if not self.tree.dynamic or self.cost is None:
             return None
         bucket = cached // 32
         if bucket not in self._curves:
             self._curves[bucket] = self.cost.verify_curve(32 * bucket + 16, self.tree.max_nodes)
         return Budget(self._curves[bucket], self.cost.draft_level_ms, self.cost.round_fixed_ms,
-                      self.cost.draft_row_ms)
+                      self.cost.draft_row_ms).shared_by(beside)
 
 
 def _record_tree(stats: Stats, draft, path: torch.Tensor, rated: tuple[torch.Tensor, list[int]] | None) -> None:

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -208,6 +208,16 @@ class Budget:
     @property
     def max_nodes(self) -> int:
         return int(self.verify_ms.shape[0]) - 1
+
+    def shared_by(self, n: int) -> "Budget":
+        """This budget for a round whose verification runs in one forward with n - 1 other decodes' (a
+        server's requests side by side): the cost of a forward's first row, mostly the reading of the
+        weights, is split n ways; every further row costs what it costs alone. Fewer drafts then pay."""
+        if n <= 1:
+            return self
+        v = self.verify_ms.clone()  # [max_nodes + 1]
+        v[1:] -= float(v[1]) * (1.0 - 1.0 / n)
+        return replace(self, verify_ms=v)
 
 
 def _floats(x: Tensor | Sequence[float]) -> list[float]:
