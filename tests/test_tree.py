@@ -129,6 +129,20 @@ def test_best_size_maximises_expected_tokens_per_ms():
     assert j == 2 and abs(expected - 2.4) < 1e-6
 
 
+def test_a_shared_forward_keeps_fewer_drafts():
+    """Verifying beside other decodes in one forward splits the first row's cost (the weights' reading)
+    among them; every further row costs what it costs alone, so a draft must be likelier to pay."""
+    from eagle2.tree import Budget, best_size
+
+    alone = Budget(torch.tensor([0.0, 6.0, 7.0, 8.0, 9.0]), level_ms=0.5, fixed_ms=1.0)
+    four = alone.shared_by(4)
+    assert torch.allclose(four.verify_ms, torch.tensor([0.0, 1.5, 2.5, 3.5, 4.5]))
+    assert alone.shared_by(1) is alone and four.level_ms == 0.5 and four.fixed_ms == 1.0
+    probs = torch.tensor([0.8, 0.4, 0.25])
+    assert best_size(probs, alone.verify_ms, 1.0)[0] == 3  # alone every draft pays its 1 ms
+    assert best_size(probs, four.verify_ms, 1.0)[0] == 1  # four to a forward only the likeliest does
+
+
 def test_frontier_to_feed():
     from eagle2.tree import frontier_to_feed
 
