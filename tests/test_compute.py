@@ -130,3 +130,62 @@ def test_load_leaves_no_pool_and_serves_other_threads_on_the_shared_compute_thre
     monkeypatch.setattr(api, "load_target", failing_load)
     with pytest.raises(ValueError, match="^cannot read this model$"):
         eagle2.load(str(tmp_path / "llama"))
+
+
+def test_a_load_interrupted_by_ctrl_c_still_counts_as_loading():
+    """Ctrl-C stops the wait for a load, not the load: until the load ends, ``loading()`` says so (the CLI
+    then exits at once). Read from ``Thread.is_alive()`` it said no: on Python < 3.13 a ``join`` that a
+    signal interrupts marks the joined thread stopped while it runs (CPython gh-90882), and a process that
+    exited normally with the load still inside torch aborted ("terminate called without an active exception")."""
+    import signal
+    import time
+
+    from eagle2.api import load_off_thread, loading
+
+    release = threading.Event()
+    main = threading.get_ident()
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+    try:
+        threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()  # a real signal, as Ctrl-C
+        with pytest.raises(KeyboardInterrupt):
+            load_off_thread(lambda: release.wait(10))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert loading()  # the load runs on
+    release.set()
+    t0 = time.perf_counter()
+    while loading() and time.perf_counter() - t0 < 5:
+        time.sleep(0.01)
+    assert not loading()
+    assert load_off_thread(lambda: 7) == 7 and not loading()
+
+
+def test_a_cached_build_loads_without_the_compile_lock(tmp_path):
+    """A built extension is imported as it is, even beside a lock file (a process killed while holding
+    cpp_extension's lock left one, and every later load waited on it forever); a stale lock is dropped
+    before a compile, a fresh one (a compile under way) is not."""
+    import os
+    import time
+    from pathlib import Path
+
+    from eagle2 import native
+
+    module = native.load()
+    if module is None:
+        pytest.skip("native extension unavailable")
+    so = Path(module.__file__)
+    (so.parent / "lock").touch()
+    try:
+        again = native._import_built(so.stem.split(".")[0], so.parent)
+        assert again is not None and hasattr(again, "decoder_forward_multi")
+    finally:
+        (so.parent / "lock").unlink()
+    assert native._import_built("eagle2_lean_none", tmp_path) is None
+    old, fresh = tmp_path / "old", tmp_path / "fresh"
+    old.touch()
+    fresh.touch()
+    os.utime(old, (time.time() - 2 * native.LOCK_STALE_S,) * 2)
+    native._drop_stale_lock(old)
+    native._drop_stale_lock(fresh)
+    native._drop_stale_lock(tmp_path / "absent")
+    assert not old.exists() and fresh.exists()

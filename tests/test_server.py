@@ -99,7 +99,7 @@ class Gated:
 def test_health_models_and_page(client, tiny_chat_generator):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["max_context"] == tiny_chat_generator.max_context
-    assert h["queue"]["running"] == 0 and h["queue"]["max_queue"] == 16 and h["queue"]["parallel"] == 4
+    assert h["queue"]["running"] == 0 and h["queue"]["max_queue"] == 16 and h["queue"]["parallel"] == 8
     m = client.get("/v1/models").json()
     assert m["object"] == "list" and m["data"][0]["object"] == "model" and m["data"][0]["id"]
     assert "text/html" in client.get("/").headers["content-type"]
@@ -342,7 +342,7 @@ def test_cli_serve_options(monkeypatch):
     from eagle2.cli import build_parser, main
 
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.api_key_file, args.max_queue, args.parallel) == ("127.0.0.1", 8000, None, 16, 4)
+    assert (args.host, args.port, args.api_key_file, args.max_queue, args.parallel) == ("127.0.0.1", 8000, None, 16, 8)
     assert (args.max_body_bytes, args.max_prompt_chars, args.allowed_hosts, args.docs) == (2 * 2**20, 100_000,
                                                                                            None, False)
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0", "--port", "9", "--api-key-file", "kf",

@@ -39,7 +39,15 @@ class ScriptedGenerator:
     def encode_prompt(self, prompt):
         return self.real.encode_prompt(prompt)
 
-    def stream_events(self, prompt, settings):
+    def step_together(self, decodes):
+        from eagle2.engine import step_together
+
+        return step_together(None, decodes)  # its decodes ask for no target forward
+
+    def end(self, decode):
+        decode.close()
+
+    def begin(self, prompt, settings):
         max_new_tokens, method = settings.max_new_tokens, settings.method
         from eagle2.engine import GenerationResult, RoundEvent, Stats
 

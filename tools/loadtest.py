@@ -322,7 +322,7 @@ def _args(argv):
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--method", default="eagle2")
     ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled requests, each with seed 0 (load)")
-    ap.add_argument("--parallel", type=int, default=4, help="the in-process server's --parallel (with --model)")
+    ap.add_argument("--parallel", type=int, default=8, help="the in-process server's --parallel (with --model)")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole load this many times (memory check)")
     ap.add_argument("--abuse", type=int, default=0, metavar="N", help="run the abuse mix of N requests instead")

@@ -82,7 +82,17 @@ def _check_unicode(text: str) -> None:
 
 
 _END = object()  # the end of a generation's rounds (next's default)
-LOAD_THREAD = "eagle2-load"  # the name of load_off_thread's threads (the CLI exits at once while one runs)
+LOAD_THREAD = "eagle2-load"  # the name of load_off_thread's threads
+_loads_lock = threading.Lock()
+_loads = 0  # load_off_thread loads still running (loading())
+
+
+def loading() -> bool:
+    """Whether a ``load_off_thread`` load is still running (the CLI then exits at once on Ctrl-C).
+
+    Counted, not read from ``Thread.is_alive()``: on Python < 3.13 a ``join`` that Ctrl-C interrupts
+    marks the joined thread stopped while it still runs (CPython gh-90882)."""
+    return _loads > 0
 
 
 class Eagle2Generator:
@@ -392,18 +402,35 @@ def load_off_thread(load: Callable[[], T]) -> T:
     on a thread that exits leaves no pool behind, whichever thread then decodes. Ctrl-C raises
     KeyboardInterrupt here at once but cannot stop the load, which runs on in a daemon thread (one
     left inside torch can abort the interpreter's exit: the CLI quits with ``os._exit``)."""
+    global _loads
     box: dict = {}
+    done = threading.Event()
 
     def target():
+        global _loads
         try:
             box["value"] = load()
         except BaseException as e:  # noqa: BLE001 (handed to the caller)
             box["error"] = e
+        finally:
+            with _loads_lock:
+                _loads -= 1
+            done.set()
 
     thread = threading.Thread(target=target, name=LOAD_THREAD, daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)  # a timed wait, so that Ctrl-C is seen
+    with _loads_lock:
+        _loads += 1
+    try:
+        thread.start()
+    except BaseException:
+        with _loads_lock:
+            _loads -= 1
+        raise
+    # Timed waits, so that Ctrl-C is seen (it may be delivered to another thread). On an Event, not
+    # Thread.join: a join that Ctrl-C interrupts marks the thread stopped while it runs (gh-90882).
+    while not done.wait(0.2):
+        pass
+    thread.join()  # the load is done: the thread only exits now (and its OpenMP pool with it)
     if "error" in box:
         raise box["error"]
     return box["value"]

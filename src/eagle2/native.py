@@ -25,10 +25,12 @@ nothing of models.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import platform
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -121,17 +123,50 @@ def layout_mismatch(module) -> str | None:
 
 
 def _build(flags: list[str], ldflags: list[str]):
-    """Compile (or load the cached build of) the extension with these flags."""
+    """Load the cached build of the extension with these flags, or compile it."""
     from torch.utils import cpp_extension
 
     digest = hashlib.sha1((source_digest() + torch.__version__ + " ".join(flags)).encode()).hexdigest()[:12]
     name = f"eagle2_lean_{digest}"
     where = cache_dir() / "native" / name
     where.mkdir(parents=True, exist_ok=True)
-    if not any(where.glob(f"{name}*.so")):
-        print("eagle2: compiling the native forward (once per machine, ~30 s) ...", file=sys.stderr, flush=True)
+    built = _import_built(name, where)
+    if built is not None:
+        return built
+    _drop_stale_lock(where / "lock")
+    print("eagle2: compiling the native forward (once per machine, ~30 s) ...", file=sys.stderr, flush=True)
     return cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(where), extra_cflags=flags,
                               extra_ldflags=ldflags, verbose=False)
+
+
+def _import_built(name: str, where: Path):
+    """The build in ``where``, imported as it is, or None. Its name holds the digest of its source, torch
+    version and flags, so a build there is the one wanted. Why not ``cpp_extension.load``: it takes a lock
+    file in ``where`` even to find a build up to date, and a process killed while it holds it (Ctrl-C
+    during a load exits at once) left a lock that made every later process wait forever."""
+    so = where / f"{name}.so"
+    if not so.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, so)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except Exception:  # noqa: BLE001 (a broken build: compile it again)
+        return None
+
+
+LOCK_STALE_S = 600  # a compile takes under a minute: a lock this old was left by a process that died
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """Remove a compile lock left by a process that died while compiling (else the compile waits on it forever)."""
+    try:
+        if time.time() - lock.stat().st_mtime > LOCK_STALE_S:
+            lock.unlink()
+            log.warning("removed a stale compile lock %s", lock)
+    except FileNotFoundError:
+        pass
 
 
 def _vector_flags() -> list[str]:

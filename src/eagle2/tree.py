@@ -29,6 +29,8 @@ Glossary (used by every module of the package):
   (engine.py; a chat's earlier turns), which the next call does not prefill again.
 - compute thread: the one thread that runs a loaded generator's rounds asked for on threads other
   than the main one (compute.py; torch keeps a CPU thread pool per thread that computes).
+- side by side: several decodes advanced together, one target forward of each per step, the forwards
+  run as one (engine.py ``step_together``, ``Target.forward_many``); a server's requests run so.
 
 Worked example: tokens [r, a, b, c] with parents [-1, 0, 0, 1] (a, b children of the root,
 c child of a) and a prefix of 7 tokens give depths [0, 1, 1, 2], positions [7, 8, 8, 9],

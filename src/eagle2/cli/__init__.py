@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-        from transformers.utils import logging as hf_logging
-
+        try:
+            from transformers.utils import logging as hf_logging  # a second or more, before the handler's try
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
         hf_logging.disable_progress_bar()
     if args.command is None:
         parser.print_help()
@@ -71,13 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_now_if_computing(code: int) -> None:
     """Quit at once while a load (which Ctrl-C cannot stop) or a round on the compute thread is still
     inside torch: a thread left there can abort the interpreter's normal exit."""
-    import threading
-
-    from ..api import LOAD_THREAD
+    from ..api import loading
     from ..compute import shared
 
-    loading = any(t.name == LOAD_THREAD and t.is_alive() for t in threading.enumerate())
-    if loading or shared().busy():
+    if loading() or shared().busy():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -19,8 +19,8 @@ def register(sub) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API and a web chat page",
                        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health "
                                    "(OpenAI request/response schemas, streaming as server-sent events) and a web "
-                                   "chat page at /. Up to --parallel requests are decoded at once, a round of each in "
-                                   "turn; others wait in a FIFO queue of --max-queue places (503 + Retry-After "
+                                   "chat page at /. Up to --parallel requests are decoded side by side, their forwards "
+                                   "run as one; others wait in a FIFO queue of --max-queue places (503 + Retry-After "
                                    "when full). The API key, "
                                    "if any, comes from $EAGLE2_API_KEY or --api-key-file.")
     _model_args(p)
@@ -34,9 +34,10 @@ def register(sub) -> None:
     p.add_argument("--allowed-hosts", action="append", default=None, metavar="NAME[,NAME...]",
                    help="Host header names to answer besides the bind address (and localhost on a loopback "
                         "bind); '*' answers any name, which turns off the DNS-rebinding guard (repeatable)")
-    p.add_argument("--parallel", type=int, default=4, metavar="N",
-                   help="requests decoded at once, one target forward of each in turn, so that a short one is "
-                        "not held behind a long one; each holds its own cache (default: %(default)s)")
+    p.add_argument("--parallel", type=int, default=8, metavar="N",
+                   help="requests decoded side by side, their target forwards run as one pass over the weights "
+                        "(each gets the answer it gets alone); a short one is not held behind a long one "
+                        "(default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait (or be tokenized) while --parallel are decoded (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,

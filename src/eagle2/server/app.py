@@ -4,14 +4,14 @@ The pieces live beside this module: ``schemas`` (request bodies), ``scheduler`` 
 its queue), ``responses`` (OpenAI bodies and SSE chunks), ``routes`` (the endpoints), ``guard``
 (Host, key and body-size checks at the ASGI layer), ``errors`` and ``config`` (``ServerConfig``).
 
-Concurrency model: one worker thread runs every generation, up to ``parallel`` of them at once, a
-target forward of each in turn; further requests wait in a bounded FIFO (503 + Retry-After when it
-is full); tokenizing runs on its own thread, inside the same bound. The event loop never runs the model, and the native
+Concurrency model: one worker thread runs every generation, up to ``parallel`` of them side by side,
+their target forwards run together (``scheduler``); further requests wait in a bounded FIFO (503 +
+Retry-After when it is full); tokenizing runs on its own thread, inside the same bound. The event loop never runs the model, and the native
 forward releases the GIL while it computes, so the server stays responsive during a long prefill.
 When the server is told to stop (Ctrl-C, SIGTERM), every job ends at once, before uvicorn's grace
 period: a stream in progress with an SSE error event, a waiting request with a 503; ``run`` then
 waits for the worker to leave the forward it is in (a round, or a chunk of a long prompt's prefill).
-The worker hands each round to the generator, and a generator from ``eagle2.load`` runs it on the
+The worker hands each step to the generator, and a generator from ``eagle2.load`` runs it on the
 process's compute thread (``eagle2.compute``): one OpenMP pool, whichever thread asks.
 """
 

@@ -22,7 +22,7 @@ class ServerConfig:
 
     api_key: str | None = None  # require 'Authorization: Bearer <key>' on /v1/* (and the docs, when on)
     max_queue: int = 16  # requests that may wait (or be tokenized) while ``parallel`` are decoded; more get 503
-    parallel: int = 4  # requests decoded at once, a round of each in turn (each holds its own cache)
+    parallel: int = 8  # requests decoded side by side, their forwards run as one (each holds its own caches)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413 before they are read
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS  # longer prompts get 400 before they are tokenized
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # a body not received whole within this gets 408

@@ -3,8 +3,9 @@
 The worker decodes up to ``parallel`` jobs side by side: each step advances every one of them by one
 target forward, the forwards run together in one pass over the weights (``generator.step_together``;
 each job's tokens are those it gets alone), so a short request is not held behind a long one and the
-jobs share the cost of reading the weights; the others wait in FIFO order. A request first *reserves* a place (so the limit ``max_queue`` also bounds requests
-still being tokenized; a full queue is refused before any work), then *starts* its job. For each job
+jobs share the cost of reading the weights; the others wait in FIFO order. A request first *reserves*
+a place (so the limit ``max_queue`` also bounds requests still being tokenized; a full queue is
+refused before any work), then *starts* its job. For each job
 the worker streams the generator's rounds to the job's event queue on the event loop, checks the
 job's cancel flag before every target forward, and always ends with exactly one terminal event
 (``Done`` or ``Failed``), whatever goes wrong, so no request waits forever. ``close`` (the server
@@ -149,7 +150,7 @@ class Scheduler:
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.waiting = 0
-        self.running: list[Job] = []  # the jobs being decoded, in turn
+        self.running: list[Job] = []  # the jobs being decoded
         self.completed = self.cancelled = self.rejected = 0
         self._thread: threading.Thread | None = None
         self._avg_s = 1.0  # running mean of a job's own worker seconds, for Retry-After
