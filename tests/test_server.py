@@ -635,3 +635,45 @@ def test_a_job_sends_one_terminal_event_and_nothing_after_it():
     finally:
         loop.close()
     assert [type(e).__name__ for e in got] == ["Round", "Failed"]
+
+
+def test_requests_side_by_side_share_one_forward_and_keep_their_answers(smol_tokenizer, monkeypatch):
+    """On a row-invariant target (bf16, exact numerics) the server runs its requests' target forwards as
+    one pass over the weights: the forwards did run together, and every answer, greedy or seeded, is the
+    one the request gets alone."""
+    import torch
+    from conftest import make_generator, make_tiny_model
+
+    from eagle2 import fast
+
+    model = make_tiny_model("llama", vocab_size=len(smol_tokenizer), eos_token_id=2, max_position_embeddings=1024)
+    gen = make_generator(model.to(torch.bfloat16), smol_tokenizer, exact=True)
+    if not (gen.target.row_invariant and gen.target.stack.is_native):
+        pytest.skip("needs the native, row-invariant lean forward")
+    bodies = [{"messages": [{"role": "user", "content": f"Tell me about the number {i}."}], "max_tokens": 24 + 4 * i,
+               "method": m, **extra} for i, (m, extra) in enumerate([("eagle2", {}), ("vanilla", {}),
+                                                                    ("eagle2", {"temperature": 0.9, "seed": 5}),
+                                                                    ("chain", {})])]
+    alone = [gen.generate(b["messages"], max_new_tokens=b["max_tokens"], method=b["method"],
+                          temperature=b.get("temperature", 0.0), seed=b.get("seed")).text for b in bodies]
+    sizes = []
+    together = fast.FastTarget._together
+    monkeypatch.setattr(fast.FastTarget, "_together", lambda self, calls: sizes.append(len(calls)) or together(self, calls))
+    gated = Gated(gen)
+    gated.gate.clear()  # the first request waits until all four are queued, then all run side by side
+    got = {}
+
+    def post(i):
+        r = httpx.post(url + "/v1/chat/completions", json=bodies[i], timeout=60)
+        got[i] = r.json()["choices"][0]["message"]["content"]
+
+    with serve_in_thread(create_app(gated, parallel=4)) as url:
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: gated.started.is_set() and httpx.get(url + "/health").json()["queue"]["waiting"] == 3)
+        gated.gate.set()
+        for t in threads:
+            t.join(60)
+    assert [got[i] for i in range(4)] == alone
+    assert sizes and max(sizes) == 4

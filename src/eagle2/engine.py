@@ -280,7 +280,8 @@ class Engine:
             cache = tgt.new_cache(capacity=capacity)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=dev)
         for a, b in self._chunks(m, n):
-            logits, hidden = yield Forward(cache, ids[a:b], torch.arange(a, b, device=dev), None, slice(b - a - 1, b - a))
+            last = slice(b - a - 1, b - a)  # logits of the chunk's last row only
+            logits, hidden = yield Forward(cache, ids[a:b], torch.arange(a, b, device=dev), None, last)
             feats.append(hidden)
             if b < n:
                 yield RoundEvent([], 0, "", "", stats)

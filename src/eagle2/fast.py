@@ -22,7 +22,9 @@ returns the residual streams at chosen layer inputs (an EAGLE-3 head's features,
 ``Target.capture``) by running the layers in segments between them — natively too, one C++ call
 per segment, so the extension needs no change; without a capture the stack runs as before. ``FastTarget`` has the same
 interface as ``Target`` (forward / keep / new_cache / logits), so the engine does not know which
-one it drives; ``batch_forward`` serves batched generation (batch.py). The weights are shared with
+one it drives; ``batch_forward`` serves batched generation (batch.py), and ``forward_many`` runs the
+small forwards of several sequences, each with its own cache, in one pass over the weights (a server's
+requests side by side; ``Stack.multi``). The weights are shared with
 (or, for the fused matrices, copied once from) the transformers model; a test checks the logits
 against transformers'.
 
