@@ -177,11 +177,11 @@ class Eagle2Generator:
         with self._lock:
             return fn(*args)
 
-    def _round(self, events: Iterator[RoundEvent]):
-        """The next event of ``events`` (``_END`` after the last), run where rounds run (``_on_compute``)."""
+    def _round(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` as a round: under the lock, noting the thread (``_note_thread``); called where
+        rounds run (``_on_compute``)."""
         self._note_thread()
-        with self._lock:
-            return next(events, _END)
+        return self._locked(fn, *args)
 
     def cost_model(self, refit: bool = False) -> CostModel:
         """This machine's round costs for this model, head, dtype, backend and the cost-aware tree's
@@ -313,16 +313,11 @@ class Eagle2Generator:
         """One target forward of each decode from ``begin``, run together (``engine.step_together``): one
         pass over the weights for all where the target allows it, every decode's tokens those it gives
         alone. Per decode its events and, once it has ended, its error if any."""
-        return self._on_compute(self._round_together, decodes)
+        return self._on_compute(self._round, self.engine.step_together, decodes)
 
     def end(self, decode: Steps) -> None:
         """Stop a decode from ``begin`` (its cleanup keeps its cache for a next turn)."""
         self._on_compute(self._locked, decode.close)
-
-    def _round_together(self, decodes: list[Steps]) -> list[Step]:
-        self._note_thread()
-        with self._lock:
-            return self.engine.step_together(decodes)
 
     def _one_at_a_time(self, events: Iterator[RoundEvent]) -> Iterator[RoundEvent]:
         """The engine's rounds, each where this thread's rounds run (``_on_compute``) and under the
@@ -333,7 +328,7 @@ class Eagle2Generator:
         which keeps its cache for later prompts."""
         try:
             while True:
-                ev = self._on_compute(self._round, events)
+                ev = self._on_compute(self._round, next, events, _END)
                 if ev is _END:
                     return
                 yield ev

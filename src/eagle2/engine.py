@@ -391,7 +391,7 @@ def run_alone(target: Target, steps: Steps) -> Iterator[RoundEvent]:
                 return
             answer = None
             if isinstance(item, Forward):
-                answer = target.forward(item.cache, item.tokens, item.positions, item.allowed, item.logits_rows)
+                answer = target.forward_many([item])[0]
             else:
                 yield item
 
@@ -449,7 +449,7 @@ def _to_event(decode: Steps, st: Step, answer) -> Forward | None:
 
 def _forward_alone(target: Target, f: Forward):
     try:
-        return target.forward(f.cache, f.tokens, f.positions, f.allowed, f.logits_rows)
+        return target.forward_many([f])[0]
     except Exception as e:  # noqa: BLE001 (sent into the decode, which ends with it)
         return e
 

@@ -495,8 +495,7 @@ class FastTarget(Target):
         out: list = [None] * len(calls)
         for group in _groups([c.tokens.shape[0] for c in calls], EXACT_ROWS):
             if len(group) == 1:
-                c = calls[group[0]]
-                out[group[0]] = self.forward(c.cache, c.tokens, c.positions, c.allowed, c.logits_rows)
+                out[group[0]] = super().forward_many([calls[group[0]]])[0]
             else:
                 for i, res in zip(group, self._together([calls[i] for i in group])):
                     out[i] = res
