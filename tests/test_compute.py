@@ -189,3 +189,36 @@ def test_a_cached_build_loads_without_the_compile_lock(tmp_path):
     native._drop_stale_lock(fresh)
     native._drop_stale_lock(tmp_path / "absent")
     assert not old.exists() and fresh.exists()
+
+
+def test_import_waits_for_torch_until_a_name_is_used():
+    """``import eagle2`` (and the CLI's parsing, ``eagle2 --help``) does not import torch; the first use of
+    a name does."""
+    import subprocess
+    import sys
+
+    code = ("import sys, eagle2\nassert 'torch' not in sys.modules and 'load' in dir(eagle2)\n"
+            "from eagle2 import TreeConfig\nassert 'torch' not in sys.modules\n"
+            "eagle2.load\nassert 'torch' in sys.modules\n"
+            "try:\n    eagle2.nothing\nexcept AttributeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "module 'eagle2' has no attribute 'nothing'"
+
+
+def test_ctrl_c_while_the_cli_starts_is_one_line():
+    """Ctrl-C early in ``eagle2 generate`` (importing torch, or loading) ends with "interrupted" and exit
+    code 130, never a traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    for delay in (0.2, 0.8):
+        p = subprocess.Popen([sys.executable, "-c", "import sys; from eagle2.cli import main; sys.exit(main())",
+                              "generate", "--max-new-tokens", "4", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), (delay, err)

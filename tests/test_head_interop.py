@@ -66,16 +66,81 @@ def test_eagle3_bin_without_draft_vocab_size_is_recognised(tmp_path):
         assert loaded.config.feature_layers(N_LAYERS) == (2, 4, 5)
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}  # the tiny heads' wavelengths (6 to 10^5) lie on both sides of 64 / 4 and 64
+SCALINGS = {"llama3": LLAMA3, "linear": {"rope_type": "linear", "factor": 4.0},
+            "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},  # cos, sin scaled too
+            "dynamic": {"type": "dynamic", "factor": 2.0}}  # 4.x's name for the type
+
+
+def transformers_rope(scaling: dict, theta: float, head_dim: int, positions: torch.Tensor):
+    """cos, sin [1, T, D] of transformers' own Llama rotary embedding under this scaling."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=128,
+                      rope_parameters={"rope_type": scaling.get("rope_type", scaling.get("type")), "rope_theta": theta,
+                                       **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}})
+    return LlamaRotaryEmbedding(cfg)(torch.zeros(1, dtype=torch.float32), positions[None])
+
+
+@pytest.mark.parametrize("kind", list(SCALINGS))
 @pytest.mark.parametrize("field", ["rope_scaling", "rope_parameters"])  # transformers 4.x / 5.x names
-def test_eagle3_rope_scaling_is_reported_under_either_name(tmp_path, field, caplog):
+def test_eagle3_head_rotates_as_transformers_under_its_rope_scaling(tmp_path, kind, field):
+    """A head whose config.json carries rope scaling (SpecForge / speculators heads for Llama 3.1: llama3)
+    gets the rotation transformers gives that config, cos and sin alike; plain RoPE would differ."""
+    scaling, theta = SCALINGS[kind], 500000.0
     model = tiny_target("llama")
     head = init_eagle3_head(Eagle3Config.from_target(model.config, V))
-    scaling = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
-    d = write_official(tmp_path, head, "st", {field: scaling})
+    # each name as its transformers writes it: 4.x the base beside the scaling, 5.x inside the parameters
+    rope = {field: scaling, "rope_theta": theta} if field == "rope_scaling" else {field: {**scaling, "rope_theta": theta}}
+    d = write_official(tmp_path, head, "st", {**rope, "max_position_embeddings": 128})
+    loaded = load_head(d)
+    pos = torch.arange(0, 120, dtype=torch.long)
+    cos, sin = loaded.rope(pos[None], torch.float32)  # [1, 1, T, D]
+    ref_cos, ref_sin = transformers_rope(scaling, theta, loaded.config.head_dim, pos)
+    torch.testing.assert_close(cos[0, 0], ref_cos[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sin[0, 0], ref_sin[0], rtol=1e-6, atol=1e-6)
+    if kind != "dynamic":  # (dynamic NTK equals plain RoPE up to max_position_embeddings)
+        plain = replace(loaded.config, rope_scaling=None)
+        assert not torch.allclose(Eagle3Head(plain).rope(pos[None], torch.float32)[0], cos)
+    again = Eagle3Config.from_json(loaded.config.to_json(N_LAYERS))
+    assert again == loaded.config and again.rope_scaling["rope_type"] == kind  # exported as SGLang / vLLM read it
+
+
+def test_eagle1_head_takes_its_targets_rope_scaling_and_keeps_it(tmp_path):
+    """An EAGLE-1/2 head built for a target with llama3 scaling rotates as that target's layers, and the
+    scaling survives save and load."""
+    model = make_tiny_model("llama", vocab_size=16, rope_parameters={**LLAMA3, "rope_theta": 500000.0},
+                            max_position_embeddings=128)
+    cfg = HeadConfig.from_target(model.config, bias=False)
+    assert cfg.rope_scaling == LLAMA3 and cfg.rope_theta == 500000.0
+    loaded = DraftHead.load(init_head(cfg).save(tmp_path / "head"))
+    assert loaded.config == cfg
+    pos = torch.arange(0, 120)
+    cos, _ = loaded.rope(pos[None], torch.float32)
+    ref_cos, _ = model.model.rotary_emb(torch.zeros(1), pos[None])
+    torch.testing.assert_close(cos[0, 0], ref_cos[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scaling, match", [({"rope_type": "wobbly", "factor": 2.0}, "RoPE type 'wobbly' is unknown"),
+                                            ({"rope_type": "linear"}, "missing or has a bad field"),
+                                            ({"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5},
+                                             "partial_rotary_factor")])
+def test_a_head_rope_it_cannot_run_is_refused_in_one_line(tmp_path, scaling, match):
+    model = tiny_target("llama")
+    head = init_eagle3_head(Eagle3Config.from_target(model.config, V))
+    with pytest.raises(ValueError, match=match):
+        load_head(write_official(tmp_path, head, "st", {"rope_scaling": scaling}))
+
+
+def test_a_length_dependent_rope_is_reported(tmp_path, caplog):
+    model = tiny_target("llama")
+    head = init_eagle3_head(Eagle3Config.from_target(model.config, V))
+    d = write_official(tmp_path, head, "st", {"rope_scaling": SCALINGS["dynamic"]})
     with caplog.at_level("WARNING", logger="eagle2"):
         load_head(d)
-    assert "runs plain RoPE" in caplog.text
+    assert "changes with the sequence's length" in caplog.text
 
 
 def write_speculators(directory, head: Eagle3Head, embed: torch.Tensor | None = None, layer_ids=None,

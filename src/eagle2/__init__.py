@@ -4,12 +4,32 @@
     gen = eagle2.load("smollm2-135m")
     out = gen.generate([{"role": "user", "content": "Hi!"}], max_new_tokens=64)
     print(out.text, out.stats.mean_accept_len, out.stats.tokens_per_s)
+
+The names below load on first use (PEP 562), so that ``import eagle2`` and the CLI's argument parsing
+do not wait for torch and transformers (a second or more), and a Ctrl-C during that import reaches the
+CLI's handler.
 """
 
-from .api import Eagle2Generator, load, load_off_thread
-from .config import Backend, DecodeSettings, SamplingConfig, TreeConfig
-from .engine import GenerationResult, RoundEvent, Stats
+from __future__ import annotations
 
-__all__ = ["load", "load_off_thread", "Eagle2Generator", "Backend", "DecodeSettings", "TreeConfig", "SamplingConfig", "GenerationResult",
-           "RoundEvent", "Stats"]
+import importlib
+
+_HOMES = {"load": "api", "load_off_thread": "api", "Eagle2Generator": "api", "Backend": "config",
+          "DecodeSettings": "config", "TreeConfig": "config", "SamplingConfig": "config",
+          "GenerationResult": "engine", "RoundEvent": "engine", "Stats": "engine"}
+
+__all__ = list(_HOMES)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'eagle2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,19 +33,91 @@ ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_ta
                "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 
-def rope_theta_of(config) -> float:
-    """RoPE base of a transformers config (5.x keeps it in ``rope_parameters``)."""
+def _rope_params(config) -> dict:
+    """The rope parameters that apply to a transformers config's global-attention layers: 5.x's
+    ``rope_parameters`` (per layer type in Gemma 3: its full-attention layers'), else 4.x's
+    ``rope_theta`` and ``rope_scaling``."""
     rp = getattr(config, "rope_parameters", None)
     if isinstance(rp, dict):
-        if "rope_theta" in rp:
-            return float(rp["rope_theta"])
-        for sub in rp.values():  # per-layer-type parameters (Gemma 3): the global layers' base
-            if isinstance(sub, dict) and "rope_theta" in sub:
-                theta = float(sub["rope_theta"])
-                if "full_attention" in rp and isinstance(rp["full_attention"], dict):
-                    theta = float(rp["full_attention"].get("rope_theta", theta))
-                return theta
-    return float(getattr(config, "rope_theta", 10000.0))
+        if "rope_theta" in rp or "rope_type" in rp:
+            return rp
+        per_type = [sub for sub in rp.values() if isinstance(sub, dict)]
+        if isinstance(rp.get("full_attention"), dict):
+            return rp["full_attention"]
+        if per_type:
+            return per_type[0]
+    scaling = getattr(config, "rope_scaling", None)
+    return {**(scaling if isinstance(scaling, dict) else {}), "rope_theta": getattr(config, "rope_theta", 10000.0)}
+
+
+def rope_theta_of(config) -> float:
+    """RoPE base of a transformers config (5.x keeps it in ``rope_parameters``)."""
+    return float(_rope_params(config).get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+
+
+def rope_scaling_of(config) -> dict | None:
+    """The RoPE scaling of a transformers config, without its base; None for plain RoPE."""
+    return plain_scaling(_rope_params(config))
+
+
+def json_rope(d: dict) -> tuple[float, dict | None]:
+    """(base, ``plain_scaling``) of a head's config.json: the base at the top (4.x) or in
+    ``rope_parameters`` (5.x), the scaling in ``rope_scaling`` or ``rope_parameters``; base 10000 where
+    none is given (the official EAGLE trainers')."""
+    params = d.get("rope_scaling") or d.get("rope_parameters")
+    inner = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(d.get("rope_theta") or inner or 10000.0), plain_scaling(params)
+
+
+def plain_scaling(params) -> dict | None:
+    """A rope parameters / ``rope_scaling`` dict (a config.json's, either name) without its base, the
+    type named ``rope_type``; None where it is plain RoPE."""
+    if not isinstance(params, dict):
+        return None
+    d = {k: v for k, v in params.items() if k not in ("rope_theta", "type")}
+    d["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return None if d["rope_type"] == "default" else d
+
+
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # transformers changes their frequencies with the sequence's length
+
+
+def rope_frequencies(theta: float, head_dim: int, scaling: dict | None, max_positions: int) -> tuple[Tensor, float]:
+    """A head's RoPE: inverse frequencies [head_dim / 2] fp32 and the factor cos and sin are scaled by.
+    Plain RoPE is computed here; a scaled one (``rope_type`` linear, llama3, yarn, ...) by transformers'
+    own rope functions, so that a head trained under its target's scaling (SpecForge and speculators
+    heads for Llama 3.1 carry llama3's) rotates its keys as it did in training."""
+    if scaling is None:
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)), 1.0
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kind = scaling["rope_type"]
+    if kind not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"the head's RoPE type {kind!r} is unknown (known: default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("the head's RoPE sets partial_rotary_factor; only full rotary heads are supported")
+    if kind in _LENGTH_DEPENDENT_ROPE:
+        log.warning("the head's RoPE type %r changes with the sequence's length; the head uses its frequencies "
+                    "for sequences up to %d tokens throughout (output is exact; acceptance may drop beyond)",
+                    kind, max_positions)
+    try:  # transformers checks the parameters as it builds the config
+        cfg = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
+                          max_position_embeddings=max_positions, rope_parameters={**scaling, "rope_theta": theta})
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[kind](cfg, torch.device("cpu"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"the head's RoPE scaling {scaling} is missing or has a bad field: {e!r}") from None
+    return inv_freq.float(), float(factor)
+
+
+def rope_cos_sin(inv_freq: Tensor, factor: float, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions [B, T] -> cos, sin [B, 1, T, D] (``rope_frequencies``' factor applied, as transformers does)."""
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    cos, sin = emb.cos(), emb.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos.to(dtype), sin.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -63,6 +135,7 @@ class HeadConfig:
     bias: bool = True  # fc bias; the released key name. LLaMA-3 heads use False
     max_position_embeddings: int = 4096
     target_model_type: str | None = None  # family of the target this head was built for (ours; official heads omit it)
+    rope_scaling: dict | None = field(default=None, hash=False)  # ``plain_scaling``: as the target's (None: plain)
 
     def __post_init__(self) -> None:
         if self.hidden_act not in ACTIVATIONS:
@@ -81,6 +154,7 @@ class HeadConfig:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             vocab_size=config.vocab_size,
             rope_theta=rope_theta_of(config),
+            rope_scaling=rope_scaling_of(config),
             rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
             hidden_act=act,
             attention_bias=bool(getattr(config, "attention_bias", False)) or config.model_type.startswith("qwen2"),
@@ -92,6 +166,8 @@ class HeadConfig:
     def to_json(self) -> dict:
         """config.json in the released layout: a one-layer Llama config plus ``bias``."""
         d = asdict(self)
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]
         d.update(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=1,
                  tie_word_embeddings=False, torch_dtype="bfloat16")
         return d
@@ -104,7 +180,7 @@ class HeadConfig:
                 hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
                 num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads), vocab_size=int(d["vocab_size"]),
-                rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_theta=json_rope(d)[0], rope_scaling=json_rope(d)[1],
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), hidden_act=str(d.get("hidden_act", "silu")),
                 attention_bias=bool(d.get("attention_bias", False)), bias=bool(d.get("bias", True)),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
@@ -216,14 +292,13 @@ class DraftHead(nn.Module):
         self.draft_vocab: Tensor | None = None
         self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=cfg.bias)
         self.layers = nn.ModuleList([DecoderLayer(cfg)])
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        inv_freq, self.rope_factor = rope_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling,
+                                                      cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # positions: [B, T] -> cos, sin: [B, 1, T, D]
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(self.inv_freq, self.rope_factor, positions, dtype)
 
     def forward(self, features: Tensor, token_embeds: Tensor, positions: Tensor,
                 past: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None):

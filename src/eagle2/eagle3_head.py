@@ -40,18 +40,15 @@ This module never touches a transformers model.
 from __future__ import annotations
 
 import json
-import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .draft_head import (ACTIVATIONS, MLP, Attention, DecoderLayer, RMSNorm, fit_differences, init_weights_,
-                         load_weight_file, read_head_config)
-
-log = logging.getLogger("eagle2")
+                         json_rope, load_weight_file, read_head_config, rope_cos_sin, rope_frequencies)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"  # SGLang's class name; vLLM registers it too
 
@@ -163,6 +160,7 @@ class Eagle3Config:
     layers: tuple[int, ...] | None = None  # captured hidden_states indices; None = default_layers(L)
     target_model_type: str | None = None  # ours; official heads omit it
     num_layers: int = 1  # the midlayer, then num_layers - 1 plain decoder layers (ours; official heads have one)
+    rope_scaling: dict | None = field(default=None, hash=False)  # ``draft_head.plain_scaling``; None: plain RoPE
     attention_bias = False  # q/k/v biases: never in EAGLE-3 heads (draft_head.Attention reads it)
 
     def __post_init__(self) -> None:
@@ -209,6 +207,8 @@ class Eagle3Config:
             d["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = list(self.layers)
         if self.target_model_type:
             d["target_model_type"] = self.target_model_type
+        if self.rope_scaling is not None:  # the name SGLang and vLLM read (transformers 5 maps it too)
+            d["rope_scaling"] = dict(self.rope_scaling)
         return d
 
     @classmethod
@@ -229,10 +229,6 @@ class Eagle3Config:
         if d.get("target_hidden_size") not in (None, d.get("hidden_size")):
             raise ValueError(f"EAGLE-3 head has hidden size {d.get('hidden_size')} but target_hidden_size "
                              f"{d['target_hidden_size']}: heads narrower than their target are not supported")
-        scaling = d.get("rope_scaling") or d.get("rope_parameters")  # transformers 5 writes the latter
-        if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-            log.warning("EAGLE-3 head config has rope scaling %s; the head runs plain RoPE (output is exact, "
-                        "acceptance may drop)", scaling)
         ids = d.get("eagle_aux_hidden_state_layer_ids") or eagle.get("eagle_aux_hidden_state_layer_ids")
         try:
             heads = int(d["num_attention_heads"])
@@ -242,7 +238,7 @@ class Eagle3Config:
                 num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads), vocab_size=vocab,
                 draft_vocab_size=int(d.get("draft_vocab_size") or vocab),
-                rope_theta=float(d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rope_theta=json_rope(d)[0], rope_scaling=json_rope(d)[1],
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), hidden_act=str(d.get("hidden_act", "silu")),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)), bias=bool(d.get("bias", False)),
                 norm_before_residual=bool(d.get("norm_before_residual", False)),
@@ -291,7 +287,8 @@ class Eagle3Head(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.arange(cfg.vocab_size) < cfg.draft_vocab_size)
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        inv_freq, self.rope_factor = rope_frequencies(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling,
+                                                      cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
@@ -309,9 +306,7 @@ class Eagle3Head(nn.Module):
 
     def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # positions: [B, T] -> cos, sin: [B, 1, T, D]
-        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_cos_sin(self.inv_freq, self.rope_factor, positions, dtype)
 
     def forward(self, features: Tensor, token_embeds: Tensor, positions: Tensor, past=None, mask: Tensor | None = None):
         """features: [B, T, 3H] (the target's captured layers; fc fuses them) or [B, T, H] (the head's

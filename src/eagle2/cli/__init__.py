@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
 def _exit_now_if_computing(code: int) -> None:
     """Quit at once while a load (which Ctrl-C cannot stop) or a round on the compute thread is still
     inside torch: a thread left there can abort the interpreter's normal exit."""
-    from ..api import loading
-    from ..compute import shared
-
-    if loading() or shared().busy():
+    api, compute = sys.modules.get("eagle2.api"), sys.modules.get("eagle2.compute")
+    if api is None or compute is None:  # interrupted before (or while) they were imported: nothing runs in torch
+        return
+    if api.loading() or compute.shared().busy():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
