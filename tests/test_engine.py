@@ -115,6 +115,32 @@ def test_greedy_with_lookup_equals_transformers(family, monkeypatch):
         TreeConfig(lookup=-1)
 
 
+def test_an_untrained_head_is_left_out_of_eagle2_which_verifies_lookup_chains_alone(family, monkeypatch):
+    """A model without a trained head (``eagle2.load`` gives it a fresh one, ``head_source`` "random-init"):
+    the cost-aware greedy tree never runs the head and verifies only prompt-lookup chains, and only
+    where they pay; output stays transformers' greedy. chain (a fixed shape) still drafts with the head."""
+    from eagle2 import draft
+    from eagle2.api import UNTRAINED
+    from eagle2.config import TreeConfig
+
+    name, model, _ = family
+    proposed = lookup_chains(monkeypatch)
+    commits: list[int] = []
+    commit = draft.Drafter.commit
+    monkeypatch.setattr(draft.Drafter, "commit", lambda self, f, t: commits.append(1) or commit(self, f, t))
+    gen = make_generator(model, head_source=UNTRAINED, tree=TreeConfig(adaptive=True, top_k=2),
+                         cost_model=cost_model(0.5, level_ms=0.3))
+    sizes = []
+    for prompt in ([3, 4, 5, 6, 3, 4, 5, 6, 3, 4, 5], [7, 8, 9] * 5, [1, 2, 3, 4, 5, 6, 7, 8]):
+        result = gen.generate(prompt, max_new_tokens=40)
+        assert result.token_ids == hf_greedy(model, prompt, 40), (name, prompt)
+        sizes += result.stats.tree_sizes
+    assert not commits and any(proposed), (name, proposed)
+    assert max(sizes) > 1 and sizes.count(1) > 0, sizes  # chains verified where proposed, the root alone elsewhere
+    assert gen.generate([1, 2, 3], max_new_tokens=8, method="chain").token_ids == hf_greedy(model, [1, 2, 3], 8)
+    assert commits
+
+
 def test_dear_frontier_rows_are_fed_only_where_they_pay(family, monkeypatch):
     """The cost-aware tree feeds a frontier node to the head only when its predicted child would be
     verified: with free rows a level feeds about the whole frontier (less only where the node cap

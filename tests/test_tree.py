@@ -241,3 +241,21 @@ def test_sampled_reach_matches_the_best_first_paths():
     want = dict(zip(paths, probs))
     assert reach[0] == 1.0
     assert reach[1:] == pytest.approx([want[p] for p in paths_sorted])
+
+
+def test_chain_tree_verifies_the_chain_prefix_that_pays():
+    """A lookup chain alone: its k-th node's path probability is the product of the first k
+    probabilities; the kept prefix is ``best_size``'s; nothing pays -> just the root."""
+    import math
+
+    from eagle2.tree import Budget, chain_tree, path_probs
+
+    root = torch.tensor(5)
+    cheap = Budget(torch.tensor([0.0] + [10.0 + n for n in range(9)]), 0.5, 1.0)  # 1 ms a node
+    logp = [math.log(0.9), math.log(0.9), math.log(0.1), math.log(0.9)]  # path 0.9, 0.81, 0.081, 0.073
+    tree = chain_tree(root, ([7, 8, 9, 10], logp), cheap)
+    assert tree.tokens.tolist() == [5, 7, 8] and tree.parents.tolist() == [-1, 0, 1]
+    assert torch.allclose(path_probs(tree), torch.tensor([1.0, 0.9, 0.81]))
+    dear = Budget(torch.tensor([0.0] + [10.0 + 20.0 * n for n in range(9)]), 0.5, 1.0)
+    assert chain_tree(root, ([7, 8], logp[:2]), dear).tokens.tolist() == [5]
+    assert chain_tree(root, ([], []), cheap).tokens.tolist() == [5]

@@ -124,7 +124,8 @@ class Eagle2Generator:
         self.head_source = head_source
         self.drafter = make_drafter(head, self.target, draft_vocab, self.backend)
         self.eos_ids = eos_ids_of(model, tokenizer)
-        self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids)
+        self.engine = Engine(self.target, self.drafter, tokenizer, self.eos_ids,
+                             trained_head=head_source != UNTRAINED)
         self._compute = compute
         self._lock = threading.RLock()  # one round at a time, whichever thread asks (see _one_at_a_time)
         self._threads = weakref.WeakSet([threading.current_thread()])  # that built it or ran rounds (_note_thread)
@@ -378,6 +379,9 @@ def _shapes(head) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in head.state_dict().items()}
 
 
+UNTRAINED = "random-init"  # the head_source of the fresh head a model without a trained one gets
+
+
 def _fresh_head(config) -> DraftHead:
     """A freshly initialised head sized from the target's config; a config without the sizes a head
     takes (OPT names its MLP width ``ffn_dim``) is refused in one line."""
@@ -490,10 +494,11 @@ def _load(model, head, dtype, device, device_map, tree, backend, draft_vocab, ex
         draft = load_head(builtin_head_dir(builtin))  # the shipped head may be of either kind
         source = str(builtin_head_dir(builtin))
     else:
-        warnings.warn(f"no trained draft head for {model!r}: using a freshly initialised head. Output is still "
-                      "exact, but drafts are rarely accepted, so decoding is slower than vanilla. Train one with "
-                      "`eagle2 train`.", stacklevel=1)
+        warnings.warn(f"no trained draft head for {model!r}: eagle2 drafts only from prompt lookup (copies of "
+                      "earlier text) until one is given (head=DIR; `eagle2 train` makes one); chain, eagle1 and fixed "
+                      "shapes use a freshly initialised head, slower than vanilla. Output is exact either way.",
+                      stacklevel=1)
         draft = _fresh_head(hf.config)
-        source = "random-init"
+        source = UNTRAINED
     return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source,
                            backend=backend, draft_vocab=draft_vocab, compute=compute.shared())

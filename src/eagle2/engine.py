@@ -48,7 +48,7 @@ from .draft import Committed, Drafter, Draw
 from .lookup import PromptLookup
 from .target import Forward, Target
 from .cost import CostModel, SampledAcceptance
-from .tree import Budget, path_probs, sampled_reach, single_node_tree
+from .tree import Budget, chain_tree, path_probs, sampled_reach, single_node_tree
 from .verify import greedy_accept, sample_accept, sample_token, target_probs
 
 
@@ -177,9 +177,13 @@ class TextTracker:
 
 
 class Engine:
-    def __init__(self, target: Target, drafter: Drafter | None, tokenizer, eos_ids: set[int]):
+    def __init__(self, target: Target, drafter: Drafter | None, tokenizer, eos_ids: set[int],
+                 trained_head: bool = True):
+        """trained_head: False for an untrained head (the glossary's), whose guesses the cost-aware
+        greedy tree leaves out: it verifies prompt-lookup chains alone (``tree.chain_tree``)."""
         self.target = target
         self.drafter = drafter
+        self.trained_head = trained_head
         self.tokenizer = tokenizer
         self.eos_ids = set(eos_ids)
         self._kept: list[_Kept] = []  # the caches the last calls left, newest first, until a call takes one
@@ -318,6 +322,7 @@ class Engine:
             acceptance = SampledAcceptance.by_confidence() if adaptive else SampledAcceptance.by_depth()
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
                   if use_draft and not drawn and adaptive and tree.lookup else None)
+        head_free = adaptive and not drawn and not self.trained_head  # the lookup chain alone
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1
@@ -332,8 +337,10 @@ class Engine:
                 self._claim_drafter(run)
                 # A greedy round sizes its tree for a forward shared with the decodes beside it; a sampled one does
                 # not, since its tree shapes its draws and a seeded answer must not depend on what runs beside it.
-                draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth,
-                                          budgets.at(length, 1 if drawn else self._beside), draw, chain)
+                budget = budgets.at(length, 1 if drawn else self._beside)
+                draft = (chain_tree(root_t, chain, budget) if head_free else
+                         self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth, budget,
+                                           draw, chain))
             else:
                 draft = single_node_tree(root_t)
             run.stats.draft_seconds += time.perf_counter() - t_round

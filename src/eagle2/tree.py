@@ -25,6 +25,9 @@ Glossary (used by every module of the package):
   copied from the context after an earlier occurrence of its last few tokens (lookup.py), merged into
   the candidates from the root (``merge_chain``). A copy hit is an answer position whose next token
   that chain would propose first (``lookup.copy_hits``; the trainer's ``--lookup-weight`` weighs them).
+- untrained head: the fresh one ``eagle2.load`` makes for a model without a trained head; the
+  cost-aware greedy tree then verifies only the prompt-lookup chain (``chain_tree``), never the
+  head's guesses, which would cost more than they return.
 - reused prefix: the prompt tokens whose target keys/values a recent call left in its cache
   (engine.py; a chat's earlier turns), which the next call does not prefill again.
 - compute thread: the one thread that runs a loaded generator's rounds asked for on threads other
@@ -40,6 +43,7 @@ retrieve [[0, 1, 3], [0, 2, -1]] and mask rows r:{r}, a:{r,a}, b:{r,b}, c:{r,a,c
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -110,6 +114,23 @@ def single_node_tree(root: Tensor) -> Tree:
     """The tree of vanilla decoding: just the root."""
     dev = root.device
     return build_tree(root.view(1), torch.full((1,), -1, dtype=torch.long, device=dev))
+
+
+def chain_tree(root: Tensor, chain: tuple[list[int], list[float]], budget: "Budget") -> Tree:
+    """A round's tree from a prompt-lookup chain alone (no head's drafts): the chain's prefix with the
+    most expected tokens per millisecond (``best_size``), its nodes' path probabilities the products of
+    their log-probabilities (each given the ones before it); just the root when none pays."""
+    tokens, logp = chain
+    probs, total = [], 0.0
+    for lp in logp:
+        total += lp
+        probs.append(min(1.0, math.exp(total)))
+    keep = best_size(probs, budget.verify_ms, budget.fixed_ms)[0] if tokens else 0
+    if keep == 0:
+        return single_node_tree(root)
+    dev = root.device
+    return build_tree(torch.tensor([int(root)] + tokens[:keep], device=dev), torch.arange(-1, keep, device=dev),
+                      torch.tensor([0.0] + logp[:keep], device=dev))
 
 
 def expand(frontier_values: Tensor, logp: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
