@@ -41,18 +41,18 @@ def _rope_params(config) -> dict:
     if isinstance(rp, dict):
         if "rope_theta" in rp or "rope_type" in rp:
             return rp
-        per_type = [sub for sub in rp.values() if isinstance(sub, dict)]
         if isinstance(rp.get("full_attention"), dict):
             return rp["full_attention"]
+        per_type = [sub for sub in rp.values() if isinstance(sub, dict)]
         if per_type:
             return per_type[0]
     scaling = getattr(config, "rope_scaling", None)
-    return {**(scaling if isinstance(scaling, dict) else {}), "rope_theta": getattr(config, "rope_theta", 10000.0)}
+    return {**(scaling if isinstance(scaling, dict) else {}), "rope_theta": getattr(config, "rope_theta", None) or 10000.0}
 
 
 def rope_theta_of(config) -> float:
     """RoPE base of a transformers config (5.x keeps it in ``rope_parameters``)."""
-    return float(_rope_params(config).get("rope_theta", getattr(config, "rope_theta", None) or 10000.0))
+    return float(_rope_params(config).get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
 
 
 def rope_scaling_of(config) -> dict | None:
