@@ -495,7 +495,7 @@ def _load(model, head, dtype, device, device_map, tree, backend, draft_vocab, ex
         source = str(builtin_head_dir(builtin))
     else:
         warnings.warn(f"no trained draft head for {model!r}: eagle2 drafts only from prompt lookup (copies of "
-                      "earlier text) until one is given (head=DIR; `eagle2 train` makes one); chain, eagle1 and fixed "
+                      "earlier text) until one is given (head= / --head; `eagle2 train` makes one); chain, eagle1 and fixed "
                       "shapes use a freshly initialised head, slower than vanilla. Output is exact either way.",
                       stacklevel=1)
         draft = _fresh_head(hf.config)
