@@ -118,7 +118,8 @@ def test_greedy_with_lookup_equals_transformers(family, monkeypatch):
 def test_an_untrained_head_is_left_out_of_eagle2_which_verifies_lookup_chains_alone(family, monkeypatch):
     """A model without a trained head (``eagle2.load`` gives it a fresh one, ``head_source`` "random-init"):
     the cost-aware greedy tree never runs the head and verifies only prompt-lookup chains, and only
-    where they pay; output stays transformers' greedy. chain (a fixed shape) still drafts with the head."""
+    where they pay; output stays transformers' greedy. At T = 1 (no chain) it verifies the root alone: the
+    seeded answer is vanilla's. chain (a fixed shape) still drafts with the head."""
     from eagle2 import draft
     from eagle2.api import UNTRAINED
     from eagle2.config import TreeConfig
@@ -137,6 +138,10 @@ def test_an_untrained_head_is_left_out_of_eagle2_which_verifies_lookup_chains_al
         sizes += result.stats.tree_sizes
     assert not commits and any(proposed), (name, proposed)
     assert max(sizes) > 1 and sizes.count(1) > 0, sizes  # chains verified where proposed, the root alone elsewhere
+    sampled = gen.generate([1, 2, 3], max_new_tokens=20, temperature=1.0, seed=0)  # drawn drafts: no chain, no head
+    assert set(sampled.stats.tree_sizes) == {1} and not commits
+    assert sampled.token_ids == gen.generate([1, 2, 3], max_new_tokens=20, temperature=1.0, seed=0,
+                                             method="vanilla").token_ids
     assert gen.generate([1, 2, 3], max_new_tokens=8, method="chain").token_ids == hf_greedy(model, [1, 2, 3], 8)
     assert commits
 

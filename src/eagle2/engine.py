@@ -179,8 +179,9 @@ class TextTracker:
 class Engine:
     def __init__(self, target: Target, drafter: Drafter | None, tokenizer, eos_ids: set[int],
                  trained_head: bool = True):
-        """trained_head: False for an untrained head (the glossary's), whose guesses the cost-aware
-        greedy tree leaves out: it verifies prompt-lookup chains alone (``tree.chain_tree``)."""
+        """trained_head: False for an untrained head (the glossary's), whose guesses the cost-aware tree
+        leaves out: it verifies prompt-lookup chains alone (``tree.chain_tree``), and at temperatures where
+        drafts are drawn (no chain) the root alone."""
         self.target = target
         self.drafter = drafter
         self.trained_head = trained_head
@@ -322,7 +323,7 @@ class Engine:
             acceptance = SampledAcceptance.by_confidence() if adaptive else SampledAcceptance.by_depth()
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
                   if use_draft and not drawn and adaptive and tree.lookup else None)
-        head_free = adaptive and not drawn and not self.trained_head  # the lookup chain alone
+        head_free = adaptive and not self.trained_head  # the lookup chain alone (none when drafts are drawn)
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1

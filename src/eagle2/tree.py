@@ -26,8 +26,8 @@ Glossary (used by every module of the package):
   the candidates from the root (``merge_chain``). A copy hit is an answer position whose next token
   that chain would propose first (``lookup.copy_hits``; the trainer's ``--lookup-weight`` weighs them).
 - untrained head: the fresh one ``eagle2.load`` makes for a model without a trained head; the
-  cost-aware greedy tree then verifies only the prompt-lookup chain (``chain_tree``), never the
-  head's guesses, which would cost more than they return.
+  cost-aware tree then verifies only the prompt-lookup chain (``chain_tree``; above ``draw_above``,
+  where there is none, the root alone), never the head's guesses, which would cost more than they return.
 - reused prefix: the prompt tokens whose target keys/values a recent call left in its cache
   (engine.py; a chat's earlier turns), which the next call does not prefill again.
 - compute thread: the one thread that runs a loaded generator's rounds asked for on threads other
