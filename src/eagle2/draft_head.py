@@ -176,11 +176,12 @@ class HeadConfig:
     def from_json(cls, d: dict) -> "HeadConfig":
         try:
             heads = int(d["num_attention_heads"])
+            theta, scaling = json_rope(d)
             kw = dict(
                 hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
                 num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads), vocab_size=int(d["vocab_size"]),
-                rope_theta=json_rope(d)[0], rope_scaling=json_rope(d)[1],
+                rope_theta=theta, rope_scaling=scaling,
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), hidden_act=str(d.get("hidden_act", "silu")),
                 attention_bias=bool(d.get("attention_bias", False)), bias=bool(d.get("bias", True)),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),

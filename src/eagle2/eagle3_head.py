@@ -232,13 +232,14 @@ class Eagle3Config:
         ids = d.get("eagle_aux_hidden_state_layer_ids") or eagle.get("eagle_aux_hidden_state_layer_ids")
         try:
             heads = int(d["num_attention_heads"])
+            theta, scaling = json_rope(d)
             vocab = int(d["vocab_size"])
             return cls(
                 hidden_size=int(d["hidden_size"]), intermediate_size=int(d["intermediate_size"]),
                 num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or int(d["hidden_size"]) // heads), vocab_size=vocab,
                 draft_vocab_size=int(d.get("draft_vocab_size") or vocab),
-                rope_theta=json_rope(d)[0], rope_scaling=json_rope(d)[1],
+                rope_theta=theta, rope_scaling=scaling,
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), hidden_act=str(d.get("hidden_act", "silu")),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)), bias=bool(d.get("bias", False)),
                 norm_before_residual=bool(d.get("norm_before_residual", False)),

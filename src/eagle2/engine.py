@@ -310,20 +310,21 @@ class Engine:
         run.stats.rounds = 1
         run.stats.prefill_seconds = time.perf_counter() - run.t0
         yield run.emit([root], 0)
+        drawn = tree.draws(sampling.temperature)
+        adaptive = tree.dynamic and cost is not None  # the cost-aware tree (else a fixed shape)
+        head_free = adaptive and not self.trained_head  # the lookup chain alone (none when drafts are drawn)
         if use_draft:  # the prompt's pairs (f_i, t_{i+1}), committed with the first round's
-            self._claim_drafter(run)
-            self.drafter.reset()
+            if not head_free:
+                self._claim_drafter(run)
+                self.drafter.reset()
             feats = hidden  # [n, H]
             pair_tokens = torch.cat([prompt[1:], prompt.new_tensor([root])])  # [n]
         length = n_prompt  # tokens in the target cache (everything emitted except the root)
         acceptance = None
-        drawn = tree.draws(sampling.temperature)
-        adaptive = tree.dynamic and cost is not None  # the cost-aware tree (else a fixed shape)
         if use_draft and drawn:  # the adaptive tree rates draws by confidence (draft.py)
             acceptance = SampledAcceptance.by_confidence() if adaptive else SampledAcceptance.by_depth()
         lookup = (PromptLookup(prompt_ids + [root], tree.lookup)
                   if use_draft and not drawn and adaptive and tree.lookup else None)
-        head_free = adaptive and not self.trained_head  # the lookup chain alone (none when drafts are drawn)
         while not run.finished():
             max_depth = min(tree.depth_cap, run.budget - len(run.out.token_ids) - 1)
             grown = use_draft and max_depth >= 1
@@ -335,13 +336,15 @@ class Engine:
                 if lookup is not None:
                     copied, logps, matched = lookup.propose(max_depth)
                     chain = (copied, logps)
-                self._claim_drafter(run)
                 # A greedy round sizes its tree for a forward shared with the decodes beside it; a sampled one does
                 # not, since its tree shapes its draws and a seeded answer must not depend on what runs beside it.
                 budget = budgets.at(length, 1 if drawn else self._beside)
-                draft = (chain_tree(root_t, chain, budget) if head_free else
-                         self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth, budget,
-                                           draw, chain))
+                if head_free:  # the head's cache is left to the decodes that use it
+                    draft = chain_tree(root_t, chain, budget)
+                else:
+                    self._claim_drafter(run)
+                    draft = self.drafter.grow(root_t, self.drafter.commit(feats, pair_tokens), tree, max_depth, budget,
+                                              draw, chain)
             else:
                 draft = single_node_tree(root_t)
             run.stats.draft_seconds += time.perf_counter() - t_round
