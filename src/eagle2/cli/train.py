@@ -86,6 +86,9 @@ def register(sub) -> None:
     p.add_argument("--corpus", default=None, metavar="DIR",
                    help="the corpus of self-distilled conversations (default: corpus/<model> in the repo for "
                         "built-in models, else <run-dir>/corpus)")
+    p.add_argument("--extra-corpus", action="append", default=[], metavar="DIR",
+                   help="another corpus of this model's answers to train on beside --corpus, read only (repeat for "
+                        "several), e.g. its answers sampled at T = 1: corpus/<model>-t1 in the repo for built-in models")
     p.add_argument("--stream", action="store_true", help="compute features on the fly instead of caching them (no disk; the "
                         "fast way on a GPU: --device cuda)")
     p.add_argument("--epochs", type=int, default=2, help="(default: %(default)s)")
@@ -176,6 +179,9 @@ def _check_args(args) -> None:
         if d and writes and not _writable(Path(d)):
             raise ValueError(f"{flag} {d} cannot be created or written (read-only, no permission, or under a "
                              "file); give another directory")
+    for d in args.extra_corpus:  # found before the model loads; the pipeline checks whose answers they are
+        if not (Path(d) / "manifest.json").is_file():
+            raise ValueError(f"--extra-corpus {d}: not a corpus (no manifest.json there)")
     if args.init_head and not (Path(args.init_head) / "config.json").is_file():
         raise ValueError(f"--init-head {args.init_head}: not a head directory (no config.json there)")
     if (args.context or 0) < 0 or args.dev_prompts < 0 or args.mtbench < 0 or args.draft_vocab < 0:
@@ -237,7 +243,8 @@ def cmd_train(args) -> int:
         data_dir=Path(args.data_dir) if args.data_dir else None, limit=args.limit, dev_prompts=args.dev_prompts,
         fixed=args.fixed_responses, max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
         gen_batch_size=args.gen_batch_size, shard_size=args.shard_size, context=args.context, max_len=args.max_len,
-        corpus=Path(args.corpus) if args.corpus else None, vocab_loss=not args.full_vocab_loss, stream=args.stream,
+        corpus=Path(args.corpus) if args.corpus else None, extra_corpora=tuple(map(Path, args.extra_corpus)),
+        vocab_loss=not args.full_vocab_loss, stream=args.stream,
         out=Path(args.out) if args.out else None, mtbench=args.mtbench, draft_vocab=args.draft_vocab,
         max_minutes=args.max_minutes, temperature=args.temperature, arch=args.arch,
         progress=not args.no_progress, base_model=_base_name(model, key), model_arg=args.model, train_cfg=cfg)

@@ -231,10 +231,14 @@ class Corpus:
             raise ValueError(f"the corpus {self.path} has {len(self._shards())} shard(s) but no model in {MANIFEST} (deleted "
                              f"or damaged?), so whose answers it holds is unknown; restore {self.path / MANIFEST} (e.g. "
                              "with git checkout) or pass another --corpus")
-        temps = {s.get("settings", {}).get("temperature") for s in self.manifest.get("shards", [])} - {None}
+        temps = self.temperatures()
         if temps and settings.get("temperature") not in temps:
             raise ValueError(f"the corpus {self.path} holds answers at temperature {sorted(temps)}, this run uses "
                              f"{settings.get('temperature')}; give sampled answers their own --corpus")
+
+    def temperatures(self) -> list[float]:
+        """The sampling temperatures its sealed shards were answered at (from the manifest)."""
+        return sorted({s.get("settings", {}).get("temperature") for s in self.manifest.get("shards", [])} - {None})
 
     def add(self, conversation_id: str, turn: int, prompt_ids: list[int], response_ids: list[int],
             out=None) -> None:

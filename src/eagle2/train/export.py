@@ -135,6 +135,10 @@ def model_card(info: dict) -> str:
         if t:
             lines += [f"The corpus then held {t['conversations']:,} conversations ({t['turns']:,} turns, "
                       f"{t['prompt_tokens'] + t['response_tokens']:,} tokens).", ""]
+        for e in info.get("corpus_extra") or []:  # --extra-corpus: e.g. answers sampled at T = 1
+            t, temps = e["total"], ", ".join(map(str, e["temperatures"])) or "unknown"
+            lines += [f"Beside it: {t['conversations']:,} conversations ({t['turns']:,} turns, {t['response_tokens']:,} "
+                      f"answer tokens) of the corpus `{e['path']}`, answered at temperature {temps}.", ""]
     if info.get("loss_vocab"):
         lines += [f"Loss over the draft vocabulary: the soft cross-entropy and accuracy were computed over the "
                   f"{info['loss_vocab']} tokens of `draft_vocab.safetensors` only.", ""]

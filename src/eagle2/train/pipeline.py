@@ -4,7 +4,10 @@ Conversations live in the corpus (corpus.py; default ``<repo>/corpus/<model-key>
 models, committed, else ``<run-dir>/corpus``): stage 1 adds the answers it lacks, stages 2-4 read
 it. Which conversations train: the whole corpus, or with ``--prompts`` / ``--limit`` only those of
 the chosen prompts; never the held-out dev prompts. ``--fixed-responses`` (reference answers, not
-the target's) use ``<run-dir>/responses.jsonl`` instead.
+the target's) use ``<run-dir>/responses.jsonl`` instead. ``extra_corpora`` are read-only corpora
+trained on beside it, e.g. the target's answers sampled at T = 1 (``corpus/<model-key>-t1``): the head
+then also learns the contexts sampling leads it into, which greedy answers never visit. Their records
+are named ``<record id>@<corpus directory name>``, so a prompt answered in both trains twice.
 
 Run directory layout (default ``$EAGLE2_CACHE/runs/<model-key>``, outside git):
 ``features/shard-*.safetensors`` (stage 2), ``ckpt.pt``, ``best/``, ``last/``, ``metrics.jsonl``
@@ -58,6 +61,7 @@ class PipelineOptions:
     context: int | None = None  # prompt tokens before each answer the head trains on (None: the whole prompt)
     max_len: int = 1024  # longest training window; longer ones drop their oldest prompt tokens
     corpus: Path | None = None  # corpus directory (default: default_corpus_dir(model_arg, run_dir))
+    extra_corpora: tuple = ()  # read-only corpora (directories) trained on beside ``corpus``
     feature_batch_size: int = 8
     stream: bool = False  # compute features on the fly in the training loop (no feature cache)
     out: Path | None = None  # exported head directory (default run_dir/head)
@@ -147,16 +151,39 @@ def choose_prompts(opts: PipelineOptions) -> tuple[list[Prompt], list[Prompt], l
     return train, dev, sources
 
 
-def _training_records(opts: PipelineOptions, corpus: Corpus | None, train_p: list[Prompt],
-                      dev_ids: set[str]) -> tuple[list[dict], dict | None]:
+def _training_records(opts: PipelineOptions, corpus: Corpus | None, extras: list[Corpus], train_p: list[Prompt],
+                      dev_ids: set[str]) -> tuple[list[dict], dict | None, list[dict]]:
     """The conversations the head trains on, one record per answered turn (see the module
-    docstring), and the corpus counts of those conversations (None for --fixed-responses)."""
+    docstring); the corpus counts of those conversations (None for --fixed-responses); and per
+    extra corpus its directory, temperature and counts."""
     from .responses import read_responses
 
     if corpus is None:  # --fixed-responses
-        return [r for r in read_responses(Path(opts.run_dir) / "responses.jsonl") if r["id"] not in dev_ids], None
+        return [r for r in read_responses(Path(opts.run_dir) / "responses.jsonl") if r["id"] not in dev_ids], None, []
     only = {p.id for p in train_p} if (opts.prompts or opts.limit) else None
-    return corpus.records(exclude=dev_ids, only=only), corpus.summary(exclude=dev_ids, only=only)
+    records, shown = corpus.records(exclude=dev_ids, only=only), []
+    for c in extras:
+        records += [{**r, "id": f"{r['id']}@{c.path.name}"} for r in c.records(exclude=dev_ids, only=only)]
+        shown.append(dict(path=_shown_path(c.path), temperatures=c.temperatures(),
+                          total=c.summary(exclude=dev_ids, only=only)["total"]))
+    return records, corpus.summary(exclude=dev_ids, only=only), shown
+
+
+def _open_extras(opts: PipelineOptions, corpus: Corpus | None) -> list[Corpus]:
+    """The extra corpora, each checked to exist, to differ from the main one and to hold this model's answers."""
+    if opts.extra_corpora and corpus is None:
+        raise ValueError("--extra-corpus trains on self-distilled answers; it cannot go with --fixed-responses")
+    dirs = [Path(d) for d in opts.extra_corpora]
+    for i, d in enumerate(dirs):
+        if not (d / "manifest.json").is_file():
+            raise ValueError(f"--extra-corpus {d}: not a corpus (no manifest.json there)")
+        if d.resolve() == corpus.path.resolve() or d.name in {e.name for e in dirs[:i]}:
+            raise ValueError(f"--extra-corpus {d}: given twice, or the same as --corpus (each corpus once, "
+                             "under its own directory name)")
+    extras = [Corpus(d) for d in dirs]
+    for c in extras:
+        c.check_model(opts.model_arg or opts.base_model, None)
+    return extras
 
 
 def _nothing_to_train(run: _Run, responses: dict | None) -> str:
@@ -179,7 +206,9 @@ def _check_token_ids(run: _Run, records: list[dict]) -> None:
     for r in records:
         top = max(max(r["prompt_ids"], default=0), max(r["response_ids"], default=0))
         if top >= vocab:
-            where = f"the corpus {run.corpus.path}" if run.corpus is not None else "responses.jsonl"
+            extra = next((c for c in run.extras if r["id"].endswith("@" + c.path.name)), None)
+            where = ("responses.jsonl" if run.corpus is None else
+                     f"the corpus {(extra or run.corpus).path}")
             raise ValueError(f"{where} holds token id {top} (in {r['id']}), beyond the target's vocabulary of {vocab}: "
                              "it was written with another tokenizer; pass this model's --corpus")
 
@@ -224,6 +253,7 @@ class _Run:
     dev_ids: set[str]
     dev_inputs: list[list[int]]  # the dev prompts' chat ids, for the trainer's acceptance evaluation
     corpus: Corpus | None  # None: --fixed-responses
+    extras: list  # Corpus: read-only corpora trained on beside ``corpus``
     sources: list  # the data sources the model card names
     max_seconds: float | None  # per stage
 
@@ -239,7 +269,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         summary["responses"] = _responses_stage(run)
     if run.corpus is not None:  # the responses stage checked it already; the other stages read it
         run.corpus.check_model(opts.model_arg or opts.base_model, None)
-    records, trained_on = _training_records(opts, run.corpus, run.train_p, run.dev_ids)
+    records, trained_on, extra_on = _training_records(opts, run.corpus, run.extras, run.train_p, run.dev_ids)
     if not records and {"features", "train"} & set(opts.stages):
         raise ValueError(_nothing_to_train(run, summary.get("responses")))
     _check_token_ids(run, records)
@@ -249,7 +279,7 @@ def run_pipeline(model, tokenizer, opts: PipelineOptions) -> dict:
         summary["features"] = _features_stage(run, records)
     vocab = _loss_vocab(opts, records, int(model.config.vocab_size)) if {"train", "export"} & set(opts.stages) else None
     if "train" in opts.stages:
-        summary["train"] = _train_stage(run, records, trained_on, vocab)
+        summary["train"] = _train_stage(run, records, trained_on, extra_on, vocab)
         if summary["train"]["status"] == "interrupted":  # the user asked to stop: no export after it
             return summary
     if "export" in opts.stages:
@@ -277,9 +307,10 @@ def _start(model, tokenizer, opts: PipelineOptions) -> _Run:
     dev_inputs = [ids for ids in (encode_chat(tokenizer, p.messages) for p in dev_p)
                   if len(ids) <= opts.max_prompt_tokens]
     corpus = None if opts.fixed else Corpus(opts.corpus or default_corpus_dir(opts.model_arg, run))
+    extras = _open_extras(opts, corpus)
     return _Run(model=model, tokenizer=tokenizer, opts=opts, dir=run, eagle3=e3, feat_dir=feat_dir, train_dir=train_dir,
                 backend=Backend.of(opts.backend), train_p=train_p, dev_ids={p.id for p in dev_p}, dev_inputs=dev_inputs,
-                corpus=corpus, sources=sources, max_seconds=opts.max_minutes * 60 if opts.max_minutes else None)
+                corpus=corpus, extras=extras, sources=sources, max_seconds=opts.max_minutes * 60 if opts.max_minutes else None)
 
 
 def _responses_stage(run: _Run) -> dict:
@@ -345,7 +376,7 @@ def _check_features(feat_dir: Path, records: list[dict], covered: set[str]) -> N
                          "too (--stages features,train,...) to compute them again")
 
 
-def _train_stage(run: _Run, records: list[dict], trained_on: dict | None, vocab) -> dict:
+def _train_stage(run: _Run, records: list[dict], trained_on: dict | None, extra_on: list[dict], vocab) -> dict:
     """Stage 3: train the head on the records' examples (shards, or streamed)."""
     from dataclasses import replace
 
@@ -374,7 +405,7 @@ def _train_stage(run: _Run, records: list[dict], trained_on: dict | None, vocab)
     res = tr.train()
     corpus_total = run.corpus.summary()["total"] if run.corpus is not None else None
     _add_time(run.dir, "train", time.time() - t0, examples=len(tr.lengths), tokens_seen=res.tokens_seen,
-              data=run.sources, corpus=trained_on, corpus_total=corpus_total,
+              data=run.sources, corpus=trained_on, corpus_total=corpus_total, corpus_extra=extra_on,
               loss_vocab=int(vocab.numel()) if vocab is not None and opts.vocab_loss else None,
               train_status=res.status, best_tau=res.best_tau, best_step=res.best_step, steps=res.step,
               hyperparameters={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()})
@@ -433,6 +464,6 @@ def _model_card(run: _Run, st: dict) -> dict:
                 hyperparameters=st.get("hyperparameters"), stage_seconds=st.get("stage_seconds"),
                 mtbench=st.get("mtbench"), mtbench_max_new_tokens=opts.mtbench_max_new_tokens,
                 dev_tau=st.get("best_tau") if (st.get("best_tau") or -1) >= 0 else None,
-                corpus=st.get("corpus"), corpus_total=st.get("corpus_total"),
+                corpus=st.get("corpus"), corpus_total=st.get("corpus_total"), corpus_extra=st.get("corpus_extra"),
                 corpus_path=_shown_path(corpus.path) if corpus is not None else None,
                 loss_vocab=st.get("loss_vocab"))
