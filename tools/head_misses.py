@@ -5,8 +5,11 @@ Teacher-forced on the greedy answers of a bench run (``answers.jsonl`` of ``eagl
 gives them): at each answer position the head's depth-1 top-1 (the trainer's forward, step 0) is
 compared with the target's argmax, and the positions are bucketed by the target's top-1 probability
 (softmax over the full vocabulary at T = 1). Judges a head beyond tau: a head that is only more
-confident sizes bigger trees, a better one hits more often where the target is sure. The target
-runs through transformers here (bf16), so a near-tie may differ from the engine's.
+confident sizes bigger trees, a better one hits more often where the target is sure. The last column is
+what one draft sampled at T = 1 is accepted with, sum_x min(p(x), q(x)) (p the target's, q the head's
+distribution), so the answers of a bench run at ``--temperature 1`` show how the head drafts in the
+contexts sampling leads to. The target runs through transformers here (bf16), so a near-tie may differ
+from the engine's.
 
 Usage: python tools/head_misses.py ANSWERS_JSONL [--head DIR ...] [--questions FILE] [--turn 0]
 """
@@ -31,11 +34,12 @@ EDGES = (0.0, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
 @torch.inference_mode()
 def score(gen, head: Eagle3Head, sequences: list[tuple[list[int], list[int]]]) -> torch.Tensor:
     """Per bucket of the target's top-1 probability: [positions, head hits, target argmax in the draft
-    vocabulary, head's mean top-1 probability, target's probability of the head's token] (sums)."""
+    vocabulary, head's mean top-1 probability, target's probability of the head's token, acceptance of a
+    sampled draft at T = 1] (sums)."""
     model, h = gen.model, gen.model.config.hidden_size
     embed, lm = model.get_input_embeddings(), model.get_output_embeddings()
     edges = torch.tensor(EDGES[1:-1])
-    sums = torch.zeros(len(EDGES) - 1, 5, dtype=torch.float64)
+    sums = torch.zeros(len(EDGES) - 1, 6, dtype=torch.float64)
     for prompt, answer in sequences:
         ids = prompt + answer
         feats = capture_features(model, [ids], feature_layers(model))[0].float()  # [T, 4H]
@@ -44,13 +48,15 @@ def score(gen, head: Eagle3Head, sequences: list[tuple[list[int], list[int]]]) -
         tokens = torch.tensor(ids)
         out = ttt_forward(head, feats[None, :, :3 * h], embed(tokens)[None].float(),
                           torch.arange(len(ids))[None], 1)[0][0]  # [T, H]: index i drafts the token after x_{i+1}
-        conf, draft = head.logits(out).float().softmax(-1).max(-1)  # [T]
+        q = head.logits(out).float().softmax(-1)  # [T, Vd] the head's distribution at T = 1
+        conf, draft = q.max(-1)  # [T]
         draft = head.target_ids[draft]
         i = torch.arange(len(prompt) - 1, len(ids) - 2)  # drafts of answer tokens 2.. (the first is the prefill's)
         j = i + 1
         bucket = torch.bucketize(p1[j], edges, right=True)  # [n]
         rows = torch.stack([torch.ones(len(i)), (draft[i] == top[j]).float(), head.t2d[top[j]].float(),
-                            conf[i], probs[j, draft[i]]], dim=1).double()  # [n, 5]
+                            conf[i], probs[j, draft[i]],
+                            torch.minimum(probs[j][:, head.target_ids], q[i]).sum(-1)], dim=1).double()  # [n, 6]
         sums.index_add_(0, bucket, rows)
     return sums
 
@@ -58,15 +64,16 @@ def score(gen, head: Eagle3Head, sequences: list[tuple[list[int], list[int]]]) -
 def table(name: str, sums: torch.Tensor) -> str:
     n = sums[:, 0].sum()
     lines = [f"{name}: {int(n)} positions, depth-1 hits {sums[:, 1].sum() / n:.3f}, target's argmax in the draft "
-             f"vocabulary {sums[:, 2].sum() / n:.3f}", "",
+             f"vocabulary {sums[:, 2].sum() / n:.3f}, a sampled draft accepted at T = 1 {sums[:, 5].sum() / n:.3f}", "",
              "| target's top-1 probability | share of positions | head hits | argmax in draft vocabulary | "
-             "hits where in it | head's top-1 probability | target's probability of the head's token |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "hits where in it | head's top-1 probability | target's probability of the head's token | "
+             "sampled draft accepted (T = 1) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k in range(sums.shape[0]):
-        c, hit, inv, conf, mass = sums[k].tolist()
+        c, hit, inv, conf, mass, alpha = sums[k].tolist()
         c1 = max(c, 1.0)
         lines.append(f"| {EDGES[k]:.2f}-{EDGES[k + 1]:.2f} | {c / n:.3f} | {hit / c1:.3f} | {inv / c1:.3f} | "
-                     f"{hit / max(inv, 1.0):.3f} | {conf / c1:.3f} | {mass / c1:.3f} |")
+                     f"{hit / max(inv, 1.0):.3f} | {conf / c1:.3f} | {mass / c1:.3f} | {alpha / c1:.3f} |")
     return "\n".join(lines)
 
 
