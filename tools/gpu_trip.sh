@@ -44,6 +44,11 @@
 # (1.536), and made the head over-confident at T = 0 (bigger trees, same tokens/s). A trip arm for it:
 # "4096:0:1:1:1:0.5": at W 0.5 (70 CPU steps) the T = 0 calibration stayed e3-e's and T=1 tau was 1.500. The
 # next trip: RUNS="4096:0 4096:0:2:10 4096:0:1:1:1:0.5" (control, deeper head, TV mix; the lookup weight showed nothing).
+# (aj): in the contexts T = 1 sampling leads to, the head drafts worse than in greedy ones at the same target
+# confidence (a sampled draft accepted 0.02-0.07 less often per bucket, tools/head_misses.py on T=1 bench answers),
+# and every answer it trained on was greedy. A 7th field EX=1 adds `--extra-corpus corpus/smollm2-135m-t1`
+# (the model's answers sampled at T = 1, committed): RUNS="4096:0 4096:0:1:1:1:0:1 4096:0:2:10" (control,
+# T=1 answers beside the greedy ones, deeper head); judge it at T = 1 as well as T = 0.
 #
 # Lessons of earlier trips: on an H100 a step took 0.15 s in the first call and 0.08 s in later calls on the
 # same machine (SPS sizes the step count: too high a value ends a run early, too low one lets --max-minutes
