@@ -91,10 +91,11 @@ restore() {
 }
 
 # There: $1 = seconds this call may use. RUNS lists the heads to train one after another, each as
-# DRAFT_VOCAB:MLP_WIDTH[:LAYERS[:SCALE[:LW[:TV]]]] (default "8192:3072 4096:3072": a vocabulary twice the shipped one,
+# DRAFT_VOCAB:MLP_WIDTH[:LAYERS[:SCALE[:LW[:TV[:EX]]]]] (default "8192:3072 4096:3072": a vocabulary twice the shipped one,
 # then the shipped one, both with a twice as wide MLP; MLP 0 keeps the target's 1,536; LAYERS, default 1, deepens
 # the head: "4096:0:2" adds a decoder layer that starts as the identity; SCALE, default 1, is that layer's lr
-# multiplier, --new-layer-lr-scale; LW, default 1, is --lookup-weight; TV, default 0, is --tv-weight), sharing the time. LR, WU, SPS (s per
+# multiplier, --new-layer-lr-scale; LW, default 1, is --lookup-weight; TV, default 0, is --tv-weight; EX 1 trains on
+# corpus/smollm2-135m-t1 too, --extra-corpus), sharing the time. LR, WU, SPS (s per
 # step) and DEVICE (default cuda; cpu to try the script here, with .venv/bin first on PATH: go calls python3) override.
 go() {
   local t0 budget=${1:-560} g=$PWD/.trip/c site=/tmp/site out=/tmp/trip-out runs=${RUNS:-"8192:3072 4096:3072"}
