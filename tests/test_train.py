@@ -871,6 +871,8 @@ def test_an_extra_corpus_trains_beside_the_main_one(tiny, run, prompt_file, tmp_
     assert len(shards) == 28  # each answered twice: greedy in the main corpus, sampled in the extra one
     assert covered_ids(feat_dir / "features") == set(main) | {k + "@tiny-t5" for k in main}
     assert sum(extra[k]["response_ids"] != main[k]["response_ids"] for k in main) >= 7
+    assert "The target model's own sampled (temperature 5.0) answers" in (sampled / "README.md").read_text()
+    assert "The target model's own greedy answers" in (run / "corpus" / "README.md").read_text()
     shutil.rmtree(feat_dir / "train", ignore_errors=True)  # other tests' checkpoint trained on 14 examples
     run_pipeline(tiny, ToyTokenizer(), _opts(feat_dir, prompt_file, stages=("train",), extra_corpora=(sampled,),
                                              train_cfg=_cfg(max_steps=1)))

@@ -238,7 +238,7 @@ class Corpus:
 
     def temperatures(self) -> list[float]:
         """The sampling temperatures its sealed shards were answered at (from the manifest)."""
-        return sorted({s.get("settings", {}).get("temperature") for s in self.manifest.get("shards", [])} - {None})
+        return manifest_temperatures(self.manifest)
 
     def add(self, conversation_id: str, turn: int, prompt_ids: list[int], response_ids: list[int],
             out=None) -> None:
@@ -348,10 +348,17 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def manifest_temperatures(manifest: dict) -> list[float]:
+    """The sampling temperatures a corpus's shards were answered at (0.0: greedy), from its manifest."""
+    return sorted({s.get("settings", {}).get("temperature") for s in manifest.get("shards", [])} - {None})
+
+
 def corpus_readme(manifest: dict) -> str:
     """README.md of a corpus directory, generated from its manifest."""
+    temps = manifest_temperatures(manifest)
+    how = "greedy" if temps in ([], [0.0]) else "sampled (temperature " + ", ".join(map(str, temps)) + ")"
     lines = [f"# Self-distilled corpus of {manifest.get('model', '?')}", "",
-             "The target model's own greedy answers to the training prompts, as token ids (prompt ids, chat template "
+             f"The target model's own {how} answers to the training prompts, as token ids (prompt ids, chat template "
              "applied, and response ids exactly as generated). Multi-turn conversations: each later turn was asked "
              "after the model's own answer to the one before. Written and grown by `eagle2 train --stages responses` "
              "(it answers only what is missing here and never regenerates); the `train` stage reads it. Format: "
