@@ -852,14 +852,14 @@ def test_an_extra_corpus_trains_beside_the_main_one(tiny, run, prompt_file, tmp_
     """--extra-corpus: a second corpus of the target's answers (here sampled) is read beside the main one;
     its records keep their own answers under their own names, the held-out prompts stay out of both, and the
     model card counts it."""
+    import shutil
+
     from eagle2.train.export import model_card
 
     sampled = tmp_path / "tiny-t5"
     run_pipeline(tiny, ToyTokenizer(), _opts(tmp_path / "s", prompt_file, stages=("responses",), temperature=5.0,
                                              corpus=sampled))
     feat_dir = tmp_path / "r"
-    import shutil
-
     shutil.copytree(run, feat_dir)
     out = run_pipeline(tiny, ToyTokenizer(), _opts(feat_dir, prompt_file, stages=("features",),
                                                    extra_corpora=(sampled,)))
