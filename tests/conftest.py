@@ -19,6 +19,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 DATA = data_dir()  # the shared prompt and evaluation data ($EAGLE2_DATA, else <repo>/../shared/data)
 
 
+@pytest.fixture(autouse=True)
+def _probes_cache_whatever_else_runs(monkeypatch):
+    """A cost probe taken beside other work is not cached (cost.OtherLoad). Tests that count cache
+    files must not depend on what else the machine runs; test_cost checks the rule itself."""
+    from eagle2.cost import OtherLoad
+
+    monkeypatch.setattr(OtherLoad, "BUSY_CORES", float("inf"))
+
+
 class ToyTokenizer:
     """Decodes ids as space-separated numbers; no chat template, no special tokens."""
 

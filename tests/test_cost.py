@@ -37,6 +37,39 @@ def test_probe_measures_and_caches(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cost").glob("*.json"))) == 2
 
 
+def test_a_probe_taken_beside_other_work_serves_the_run_but_is_not_cached(tmp_path, monkeypatch, caplog):
+    """Other programs busy on 1.5 cores during the probe: the generator uses what it measured, warns,
+    and writes no file, so the next load measures again; on a quiet machine the file is written."""
+    import logging
+    import time
+
+    from eagle2 import cost
+
+    monkeypatch.setenv("EAGLE2_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost.OtherLoad, "BUSY_CORES", 0.25)
+    others = {"cores": 1.5}
+    monkeypatch.setattr(cost, "_machine_busy_s", lambda: others["cores"] * time.monotonic() + cost._own_cpu_s())
+    model = make_tiny_model("llama", vocab_size=16, max_position_embeddings=2048)
+    gen = make_generator(model, model_key="tiny-busy-test")
+    with caplog.at_level(logging.WARNING, logger="eagle2"):
+        measured = gen.cost_model()
+    assert "kept 1.5 cores busy" in caplog.text
+    assert gen.cost_model() is measured  # kept for this generator
+    assert not list((tmp_path / "cost").glob("*.json"))
+    assert gen.generate([1, 2, 3], max_new_tokens=4).stats.new_tokens == 4
+    others["cores"] = 0.0
+    make_generator(model, model_key="tiny-busy-test").cost_model()  # quiet now: measured again and cached
+    assert len(list((tmp_path / "cost").glob("*.json"))) == 1
+
+
+def test_other_load_reads_this_machine():
+    from eagle2.cost import OtherLoad
+
+    with OtherLoad() as load:
+        sum(range(10**5))
+    assert load.cores is None or load.cores >= 0
+
+
 def test_monotone_envelope_lowers_a_slow_short_query_instead_of_raising_the_rest():
     """A slow spell during the q = 1 measurement must not make 2..16 rows look as dear as it: the curve
     is non-decreasing, and each point is at most what it measured and what any longer query measured."""

@@ -204,8 +204,12 @@ class Eagle2Generator:
         if found is None:
             log.info("measuring this machine's round costs (once per model, dtype and CPU) ...")
             # the probe runs the target and the head on their caches
-            found = self._on_compute(self._locked, cost.probe, self.target, self.drafter, self.tree.width)
-            if self.model_key:
+            with cost.OtherLoad() as load:
+                found = self._on_compute(self._locked, cost.probe, self.target, self.drafter, self.tree.width)
+            if load.busy:
+                log.warning("other programs kept %.1f cores busy while this machine's round costs were measured: "
+                            "the measurement serves this run only and is taken again next time", load.cores)
+            elif self.model_key:
                 cost.save(key, found)
         self._costs[key] = found
         return found

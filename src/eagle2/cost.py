@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -228,6 +229,50 @@ def _monotone(ms: list[float]) -> list[float]:
     for i in range(len(out) - 2, -1, -1):
         out[i] = min(out[i], out[i + 1])
     return out
+
+
+class OtherLoad:
+    """How many cores other programs kept busy while a block ran: this machine's busy time
+    (``/proc/stat``, steal included) less this process's own (``os.times``), over the wall time.
+
+    A probe taken while something else computes (a build, a second job) measures the contention, not
+    the machine: every part comes out several times dearer, and drafting dearer relative to verifying,
+    so a cached curve would shape every later tree wrongly. The caller keeps such a measurement for
+    the run at hand and does not cache it. ``cores`` is None where ``/proc/stat`` is not readable."""
+
+    BUSY_CORES = 0.25  # others' mean use above this spoils a probe; an idle machine shows ~0.01
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = (_machine_busy_s(), _own_cpu_s(), time.monotonic())
+        self.cores: float | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy0, own0, t0 = self._start
+        busy1, wall = _machine_busy_s(), time.monotonic() - t0
+        if busy0 is not None and busy1 is not None and wall > 0:
+            self.cores = max(0.0, (busy1 - busy0) - (_own_cpu_s() - own0)) / wall
+
+    @property
+    def busy(self) -> bool:
+        return self.cores is not None and self.cores > self.BUSY_CORES
+
+
+def _machine_busy_s() -> float | None:
+    """Seconds all CPUs spent busy since boot (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = sum(fields[3:5])  # idle, iowait
+    guest = sum(fields[8:10])  # already counted inside user and nice
+    return (sum(fields) - idle - guest) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def probe(target, drafter, top_k: int = 8, repeats: int = 5, progress: bool | None = None) -> CostModel:
