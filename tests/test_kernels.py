@@ -188,12 +188,14 @@ needs_lowbit_f32 = pytest.mark.skipif(not kernels.lowbit_runs(torch.float32, tor
 
 @needs_lowbit_f32
 @pytest.mark.parametrize("fmt", ["q4", "q8"])
-def test_lowbit_fp32_matches_f_linear_and_is_row_invariant(fmt):
+@pytest.mark.parametrize("k", [192, 576])
+def test_lowbit_fp32_matches_f_linear_and_is_row_invariant(fmt, k):
     """fp32 activations on the blocks (AVX2): the rebuilt weights are the fp32 weights themselves, so the
     product equals F.linear's up to fp32 summation order (stated: 1e-5 of the outputs' scale), and every
-    row equals, bit for bit, that row computed alone."""
+    row equals, bit for bit, that row computed alone. k = 576 (18 blocks) crosses the kernel's unpacked
+    chunks of 8 blocks; 3, 4, 5 and 7 rows take its groupings of three and two rows."""
     make, record = BLOCKS[fmt]
-    n, k = 80, 192
+    n = 80
     src = make(n, k, seed=3)
     b = torch.randn(n, generator=torch.Generator().manual_seed(4))
     fn = kernels.linear(src, b, source=src)
@@ -203,7 +205,7 @@ def test_lowbit_fp32_matches_f_linear_and_is_row_invariant(fmt):
     got, ref = fn(x), F.linear(x, src, b)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().mean()
     alone = torch.cat([fn(x[i:i + 1]) for i in range(40)])
-    for rows in (2, 3, 5, 17, 32):
+    for rows in (2, 3, 4, 5, 7, 17, 32):
         assert torch.equal(fn(x[:rows]), alone[:rows]), rows
 
 

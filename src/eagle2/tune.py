@@ -171,7 +171,9 @@ def _log_candidates(log, candidates, best, vanilla, adaptives, adaptive, speedup
     log(f"  vanilla: {vanilla['tokens_per_s']:.2f} tokens/s; chosen fixed shape {speedup}x; cost-aware tree "
         f"(the default) {adaptive['tokens_per_s']:.2f} tokens/s, tau {adaptive['mean_accept_len']:.2f}")
     if speedup is not None and speedup < 1:
-        log("  note: no tree beat vanilla decoding here (an untrained head, or a draft too slow for this machine)")
+        beaten = adaptive["tokens_per_s"] > vanilla["tokens_per_s"]
+        log(f"  note: no fixed shape beat vanilla decoding here{'; the cost-aware tree did' if beaten else ''} "
+            "(a weak or untrained head, or tree rows too dear to verify on this machine)")
 
 
 def _write(result: dict, path: Path, save: bool, out_dir, log) -> None:
