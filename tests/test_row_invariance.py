@@ -129,8 +129,11 @@ def test_exact_attention_agrees_with_sdpa(dtype):
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
-    for hq, hk, d, past, t in [(9, 3, 64, 100, 16), (4, 2, 8, 20, 5), (8, 8, 72, 33, 1)]:
-        kc, vc = torch.randn(2, 2, hk, past + t + 3, d, generator=g).to(dtype)
+    # head dims whole and not whole multiples of the kernel's 8-float chunks; key counts with a partial last
+    # block of 8, one in a cache with no room past it
+    for hq, hk, d, past, t, room in [(9, 3, 64, 100, 16, 3), (4, 2, 8, 20, 5, 3), (8, 8, 72, 33, 1, 3),
+                                     (4, 1, 12, 9, 3, 0), (6, 2, 32, 13, 2, 0)]:
+        kc, vc = torch.randn(2, 2, hk, past + t + room, d, generator=g).to(dtype)
         q = (torch.randn(2, hq, t, d, generator=g) * 2).to(dtype)
         allowed = torch.ones(2, t, past + t, dtype=torch.bool).tril(past)
         allowed[1, :, :3] = False

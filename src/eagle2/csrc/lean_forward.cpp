@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 11))
@@ -768,18 +769,19 @@ inline void storev(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
 // 8 of AVX2's 16.
 constexpr int kPassHeads = kLanes == 16 ? 4 : 2, kPassChunks = 4;
 
-// out[h][e] = sum over k < nk, in order, of p[h * ps + k] * rows[kept[k]][e], for G query heads that share
+// out[h][e] = sum over k < nk, in order, of p[h * ps + k] * rows[kept[k] * rs + e], for G query heads that share
 // the rows, C vectors of dims at a time (dims past the last whole chunk one at a time): each row chunk is
 // read once for the G heads (the rows of a long cache live in L2, whose bandwidth bounds this loop) and
 // the G x C accumulators stay in registers. Per head and dim it is the scalar loop's operations in the
 // scalar loop's order, so the result is the same bit for bit.
 template <int G, int C>
-void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, const int64_t* kept, int64_t nk, float* out) {
+void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t rs, int64_t d, const int64_t* kept, int64_t nk,
+                   float* out) {
   int64_t e0 = 0;
   for (; e0 + kLanes * C <= d; e0 += kLanes * C) {
     VF a[G][C] = {};
     for (int64_t k = 0; k < nk; ++k) {
-      const float* r = rows + kept[k] * d + e0;
+      const float* r = rows + kept[k] * rs + e0;
       VF rc[C];
       for (int c = 0; c < C; ++c) rc[c] = loadv(r + kLanes * c);
       for (int h = 0; h < G; ++h) {
@@ -794,93 +796,51 @@ void weighted_rows(const float* p, int64_t ps, const float* rows, int64_t d, con
   for (; e0 < d; ++e0) {
     for (int h = 0; h < G; ++h) {
       float a = 0.0f;
-      for (int64_t k = 0; k < nk; ++k) a += p[h * ps + k] * rows[kept[k] * d + e0];
+      for (int64_t k = 0; k < nk; ++k) a += p[h * ps + k] * rows[kept[k] * rs + e0];
       out[h * d + e0] = a;
     }
   }
 }
 
-#if defined(__AVX512F__) && defined(EAGLE2_AMX)
-// A 16 x 16 float tile (rows 64 bytes apart) transposed into out (row e at out + e * ld): four stages of
-// swapping the off-diagonal b x b blocks (b = 8, 4, 2, 1) of every 2b x 2b block, two-source lane permutes
-// in registers, where a scalar copy is 256 lone loads and stores. Pure data movement: the same floats land
-// in the same places.
-// Stage b's lane indices (a two-source permute: 0-15 row i, 16-31 row i + b): row i keeps its lanes
-// without bit b and takes row i + b's lanes without it; row i + b the lanes with bit b of both.
-struct TileIdx {
-  alignas(64) int32_t lo[4][16], hi[4][16];
-  TileIdx() {
-    for (int st = 0, b = 8; st < 4; ++st, b /= 2) {
-      for (int l = 0; l < 16; ++l) {
-        lo[st][l] = (l & b) ? 16 + l - b : l;
-        hi[st][l] = (l & b) ? 16 + l : l + b;
-      }
-    }
-  }
-};
-const TileIdx kTileIdx;
+// Attention scores, eight keys at a time. A key's score q . k is summed in the one order every key shares,
+// wherever it falls in a block or a call: lane l (0..7) adds q_e k_e over the dims e = l, l + 8, l + 16, ...
+// in turn with fused multiply-adds (dims past D are zeros in both), then the lanes combine as
+// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). Reading each key's row as it lies (D contiguous) needs no
+// transposed copy of the keys, which cost more than the products on a one-token step.
+constexpr int64_t kDotLanes = 8;
 
-template <int B, int ST>
-inline void tile_stage(__m512* r) {
-  const __m512i vlo = _mm512_load_si512(kTileIdx.lo[ST]), vhi = _mm512_load_si512(kTileIdx.hi[ST]);
-  for (int i = 0; i < 16; ++i) {
-    if (i & B) continue;
-    const __m512 a = r[i], c = r[i + B];
-    r[i] = _mm512_permutex2var_ps(a, vlo, c);
-    r[i + B] = _mm512_permutex2var_ps(a, vhi, c);
+// out[j] = q . k_j for the 8 keys whose rows start at k + j * ks; q and the rows hold dp floats (dp a multiple of 8).
+#if defined(EAGLE2_AMX) && defined(__AVX2__) && defined(__FMA__)
+inline void dot8(const float* q, int64_t dp, const float* k, int64_t ks, float* out) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < dp; c += 8) {
+    const __m256 qc = _mm256_loadu_ps(q + c);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + j * ks + c), a[j]);
   }
+  // hadd(x, y) = x0+x1, x2+x3, y0+y1, y2+y3 | x4+x5, x6+x7, y4+y5, y6+y7: two rounds leave key j's (l0+l1)+(l2+l3)
+  // and (l4+l5)+(l6+l7) in the two 128-bit halves; the cross-half add finishes all eight keys at once.
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
 }
-
-inline void transpose_tile16(const float (*tile)[16], float* out, int64_t ld) {
-  __m512 r[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(tile[i]);
-  tile_stage<8, 0>(r);
-  tile_stage<4, 1>(r);
-  tile_stage<2, 2>(r);
-  tile_stage<1, 3>(r);
-  for (int e = 0; e < 16; ++e) _mm512_storeu_ps(out + e * ld, r[e]);
+#else
+inline void dot8(const float* q, int64_t dp, const float* k, int64_t ks, float* out) {  // the same sums, lane by lane
+  for (int j = 0; j < 8; ++j) {
+    float l[8] = {};
+    for (int64_t c = 0; c < dp; c += 8) {
+      for (int e = 0; e < 8; ++e) l[e] = std::fma(q[c + e], k[j * ks + c + e], l[e]);
+    }
+    out[j] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  }
 }
 #endif
-
-// Keys [s, D] (row stride ks) -> floats as [block][D][kb]: key j's dim e at (j / kb) * D * kb + e * kb + j % kb,
-// zeros past the last key; kb a multiple of 16. Through a 16 x 16 tile, so that both the reads (a key's dims) and the writes (a
-// dim's keys) are runs of 16: a key at a time, every write is a lone float kb apart.
-template <typename T>
-void transpose_keys(const T* keys, int64_t ks, int64_t s, int64_t d, int64_t kb, float* out) {
-  using N = Num<T>;
-  const int64_t blocks = (s + kb - 1) / kb;
-  for (int64_t j = s; j < blocks * kb; ++j) {
-    for (int64_t e = 0; e < d; ++e) out[j / kb * d * kb + e * kb + j % kb] = 0.0f;
-  }
-  for (int64_t k0 = 0; k0 < s; k0 += 16) {
-    const int64_t nk = std::min<int64_t>(16, s - k0);
-    float* base = out + k0 / kb * d * kb + k0 % kb;
-    for (int64_t e0 = 0; e0 < d; e0 += 16) {
-      const int64_t ne = std::min<int64_t>(16, d - e0);
-      float tile[16][16];
-      for (int64_t j = 0; j < nk; ++j) {
-        const T* row = keys + (k0 + j) * ks + e0;
-        for (int64_t e = 0; e < ne; ++e) tile[j][e] = N::f(row[e]);
-      }
-#if defined(__AVX512F__) && defined(EAGLE2_AMX)
-      if (nk == 16 && ne == 16) {
-        transpose_tile16(tile, base + e0 * kb, kb);
-        continue;
-      }
-#endif
-      for (int64_t e = 0; e < ne; ++e) {
-        float* dst = base + (e0 + e) * kb;
-        for (int64_t j = 0; j < nk; ++j) dst[j] = tile[j][e];
-      }
-    }
-  }
-}
 
 // exp(x) for x <= 0 in float: Cody-Waite reduction by ln 2 and a degree-7 Taylor polynomial (relative
 // error ~2e-7, 0 below -87). Only +, -, * and conversions, which round the same in a vector lane as in a
 // scalar (the build has -ffp-contract=off), so a value's exp does not depend on where it falls in a loop:
 // ATen's kernels use a vector exp for the body of a row and libm's for its tail, and the tail moves with the
-// row length. Written for the compiler to vectorize.
+// row length. The vector form below takes a row's body, this one its tail.
 inline float exp_nonpositive(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   const float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest integer
@@ -899,6 +859,36 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
+// The same arithmetic on kLanes values at once (the compiler leaves a loop of the scalar one unvectorized:
+// its branches), lane for lane the scalar function's operations, so either gives a value the same bits.
+typedef int32_t VI __attribute__((vector_size(4 * kLanes)));
+inline VF splat(float v) { return VF{} + v; }
+inline VF exp_nonpositive(VF x) {
+  const VF lo = splat(-87.0f), shift = splat(12582912.0f);
+  const VF xc = x < lo ? lo : x;
+  const VF kf = (xc * splat(1.44269504088896341f) + shift) - shift;
+  const VF r = (xc - kf * splat(0.693145751953125f)) - kf * splat(1.428606765330187e-06f);
+  VF p = splat(1.0f / 5040.0f);
+  p = p * r + splat(1.0f / 720.0f);
+  p = p * r + splat(1.0f / 120.0f);
+  p = p * r + splat(1.0f / 24.0f);
+  p = p * r + splat(1.0f / 6.0f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const VI bits = (__builtin_convertvector(kf, VI) + 127) << 23;
+  VF scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < lo ? VF{} : p * scale;
+}
+
+// p[i] = exp(p[i] - m) for i < n, p[i] <= m.
+inline void exp_shifted(float* p, int64_t n, float m) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) storev(p + i, exp_nonpositive(loadv(p + i) - splat(m)));
+  for (; i < n; ++i) p[i] = exp_nonpositive(p[i] - m);
+}
+
 // softmax(q k^T * scale + bias) v for T query rows (decode, verify and draft steps), with every row reduced
 // in one order that depends only on the keys that row may see, never on T or on where masked columns sit.
 // Hand-written because no torch kernel promises that: ATen's CPU flash attention blocks the keys by the
@@ -906,14 +896,13 @@ inline float exp_nonpositive(float x) {
 // columns and a vector exp for the rest, and its products switch kernels with the row count; a root row
 // verified inside a 16-node tree then differs from the same token decoded alone (tools/row_invariance.py).
 // The order, per (row, query head):
-//   score_j = (sum over d, sequentially, of q_d k_jd) * scale + bias_j, in fp32, for every key j;
+//   score_j = (q . k_j, summed as dot8 says) * scale + bias_j, in fp32, for every key j;
 //   keep the keys whose bias is above half the dtype's lowest value (the additive mask's "may not attend"),
 //   in key order; m = their max; p_i = exp(score_i - m); l = the 16 partial sums of p_i by i mod 16 (i:
 //   the rank among kept keys), added in lane order; out_d = (sum over kept i, in order, of p_i v_id) / l,
 //   rounded once to the dtype.
 // Skipped columns take no part in any sum, so a tree node's row equals the row its token gets when decoded
-// alone after the accepted path (same keys, same order). Scores of 64 keys are computed at once (one key
-// per lane, each lane summing over d in order), the output one dim per lane.
+// alone after the accepted path (same keys, same order).
 // q: [B, Hq, T, D] with D contiguous; kc, vc: [B, Hkv, C, D] with D contiguous, the first s entries valid;
 // bias: [B, 1, T, s] additive. Returns [B, Hq, T, D] (a view of [B, T, Hq, D] memory, like the fused RoPE's q).
 at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& bias,
@@ -925,7 +914,8 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
               "exact_attention: q [B, Hq, T, D], caches [B, Hkv, C, D] and bias [B, 1, T, S] of one dtype expected");
   at::Tensor out = at::empty({b, t, hq, d}, q.options());
   constexpr int64_t L = 16;  // lanes of the partial sums of p
-  constexpr int64_t KB = 64;  // keys per score block: 64 independent lanes keep the multiply-add units busy
+  const int64_t dp = (d + kDotLanes - 1) / kDotLanes * kDotLanes;  // the head dim padded with zeros for dot8
+  const int64_t sp = (s + kDotLanes - 1) / kDotLanes * kDotLanes;  // the keys padded to whole blocks of 8
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "exact_attention", [&] {
     using N = Num<scalar_t>;
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -935,10 +925,15 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
     scalar_t* op = out.data_ptr<scalar_t>();
     const float sc = static_cast<float>(scale);
     const float cut = 0.5f * static_cast<float>(std::numeric_limits<scalar_t>::lowest());
-    const int64_t sblocks = (s + KB - 1) / KB, ks = kc.stride(2), vs = vc.stride(2), bs = bias.stride(3);
+    const int64_t ks = kc.stride(2), vs = vc.stride(2), bs = bias.stride(3);
+    // fp32 caches with whole 8-float chunks per row are read where they lie (but for the last, partial block of
+    // keys: the rows past s may lie past the cache); others (bf16, half, an odd head dim) are converted once per
+    // (batch, kv head) into zero-padded float rows.
+    const bool direct = std::is_same<scalar_t, float>::value && d % kDotLanes == 0;
+    const int64_t full = direct ? s / kDotLanes * kDotLanes : sp;  // keys read from the rows; the rest from `tail`
     // Tasks: (batch, kv head, a chunk of query rows, a part of the kv head's g query heads), about two per
     // thread: rows split first, then (for a step of few rows, a decode's one) heads. A thread's consecutive
-    // tasks of one kv head share one transposed copy of its keys.
+    // tasks of one kv head share one float copy of its keys and values (when one is needed).
     const int64_t groups = b * hk, want = 2 * at::get_num_threads();
     const int64_t chunks = std::min<int64_t>(t, std::max<int64_t>(1, (want + groups - 1) / groups));
     const int64_t per = (t + chunks - 1) / chunks;
@@ -946,11 +941,13 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
     const int64_t hper = (g + parts - 1) / parts;
     at::parallel_for(0, groups * chunks * parts, 1, [&](int64_t begin, int64_t end) {
       // Scratch, written before it is read (no zero-filling of ~0.5 MB per call on a long cache).
-      const std::unique_ptr<float[]> kt(new float[sblocks * d * KB]), vrows(new float[s * d]);
-      std::vector<float> qf(g * d), score(g * sblocks * KB), prob(g * s), acc(g * d);
+      std::unique_ptr<float[]> kconv(direct ? nullptr : new float[sp * dp]), vconv(direct ? nullptr : new float[s * d]);
+      std::vector<float> tail(kDotLanes * dp), qf(g * dp, 0.0f), score(g * sp), prob(g * s), acc(g * d), total(g);
       std::vector<int64_t> kept(s);
       float part[L];
-      int64_t have = -1;  // the (batch, kv head) whose keys and values the scratch holds: consecutive tasks share it
+      const float *krows = nullptr, *vrows = nullptr;  // the group's key and value rows as floats
+      int64_t kstride = dp, vstride = d;
+      int64_t have = -1;  // the (batch, kv head) whose keys and values those point to
       for (int64_t task = begin; task < end; ++task) {
         const int64_t grp = task / (chunks * parts), bi = grp / hk, kh = grp % hk;
         const int64_t r0 = task / parts % chunks * per, r1 = std::min<int64_t>(t, r0 + per);
@@ -960,32 +957,33 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
           have = grp;
           const scalar_t* kbase = kp + bi * kc.stride(0) + kh * kc.stride(1);
           const scalar_t* vbase = vp + bi * vc.stride(0) + kh * vc.stride(1);
-          transpose_keys<scalar_t>(kbase, ks, s, d, KB, kt.get());  // keys as [block][D][64] floats, 0 past the last
-          for (int64_t key = 0; key < s; ++key) {  // the value rows as floats: every row of the task reads them
-            const scalar_t* vr = vbase + key * vs;
-            float* vf = vrows.get() + key * d;
-            for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vr[e]);
+          if (direct) {
+            krows = reinterpret_cast<const float*>(kbase);
+            vrows = reinterpret_cast<const float*>(vbase);
+            kstride = ks;
+            vstride = vs;
+          } else {
+            for (int64_t key = 0; key < s; ++key) {
+              float* kf = kconv.get() + key * dp;
+              float* vf = vconv.get() + key * d;
+              for (int64_t e = 0; e < d; ++e) kf[e] = N::f(kbase[key * ks + e]);
+              for (int64_t e = d; e < dp; ++e) kf[e] = 0.0f;
+              for (int64_t e = 0; e < d; ++e) vf[e] = N::f(vbase[key * vs + e]);
+            }
+            std::fill(kconv.get() + s * dp, kconv.get() + sp * dp, 0.0f);
+            krows = kconv.get();
+            vrows = vconv.get();
           }
+          std::fill(tail.begin(), tail.end(), 0.0f);  // keys full .. s - 1, then zero keys up to sp
+          for (int64_t key = full; key < s; ++key) std::memcpy(&tail[(key - full) * dp], krows + key * kstride, d * 4);
         }
         for (int64_t ti = r0; ti < r1; ++ti) {
           for (int64_t h = h0; h < h1; ++h) {
             const scalar_t* qr = qp + bi * q.stride(0) + (kh * g + h) * q.stride(1) + ti * q.stride(2);
-            for (int64_t e = 0; e < d; ++e) qf[h * d + e] = N::f(qr[e]);
-          }
-          // score_j = (sum over d in order of q_d k_jd) * scale, one key per lane. Blocks outside, heads
-          // inside: a block of 64 keys (16 KB at head dim 64) is read from L2 once and serves the g heads from L1.
-          for (int64_t blk = 0; blk < sblocks; ++blk) {
-            const float* kb = kt.get() + blk * d * KB;
-            for (int64_t h = h0; h < h1; ++h) {
-              const float* qh = qf.data() + h * d;
-              float lane[KB] = {};
-              for (int64_t e = 0; e < d; ++e) {
-                const float qe = qh[e];
-                for (int64_t j = 0; j < KB; ++j) lane[j] += qe * kb[e * KB + j];
-              }
-              float* dst = score.data() + (h * sblocks + blk) * KB;
-              for (int64_t j = 0; j < KB; ++j) dst[j] = lane[j] * sc;
-            }
+            for (int64_t e = 0; e < d; ++e) qf[h * dp + e] = N::f(qr[e]);  // dims d .. dp - 1 stay 0
+            float* srow = score.data() + h * sp;
+            for (int64_t j = 0; j < full; j += kDotLanes) dot8(&qf[h * dp], dp, krows + j * kstride, kstride, srow + j);
+            if (full < sp) dot8(&qf[h * dp], dp, tail.data(), dp, srow + full);
           }
           const scalar_t* brow = bp + bi * bias.stride(0) + ti * bias.stride(2);
           int64_t nk = 0;  // the keys this row may see, in order
@@ -1003,16 +1001,15 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
               hi = mid;
             }
           }
-          std::vector<float> total(g, 0.0f);
           for (int64_t h = h0; h < h1; ++h) {
-            const float* srow = score.data() + h * sblocks * KB;
+            const float* srow = score.data() + h * sp;
             float* ph = prob.data() + h * s;
             float mx[4] = {-std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
                            -std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()};
             // The leading keys a row may see are usually 0, 1, 2, ... (the cached prefix): read them as a run
             // (vectorized), the rest (a tree row's ancestors) through `kept`. Same sums either way.
-            for (int64_t i = 0; i < run; ++i) ph[i] = srow[i] + N::f(brow[i * bs]);
-            for (int64_t i = run; i < nk; ++i) ph[i] = srow[kept[i]] + N::f(brow[kept[i] * bs]);
+            for (int64_t i = 0; i < run; ++i) ph[i] = srow[i] * sc + N::f(brow[i * bs]);
+            for (int64_t i = run; i < nk; ++i) ph[i] = srow[kept[i]] * sc + N::f(brow[kept[i] * bs]);
             // Their max in kLanes running maxima, vector registers (the max is exact in any order; a scalar
             // loop with an array of maxima keeps them in memory, a store-to-load chain per key).
             int64_t i0 = 0;
@@ -1026,13 +1023,14 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
             }
             for (; i0 < nk; ++i0) mx[i0 & 3] = std::max(mx[i0 & 3], ph[i0]);
             const float m = std::max(std::max(mx[0], mx[1]), std::max(mx[2], mx[3]));
-            for (int64_t i = 0; i < nk; ++i) ph[i] = exp_nonpositive(ph[i] - m);
+            exp_shifted(ph, nk, m);
             std::fill(part, part + L, 0.0f);  // l: 16 partial sums by rank mod 16, added in lane order
             int64_t i = 0;
             for (; i + L <= nk; i += L) {
               for (int64_t l = 0; l < L; ++l) part[l] += ph[i + l];
             }
             for (int64_t l = 0; i + l < nk; ++l) part[l] += ph[i + l];
+            total[h] = 0.0f;
             for (int64_t l = 0; l < L; ++l) total[h] += part[l];
           }
           // out_d = sum over kept keys in order of p v_d, one dim per lane (weighted_rows), up to kPassHeads
@@ -1041,10 +1039,10 @@ at::Tensor exact_attention(const at::Tensor& q, const at::Tensor& kc, const at::
             const int64_t nq = std::min<int64_t>(kPassHeads, h1 - h);
             const float* ph = prob.data() + h * s;
             float* ah = acc.data() + h * d;
-            if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
-            else if (nq == 3) weighted_rows<3, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
-            else if (nq == 2) weighted_rows<2, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
-            else weighted_rows<1, kPassChunks>(ph, s, vrows.get(), d, kept.data(), nk, ah);
+            if (nq >= 4) weighted_rows<4, kPassChunks>(ph, s, vrows, vstride, d, kept.data(), nk, ah);
+            else if (nq == 3) weighted_rows<3, kPassChunks>(ph, s, vrows, vstride, d, kept.data(), nk, ah);
+            else if (nq == 2) weighted_rows<2, kPassChunks>(ph, s, vrows, vstride, d, kept.data(), nk, ah);
+            else weighted_rows<1, kPassChunks>(ph, s, vrows, vstride, d, kept.data(), nk, ah);
             h += nq;
           }
           for (int64_t h = h0; h < h1; ++h) {
