@@ -394,22 +394,26 @@ EAGLE2_AVX2_FN inline void spread_f32(const uint8_t* rec, __m256* d, __m256* m) 
     for (int j = 0; j < 4; ++j) m[j] = _mm256_setzero_ps();
 }
 
-// Row r of a record as 32 fp32 weights in four vectors.
+// Row r of a record as 32 fp32 weights in four vectors. Each vector's 8 codes are widened to 32 bits straight from
+// memory (one load-and-extend each, no shuffles of a 16-byte register first); a 4-bit row's byte j holds elements
+// j and j + 16, so one widening of bytes 0..7 serves vectors 0 (low nibbles) and 2 (high), of bytes 8..15 1 and 3.
 template <int BITS>
 EAGLE2_AVX2_FN inline void unpack_row_f32(const uint8_t* rec, const __m256* d, const __m256* m, int r, __m256* w) {
-  __m128i a, b;  // elements 0..15 and 16..31, one byte each
+  auto widen = [](const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); };
+  __m256i q[4];
   if (BITS == 8) {
-    a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r));
-    b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 32 * r + 16));
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtepi8_epi32(widen(rec + 32 * r + 8 * j));
   } else {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * r)), nibble = _mm_set1_epi8(0x0F);
-    a = _mm_and_si128(raw, nibble);
-    b = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+    const __m256i nibble = _mm256_set1_epi32(0x0F);
+    const __m256i lo = _mm256_cvtepu8_epi32(widen(rec + 16 * r)), hi = _mm256_cvtepu8_epi32(widen(rec + 16 * r + 8));
+    q[0] = _mm256_and_si256(lo, nibble);
+    q[1] = _mm256_and_si256(hi, nibble);
+    q[2] = _mm256_srli_epi32(lo, 4);
+    q[3] = _mm256_srli_epi32(hi, 4);
   }
-  const __m128i parts[4] = {a, _mm_srli_si128(a, 8), b, _mm_srli_si128(b, 8)};
   for (int j = 0; j < 4; ++j) {
-    const __m256i q = BITS == 8 ? _mm256_cvtepi8_epi32(parts[j]) : _mm256_cvtepu8_epi32(parts[j]);
-    w[j] = BITS == 8 ? _mm256_mul_ps(_mm256_cvtepi32_ps(q), d[j]) : _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), d[j], m[j]);
+    const __m256 f = _mm256_cvtepi32_ps(q[j]);
+    w[j] = BITS == 8 ? _mm256_mul_ps(f, d[j]) : _mm256_fmadd_ps(f, d[j], m[j]);
   }
 }
 
