@@ -426,8 +426,9 @@ EAGLE2_AVX2_FN inline __m256 input_pair_f32(const float* p) {
 
 // R rows of one group over record blocks kb0 .. kb1 - 1, added to `acc` (4 vectors a row) in the one order every
 // row count shares: block by block, record row by record row. Weights come from the records (FROM_RECORDS:
-// unpacked in registers) or from `wbuf`, which holds blocks kb0 .. kb1 - 1 unpacked (16 rows x 32 floats each).
-template <int R, bool FROM_RECORDS, int BITS>
+// unpacked in registers; only vectors J0 .. J0 + J - 1 of each record row, see dot_rows_f32) or from `wbuf`, which
+// holds blocks kb0 .. kb1 - 1 unpacked (16 rows x 32 floats each).
+template <int R, bool FROM_RECORDS, int BITS, int J0 = 0, int J = 4>
 EAGLE2_AVX2_FN inline void accumulate_f32(const uint8_t* recs, const float* wbuf, int64_t kb0, int64_t kb1,
                                           const float* x, int64_t ldx, __m256 (*acc)[4]) {
   for (int64_t kb = kb0; kb < kb1; ++kb) {
@@ -443,7 +444,7 @@ EAGLE2_AVX2_FN inline void accumulate_f32(const uint8_t* recs, const float* wbuf
         unpack_row_f32<BITS>(rec, d, m, r, w);
         for (int i = 0; i < R; ++i) {
           const __m256 xp = input_pair_f32(x + i * ldx + kb * 32 + 2 * r);
-          for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xp, acc[i][j]);
+          for (int j = J0; j < J0 + J; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xp, acc[i][j]);
         }
       } else {  // one weight vector live at a time: 4 R accumulators + R inputs + 1 fit the 16 registers at R = 3
         __m256 xp[R];
@@ -465,15 +466,23 @@ EAGLE2_AVX2_FN inline void finish_row_f32(const float* lanes, const float* bias,
   }
 }
 
-// Up to 2 rows over the whole K with the weights unpacked in registers: a decode step, a small tree. Kept out
-// of line: inlined into block_group_f32 its 2-row loop ran ~10% slower (register allocation).
+// Up to 4 rows over the whole K with the weights unpacked in registers: a decode step, a small tree. Three or
+// four rows go over the records twice, vectors 0-1 of each record row, then 2-3: 4 R accumulators would not fit the
+// 16 registers beside the weights and inputs (spilled, each carried its sum through memory), 2 R do. Every
+// accumulator still sums in the one order. Kept out of line: inlined into block_group_f32 its 2-row loop ran ~10%
+// slower (register allocation).
 template <int R, int BITS>
 EAGLE2_AVX2_FN __attribute__((noinline)) void dot_rows_f32(const uint8_t* recs, int64_t kblocks, const float* x,
                                                            int64_t ldx, const float* bias, float* y, int64_t ldy) {
   __m256 acc[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
-  accumulate_f32<R, true, BITS>(recs, nullptr, 0, kblocks, x, ldx, acc);
+  if constexpr (R <= 2) {
+    accumulate_f32<R, true, BITS>(recs, nullptr, 0, kblocks, x, ldx, acc);
+  } else {
+    accumulate_f32<R, true, BITS, 0, 2>(recs, nullptr, 0, kblocks, x, ldx, acc);
+    accumulate_f32<R, true, BITS, 2, 2>(recs, nullptr, 0, kblocks, x, ldx, acc);
+  }
   for (int i = 0; i < R; ++i) {
     alignas(32) float lanes[32];
     for (int j = 0; j < 4; ++j) _mm256_store_ps(lanes + 8 * j, acc[i][j]);
@@ -493,22 +502,25 @@ EAGLE2_AVX2_FN inline void chunk_rows_f32(const float* wbuf, int64_t kc, int64_t
     for (int j = 0; j < 4; ++j) _mm256_store_ps(held[i] + 8 * j, acc[i][j]);
 }
 
-// Three rows or more share one unpacking of the weights. They are unpacked a chunk of F32_CHUNK blocks at a
-// time (16 KB: the rows then read them from L1, where the whole group, 36-98 KB on SmolLM2, sat in L2), and
-// every row of a tile of up to F32_TILE rows consumes the chunk, three rows to a weight load, before the
-// next one is unpacked. A row's lanes wait in memory between chunks, so it sums in the order dot_rows_f32
-// does and stays bit-identical to the row computed alone. Against one unpacking of the whole group read two
-// rows at a time, on a Zen 3 EPYC: 3, 6, 8 and 16 rows 0.82-0.86x the time, 64 rows (a prefill chunk) 0.74x;
-// 4 rows (2 + 2) unchanged.
+// Five rows or more share one unpacking of the weights (fewer unpack in registers, dot_rows_f32: on a Zen 3
+// EPYC 3 and 4 rows took 0.76x and 0.65x the time they took here; 5-8 rows in four register passes gained
+// nothing). They are unpacked a chunk of F32_CHUNK blocks at a time (16 KB: the rows then read them from L1,
+// where the whole group, 36-98 KB on SmolLM2, sat in L2), and every row of a tile of up to F32_TILE rows
+// consumes the chunk, three rows to a weight load, before the next one is unpacked. A row's lanes wait in
+// memory between chunks, so it sums in the order dot_rows_f32 does and stays bit-identical to the row
+// computed alone. Against one unpacking of the whole group read two rows at a time, on the same CPU: 6, 8 and
+// 16 rows 0.82-0.86x the time, 64 rows (a prefill chunk) 0.74x.
 constexpr int64_t F32_CHUNK = 8;
 constexpr int64_t F32_TILE = 64;
 
 template <int BITS>
 EAGLE2_AVX2_FN void block_group_f32(const float* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
                                     const float* bias, float* y, int64_t ldy, float* wbuf) {
-  if (rows <= 2) {
+  if (rows <= 4) {
     return rows == 1 ? dot_rows_f32<1, BITS>(recs, kblocks, x, ldx, bias, y, ldy)
-                     : dot_rows_f32<2, BITS>(recs, kblocks, x, ldx, bias, y, ldy);
+           : rows == 2 ? dot_rows_f32<2, BITS>(recs, kblocks, x, ldx, bias, y, ldy)
+           : rows == 3 ? dot_rows_f32<3, BITS>(recs, kblocks, x, ldx, bias, y, ldy)
+                       : dot_rows_f32<4, BITS>(recs, kblocks, x, ldx, bias, y, ldy);
   }
   alignas(32) float held[F32_TILE][32];
   for (int64_t t0 = 0; t0 < rows; t0 += F32_TILE) {
