@@ -502,14 +502,12 @@ EAGLE2_AVX2_FN inline void chunk_rows_f32(const float* wbuf, int64_t kc, int64_t
     for (int j = 0; j < 4; ++j) _mm256_store_ps(held[i] + 8 * j, acc[i][j]);
 }
 
-// Five rows or more share one unpacking of the weights (fewer unpack in registers, dot_rows_f32: on a Zen 3
-// EPYC 3 and 4 rows took 0.76x and 0.65x the time they took here; 5-8 rows in four register passes gained
-// nothing). They are unpacked a chunk of F32_CHUNK blocks at a time (16 KB: the rows then read them from L1,
-// where the whole group, 36-98 KB on SmolLM2, sat in L2), and every row of a tile of up to F32_TILE rows
-// consumes the chunk, three rows to a weight load, before the next one is unpacked. A row's lanes wait in
-// memory between chunks, so it sums in the order dot_rows_f32 does and stays bit-identical to the row
-// computed alone. Against one unpacking of the whole group read two rows at a time, on the same CPU: 6, 8 and
-// 16 rows 0.82-0.86x the time, 64 rows (a prefill chunk) 0.74x.
+// Five rows or more share one unpacking of the weights (up to four are faster unpacking in registers,
+// dot_rows_f32; five to eight in four register passes, one vector each, are not). They are unpacked a chunk of
+// F32_CHUNK blocks at a time (16 KB: the rows then read them from L1, where the whole group, 36-98 KB on
+// SmolLM2, would sit in L2), and every row of a tile of up to F32_TILE rows consumes the chunk, three rows to a
+// weight load, before the next one is unpacked. A row's lanes wait in memory between chunks, so it sums in the
+// order dot_rows_f32 does and stays bit-identical to the row computed alone.
 constexpr int64_t F32_CHUNK = 8;
 constexpr int64_t F32_TILE = 64;
 
