@@ -191,9 +191,10 @@ needs_lowbit_f32 = pytest.mark.skipif(not kernels.lowbit_runs(torch.float32, tor
 @pytest.mark.parametrize("k", [192, 576])
 def test_lowbit_fp32_matches_f_linear_and_is_row_invariant(fmt, k):
     """fp32 activations on the blocks (AVX2): the rebuilt weights are the fp32 weights themselves, so the
-    product equals F.linear's up to fp32 summation order (stated: 1e-5 of the outputs' scale), and every
-    row equals, bit for bit, that row computed alone. k = 576 (18 blocks) crosses the kernel's unpacked
-    chunks of 8 blocks; 3, 4, 5 and 7 rows take its groupings of three and two rows."""
+    product equals F.linear's up to fp32 rounding (the kernel factors d and m out of each block; stated:
+    1e-5 of the outputs' scale), and every row equals, bit for bit, that row computed alone. 2-7 rows take
+    the register paths (one or two passes), 8 and more the converted chunks of 8 blocks (k = 576, 18 blocks,
+    crosses them) in groupings of three and two rows."""
     make, record = BLOCKS[fmt]
     n = 80
     src = make(n, k, seed=3)
@@ -205,7 +206,7 @@ def test_lowbit_fp32_matches_f_linear_and_is_row_invariant(fmt, k):
     got, ref = fn(x), F.linear(x, src, b)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().mean()
     alone = torch.cat([fn(x[i:i + 1]) for i in range(40)])
-    for rows in (2, 3, 4, 5, 7, 17, 32):
+    for rows in (2, 3, 4, 5, 6, 7, 8, 9, 17, 32):
         assert torch.equal(fn(x[:rows]), alone[:rows]), rows
 
 

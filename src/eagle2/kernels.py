@@ -26,9 +26,10 @@ summation order, ~1e-6 relative): on a CPU without fast bf16 fp32 is the dtype u
 1.39 ms plain, 0.34 ms packed, on an AVX2 EPYC). Greedy output in fp32 stays token-identical to
 transformers (the real-model contract test runs with it); ``linear(..., pack=False)``
 (``Backend.packed_linear`` off: ``EAGLE2_PACKED_LINEAR=0``) gives transformers' own kernels. CUDA
-and other back ends run plain ``F.linear``. The low-bit kernels rebuild the identical weights and compute
-each row alone, in an order independent of the number of rows (row-invariant, tested bit for bit); in
-bf16 their products match oneDNN's up to a rare last-bit step, in fp32 MKL's up to summation order.
+and other back ends run plain ``F.linear``. The low-bit kernels compute each row alone, in an order
+independent of the number of rows (row-invariant, tested bit for bit). In bf16 they rebuild the identical
+weights and their products match oneDNN's up to a rare last-bit step; in fp32 (AVX2) they factor each
+block's ``d`` and ``m`` out of its sum, which agrees with MKL's product to fp32 rounding.
 This module knows nothing of models: callers hand it weights.
 """
 

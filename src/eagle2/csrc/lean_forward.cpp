@@ -352,14 +352,22 @@ EAGLE2_BF16_FN void block_group_dp(const uint16_t* x, int64_t ldx, int64_t rows,
 
 // ---- the same records for fp32 activations, on AVX2 + FMA (Zen 2 and every later x86 CPU) ----------
 // Where bf16 is not native, dtype="auto" is fp32, whose weights stream 4 bytes each: reading the blocks
-// instead (0.625 or 1.06 bytes) is what makes a decode step fast there. The weight rebuilt is the fp32
-// weight itself (d * q is exact in fp32, so one fused multiply-add rounds once, as fp32 d * q + m does;
-// kernels.py checks it bit for bit), multiplied in fp32 with fused multiply-adds: another summation order
-// than MKL's fp32 product, the same latitude as oneDNN's packed fp32 linear.
+// instead (0.625 or 1.06 bytes) is what makes a decode step fast there. The product is factored by block:
+// y[o] = sum over blocks b of d[o, b] * (sum over b's inputs of x * q) + m[o, b] * (sum over b's inputs of x),
+// the same value as x @ W.T with W = d * q + m (kernels.py checks the records rebuild W bit for bit) up to
+// fp32 rounding, in another order than MKL's fp32 product (the latitude oneDNN's packed fp32 linear takes).
+// Factored, a weight costs one int-to-float conversion plus one multiply-add per row, where rebuilding d * q + m
+// first took a second multiply-add on the same two ports, which bound a one-row step; in exchange each row pays
+// a few operations per block. On a Zen 3 EPYC, SmolLM2's layers and lm_head against the rebuilt-weight kernel:
+// 1-2 rows 12-16% faster, 3-7 rows about even, 16 rows 9% and 64 (a prefill chunk) 20% slower; decoding with
+// eagle2 ~10% faster overall, since its draft levels and small trees are those few rows.
 //
-// A record row's 32 elements (16 outputs x inputs 2 r, 2 r + 1) are four 8-lane vectors; lane e of the row
-// accumulates x[2 r + e % 2] * W[e / 2][2 r + e % 2] over the whole K, and output o is lane 2 o + lane
-// 2 o + 1 at the end. Each row sums in this order whatever the number of rows in the call.
+// A record row's 32 elements (16 outputs x inputs 2 r, 2 r + 1) are four 8-lane vectors; lane e of vector j
+// takes the inputs of parity e % 2 for output 4 j + e / 2. Per block, each lane sums q * x over the block's 16
+// record rows from zero; the two parities' sums of an output are then added (one horizontal add per pair of
+// vectors: outputs in the order FOLD_ORDER), and the row's running sums become fma(block sum, d, sum), then
+// fma(S, m, sum) with S the sum of the block's 32 inputs (4 bits; 8-bit blocks have no m). Every row sums in
+// exactly this order whatever the number of rows in the call.
 #define EAGLE2_AVX2_FN __attribute__((target("avx2,fma,f16c")))
 
 bool avx2_ready() {  // AVX2, FMA, F16C on this CPU and the ymm state enabled by the OS
@@ -376,29 +384,28 @@ bool avx2_ready() {  // AVX2, FMA, F16C on this CPU and the ymm state enabled by
   return ok;
 }
 
-// The record's scales over the four vectors of a row: vector j holds outputs 4 j .. 4 j + 3, each twice.
+// Outputs in the order a horizontal add of vectors 0, 1 (then 2, 3) leaves them; a record's scales in that order:
+// d (and m) of outputs FOLD_ORDER[0..7] in d[0], of FOLD_ORDER[8..15] in d[1].
+constexpr int FOLD_ORDER[16] = {0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15};
+
 template <int BITS>
-EAGLE2_AVX2_FN inline void spread_f32(const uint8_t* rec, __m256* d, __m256* m) {
+EAGLE2_AVX2_FN inline void folded_scales(const uint8_t* rec, __m256* d, __m256* m) {
   const uint8_t* scales = rec + 16 * 32 * BITS / 8;
-  const __m256i lo = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), hi = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
   for (int h = 0; h < (BITS == 4 ? 2 : 1); ++h) {
     __m256* out = h == 0 ? d : m;
-    const __m256 v0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 * h)));
-    const __m256 v1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 * h + 16)));
-    out[0] = _mm256_permutevar8x32_ps(v0, lo);
-    out[1] = _mm256_permutevar8x32_ps(v0, hi);
-    out[2] = _mm256_permutevar8x32_ps(v1, lo);
-    out[3] = _mm256_permutevar8x32_ps(v1, hi);
+    for (int v = 0; v < 2; ++v)
+      out[v] = _mm256_permutevar8x32_ps(
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 * h + 16 * v))), order);
   }
-  if (BITS == 8)
-    for (int j = 0; j < 4; ++j) m[j] = _mm256_setzero_ps();
 }
 
-// Row r of a record as 32 fp32 weights in four vectors. Each vector's 8 codes are widened to 32 bits straight from
-// memory (one load-and-extend each, no shuffles of a 16-byte register first); a 4-bit row's byte j holds elements
-// j and j + 16, so one widening of bytes 0..7 serves vectors 0 (low nibbles) and 2 (high), of bytes 8..15 1 and 3.
+// Row r of a record as its 32 codes in four float vectors (integers, exact). Each vector's 8 codes are widened
+// to 32 bits straight from memory (one load-and-extend each, no shuffles of a 16-byte register first); a 4-bit
+// row's byte j holds elements j and j + 16, so one widening of bytes 0..7 serves vectors 0 (low nibbles) and 2
+// (high), of bytes 8..15 1 and 3.
 template <int BITS>
-EAGLE2_AVX2_FN inline void unpack_row_f32(const uint8_t* rec, const __m256* d, const __m256* m, int r, __m256* w) {
+EAGLE2_AVX2_FN inline void codes_f32(const uint8_t* rec, int r, __m256* w) {
   auto widen = [](const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); };
   __m256i q[4];
   if (BITS == 8) {
@@ -411,10 +418,7 @@ EAGLE2_AVX2_FN inline void unpack_row_f32(const uint8_t* rec, const __m256* d, c
     q[2] = _mm256_srli_epi32(lo, 4);
     q[3] = _mm256_srli_epi32(hi, 4);
   }
-  for (int j = 0; j < 4; ++j) {
-    const __m256 f = _mm256_cvtepi32_ps(q[j]);
-    w[j] = BITS == 8 ? _mm256_mul_ps(f, d[j]) : _mm256_fmadd_ps(f, d[j], m[j]);
-  }
+  for (int j = 0; j < 4; ++j) w[j] = _mm256_cvtepi32_ps(q[j]);
 }
 
 // Inputs 2 r, 2 r + 1 of a row (at p), repeated over the lanes.
@@ -424,125 +428,167 @@ EAGLE2_AVX2_FN inline __m256 input_pair_f32(const float* p) {
   return _mm256_castpd_ps(_mm256_set1_pd(pair));
 }
 
-// R rows of one group over record blocks kb0 .. kb1 - 1, added to `acc` (4 vectors a row) in the one order every
-// row count shares: block by block, record row by record row. Weights come from the records (FROM_RECORDS:
-// unpacked in registers; only vectors J0 .. J0 + J - 1 of each record row, see dot_rows_f32) or from `wbuf`, which
-// holds blocks kb0 .. kb1 - 1 unpacked (16 rows x 32 floats each).
-template <int R, bool FROM_RECORDS, int BITS, int J0 = 0, int J = 4>
-EAGLE2_AVX2_FN inline void accumulate_f32(const uint8_t* recs, const float* wbuf, int64_t kb0, int64_t kb1,
-                                          const float* x, int64_t ldx, __m256 (*acc)[4]) {
-  for (int64_t kb = kb0; kb < kb1; ++kb) {
-    const uint8_t* rec = recs + kb * RECORD<BITS>;
-    __m256 d[4], m[4];
-    if (FROM_RECORDS) {
-      prefetch_record<BITS>(rec + 12 * RECORD<BITS>);
-      spread_f32<BITS>(rec, d, m);
+// Per row and block, the sum of the block's 32 inputs: [rows, kblocks]. One fixed order (lanes of 8 apart, then a
+// tree over the 8 lanes), so a row's sums never depend on the call.
+EAGLE2_AVX2_FN void block_sums_f32(const float* x, int64_t ldx, int64_t rows, int64_t kblocks, float* sums) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const float* p = x + i * ldx + kb * 32;
+      alignas(32) float t[8];
+      _mm256_store_ps(t, _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                                       _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24))));
+      sums[i * kblocks + kb] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
     }
+  }
+}
+
+// A block's lane sums (vectors 2 v, 2 v + 1) into a row's running output sums (folded vector v).
+template <int BITS>
+EAGLE2_AVX2_FN inline __m256 add_block(__m256 even_vec, __m256 odd_vec, __m256 d, __m256 m, __m256 s, __m256 sum) {
+  sum = _mm256_fmadd_ps(_mm256_hadd_ps(even_vec, odd_vec), d, sum);
+  return BITS == 4 ? _mm256_fmadd_ps(s, m, sum) : sum;
+}
+
+// A row's 16 outputs from its two folded vectors (+ bias).
+EAGLE2_AVX2_FN inline void finish_row_f32(const float* folded, const float* bias, float* y) {
+  for (int k = 0; k < 16; ++k) {
+    const int o = FOLD_ORDER[k];
+    y[o] = bias == nullptr ? folded[k] : folded[k] + bias[o];
+  }
+}
+
+// R rows over all blocks, lane vectors J0 .. J0 + J - 1 of each record row (J0, J even), codes converted in
+// registers; the rows' output sums (folded) in `acc`.
+template <int R, int BITS, int J0, int J>
+EAGLE2_AVX2_FN inline void dot_pass_f32(const uint8_t* recs, int64_t kblocks, const float* x, int64_t ldx,
+                                        const float* sums, __m256 (*acc)[2]) {
+  for (int64_t kb = 0; kb < kblocks; ++kb) {
+    const uint8_t* rec = recs + kb * RECORD<BITS>;
+    prefetch_record<BITS>(rec + 12 * RECORD<BITS>);
+    __m256 block[R][4];
+    for (int i = 0; i < R; ++i)
+      for (int j = J0; j < J0 + J; ++j) block[i][j] = _mm256_setzero_ps();
     for (int r = 0; r < 16; ++r) {
-      if (FROM_RECORDS) {
-        __m256 w[4];
-        unpack_row_f32<BITS>(rec, d, m, r, w);
-        for (int i = 0; i < R; ++i) {
-          const __m256 xp = input_pair_f32(x + i * ldx + kb * 32 + 2 * r);
-          for (int j = J0; j < J0 + J; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xp, acc[i][j]);
-        }
-      } else {  // one weight vector live at a time: 4 R accumulators + R inputs + 1 fit the 16 registers at R = 3
-        __m256 xp[R];
-        for (int i = 0; i < R; ++i) xp[i] = input_pair_f32(x + i * ldx + kb * 32 + 2 * r);
-        for (int j = 0; j < 4; ++j) {
-          const __m256 w = _mm256_load_ps(wbuf + ((kb - kb0) * 16 + r) * 32 + 8 * j);
-          for (int i = 0; i < R; ++i) acc[i][j] = _mm256_fmadd_ps(w, xp[i], acc[i][j]);
-        }
+      __m256 w[4];
+      codes_f32<BITS>(rec, r, w);
+      for (int i = 0; i < R; ++i) {
+        const __m256 xp = input_pair_f32(x + i * ldx + kb * 32 + 2 * r);
+        for (int j = J0; j < J0 + J; ++j) block[i][j] = _mm256_fmadd_ps(w[j], xp, block[i][j]);
+      }
+    }
+    __m256 d[2], m[2];
+    folded_scales<BITS>(rec, d, m);
+    for (int i = 0; i < R; ++i) {
+      const __m256 s = BITS == 4 ? _mm256_broadcast_ss(sums + i * kblocks + kb) : _mm256_setzero_ps();
+      for (int v = J0 / 2; v < (J0 + J) / 2; ++v)
+        acc[i][v] = add_block<BITS>(block[i][2 * v], block[i][2 * v + 1], d[v], m[v], s, acc[i][v]);
+    }
+  }
+}
+
+// Up to 7 rows over the whole K with the codes converted in registers: a decode step, a draft level, a small
+// tree. From three rows on they go over the records twice, vectors 0-1 of each record row, then 2-3, so that
+// their 2 R block sums stay in registers beside the codes and inputs (4 R would be spilled, each carrying its
+// sum through memory). Every row still sums in the one order. Kept out of line: inlined into block_group_f32
+// its 2-row loop ran ~10% slower (register allocation).
+template <int R, int BITS>
+EAGLE2_AVX2_FN __attribute__((noinline)) void dot_rows_f32(const uint8_t* recs, int64_t kblocks, const float* x,
+                                                           int64_t ldx, const float* sums, const float* bias,
+                                                           float* y, int64_t ldy) {
+  __m256 acc[R][2];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < 2; ++v) acc[i][v] = _mm256_setzero_ps();
+  if constexpr (R <= 2) {
+    dot_pass_f32<R, BITS, 0, 4>(recs, kblocks, x, ldx, sums, acc);
+  } else {
+    dot_pass_f32<R, BITS, 0, 2>(recs, kblocks, x, ldx, sums, acc);
+    dot_pass_f32<R, BITS, 2, 2>(recs, kblocks, x, ldx, sums, acc);
+  }
+  for (int i = 0; i < R; ++i) {
+    alignas(32) float folded[16];
+    for (int v = 0; v < 2; ++v) _mm256_store_ps(folded + 8 * v, acc[i][v]);
+    finish_row_f32(folded, bias, y + i * ldy);
+  }
+}
+
+// Eight rows or more share one conversion of the codes (up to seven are faster converting in registers,
+// dot_rows_f32; eight there spill). The codes are converted a chunk of F32_CHUNK blocks at a time into `wbuf` (16 KB: the rows
+// then read them from L1, where the whole group, 36-98 KB on SmolLM2, would sit in L2), the chunk's scales
+// into `scales`, and every row of a tile of up to F32_TILE rows consumes the chunk, three rows to a code
+// load, before the next one is converted. A row's lanes wait in `held` between blocks.
+constexpr int64_t F32_CHUNK = 8;
+constexpr int64_t F32_TILE = 64;
+
+// Rows i0 .. i0 + R - 1 of a tile over one converted chunk (blocks kc .. kc1 - 1).
+template <int R, int BITS>
+EAGLE2_AVX2_FN inline void chunk_rows_f32(const float* wbuf, const __m256 (*scales)[4], int64_t kc, int64_t kc1,
+                                          const float* x, int64_t ldx, const float* sums, int64_t kblocks,
+                                          float (*held)[16]) {
+  for (int64_t kb = kc; kb < kc1; ++kb) {
+    __m256 block[R][4];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < 4; ++j) block[i][j] = _mm256_setzero_ps();
+    for (int r = 0; r < 16; ++r) {  // one code vector live at a time: 4 R sums + R inputs + 1 fit 16 registers at R = 3
+      __m256 xp[R];
+      for (int i = 0; i < R; ++i) xp[i] = input_pair_f32(x + i * ldx + kb * 32 + 2 * r);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 w = _mm256_load_ps(wbuf + ((kb - kc) * 16 + r) * 32 + 8 * j);
+        for (int i = 0; i < R; ++i) block[i][j] = _mm256_fmadd_ps(w, xp[i], block[i][j]);
+      }
+    }
+    const __m256* sc = scales[kb - kc];
+    for (int i = 0; i < R; ++i) {
+      const __m256 s = BITS == 4 ? _mm256_broadcast_ss(sums + i * kblocks + kb) : _mm256_setzero_ps();
+      for (int v = 0; v < 2; ++v) {
+        const __m256 sum = add_block<BITS>(block[i][2 * v], block[i][2 * v + 1], sc[v], sc[2 + v], s,
+                                           _mm256_load_ps(held[i] + 8 * v));
+        _mm256_store_ps(held[i] + 8 * v, sum);
       }
     }
   }
 }
 
-// A row's 16 outputs from its 32 accumulated lanes: output o is lane 2 o + lane 2 o + 1 (+ bias).
-EAGLE2_AVX2_FN inline void finish_row_f32(const float* lanes, const float* bias, float* y) {
-  for (int o = 0; o < 16; ++o) {
-    const float v = lanes[2 * o] + lanes[2 * o + 1];
-    y[o] = bias == nullptr ? v : v + bias[o];
-  }
-}
-
-// Up to 4 rows over the whole K with the weights unpacked in registers: a decode step, a small tree. Three or
-// four rows go over the records twice, vectors 0-1 of each record row, then 2-3: 4 R accumulators would not fit the
-// 16 registers beside the weights and inputs (spilled, each carried its sum through memory), 2 R do. Every
-// accumulator still sums in the one order. Kept out of line: inlined into block_group_f32 its 2-row loop ran ~10%
-// slower (register allocation).
-template <int R, int BITS>
-EAGLE2_AVX2_FN __attribute__((noinline)) void dot_rows_f32(const uint8_t* recs, int64_t kblocks, const float* x,
-                                                           int64_t ldx, const float* bias, float* y, int64_t ldy) {
-  __m256 acc[R][4];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
-  if constexpr (R <= 2) {
-    accumulate_f32<R, true, BITS>(recs, nullptr, 0, kblocks, x, ldx, acc);
-  } else {
-    accumulate_f32<R, true, BITS, 0, 2>(recs, nullptr, 0, kblocks, x, ldx, acc);
-    accumulate_f32<R, true, BITS, 2, 2>(recs, nullptr, 0, kblocks, x, ldx, acc);
-  }
-  for (int i = 0; i < R; ++i) {
-    alignas(32) float lanes[32];
-    for (int j = 0; j < 4; ++j) _mm256_store_ps(lanes + 8 * j, acc[i][j]);
-    finish_row_f32(lanes, bias, y + i * ldy);
-  }
-}
-
-// Rows i0 .. i0 + R - 1 of a tile over one unpacked chunk; their lanes wait in `held` between chunks.
-template <int R, int BITS>
-EAGLE2_AVX2_FN inline void chunk_rows_f32(const float* wbuf, int64_t kc, int64_t kc1, const float* x, int64_t ldx,
-                                          float (*held)[32]) {
-  __m256 acc[R][4];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_load_ps(held[i] + 8 * j);
-  accumulate_f32<R, false, BITS>(nullptr, wbuf, kc, kc1, x, ldx, acc);
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < 4; ++j) _mm256_store_ps(held[i] + 8 * j, acc[i][j]);
-}
-
-// Five rows or more share one unpacking of the weights (up to four are faster unpacking in registers,
-// dot_rows_f32; five to eight in four register passes, one vector each, are not). They are unpacked a chunk of
-// F32_CHUNK blocks at a time (16 KB: the rows then read them from L1, where the whole group, 36-98 KB on
-// SmolLM2, would sit in L2), and every row of a tile of up to F32_TILE rows consumes the chunk, three rows to a
-// weight load, before the next one is unpacked. A row's lanes wait in memory between chunks, so it sums in the
-// order dot_rows_f32 does and stays bit-identical to the row computed alone.
-constexpr int64_t F32_CHUNK = 8;
-constexpr int64_t F32_TILE = 64;
-
 template <int BITS>
 EAGLE2_AVX2_FN void block_group_f32(const float* x, int64_t ldx, int64_t rows, const uint8_t* recs, int64_t kblocks,
-                                    const float* bias, float* y, int64_t ldy, float* wbuf) {
-  if (rows <= 4) {
-    return rows == 1 ? dot_rows_f32<1, BITS>(recs, kblocks, x, ldx, bias, y, ldy)
-           : rows == 2 ? dot_rows_f32<2, BITS>(recs, kblocks, x, ldx, bias, y, ldy)
-           : rows == 3 ? dot_rows_f32<3, BITS>(recs, kblocks, x, ldx, bias, y, ldy)
-                       : dot_rows_f32<4, BITS>(recs, kblocks, x, ldx, bias, y, ldy);
+                                    const float* sums, const float* bias, float* y, int64_t ldy, float* wbuf) {
+  switch (rows) {
+    case 1: return dot_rows_f32<1, BITS>(recs, kblocks, x, ldx, sums, bias, y, ldy);
+    case 2: return dot_rows_f32<2, BITS>(recs, kblocks, x, ldx, sums, bias, y, ldy);
+    case 3: return dot_rows_f32<3, BITS>(recs, kblocks, x, ldx, sums, bias, y, ldy);
+    case 4: return dot_rows_f32<4, BITS>(recs, kblocks, x, ldx, sums, bias, y, ldy);
+    case 5: return dot_rows_f32<5, BITS>(recs, kblocks, x, ldx, sums, bias, y, ldy);
+    case 6: return dot_rows_f32<6, BITS>(recs, kblocks, x, ldx, sums, bias, y, ldy);
+    case 7: return dot_rows_f32<7, BITS>(recs, kblocks, x, ldx, sums, bias, y, ldy);
+    default: break;
   }
-  alignas(32) float held[F32_TILE][32];
+  alignas(32) float held[F32_TILE][16];
+  __m256 scales[F32_CHUNK][4];  // per block of the chunk: d, then m, in the folded order
   for (int64_t t0 = 0; t0 < rows; t0 += F32_TILE) {
     const int64_t tile = std::min(F32_TILE, rows - t0);
-    std::memset(held, 0, sizeof(held));
+    std::memset(held, 0, sizeof(float) * 16 * tile);
     for (int64_t kc = 0; kc < kblocks; kc += F32_CHUNK) {
       const int64_t kc1 = std::min(kblocks, kc + F32_CHUNK);
       for (int64_t kb = kc; kb < kc1; ++kb) {
         const uint8_t* rec = recs + kb * RECORD<BITS>;
         prefetch_record<BITS>(rec + 12 * RECORD<BITS>);
-        __m256 d[4], m[4], w[4];
-        spread_f32<BITS>(rec, d, m);
+        folded_scales<BITS>(rec, scales[kb - kc], scales[kb - kc] + 2);
         for (int r = 0; r < 16; ++r) {
-          unpack_row_f32<BITS>(rec, d, m, r, w);
+          __m256 w[4];
+          codes_f32<BITS>(rec, r, w);
           for (int j = 0; j < 4; ++j) _mm256_store_ps(wbuf + ((kb - kc) * 16 + r) * 32 + 8 * j, w[j]);
         }
       }
       const float* xt = x + t0 * ldx;
-      // threes, then the rest as twos: a lone row's 4 accumulators cannot hide the FMA latency (4 = 2 + 2)
+      const float* st = sums == nullptr ? nullptr : sums + t0 * kblocks;
+      // threes, then the rest as twos: a lone row's 4 sums cannot hide the FMA latency (4 = 2 + 2)
       const int64_t threes = tile % 3 == 1 && tile > 3 ? tile / 3 - 1 : tile / 3;
       int64_t i = 0;
-      for (; i < 3 * threes; i += 3) chunk_rows_f32<3, BITS>(wbuf, kc, kc1, xt + i * ldx, ldx, held + i);
-      for (; i + 2 <= tile; i += 2) chunk_rows_f32<2, BITS>(wbuf, kc, kc1, xt + i * ldx, ldx, held + i);
-      if (i < tile) chunk_rows_f32<1, BITS>(wbuf, kc, kc1, xt + i * ldx, ldx, held + i);
+      auto at = [&](int64_t i) { return st == nullptr ? nullptr : st + i * kblocks; };
+      for (; i < 3 * threes; i += 3)
+        chunk_rows_f32<3, BITS>(wbuf, scales, kc, kc1, xt + i * ldx, ldx, at(i), kblocks, held + i);
+      for (; i + 2 <= tile; i += 2)
+        chunk_rows_f32<2, BITS>(wbuf, scales, kc, kc1, xt + i * ldx, ldx, at(i), kblocks, held + i);
+      if (i < tile) chunk_rows_f32<1, BITS>(wbuf, scales, kc, kc1, xt + i * ldx, ldx, at(i), kblocks, held + i);
     }
     for (int64_t i = 0; i < tile; ++i) finish_row_f32(held[i], bias, y + (t0 + i) * ldy);
   }
@@ -605,7 +651,16 @@ at::Tensor block_linear(const at::Tensor& x, const at::Tensor& recs, const c10::
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = N;
   const bool q4 = rec == Q4_RECORD;
-  if (f32) return run_groups<float>(x2, recs, bias, q4 ? &block_group_f32<4> : &block_group_f32<8>).view(sizes);
+  if (f32) {
+    std::vector<float> sums(q4 ? M * kblocks : 0);  // the 4-bit blocks' m multiplies each block's input sum
+    if (q4) block_sums_f32(x2.const_data_ptr<float>(), K, M, kblocks, sums.data());
+    const float* sp = q4 ? sums.data() : nullptr;
+    auto group = [sp, q4](const float* x, int64_t ldx, int64_t rows, const uint8_t* r, int64_t kb,
+                                   const float* b, float* y, int64_t ldy, float* wbuf) {
+      (q4 ? &block_group_f32<4> : &block_group_f32<8>)(x, ldx, rows, r, kb, sp, b, y, ldy, wbuf);
+    };
+    return run_groups<float>(x2, recs, bias, group).view(sizes);
+  }
   if (!amx_ready()) return run_groups<uint16_t>(x2, recs, bias, q4 ? &block_group_dp<4> : &block_group_dp<8>).view(sizes);
   at::Tensor b;
   if (bias.has_value()) {
