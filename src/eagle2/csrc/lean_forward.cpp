@@ -398,6 +398,7 @@ EAGLE2_AVX2_FN inline void folded_scales(const uint8_t* rec, __m256* d, __m256* 
       out[v] = _mm256_permutevar8x32_ps(
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 32 * h + 16 * v))), order);
   }
+  if (BITS == 8) m[0] = m[1] = _mm256_setzero_ps();  // no m in 8-bit records; add_block never reads it
 }
 
 // Row r of a record as its 32 codes in four float vectors (integers, exact). Each vector's 8 codes are widened
