@@ -287,6 +287,29 @@ def test_auto_dtype_is_fp32_where_bf16_would_not_keep_drafting_exact(tmp_path, s
         eagle2.load(str(tmp_path / "gemma3"), dtype="bfloat16")
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_cli_says_when_a_half_dtype_is_emulated(tmp_path, smol_tokenizer, monkeypatch, capsys, native_bf16):
+    """bf16 asked for on a CPU without AVX512-BF16 or AMX runs emulated, several times slower than fp32:
+    the load warns (``LoadWarning``) and the CLI prints it, with the load's other notices (no trained head)."""
+    from eagle2 import models
+    from eagle2.cli import main
+    from eagle2.models import emulated_half
+
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    assert emulated_half(torch.bfloat16, cpu) is not native_bf16
+    assert emulated_half(torch.float16, cpu) is not native_bf16
+    assert not emulated_half(torch.float32, cpu)
+    assert not emulated_half(torch.bfloat16, torch.device("cuda"))
+    make_tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path / "m")
+    smol_tokenizer.save_pretrained(tmp_path / "m")
+    assert main(["generate", "--model", str(tmp_path / "m"), "--dtype", "bfloat16", "--max-new-tokens", "2",
+                 "--method", "vanilla", "hi"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: bfloat16 on this CPU is emulated" in err) is not native_bf16
+    assert "warning: no trained draft head" in err
+
+
 def test_decoding_on_a_second_living_thread_warns_once(caplog):
     """A generator built directly (no compute thread) warns once when rounds run on a thread while another
     that built or ran it lives, naming the fix; one built on a thread that has exited and run on one thread

@@ -16,7 +16,7 @@ import importlib
 
 _HOMES = {"load": "api", "load_off_thread": "api", "Eagle2Generator": "api", "Backend": "config",
           "DecodeSettings": "config", "TreeConfig": "config", "SamplingConfig": "config",
-          "GenerationResult": "engine", "RoundEvent": "engine", "Stats": "engine"}
+          "GenerationResult": "engine", "RoundEvent": "engine", "Stats": "engine", "LoadWarning": "models"}
 
 __all__ = list(_HOMES)
 __version__ = "0.1.0"

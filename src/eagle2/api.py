@@ -27,7 +27,7 @@ from .draft_head import DraftHead, HeadConfig, check_head_fits, init_head
 from .eagle3_head import Eagle3Head, check_eagle3_fits, is_eagle3
 from .engine import Engine, GenerationResult, RoundEvent, Step, Steps, run_alone
 from .fast import half_is_exact, in_force, make_target
-from .models import builtin_head_dir, cache_dir, file_name, load_target
+from .models import LoadWarning, builtin_head_dir, cache_dir, file_name, load_target
 from .target import Target, check_supported
 from .templating import chat_ids
 
@@ -376,7 +376,7 @@ def _warn_if_inexact(requested: Backend, actual: Backend, target: Target) -> Non
     why = "it runs on transformers' forward" if actual.forward == "transformers" else "the native extension is absent"
     warnings.warn(f"{str(target.dtype).replace('torch.', '')} without row-invariant numerics ({why}): greedy "
                   "eagle2 / eagle1 / chain may differ from vanilla where two tokens' logits tie; load with "
-                  "dtype='float32' for output equal to the target's greedy output", stacklevel=3)
+                  "dtype='float32' for output equal to the target's greedy output", LoadWarning, stacklevel=3)
 
 
 def _shapes(head) -> dict[str, tuple]:
@@ -501,7 +501,7 @@ def _load(model, head, dtype, device, device_map, tree, backend, draft_vocab, ex
         warnings.warn(f"no trained draft head for {model!r}: eagle2 drafts only from prompt lookup (copies of "
                       "earlier text) until one is given (head= / --head; `eagle2 train` makes one); chain, eagle1 and fixed "
                       "shapes use a freshly initialised head, slower than vanilla. Output is exact either way.",
-                      stacklevel=1)
+                      LoadWarning, stacklevel=1)
         draft = _fresh_head(hf.config)
         source = UNTRAINED
     return Eagle2Generator(hf, tok, draft, model_key=builtin or str(model), tree=tree, head_source=source,
