@@ -10,7 +10,7 @@ tail. With ``exact=False`` (ATen's kernels) the checks below fail on an AVX-512 
 import pytest
 import torch
 
-from conftest import fit_head, make_generator, make_tiny_model
+from conftest import cost_model, fit_head, make_generator, make_tiny_model
 from eagle2 import native
 from eagle2.config import Backend
 from eagle2.fast import FastTarget, additive_mask, exact_attention, exact_attention_rows, exact_default
@@ -415,6 +415,37 @@ def test_decodes_stepped_together_give_their_own_tokens(bf16_generator, monkeypa
     assert [r.text for _, r in started] == [a.text for a in alone]
     assert list(errors.values()) == ["this decode fails"]
     assert len(together) > 10 and max(together) == 5  # steps with up to all five decodes in one forward
+
+
+def test_only_greedy_rounds_size_their_trees_for_a_shared_forward(monkeypatch):
+    """Stepped together, a greedy decode sizes its tree for the shared forward (the first row's cost split);
+    a sampled one keeps the trees it builds alone at every temperature, top-k trees (0 < T <= 0.7)
+    included, since its tree decides its random draws: the same seed, the same answer."""
+    from eagle2 import engine
+
+    besides = []
+    at = engine._Budgets.at
+    monkeypatch.setattr(engine._Budgets, "at", lambda self, cached, beside=1: besides.append(beside) or at(self, cached, beside))
+    model = make_tiny_model("llama", vocab_size=512, seed=5, hidden_size=128, intermediate_size=512,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    gen = make_generator(model, head=fit_head(model, steps=40), exact=True, cost_model=cost_model(4.0))
+    g = torch.Generator().manual_seed(21)
+    jobs = [(torch.randint(0, 512, (n,), generator=g).tolist(), kw) for n, kw in (
+        (30, dict(max_new_tokens=40)), (50, dict(max_new_tokens=40, temperature=0.5, seed=5)),
+        (40, dict(max_new_tokens=40, temperature=1.0, seed=6)))]
+    alone = [gen.generate(p, reuse_prefix=False, **kw) for p, kw in jobs]
+    started = [gen.begin(p, reuse_prefix=False, **kw) for p, kw in jobs]
+    decodes = [d for d, _ in started]
+    while decodes:
+        for d, st in zip(list(decodes), gen.step_together(decodes)):
+            assert st.error is None
+            if st.ended:
+                decodes.remove(d)
+    together = [r for _, r in started]
+    assert [r.token_ids for r in together] == [a.token_ids for a in alone]
+    assert max(besides) == 3  # the greedy decode sized trees for a forward shared three ways
+    for a, r in zip(alone[1:], together[1:]):
+        assert r.stats.tree_sizes == a.stats.tree_sizes
 
 
 def _counting(fn, sizes: list):

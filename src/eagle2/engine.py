@@ -337,8 +337,9 @@ class Engine:
                     copied, logps, matched = lookup.propose(max_depth)
                     chain = (copied, logps)
                 # A greedy round sizes its tree for a forward shared with the decodes beside it; a sampled one does
-                # not, since its tree shapes its draws and a seeded answer must not depend on what runs beside it.
-                budget = budgets.at(length, 1 if drawn else self._beside)
+                # not, drawn drafts or a top-k tree alike: its tree decides which random draws its acceptance takes,
+                # and a seeded answer must not depend on what runs beside it.
+                budget = budgets.at(length, self._beside if sampling.greedy else 1)
                 if head_free:  # the head's cache is left to the decodes that use it
                     draft = chain_tree(root_t, chain, budget)
                 else:
