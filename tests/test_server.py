@@ -285,7 +285,7 @@ def test_bad_completion_requests(client, body):
     ({"logit_bias": {"28": -100}}, "logit_bias"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"), ({"top_logprobs": 3}, "top_logprobs"),
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"logprobs": True}, "logprobs"), ({"n": 2}, "n"),
 ])
 def test_what_the_server_cannot_honour_is_refused_not_ignored(client, extra, param):
     """A client asking for a JSON answer, a banned token or a tool call must not get free text back as if it
@@ -297,10 +297,12 @@ def test_what_the_server_cannot_honour_is_refused_not_ignored(client, extra, par
 def test_no_op_values_of_unsupported_fields_are_accepted(client):
     body = {"messages": MSG, "max_tokens": 2, "logit_bias": {}, "response_format": {"type": "text"}, "tools": [],
             "tool_choice": "none", "presence_penalty": 0, "frequency_penalty": 0.0, "logprobs": False,
-            "parallel_tool_calls": True, "unknown_field": 1}
+            "parallel_tool_calls": True, "unknown_field": 1, "n": 1}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
-    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": False, "suffix": ""}
-                       ).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "echo": False, "suffix": "",
+                                                "n": 1, "best_of": 1}).status_code == 200
+    e = assert_error(client.post("/v1/completions", json={"prompt": "hi", "best_of": 3}), 400, "best_of")
+    assert e["code"] == "unsupported_parameter"
     tool_turn = [MSG[0], {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]}]
     e = assert_error(client.post("/v1/chat/completions", json={"messages": tool_turn}), 400)
     assert e["code"] == "unsupported_parameter" and e["param"] == "messages.1.tool_calls"

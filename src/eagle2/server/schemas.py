@@ -58,7 +58,7 @@ class Common(_Strict):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None  # extension
-    n: Annotated[int, Field(ge=1, le=1)] | None = None  # one choice per request
+    n: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None  # only 1: one choice per request (``unsupported``)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -85,13 +85,15 @@ class CompletionRequest(Common):
     echo: bool | None = None  # only false (``unsupported``)
     logprobs: int | None = None  # only none
     suffix: str | None = None  # only empty
-    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None  # only 1 (``unsupported``)
 
 
 def _no_op(name: str, v) -> bool:
     """Whether an OpenAI field's value asks for nothing this server would have to do."""
     if name == "logprobs":
         return v is None or v is False
+    if name in ("n", "best_of"):
+        return v is None or v == 1
     if v is None or v is False or v == 0 or v == "" or v == [] or v == {}:
         return True
     if name == "response_format":
@@ -107,7 +109,7 @@ def _no_op(name: str, v) -> bool:
 # implement: a request asking for one is refused, so a client never gets an answer it did not ask for
 UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "echo", "suffix",
                "response_format", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-               "modalities", "audio", "prediction")
+               "modalities", "audio", "prediction", "n", "best_of")
 
 
 def unsupported(req: BaseModel) -> str | None:
@@ -117,6 +119,8 @@ def unsupported(req: BaseModel) -> str | None:
         v = getattr(req, name, None) if name in type(req).model_fields else extra.get(name)
         if name == "parallel_tool_calls" and not extra.get("tools"):
             continue  # meaningless without tools
+        if name == "best_of" and name not in type(req).model_fields:
+            continue  # a completions field: in a chat request, an unknown field like any other
         if not _no_op(name, v):
             return name
     return None
