@@ -157,13 +157,13 @@
 
   // ---- one request ----
   function maxTokens() {
-    // null: the server's default (the room left in the context); undefined: invalid, nothing is sent
+    // null: the server's default (512 tokens, or the room left in the context if less); undefined: invalid, nothing is sent
     const raw = els.maxTokens.value.trim();
     if (raw === "") return null;
     const n = Number(raw);
     if (!Number.isInteger(n) || n < 1) {
       showSettings(true);
-      els.maxTokens.setCustomValidity("a whole number of tokens, at least 1 (empty: as many as fit)");
+      els.maxTokens.setCustomValidity("a whole number of tokens, at least 1 (empty: the server's default, 512)");
       els.maxTokens.reportValidity();
       return undefined;
     }
