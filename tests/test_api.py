@@ -289,16 +289,18 @@ def test_auto_dtype_is_fp32_where_bf16_would_not_keep_drafting_exact(tmp_path, s
 
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_cli_says_when_a_half_dtype_is_emulated(tmp_path, smol_tokenizer, monkeypatch, capsys, native_bf16):
-    """bf16 asked for on a CPU without AVX512-BF16 or AMX runs emulated, several times slower than fp32:
-    the load warns (``LoadWarning``) and the CLI prints it, with the load's other notices (no trained head)."""
+    """bf16 asked for on a CPU without AVX512-BF16 or AMX (fp16: without AVX512-FP16 or AMX-FP16) runs emulated,
+    several times slower than fp32: the load warns (``LoadWarning``) and the CLI prints it, with the load's other
+    notices (no trained head)."""
     from eagle2 import models
     from eagle2.cli import main
     from eagle2.models import emulated_half
 
     monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: native_bf16)
+    monkeypatch.setattr(models, "cpu_has_fast_fp16", lambda: False)
     cpu = torch.device("cpu")
     assert emulated_half(torch.bfloat16, cpu) is not native_bf16
-    assert emulated_half(torch.float16, cpu) is not native_bf16
+    assert emulated_half(torch.float16, cpu)  # a CPU with AVX512-BF16 but no AVX512-FP16 (Zen 4) emulates fp16
     assert not emulated_half(torch.float32, cpu)
     assert not emulated_half(torch.bfloat16, torch.device("cuda"))
     make_tiny_model("llama", vocab_size=len(smol_tokenizer)).save_pretrained(tmp_path / "m")

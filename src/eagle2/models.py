@@ -79,10 +79,21 @@ class LoadWarning(UserWarning):
     CPU emulates, numerics that may break greedy equality. The CLI prints these (and no library's)."""
 
 
+def cpu_has_fast_fp16() -> bool:
+    """True when this CPU has native fp16 arithmetic (AVX512-FP16 or AMX-FP16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
 def emulated_half(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``dtype`` is a half type that this CPU has no native arithmetic for: torch then converts
     around every operation (on a Zen 3 EPYC, SmolLM2 decoding in bf16 or fp16 took 4.5-5x its fp32 time)."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_bf16()
+    if device.type != "cpu":
+        return False
+    return (dtype == torch.bfloat16 and not cpu_has_fast_bf16()) or (dtype == torch.float16 and not cpu_has_fast_fp16())
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -306,9 +317,10 @@ def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "au
         dt = torch.float32
         log.info("dtype auto: float32, as bf16 would not keep greedy drafting exact for %s here", model)
     if emulated_half(dt, dev):
-        warnings.warn(f"{str(dt).replace('torch.', '')} on this CPU is emulated (it has neither AVX512-BF16 nor AMX): "
-                      "decoding runs several times slower than in float32, without the low-bit block kernels; "
-                      "dtype='auto' picks float32 here", LoadWarning, stacklevel=2)
+        name = str(dt).replace("torch.", "")
+        warnings.warn(f"{name} on this CPU is emulated (it has no native {name} arithmetic): decoding runs several "
+                      "times slower than in float32, without the low-bit block kernels; dtype='auto' picks "
+                      f"{str(resolve_dtype('auto', dev)).replace('torch.', '')} here", LoadWarning, stacklevel=2)
     kwargs = dict(dtype=dt)
     if device_map is not None:
         kwargs["device_map"] = device_map
