@@ -65,12 +65,17 @@ def file_name(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
+def _cpu_flags() -> str:
+    """This CPU's flags as Linux lists them ("" where /proc/cpuinfo is not readable)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -81,10 +86,7 @@ class LoadWarning(UserWarning):
 
 def cpu_has_fast_fp16() -> bool:
     """True when this CPU has native fp16 arithmetic (AVX512-FP16 or AMX-FP16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
