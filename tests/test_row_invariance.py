@@ -423,9 +423,14 @@ def test_only_greedy_rounds_size_their_trees_for_a_shared_forward(monkeypatch):
     included, since its tree decides its random draws: the same seed, the same answer."""
     from eagle2 import engine
 
-    besides = []
+    besides = []  # the ``beside`` of every round's budget
     at = engine._Budgets.at
-    monkeypatch.setattr(engine._Budgets, "at", lambda self, cached, beside=1: besides.append(beside) or at(self, cached, beside))
+
+    def recording(self, cached, beside=1):
+        besides.append(beside)
+        return at(self, cached, beside)
+
+    monkeypatch.setattr(engine._Budgets, "at", recording)
     model = make_tiny_model("llama", vocab_size=512, seed=5, hidden_size=128, intermediate_size=512,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     gen = make_generator(model, head=fit_head(model, steps=40), exact=True, cost_model=cost_model(4.0))

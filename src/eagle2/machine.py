@@ -33,9 +33,14 @@ def cpu_name() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
 
 
+def cpuinfo_flags() -> set[str]:
+    """Every flag Linux lists for this CPU (empty where /proc/cpuinfo is not readable)."""
+    return set((_cpuinfo_field("flags") or "").split())
+
+
 def cpu_flags() -> list[str]:
     """The vector-ISA flags that decide which kernels run fast here."""
-    have = set((_cpuinfo_field("flags") or "").split())
+    have = cpuinfo_flags()
     return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in have]
 
 

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .machine import cpuinfo_flags, dtype_name
+
 log = logging.getLogger("eagle2")
 
 HEADS_DIR = Path(__file__).parent / "heads"
@@ -65,29 +67,19 @@ def file_name(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
 
 
-def _cpu_flags() -> str:
-    """This CPU's flags as Linux lists them ("" where /proc/cpuinfo is not readable)."""
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
-    flags = _cpu_flags()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 class LoadWarning(UserWarning):
     """What a load says it did not do as asked or as well as it could: no trained head, a half dtype this
     CPU emulates, numerics that may break greedy equality. The CLI prints these (and no library's)."""
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has native bf16 matmul (AVX512-BF16 or AMX)."""
+    return bool(cpuinfo_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def cpu_has_fast_fp16() -> bool:
     """True when this CPU has native fp16 arithmetic (AVX512-FP16 or AMX-FP16)."""
-    flags = _cpu_flags()
-    return "avx512_fp16" in flags or "amx_fp16" in flags
+    return bool(cpuinfo_flags() & {"avx512_fp16", "amx_fp16"})
 
 
 def emulated_half(dtype: torch.dtype, device: torch.device) -> bool:
@@ -95,7 +87,9 @@ def emulated_half(dtype: torch.dtype, device: torch.device) -> bool:
     around every operation (on a Zen 3 EPYC, SmolLM2 decoding in bf16 or fp16 took 4.5-5x its fp32 time)."""
     if device.type != "cpu":
         return False
-    return (dtype == torch.bfloat16 and not cpu_has_fast_bf16()) or (dtype == torch.float16 and not cpu_has_fast_fp16())
+    if dtype == torch.bfloat16:
+        return not cpu_has_fast_bf16()
+    return dtype == torch.float16 and not cpu_has_fast_fp16()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -319,10 +313,10 @@ def load_target(model: str, dtype: str | torch.dtype = "auto", device: str = "au
         dt = torch.float32
         log.info("dtype auto: float32, as bf16 would not keep greedy drafting exact for %s here", model)
     if emulated_half(dt, dev):
-        name = str(dt).replace("torch.", "")
+        name, auto = dtype_name(dt), dtype_name(resolve_dtype("auto", dev))
         warnings.warn(f"{name} on this CPU is emulated (it has no native {name} arithmetic): decoding runs several "
-                      "times slower than in float32, without the low-bit block kernels; dtype='auto' picks "
-                      f"{str(resolve_dtype('auto', dev)).replace('torch.', '')} here", LoadWarning, stacklevel=2)
+                      f"times slower than in float32, without the low-bit block kernels; dtype='auto' picks {auto} here",
+                      LoadWarning, stacklevel=2)
     kwargs = dict(dtype=dt)
     if device_map is not None:
         kwargs["device_map"] = device_map
